@@ -1,0 +1,76 @@
+"""The evidence discovery collects, in a form both discovery modes share.
+
+An :class:`Occurrence` is one call of a leaf conv or norm module, found
+either in a real forward pass or in a module's proven structure.  A
+:class:`Link` says that the data flow *proves* a norm call consumes exactly
+the output of one conv call (or a sum of them) and nothing else consumes
+that output; or, for :data:`~mmfuse.plan.PRE`, that the norm's output feeds
+exactly one conv and nothing else.
+"""
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+from torch import nn
+
+__all__ = ['Site', 'Occurrence', 'Link', 'Evidence']
+
+#: Where a module is called from: the module object holding it and the
+#: attribute name.  ``None`` when the caller could not be resolved.
+Site = Optional[Tuple[nn.Module, str]]
+
+
+@dataclass(eq=False)
+class Occurrence:
+    """One call of a leaf conv or norm module.
+
+    Args:
+        module: The called module.
+        site: Through which attribute it was called, when known.
+        link: The link this call takes part in, if any.
+        reason: Why it is not linked, for norm calls.
+    """
+    module: nn.Module
+    site: Site
+    link: Optional['Link'] = None
+    reason: Optional[str] = None
+
+
+@dataclass(eq=False)
+class Link:
+    """A proven data flow between a norm call and conv call(s)."""
+    kind: str
+    norm: Occurrence
+    convs: List[Occurrence]
+    evidence: str
+
+
+@dataclass
+class Evidence:
+    """Everything one discovery pass proved.
+
+    Args:
+        occurrences: Every conv and norm call found.
+        unproven: Modules whose forward could not be analysed, with the
+            reason; used to explain norms with no occurrence.
+        mode: ``'traced'`` or ``'structural'``.
+    """
+    mode: str
+    occurrences: List[Occurrence] = field(default_factory=list)
+    unproven: List[Tuple[nn.Module, str]] = field(default_factory=list)
+
+    def link(self, kind: str, norm: Occurrence, convs: List[Occurrence],
+             evidence: str) -> Optional[Link]:
+        """Record a link between occurrences already in the list.
+
+        A conv call takes part in one link at most: when one of ``convs`` is
+        already linked, nothing is recorded and the norm gets the reason.
+        """
+        taken = [c for c in convs if c.link is not None]
+        if taken:
+            norm.reason = 'its conv already absorbs another norm'
+            return None
+        link = Link(kind, norm, convs, evidence)
+        norm.link = link
+        for conv in convs:
+            conv.link = link
+        return link

@@ -1,0 +1,217 @@
+"""Turn discovery evidence into a :class:`~mmfuse.plan.FusionPlan`.
+
+The planner decides, for every normalisation layer of the model, whether the
+evidence proves a fold and where the folded parameters go:
+
+* a norm folds only if *every* call of it is linked, with one kind of link;
+* a conv absorbs a norm in place only if every call of the conv, at every
+  place it is registered, feeds that norm; a conv shared between places
+  (e.g. one conv called once per pyramid level, each time through another
+  parent, with a BN per level) gets a folded copy at each place instead;
+* a conv absorbs at most one norm.
+
+Everything that is not folded is listed with the reason.
+"""
+from collections import defaultdict
+from typing import Dict, List, Optional, Tuple
+
+from torch import nn
+
+from ..layers import (conv_fold_problem, conv_in_channels, conv_out_channels,
+                      is_norm_layer, norm_channels, norm_fold_problem,
+                      pads_with_zeros)
+from ..plan import POST, PRE, SUM, ConvTarget, Fold, FusionPlan, Skip
+from .occurrence import Evidence, Link, Occurrence, Site
+
+__all__ = ['module_paths', 'plan_folds']
+
+
+def module_paths(model: nn.Module) -> Dict[int, List[str]]:
+    """Every dotted path of every module, keyed by ``id(module)``."""
+    paths: Dict[int, List[str]] = defaultdict(list)
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths[id(module)].append(name)
+    return paths
+
+
+def _site_name(site: Site, paths: Dict[int, List[str]]) -> Optional[str]:
+    if site is None:
+        return None
+    holder, attr = site
+    holder_paths = paths.get(id(holder))
+    if not holder_paths:
+        return None
+    prefix = holder_paths[0]
+    return f'{prefix}.{attr}' if prefix else attr
+
+
+class _Planner:
+
+    def __init__(self, model: nn.Module, evidence: Evidence):
+        self.model = model
+        self.evidence = evidence
+        self.paths = module_paths(model)
+        self.calls: Dict[int, List[Occurrence]] = defaultdict(list)
+        for occ in evidence.occurrences:
+            self.calls[id(occ.module)].append(occ)
+        self.unproven = {id(m): reason for m, reason in evidence.unproven}
+        self.plan = FusionPlan()
+        self.used_targets: Dict[str, str] = {}
+
+    # -- helpers -----------------------------------------------------------
+    def name(self, module: nn.Module) -> str:
+        return self.paths[id(module)][0]
+
+    def why_no_call(self, module: nn.Module) -> str:
+        for path in self.paths[id(module)]:
+            parent = path.rpartition('.')[0]
+            holder = self.model.get_submodule(parent)
+            if id(holder) in self.unproven:
+                return self.unproven[id(holder)]
+        if self.evidence.mode == 'traced':
+            return 'not called in the traced forward pass'
+        return ('data flow not proven: not called as a module by any '
+                'analysable parent forward')
+
+    def conv_target(self, occ: Occurrence, link: Link,
+                    shift: bool) -> Tuple[Optional[ConvTarget], str]:
+        """Where ``occ``'s conv absorbs the norm of ``link``."""
+        conv = occ.module
+        problem = conv_fold_problem(conv)
+        if problem:
+            return None, problem
+        conv_paths = self.paths[id(conv)]
+        all_calls = self.calls[id(conv)]
+        if len(conv_paths) == 1 and all(c.link is link
+                                        or (c.link is not None
+                                            and c.link.norm.module
+                                            is link.norm.module
+                                            and c.link.kind == link.kind)
+                                        for c in all_calls):
+            return ConvTarget(conv_paths[0], False, shift), ''
+        if link.kind != POST:
+            return None, (f'{self.name(conv)} is shared or also used '
+                          'elsewhere')
+        site_name = _site_name(occ.site, self.paths)
+        if site_name is None:
+            return None, (f'shared conv {self.name(conv)} called from a '
+                          'place that could not be resolved')
+        same_site = [c for c in all_calls if c.site == occ.site]
+        if any(c.link is None or c.link.kind != POST
+               or c.link.norm.module is not link.norm.module
+               for c in same_site):
+            return None, (f'conv {site_name} also feeds something else at '
+                          'the same place')
+        copy = len(conv_paths) > 1
+        return ConvTarget(site_name, copy, shift), ''
+
+    def norm_sites(self, norm: nn.Module,
+                   calls: List[Occurrence]) -> Optional[Tuple[str, ...]]:
+        norm_paths = self.paths[id(norm)]
+        if len(norm_paths) == 1:
+            return (norm_paths[0], )
+        names = []
+        for occ in calls:
+            site_name = _site_name(occ.site, self.paths)
+            if site_name is None:
+                return None
+            if site_name not in names:
+                names.append(site_name)
+        return tuple(names)
+
+    # -- the plan ----------------------------------------------------------
+    def skip(self, name: str, reason: str) -> None:
+        self.plan.skipped.append(Skip(name, reason))
+
+    def plan_norm(self, norm: nn.Module) -> None:
+        name = self.name(norm)
+        problem = norm_fold_problem(norm)
+        if problem:
+            self.skip(name, problem)
+            return
+        calls = self.calls[id(norm)]
+        if not calls:
+            self.skip(name, self.why_no_call(norm))
+            return
+        for occ in calls:
+            if occ.link is None:
+                self.skip(name, occ.reason or 'input not proven to be '
+                          'exactly one conv output')
+                return
+        kinds = {occ.link.kind for occ in calls}
+        if len(kinds) > 1:
+            self.skip(name, 'called in places with different producers')
+            return
+        kind = kinds.pop()
+        sites = self.norm_sites(norm, calls)
+        if sites is None:
+            self.skip(name, 'shared norm called from a place that could not '
+                      'be resolved')
+            return
+        targets: List[ConvTarget] = []
+        for occ in calls:
+            link = occ.link
+            for index, conv_occ in enumerate(link.convs):
+                target, reason = self.conv_target(conv_occ, link,
+                                                  shift=index == 0)
+                if target is None:
+                    self.skip(name, reason)
+                    return
+                channels = (conv_in_channels(conv_occ.module) if kind == PRE
+                            else conv_out_channels(conv_occ.module))
+                if channels != norm_channels(norm):
+                    self.skip(name, f'{norm_channels(norm)} channels but '
+                              f'{target.name} has {channels}')
+                    return
+                if kind == PRE and pads_with_zeros(conv_occ.module):
+                    self.skip(name, f'runs before {target.name}, which pads '
+                              'with zeros: folding would change the border')
+                    return
+                if target not in targets:
+                    targets.append(target)
+        if kind == SUM and (len(calls) != 1 or any(
+                len(self.calls[id(c.module)]) != 1
+                for c in calls[0].link.convs)):
+            self.skip(name, 'normalises a sum of convs that are also '
+                      'called elsewhere')
+            return
+        for target in targets:
+            owner = self.used_targets.get(target.name)
+            if owner is not None:
+                self.skip(name, f'{target.name} already absorbs {owner}')
+                return
+        for target in targets:
+            self.used_targets[target.name] = name
+        evidence = calls[0].link.evidence
+        self.plan.folds.append(
+            Fold(kind, name, sites, tuple(targets), evidence))
+
+    def run(self) -> FusionPlan:
+        norms = []
+        seen = set()
+        for module in self.model.modules():
+            if id(module) in seen or not is_norm_layer(module):
+                continue
+            if any(True for _ in module.children()):
+                continue
+            seen.add(id(module))
+            norms.append(module)
+        # Norms after a conv first: they win a conv over norms before it.
+        def priority(norm: nn.Module) -> int:
+            calls = self.calls[id(norm)]
+            if calls and calls[0].link is not None and \
+                    calls[0].link.kind == PRE:
+                return 1
+            return 0
+
+        for norm in sorted(norms, key=priority):
+            self.plan_norm(norm)
+        order = {self.name(n): i for i, n in enumerate(norms)}
+        self.plan.folds.sort(key=lambda f: order[f.norm])
+        self.plan.skipped.sort(key=lambda s: order.get(s.name, -1))
+        return self.plan
+
+
+def plan_folds(model: nn.Module, evidence: Evidence) -> FusionPlan:
+    """Decide the folds that ``evidence`` proves for ``model``."""
+    return _Planner(model, evidence).run()

@@ -1,0 +1,233 @@
+"""Discovery without an example input: prove data flow from structure.
+
+Three kinds of structure count as proof, and registration order never does:
+
+* ``nn.Sequential`` (with the stock forward): each child's output is the
+  next child's only input;
+* mmcv's ``ConvModule`` (with the stock forward): ``order`` says whether the
+  norm runs right after or right before the conv;
+* any other module whose own forward torch.fx can trace with every submodule
+  kept as a leaf: the graph shows which call consumes which output.
+
+The model is never mutated.
+"""
+import operator
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import fx, nn
+
+from ..layers import is_conv_layer, is_norm_layer
+from ..plan import POST, PRE, SUM
+from .occurrence import Evidence, Occurrence
+
+__all__ = ['collect_structural_evidence']
+
+_CONV_MODULE_FORWARD = 'mmcv.cnn.bricks.conv_module.ConvModule.forward'
+
+
+def _is_leaf_layer(module: nn.Module) -> bool:
+    return is_conv_layer(module) or (is_norm_layer(module) and not any(
+        True for _ in module.children()))
+
+
+def _qualname(func) -> str:
+    return f'{getattr(func, "__module__", "")}.' \
+           f'{getattr(func, "__qualname__", "")}'
+
+
+def _callable_layers(module: nn.Module) -> bool:
+    """Whether ``module``'s forward may call a conv or norm directly.
+
+    Looks through module containers without a forward (``ModuleList``,
+    ``ModuleDict``), whose children are called by this module's forward.
+    """
+    for child in module.children():
+        if _is_leaf_layer(child):
+            return True
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)) and \
+                _callable_layers(child):
+            return True
+    return False
+
+
+class _LeafTracer(fx.Tracer):
+    """Traces one module's own forward; every submodule stays a call."""
+
+    def __init__(self, root: nn.Module):
+        super().__init__()
+        self.root_module = root
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return m is not self.root_module
+
+
+def _resolve(root: nn.Module, target: str) -> Tuple[nn.Module, str]:
+    """``(holder, attr)`` of the submodule at ``target`` under ``root``."""
+    parent, _, attr = target.rpartition('.')
+    holder = root.get_submodule(parent) if parent else root
+    return holder, attr
+
+
+class _StructuralCollector:
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.evidence = Evidence(mode='structural')
+
+    def occurrence(self, module: nn.Module, holder: nn.Module,
+                   attr: str) -> Occurrence:
+        occ = Occurrence(module, (holder, attr))
+        self.evidence.occurrences.append(occ)
+        return occ
+
+    # -- nn.Sequential -----------------------------------------------------
+    def sequential(self, seq: nn.Sequential) -> None:
+        items = [(attr, m) for attr, m in seq._modules.items()
+                 if m is not None]
+        occs: List[Optional[Occurrence]] = []
+        for attr, module in items:
+            occs.append(
+                self.occurrence(module, seq, attr)
+                if _is_leaf_layer(module) else None)
+        # Norms after a conv first, so a conv between two norms absorbs the
+        # one after it.
+        for index, occ in enumerate(occs):
+            if occ is None or not is_norm_layer(occ.module) or index == 0:
+                continue
+            prev = occs[index - 1]
+            if prev is not None and is_conv_layer(prev.module):
+                self.evidence.link(POST, occ, [prev], 'sequential')
+        for index, occ in enumerate(occs):
+            if occ is None or not is_norm_layer(occ.module) or \
+                    occ.link is not None or occ.reason is not None:
+                continue
+            nxt = occs[index + 1] if index + 1 < len(occs) else None
+            if nxt is not None and is_conv_layer(nxt.module):
+                self.evidence.link(PRE, occ, [nxt], 'sequential')
+            else:
+                before = type(items[index - 1][1]).__name__ \
+                    if index > 0 else 'the Sequential input'
+                occ.reason = f'follows {before} in a Sequential'
+
+    # -- mmcv ConvModule ---------------------------------------------------
+    def conv_module(self, block: nn.Module) -> None:
+        conv = getattr(block, 'conv', None)
+        if conv is None:
+            return
+        conv_occ = self.occurrence(conv, block, 'conv')
+        if not getattr(block, 'with_norm', False):
+            return
+        norm_name = block.norm_name
+        norm_occ = self.occurrence(getattr(block, norm_name), block, norm_name)
+        order = [layer for layer in block.order
+                 if layer != 'act' or block.with_activation]
+        conv_at, norm_at = order.index('conv'), order.index('norm')
+        if norm_at == conv_at + 1:
+            self.evidence.link(POST, norm_occ, [conv_occ], 'conv_module')
+        elif conv_at == norm_at + 1 and not block.with_explicit_padding:
+            self.evidence.link(PRE, norm_occ, [conv_occ], 'conv_module')
+        elif conv_at == norm_at + 1:
+            norm_occ.reason = ('runs before an explicit padding layer and '
+                               'the conv')
+        else:
+            norm_occ.reason = (f'ConvModule order {tuple(block.order)}: an '
+                               'activation lies between conv and norm')
+
+    # -- anything torch.fx can trace ---------------------------------------
+    def traced(self, module: nn.Module) -> None:
+        # A traced forward may store proxies on its module: put its
+        # attributes back whatever happens.
+        saved = dict(module.__dict__)
+        try:
+            graph = _LeafTracer(module).trace(module)
+        except Exception as error:  # fx raises many types on Python code
+            first = str(error).strip().splitlines()
+            detail = first[0][:120] if first else type(error).__name__
+            self.evidence.unproven.append(
+                (module, f'data flow not proven: torch.fx cannot trace '
+                 f'{type(module).__name__}.forward ({detail})'))
+            return
+        finally:
+            module.__dict__.clear()
+            module.__dict__.update(saved)
+        occs: Dict[fx.Node, Occurrence] = {}
+        for node in graph.nodes:
+            if node.op != 'call_module':
+                continue
+            target = module.get_submodule(node.target)
+            if not _is_leaf_layer(target):
+                continue
+            holder, attr = _resolve(module, node.target)
+            occs[node] = self.occurrence(target, holder, attr)
+        pending = []
+        for node, occ in occs.items():
+            if not is_norm_layer(occ.module):
+                continue
+            if len(node.args) != 1 or node.kwargs:
+                occ.reason = 'called with extra arguments'
+                continue
+            convs = self._sources(node.args[0], occs)
+            if convs is None:
+                pending.append((node, occ))
+                continue
+            kind = POST if len(convs) == 1 else SUM
+            self.evidence.link(kind, occ, [occs[c] for c in convs], 'fx')
+        for node, occ in pending:
+            users = list(node.users)
+            if len(users) == 1 and users[0] in occs and \
+                    is_conv_layer(occs[users[0]].module) and \
+                    users[0].args == (node, ) and not users[0].kwargs:
+                self.evidence.link(PRE, occ, [occs[users[0]]], 'fx')
+            else:
+                occ.reason = self._describe(node.args[0])
+
+    @staticmethod
+    def _sources(node, occs) -> Optional[List[fx.Node]]:
+        """Conv nodes whose outputs ``node`` is (one, or a plain sum)."""
+        if not isinstance(node, fx.Node) or len(node.users) != 1:
+            return None
+        if node in occs:
+            if is_conv_layer(occs[node].module):
+                return [node]
+            return None
+        is_add = (node.op == 'call_function' and node.target in
+                  (operator.add, torch.add)) or \
+            (node.op == 'call_method' and node.target == 'add')
+        if not is_add or len(node.args) != 2 or node.kwargs:
+            return None
+        found = []
+        for arg in node.args:
+            inner = _StructuralCollector._sources(arg, occs)
+            if inner is None:
+                return None
+            found.extend(inner)
+        return found
+
+    @staticmethod
+    def _describe(source) -> str:
+        if not isinstance(source, fx.Node):
+            return 'input is not a traced value'
+        if len(source.users) > 1:
+            return 'its input is also used elsewhere'
+        if source.op == 'call_module':
+            return f'input comes from {source.target}, not a conv'
+        target = getattr(source.target, '__name__', source.target)
+        return f'input comes from {target}, not a conv'
+
+    def run(self) -> Evidence:
+        for module in self.model.modules():
+            forward = type(module).forward
+            if isinstance(module, nn.Sequential) and \
+                    forward is nn.Sequential.forward:
+                self.sequential(module)
+            elif _qualname(forward) == _CONV_MODULE_FORWARD:
+                self.conv_module(module)
+            elif not _is_leaf_layer(module) and _callable_layers(module):
+                self.traced(module)
+        return self.evidence
+
+
+def collect_structural_evidence(model: nn.Module) -> Evidence:
+    """Prove conv/norm data flow in ``model`` from its structure alone."""
+    return _StructuralCollector(model).run()

@@ -1,0 +1,331 @@
+"""Discovery with an example input: observe the data flow of a real forward.
+
+The model runs once under a ``TorchFunctionMode`` that records, for every
+tensor, which module call produced it and every operation outside a leaf
+module that consumed it; forward hooks on every module record leaf module
+calls and which parent called them.  Any Python control flow is fine: what
+counts is what actually happened.
+
+A tensor is identified by ``(id, version)`` so an in-place operation makes a
+new value, and every tensor seen is kept alive until the pass ends so ids
+are not reused.  The model's parameters are never touched; the hooks are
+removed when the pass ends.
+"""
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from ..layers import is_conv_layer, is_norm_layer
+from ..plan import POST, PRE, SUM
+from .occurrence import Evidence, Occurrence, Site
+
+__all__ = ['collect_traced_evidence', 'TracedForward']
+
+Key = Tuple[int, int]
+
+# Tensor functions that read metadata only: folding cannot change what they
+# return, so they do not count as consumers.
+_METADATA = {
+    'dim', 'size', 'shape', 'dtype', 'device', 'numel', 'ndim', 'ndimension',
+    'is_contiguous', 'requires_grad', '_version', 'is_cuda', 'layout',
+    '__len__', 'stride', 'storage_offset', 'is_floating_point',
+    'element_size', 'nelement', 'is_sparse', 'is_quantized', 'is_complex',
+    'names', 'grad_fn', 'is_leaf', 'grad', 'data_ptr', 'is_mkldnn',
+    'is_meta', 'is_nested', 'get_device', '__hash__', 'untyped_storage',
+    'is_inference', 'type', 'is_mps', 'is_xpu', 'is_cpu', 'output_nr',
+    '_base', '_is_view', 'is_sparse_csr', '__dlpack_device__', 'T_'
+}
+_ADDS = {'add', '__add__', '__radd__'}
+
+
+def _func_name(func) -> str:
+    name = getattr(func, '__name__', '')
+    if name in ('__get__', '__set__'):
+        owner = getattr(func, '__self__', None)
+        name = getattr(owner, '__name__', name)
+    return name
+
+
+class _OpCall:
+    """One operation run outside any leaf module."""
+    __slots__ = ('name', 'inputs', 'outputs', 'shapes_match', 'plain')
+
+    def __init__(self, name: str, inputs: List[Key], outputs: List[Key],
+                 shapes_match: bool, plain: bool):
+        self.name = name
+        self.inputs = inputs
+        self.outputs = outputs
+        self.shapes_match = shapes_match
+        self.plain = plain
+
+    def describe(self) -> str:
+        return f'operation {self.name}'
+
+
+class _ModuleCall:
+    """One call of a leaf module."""
+    __slots__ = ('module', 'site', 'inputs', 'outputs', 'occurrence')
+
+    def __init__(self, module: nn.Module, site: Site, inputs: List[Key]):
+        self.module = module
+        self.site = site
+        self.inputs = inputs
+        self.outputs: List[Key] = []
+        self.occurrence: Optional[Occurrence] = None
+
+    def describe(self) -> str:
+        return f'{type(self.module).__name__} call'
+
+
+class _Output:
+    """The model's output, as a consumer."""
+
+    @staticmethod
+    def describe() -> str:
+        return 'the model output'
+
+
+class _Recorder(TorchFunctionMode):
+
+    def __init__(self, tracer: 'TracedForward'):
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        tracer = self.tracer
+        if tracer.busy or tracer.active_leaf is not None:
+            return out
+        name = _func_name(func)
+        if name in _METADATA:
+            return out
+        tracer.record_op(name, args, kwargs, out)
+        return out
+
+
+class TracedForward:
+    """Runs a model once and records its data flow.
+
+    Args:
+        model: The model, in eval mode.
+        example_inputs: Positional arguments for ``model(*example_inputs)``.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Tuple):
+        self.model = model
+        self.example_inputs = example_inputs
+        self.busy = False
+        self.active_leaf: Optional[_ModuleCall] = None
+        self.stack: List[nn.Module] = []
+        self.keep: List[Tensor] = []
+        self.producer: Dict[Key, Any] = {}
+        self.consumers: Dict[Key, List[Any]] = defaultdict(list)
+        self.leaf_calls: List[_ModuleCall] = []
+        self.site_cache: Dict[Tuple[int, int], Site] = {}
+        self.output = None
+
+    # -- bookkeeping -------------------------------------------------------
+    def key(self, tensor: Tensor) -> Key:
+        self.keep.append(tensor)
+        try:
+            version = tensor._version
+        except RuntimeError:  # inference tensors have no version counter
+            version = -1
+        return id(tensor), version
+
+    def keys(self, *trees) -> List[Key]:
+        leaves, _ = tree_flatten(trees)
+        return [self.key(t) for t in leaves if isinstance(t, Tensor)]
+
+    def record_op(self, name: str, args, kwargs, out) -> None:
+        self.busy = True
+        try:
+            inputs = self.keys(args, kwargs)
+            outputs = self.keys(out)
+            tensors = [t for t in tree_flatten((args, out))[0]
+                       if isinstance(t, Tensor)]
+            shapes_match = len({tuple(t.shape) for t in tensors}) == 1
+            plain = not kwargs and len(args) == 2 and all(
+                isinstance(a, Tensor) for a in args)
+            op = _OpCall(name, inputs, outputs, shapes_match, plain)
+            for key in inputs:
+                self.consumers[key].append(op)
+            for key in outputs:
+                if key not in inputs:
+                    self.producer[key] = op
+        finally:
+            self.busy = False
+
+    def resolve_site(self, caller: Optional[nn.Module],
+                     module: nn.Module) -> Site:
+        """The ``(holder, attr)`` through which ``caller`` reached
+        ``module``."""
+        if caller is None:
+            return None
+        cache_key = (id(caller), id(module))
+        if cache_key in self.site_cache:
+            return self.site_cache[cache_key]
+        direct = [name for name, child in caller._modules.items()
+                  if child is module]
+        site: Site = None
+        if len(direct) == 1:
+            site = (caller, direct[0])
+        elif not direct:
+            found = [name for name, sub in caller.named_modules(
+                remove_duplicate=False) if sub is module and name]
+            if len(found) == 1:
+                parent, _, attr = found[0].rpartition('.')
+                site = (caller.get_submodule(parent), attr)
+        self.site_cache[cache_key] = site
+        return site
+
+    # -- hooks -------------------------------------------------------------
+    def pre_hook(self, module: nn.Module, args, kwargs) -> None:
+        caller = self.stack[-1] if self.stack else None
+        self.stack.append(module)
+        if self.active_leaf is not None or next(module.children(), None):
+            return
+        self.busy = True
+        try:
+            call = _ModuleCall(module, self.resolve_site(caller, module),
+                               self.keys(args, kwargs))
+            for key in call.inputs:
+                self.consumers[key].append(call)
+            self.active_leaf = call
+            self.leaf_calls.append(call)
+        finally:
+            self.busy = False
+
+    def post_hook(self, module: nn.Module, args, kwargs, output) -> None:
+        self.stack.pop()
+        call = self.active_leaf
+        if call is None or call.module is not module:
+            return
+        self.busy = True
+        try:
+            call.outputs = self.keys(output)
+            for key in call.outputs:
+                self.producer[key] = call
+        finally:
+            self.busy = False
+            self.active_leaf = None
+
+    # -- the pass ----------------------------------------------------------
+    def run(self) -> Any:
+        """Run the forward pass, recording; returns the model output."""
+        handles = []
+        try:
+            for module in self.model.modules():
+                handles.append(
+                    module.register_forward_pre_hook(
+                        self.pre_hook, with_kwargs=True))
+                handles.append(
+                    module.register_forward_hook(
+                        self.post_hook, with_kwargs=True))
+            with torch.no_grad(), _Recorder(self):
+                self.output = self.model(*self.example_inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.active_leaf = None
+            self.stack.clear()
+        for key in self.keys(self.output):
+            self.consumers[key].append(_Output())
+        return self.output
+
+    # -- evidence ----------------------------------------------------------
+    def only_consumer(self, key: Key, consumer) -> Optional[str]:
+        """``None`` if ``consumer`` is the only consumer of ``key``, else
+        what else consumes it."""
+        others = [c for c in self.consumers.get(key, ()) if c is not consumer]
+        if not others:
+            return None
+        return others[0].describe()
+
+    def conv_sources(self, key: Key, consumer) -> Optional[List[_ModuleCall]]:
+        """Conv calls whose output ``key`` is (one, or a plain sum), each
+        consumed only on the way to ``consumer``."""
+        if self.only_consumer(key, consumer) is not None:
+            return None
+        source = self.producer.get(key)
+        if isinstance(source, _ModuleCall):
+            if is_conv_layer(source.module) and len(source.outputs) == 1:
+                return [source]
+            return None
+        if isinstance(source, _OpCall) and source.name in _ADDS and \
+                source.plain and source.shapes_match and \
+                len(source.outputs) == 1:
+            found = []
+            for inner in source.inputs:
+                convs = self.conv_sources(inner, source)
+                if convs is None:
+                    return None
+                found.extend(convs)
+            return found
+        return None
+
+    def describe_source(self, key: Key, consumer) -> str:
+        other = self.only_consumer(key, consumer)
+        source = self.producer.get(key)
+        if other is not None and isinstance(source, _ModuleCall) and \
+                is_conv_layer(source.module):
+            return f'its conv output is also used by {other}'
+        if other is not None:
+            return f'its input is also used by {other}'
+        if source is None:
+            return 'its input is not produced by a traced operation'
+        return f'input comes from {source.describe()}, not a conv'
+
+    def evidence(self) -> Evidence:
+        """Conv/norm occurrences and links observed in the pass."""
+        evidence = Evidence(mode='traced')
+        for call in self.leaf_calls:
+            if is_conv_layer(call.module) or is_norm_layer(call.module):
+                call.occurrence = Occurrence(call.module, call.site)
+                evidence.occurrences.append(call.occurrence)
+        norm_calls = [
+            c for c in self.leaf_calls
+            if c.occurrence is not None and is_norm_layer(c.module)
+        ]
+        pending = []
+        for call in norm_calls:
+            occ = call.occurrence
+            if len(call.inputs) != 1 or len(call.outputs) != 1:
+                occ.reason = 'called with several tensors'
+                continue
+            convs = self.conv_sources(call.inputs[0], call)
+            if convs is None:
+                pending.append(call)
+                continue
+            kind = POST if len(convs) == 1 else SUM
+            evidence.link(kind, occ, [c.occurrence for c in convs], 'traced')
+        for call in pending:
+            occ = call.occurrence
+            out = call.outputs[0]
+            users = self.consumers.get(out, [])
+            if len(users) == 1 and isinstance(users[0], _ModuleCall) and \
+                    users[0].occurrence is not None and \
+                    is_conv_layer(users[0].module) and \
+                    users[0].inputs == [out]:
+                evidence.link(PRE, occ, [users[0].occurrence], 'traced')
+            else:
+                occ.reason = self.describe_source(call.inputs[0], call)
+        return evidence
+
+
+def collect_traced_evidence(model: nn.Module,
+                            example_inputs: Tuple) -> Tuple[Evidence, Any]:
+    """Run ``model(*example_inputs)`` once, recording its data flow.
+
+    Returns:
+        The evidence and the model's output (the reference for
+        verification).
+    """
+    traced = TracedForward(model, example_inputs)
+    output = traced.run()
+    return traced.evidence(), output

@@ -1,0 +1,186 @@
+"""The folding math: tensors in, tensors out.
+
+Every fold in mmfuse goes through the functions here.  A normalisation layer
+in inference mode is a per-channel affine map ``y = scale * x + shift`` with
+``scale = gamma / sqrt(var + eps)`` and ``shift = beta - mean * scale``.  A
+norm *after* a convolution is folded into the convolution's output channels;
+a norm *before* a convolution is folded into its input channels, which is
+exact only where the convolution does not pad with zeros (the caller checks).
+
+All arithmetic is done in float64 on the parameters' device and the results
+are cast back to the dtype of the weight, so fp16/bf16 models are folded as
+accurately as their dtype allows.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    'norm_affine', 'fold_affine_into_output', 'fold_affine_into_input',
+    'scale_output_channels'
+]
+
+
+def _float64(tensor: Tensor) -> Tensor:
+    """Return ``tensor`` as float64 on its own device."""
+    return tensor.detach().to(dtype=torch.float64)
+
+
+def norm_affine(running_mean: Tensor,
+                running_var: Tensor,
+                eps: float,
+                weight: Optional[Tensor] = None,
+                bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Per-channel ``(scale, shift)`` of a norm in inference mode, float64.
+
+    Args:
+        running_mean: Running mean, shape ``(C,)``.
+        running_var: Running variance, shape ``(C,)``.
+        eps: The norm's epsilon.
+        weight: ``gamma``; ``None`` for a norm without affine parameters.
+        bias: ``beta``; ``None`` for a norm without affine parameters.
+
+    Returns:
+        ``(scale, shift)`` in float64 such that ``norm(x) == scale * x +
+        shift`` channel-wise.
+    """
+    if running_mean.shape != running_var.shape or running_mean.dim() != 1:
+        raise ValueError('running_mean and running_var must be 1-D tensors '
+                         f'of one shape, got {tuple(running_mean.shape)} and '
+                         f'{tuple(running_var.shape)}')
+    mean = _float64(running_mean)
+    var = _float64(running_var)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * _float64(weight)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + _float64(bias)
+    return scale, shift
+
+
+def _output_channel_view(weight: Tensor, transposed: bool,
+                         groups: int) -> Tuple[Tensor, Tuple[int, ...]]:
+    """View ``weight`` as ``(out_channels, rest)`` ready for scaling.
+
+    A regular conv or linear weight is ``(out, in / groups, *kernel)``.  A
+    transposed conv weight is ``(in, out / groups, *kernel)``: output channel
+    ``g * out / groups + j`` lives at ``[g * in / groups:(g + 1) * in /
+    groups, j]``, which is why ``torch.nn.utils.fusion`` gets grouped
+    transposed convs wrong.  Returns the permuted view and the shape to
+    permute back from.
+    """
+    if not transposed:
+        return weight.reshape(weight.shape[0], -1), tuple(weight.shape)
+    in_channels, out_per_group = weight.shape[:2]
+    kernel = tuple(weight.shape[2:])
+    grouped = weight.reshape(groups, in_channels // groups, out_per_group,
+                             *kernel)
+    # (groups, out_per_group, in_per_group, *kernel) -> (out, rest)
+    moved = grouped.transpose(1, 2).reshape(groups * out_per_group, -1)
+    return moved, (groups, out_per_group, in_channels // groups) + kernel
+
+
+def _restore_output_view(view: Tensor, weight_shape: Tuple[int, ...],
+                         moved_shape: Tuple[int, ...],
+                         transposed: bool) -> Tensor:
+    """Undo :func:`_output_channel_view`."""
+    if not transposed:
+        return view.reshape(weight_shape)
+    return view.reshape(moved_shape).transpose(1, 2).reshape(weight_shape)
+
+
+def scale_output_channels(weight: Tensor,
+                          scale: Tensor,
+                          transposed: bool = False,
+                          groups: int = 1) -> Tensor:
+    """Multiply output channel ``o`` of ``weight`` by ``scale[o]``, float64.
+
+    Args:
+        weight: A conv, transposed conv or linear weight.
+        scale: Shape ``(out_channels,)``.
+        transposed: Whether ``weight`` belongs to a transposed conv.
+        groups: The conv's groups.
+
+    Returns:
+        The scaled weight in float64, same shape as ``weight``.
+    """
+    view, moved_shape = _output_channel_view(_float64(weight), transposed,
+                                             groups)
+    if view.shape[0] != scale.numel():
+        raise ValueError(f'cannot scale {view.shape[0]} output channels by '
+                         f'{scale.numel()} norm channels')
+    view = view * scale.to(view).reshape(-1, 1)
+    return _restore_output_view(view, tuple(weight.shape), moved_shape,
+                                transposed)
+
+
+def fold_affine_into_output(weight: Tensor,
+                            bias: Optional[Tensor],
+                            scale: Tensor,
+                            shift: Optional[Tensor],
+                            transposed: bool = False,
+                            groups: int = 1) -> Tuple[Tensor, Tensor]:
+    """Fold ``y = scale * layer(x) + shift`` into the layer's parameters.
+
+    Args:
+        weight: Weight of a conv, transposed conv or linear layer.
+        bias: Its bias, or ``None``.
+        scale: Per-output-channel scale, shape ``(out_channels,)``.
+        shift: Per-output-channel shift, or ``None`` for no shift (used for
+            all but one branch of a normalised sum).
+        transposed: Whether the layer is a transposed conv.
+        groups: The layer's groups.
+
+    Returns:
+        ``(weight, bias)`` cast back to ``weight``'s dtype and device.
+    """
+    new_weight = scale_output_channels(weight, scale, transposed, groups)
+    scale64 = scale.to(new_weight)
+    if bias is None:
+        new_bias = torch.zeros_like(scale64)
+    else:
+        new_bias = _float64(bias) * scale64
+    if shift is not None:
+        new_bias = new_bias + shift.to(new_bias)
+    return new_weight.to(weight.dtype), new_bias.to(weight.dtype)
+
+
+def fold_affine_into_input(weight: Tensor, bias: Optional[Tensor],
+                           scale: Tensor, shift: Tensor,
+                           groups: int = 1) -> Tuple[Tensor, Tensor]:
+    """Fold ``layer(scale * x + shift)`` into a conv or linear layer.
+
+    Exact only when the layer sees no zero padding: a padded zero of the
+    normalised input is not ``scale * 0 + shift``.  The caller checks that.
+
+    Args:
+        weight: ``(out, in / groups, *kernel)`` weight of a non-transposed
+            conv, or ``(out, in)`` of a linear layer.
+        bias: Its bias, or ``None``.
+        scale: Per-input-channel scale, shape ``(in_channels,)``.
+        shift: Per-input-channel shift, shape ``(in_channels,)``.
+        groups: The conv's groups.
+
+    Returns:
+        ``(weight, bias)`` cast back to ``weight``'s dtype and device.
+    """
+    out_channels, in_per_group = weight.shape[:2]
+    if scale.numel() != in_per_group * groups:
+        raise ValueError(f'cannot fold {scale.numel()} norm channels into '
+                         f'{in_per_group * groups} input channels')
+    w64 = _float64(weight)
+    kernel_dims = [1] * (weight.dim() - 2)
+
+    def per_weight_entry(values: Tensor) -> Tensor:
+        # Input channel of weight[o, c] is (o // out_per_group) *
+        # in_per_group + c.
+        values = values.to(w64).reshape(groups, 1, in_per_group)
+        values = values.expand(groups, out_channels // groups, in_per_group)
+        return values.reshape(out_channels, in_per_group, *kernel_dims)
+
+    new_weight = w64 * per_weight_entry(scale)
+    added = (w64 * per_weight_entry(shift)).reshape(out_channels, -1).sum(1)
+    new_bias = added if bias is None else _float64(bias) + added
+    return new_weight.to(weight.dtype), new_bias.to(weight.dtype)

@@ -1,0 +1,227 @@
+"""What kind of layer a module is, and whether it can take part in a fold.
+
+Discovery asks this module two questions about a leaf module: *is it a
+normalisation layer, and can it be folded?* and *is it a convolution (or
+linear layer) whose parameters a fold may rewrite?*  Every refusal comes with
+a reason that ends up in the :class:`~mmfuse.FusionReport`.  Nothing here
+mutates a module.
+"""
+from typing import Callable, Optional, Set, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+__all__ = [
+    'is_norm_layer', 'norm_fold_problem', 'norm_affine_params',
+    'norm_channels', 'is_conv_layer', 'conv_fold_problem', 'conv_geometry',
+    'pads_with_zeros', 'conv_out_channels', 'conv_in_channels'
+]
+
+# Convolution subclasses whose forward is the plain convolution with their
+# own ``weight`` and ``bias`` (they only handle empty inputs or pad
+# adaptively first).
+_LINEAR_CONV_FORWARDS: Set[Callable] = {
+    nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward,
+    nn.ConvTranspose1d.forward, nn.ConvTranspose2d.forward,
+    nn.ConvTranspose3d.forward, nn.Linear.forward
+}
+_LINEAR_CONV_QUALNAMES = {
+    # mmcv.cnn.bricks.wrappers: fall back to the stock forward except for
+    # empty inputs.
+    'mmcv.cnn.bricks.wrappers.Conv2d.forward',
+    'mmcv.cnn.bricks.wrappers.Conv3d.forward',
+    'mmcv.cnn.bricks.wrappers.ConvTranspose2d.forward',
+    'mmcv.cnn.bricks.wrappers.ConvTranspose3d.forward',
+    'mmcv.cnn.bricks.wrappers.Linear.forward',
+    # Pads like TensorFlow's 'SAME', then F.conv2d with its own weight.
+    'mmcv.cnn.bricks.conv2d_adaptive_padding.Conv2dAdaptivePadding.forward',
+}
+# Convolutions that transform their weight (or their input-dependent
+# behaviour) in forward: folding into ``weight`` would be undone.
+_WEIGHT_TRANSFORMING_CONVS = {
+    'ConvWS2d': 'standardises its weight in forward (weight standardization)',
+    'ConvAWS2d': 'standardises its weight in forward (adaptive weight '
+    'standardization)',
+    'SAConv2d': 'switchable atrous conv: mixes two dilations and '
+    'standardises its weight in forward',
+}
+
+# Norm classes whose forward, in eval mode with running statistics, is the
+# plain per-channel affine map ``gamma * (x - mean) / sqrt(var + eps) +
+# beta``.
+_AFFINE_NORM_FORWARDS: Set[Callable] = {
+    _BatchNorm.forward, nn.SyncBatchNorm.forward
+}
+_AFFINE_NORM_QUALNAMES = {
+    'mmcv.ops.sync_bn.SyncBatchNorm.forward',
+    'torchvision.ops.misc.FrozenBatchNorm2d.forward',
+    'detectron2.layers.batch_norm.FrozenBatchNorm2d.forward',
+}
+
+
+def _qualname(func: Callable) -> str:
+    return f'{getattr(func, "__module__", "")}.' \
+           f'{getattr(func, "__qualname__", "")}'
+
+
+def _is_frozen_bn(module: nn.Module) -> bool:
+    """Buffer-only BN in the style of torchvision/detectron2."""
+    buffers = dict(module.named_buffers(recurse=False))
+    return (type(module).__name__.startswith('FrozenBatchNorm')
+            and all(k in buffers for k in ('weight', 'bias', 'running_mean',
+                                           'running_var')))
+
+
+def _is_mmcv_sync_bn(module: nn.Module) -> bool:
+    cls = type(module)
+    return (cls.__name__ == 'SyncBatchNorm'
+            and cls.__module__.startswith('mmcv.ops'))
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation layer of any kind.
+
+    Used to list every norm in the report, foldable or not.
+    """
+    if isinstance(module, (_BatchNorm, nn.GroupNorm, nn.LayerNorm,
+                           _InstanceNorm, nn.LocalResponseNorm)):
+        return True
+    if _is_frozen_bn(module) or _is_mmcv_sync_bn(module):
+        return True
+    rms_norm = getattr(nn, 'RMSNorm', None)
+    if rms_norm is not None and isinstance(module, rms_norm):
+        return True
+    name = type(module).__name__
+    return name.endswith('Norm') or 'Norm1d' in name or 'Norm2d' in name \
+        or 'Norm3d' in name or name.endswith('BN')
+
+
+def norm_fold_problem(module: nn.Module) -> Optional[str]:
+    """Why ``module`` cannot be folded, or ``None`` when it can.
+
+    A foldable norm is, in its current mode, a per-channel affine map from
+    stored statistics: a batch norm (any ``_BatchNorm`` subclass that keeps
+    the stock forward, torch's or mmcv's SyncBN, a buffer-only frozen BN)
+    with running statistics, in eval mode.
+    """
+    name = type(module).__name__
+    if isinstance(module, nn.GroupNorm):
+        return 'GroupNorm normalises with per-sample statistics'
+    if isinstance(module, nn.LayerNorm):
+        return f'{name} normalises with per-sample statistics'
+    if isinstance(module, _InstanceNorm):
+        if getattr(module, 'track_running_stats', False):
+            return (f'{name} uses running statistics only in some '
+                    'configurations; not folded')
+        return f'{name} normalises with per-sample statistics'
+    is_bn = isinstance(module, _BatchNorm) or _is_mmcv_sync_bn(module)
+    if not is_bn and not _is_frozen_bn(module):
+        return f'{name} is not a batch norm with stored statistics'
+    forward = type(module).forward
+    if forward not in _AFFINE_NORM_FORWARDS and \
+            _qualname(forward) not in _AFFINE_NORM_QUALNAMES:
+        return (f'{name} overrides forward: it may do more than normalise '
+                '(e.g. an activation)')
+    if _is_frozen_bn(module):
+        return None
+    if not getattr(module, 'track_running_stats', True) or \
+            module.running_mean is None or module.running_var is None:
+        return 'track_running_stats=False: normalises with batch statistics'
+    if module.training:
+        return 'in training mode: normalises with batch statistics'
+    if module._forward_pre_hooks or module._forward_hooks:
+        return 'has forward hooks'
+    return None
+
+
+def norm_affine_params(
+    module: nn.Module
+) -> Tuple[Tensor, Tensor, float, Optional[Tensor], Optional[Tensor]]:
+    """``(running_mean, running_var, eps, weight, bias)`` of a foldable norm.
+    """
+    weight = getattr(module, 'weight', None)
+    bias = getattr(module, 'bias', None)
+    eps = float(getattr(module, 'eps', 1e-5))
+    return module.running_mean, module.running_var, eps, weight, bias
+
+
+def norm_channels(module: nn.Module) -> int:
+    """Number of channels a foldable norm normalises."""
+    return int(module.running_mean.numel())
+
+
+def is_conv_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a convolution or a linear layer."""
+    return isinstance(module, (_ConvNd, nn.Linear))
+
+
+def conv_fold_problem(module: nn.Module) -> Optional[str]:
+    """Why a fold may not rewrite this conv's parameters, or ``None``."""
+    name = type(module).__name__
+    if not is_conv_layer(module):
+        return f'{name} is not a convolution or linear layer'
+    for cls in type(module).__mro__:
+        if cls.__name__ in _WEIGHT_TRANSFORMING_CONVS:
+            return f'{name} {_WEIGHT_TRANSFORMING_CONVS[cls.__name__]}'
+    if hasattr(module, 'weight_orig'):
+        return f'{name} has spectral norm: its weight is recomputed in forward'
+    if hasattr(module, 'weight_g') and hasattr(module, 'weight_v'):
+        return f'{name} has weight norm: its weight is recomputed in forward'
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return f'{name} has a parametrized weight'
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and \
+            module.has_uninitialized_params():
+        return f'{name} is a lazy module with uninitialized parameters'
+    if module._forward_pre_hooks or module._forward_hooks:
+        return f'{name} has forward hooks'
+    forward = type(module).forward
+    if forward not in _LINEAR_CONV_FORWARDS and \
+            _qualname(forward) not in _LINEAR_CONV_QUALNAMES:
+        return f'{name} overrides forward: it may transform its weight'
+    weight = module.weight
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        return f'{name} has a non floating point weight'
+    return None
+
+
+def conv_geometry(module: nn.Module) -> Tuple[bool, int]:
+    """``(transposed, groups)`` of a conv or linear layer."""
+    if isinstance(module, nn.Linear):
+        return False, 1
+    return bool(module.transposed), int(module.groups)
+
+
+def conv_out_channels(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return module.out_channels
+
+
+def conv_in_channels(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    return module.in_channels
+
+
+def pads_with_zeros(module: nn.Module) -> bool:
+    """Whether the layer pads its input with zeros.
+
+    A norm before such a layer cannot be folded into it: the padded zeros
+    would have been ``shift``, not zero.  Transposed convs are treated as
+    padding (their input is spread over a zero canvas).
+    """
+    if isinstance(module, nn.Linear):
+        return False
+    if module.transposed:
+        return True
+    if 'AdaptivePadding' in type(module).__name__:
+        return True
+    if module.padding_mode != 'zeros':
+        return False
+    padding = module.padding
+    if isinstance(padding, str):
+        return padding != 'valid'
+    return any(p != 0 for p in padding)

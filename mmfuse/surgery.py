@@ -1,0 +1,141 @@
+"""Apply a :class:`~mmfuse.plan.FusionPlan` to a model, and undo it.
+
+Surgery is the only room that changes a model.  It never rewrites a
+parameter tensor in place: a folded layer gets new ``Parameter`` objects, so
+a weight tied to another module is never changed behind its back.  Each
+applied fold keeps what it replaced, so it can be undone exactly.
+"""
+from typing import Callable, List, Optional
+
+import torch
+from torch import nn
+
+from .folding import (fold_affine_into_input, fold_affine_into_output,
+                      norm_affine)
+from .layers import conv_geometry, norm_affine_params
+from .plan import PRE, Fold, FusionPlan
+
+__all__ = ['AppliedFold', 'apply_fold', 'apply_plan', 'undo_folds']
+
+
+class AppliedFold:
+    """A fold that has been applied, with what is needed to undo it."""
+
+    def __init__(self, fold: Fold):
+        self.fold = fold
+        self._undo: List[Callable[[], None]] = []
+
+    def remember(self, undo: Callable[[], None]) -> None:
+        self._undo.append(undo)
+
+    def undo(self) -> None:
+        """Put back every module and parameter the fold replaced."""
+        while self._undo:
+            self._undo.pop()()
+
+
+def _split(name: str):
+    parent, _, attr = name.rpartition('.')
+    return parent, attr
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module,
+                    applied: AppliedFold) -> nn.Module:
+    parent_name, attr = _split(name)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = parent._modules[attr]
+    parent._modules[attr] = new
+    applied.remember(lambda: parent._modules.__setitem__(attr, old))
+    # mmcv's ConvModule may fuse conv and norm on the fly; with the norm
+    # gone that would be wrong.
+    if getattr(parent, 'efficient_conv_bn_eval_forward', None) is not None:
+        previous = parent.efficient_conv_bn_eval_forward
+        parent.efficient_conv_bn_eval_forward = None
+        applied.remember(lambda: setattr(
+            parent, 'efficient_conv_bn_eval_forward', previous))
+    return old
+
+
+def _set_parameter(module: nn.Module, name: str, value: torch.Tensor,
+                   applied: AppliedFold) -> None:
+    old = module._parameters.get(name)
+    requires_grad = old.requires_grad if old is not None else \
+        module.weight.requires_grad
+    module._parameters[name] = nn.Parameter(value, requires_grad)
+
+    def restore():
+        if old is None:
+            del module._parameters[name]
+            setattr(module, name, None)
+        else:
+            module._parameters[name] = old
+
+    applied.remember(restore)
+
+
+def apply_fold(model: nn.Module, fold: Fold) -> AppliedFold:
+    """Apply one fold to ``model`` in place.
+
+    Args:
+        model: The model the plan was made for.
+        fold: The fold.
+
+    Returns:
+        The applied fold, which can be undone.
+    """
+    applied = AppliedFold(fold)
+    norm = model.get_submodule(fold.norm)
+    mean, var, eps, gamma, beta = norm_affine_params(norm)
+    scale, shift = norm_affine(mean, var, eps, gamma, beta)
+    for target in fold.convs:
+        conv = model.get_submodule(target.name)
+        if target.copy:
+            shared = conv
+            conv = _copy_module(shared)
+            _replace_module(model, target.name, conv, applied)
+        if fold.kind == PRE:
+            _, groups = conv_geometry(conv)
+            weight, bias = fold_affine_into_input(conv.weight, conv.bias,
+                                                  scale, shift, groups)
+        else:
+            transposed, groups = conv_geometry(conv)
+            weight, bias = fold_affine_into_output(
+                conv.weight, conv.bias, scale,
+                shift if target.shift else None, transposed, groups)
+        _set_parameter(conv, 'weight', weight, applied)
+        _set_parameter(conv, 'bias', bias, applied)
+    for site in fold.norm_sites:
+        _replace_module(model, site, nn.Identity(), applied)
+    return applied
+
+
+def _copy_module(module: nn.Module) -> nn.Module:
+    """A copy of a leaf conv that shares nothing with it."""
+    copy = module.__class__.__new__(module.__class__)
+    copy.__dict__ = dict(module.__dict__)
+    copy._parameters = dict(module._parameters)
+    copy._buffers = dict(module._buffers)
+    copy._modules = dict(module._modules)
+    for hooks in ('_forward_hooks', '_forward_pre_hooks',
+                  '_backward_hooks', '_state_dict_hooks',
+                  '_load_state_dict_pre_hooks'):
+        if hooks in copy.__dict__:
+            copy.__dict__[hooks] = type(module.__dict__[hooks])(
+                module.__dict__[hooks])
+    return copy
+
+
+def apply_plan(model: nn.Module,
+               plan: FusionPlan,
+               folds: Optional[List[Fold]] = None) -> List[AppliedFold]:
+    """Apply every fold of ``plan`` (or just ``folds``) in order."""
+    applied = []
+    for fold in plan.folds if folds is None else folds:
+        applied.append(apply_fold(model, fold))
+    return applied
+
+
+def undo_folds(applied: List[AppliedFold]) -> None:
+    """Undo applied folds, last first."""
+    for fold in reversed(applied):
+        fold.undo()
