@@ -64,10 +64,12 @@ class _Planner:
 
     def why_no_call(self, module: nn.Module) -> str:
         for path in self.paths[id(module)]:
-            parent = path.rpartition('.')[0]
-            holder = self.model.get_submodule(parent)
-            if id(holder) in self.unproven:
-                return self.unproven[id(holder)]
+            parent = path
+            while parent:
+                parent = parent.rpartition('.')[0]
+                holder = self.model.get_submodule(parent)
+                if id(holder) in self.unproven:
+                    return self.unproven[id(holder)]
         if self.evidence.mode == 'traced':
             return 'not called in the traced forward pass'
         return ('data flow not proven: not called as a module by any '

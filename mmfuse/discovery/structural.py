@@ -223,7 +223,9 @@ class _StructuralCollector:
                 self.sequential(module)
             elif _qualname(forward) == _CONV_MODULE_FORWARD:
                 self.conv_module(module)
-            elif not _is_leaf_layer(module) and _callable_layers(module):
+            elif not _is_leaf_layer(module) and _callable_layers(module) \
+                    and not isinstance(module, (nn.ModuleList,
+                                                nn.ModuleDict)):
                 self.traced(module)
         return self.evidence
 

@@ -1,0 +1,130 @@
+"""The folding math against the layers it replaces, in float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+from mmfuse.folding import (fold_affine_into_input, fold_affine_into_output,
+                            norm_affine)
+from mmfuse.testing import randomize_norm_stats
+
+
+def _bn(channels: int, seed: int = 0) -> nn.BatchNorm2d:
+    return randomize_norm_stats(nn.BatchNorm2d(channels).double().eval(),
+                                seed)
+
+
+def _affine(bn):
+    return norm_affine(bn.running_mean, bn.running_var, bn.eps, bn.weight,
+                       bn.bias)
+
+
+@pytest.mark.parametrize('groups', [1, 2, 4])
+@pytest.mark.parametrize('bias', [True, False])
+def test_fold_into_conv_output(groups, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1, groups=groups, bias=bias).double()
+    bn = _bn(12)
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    scale, shift = _affine(bn)
+    weight, new_bias = fold_affine_into_output(conv.weight, conv.bias, scale,
+                                               shift, False, groups)
+    fused = F.conv2d(x, weight, new_bias, padding=1, groups=groups)
+    torch.testing.assert_close(fused, bn(conv(x)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('groups', [1, 2, 4])
+def test_fold_into_grouped_transposed_conv(groups):
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose2d(8, 12, 3, stride=2, groups=groups).double()
+    bn = _bn(12)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    scale, shift = _affine(bn)
+    weight, bias = fold_affine_into_output(conv.weight, conv.bias, scale,
+                                           shift, True, groups)
+    fused = F.conv_transpose2d(x, weight, bias, stride=2, groups=groups)
+    torch.testing.assert_close(fused, bn(conv(x)), rtol=1e-12, atol=1e-12)
+
+
+def test_torch_fusion_is_wrong_for_grouped_transposed_conv():
+    """torch.nn.utils.fusion scales the wrong weight axis when groups > 1:
+    the reason mmfuse keeps its own output-channel view."""
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose2d(4, 4, 3, groups=2).double()
+    bn = _bn(4)
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    expected = bn(conv(x))
+    try:
+        weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias,
+                                            bn.running_mean, bn.running_var,
+                                            bn.eps, bn.weight, bn.bias,
+                                            transpose=True)
+    except RuntimeError:
+        return  # a crash is wrong too
+    got = F.conv_transpose2d(x, weight, bias, groups=2)
+    assert not torch.allclose(got, expected, atol=1e-6)
+
+
+def test_torch_fusion_agrees_for_plain_conv():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3).double()
+    bn = _bn(6)
+    scale, shift = _affine(bn)
+    ours = fold_affine_into_output(conv.weight, conv.bias, scale, shift)
+    theirs = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean,
+                                  bn.running_var, bn.eps, bn.weight, bn.bias)
+    torch.testing.assert_close(ours[0], theirs[0].detach())
+    torch.testing.assert_close(ours[1], theirs[1].detach())
+
+
+@pytest.mark.parametrize('groups', [1, 2])
+@pytest.mark.parametrize('padding_mode', ['replicate', 'reflect',
+                                          'circular'])
+def test_fold_into_conv_input(groups, padding_mode):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 6, 3, padding=1, groups=groups,
+                     padding_mode=padding_mode).double()
+    bn = _bn(8)
+    x = torch.randn(2, 8, 7, 7, dtype=torch.float64)
+    scale, shift = _affine(bn)
+    weight, bias = fold_affine_into_input(conv.weight, conv.bias, scale,
+                                          shift, groups)
+    folded = nn.Conv2d(8, 6, 3, padding=1, groups=groups,
+                       padding_mode=padding_mode).double()
+    folded.weight.data, folded.bias.data = weight, bias
+    torch.testing.assert_close(folded(x), conv(bn(x)), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_fold_into_input_is_wrong_with_zero_padding():
+    """Why a norm before a zero-padded conv must stay."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1).double()
+    bn = _bn(4)
+    scale, shift = _affine(bn)
+    weight, bias = fold_affine_into_input(conv.weight, conv.bias, scale,
+                                          shift)
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    folded = F.conv2d(x, weight, bias, padding=1)
+    expected = conv(bn(x))
+    assert not torch.allclose(folded, expected)
+    # ... and it is exact away from the border.
+    torch.testing.assert_close(folded[..., 1:-1, 1:-1],
+                               expected[..., 1:-1, 1:-1])
+
+
+def test_norm_affine_without_affine_params():
+    bn = randomize_norm_stats(nn.BatchNorm1d(5, affine=False).eval())
+    scale, shift = norm_affine(bn.running_mean, bn.running_var, bn.eps)
+    x = torch.randn(3, 5)
+    torch.testing.assert_close((x.double() * scale + shift).float(), bn(x))
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match='output channels'):
+        fold_affine_into_output(torch.ones(4, 2, 1, 1), None,
+                                torch.ones(3), torch.zeros(3))
+    with pytest.raises(ValueError, match='input channels'):
+        fold_affine_into_input(torch.ones(4, 2, 1, 1), None, torch.ones(3),
+                               torch.zeros(3))

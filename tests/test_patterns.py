@@ -1,0 +1,264 @@
+"""The real patterns naive fusion gets wrong (core issue, section 4)."""
+import pytest
+import torch
+from mmcv.cnn import ConvModule
+from torch import nn
+
+import mmfuse
+from mmfuse.demo import (ActThenNorm, Bottleneck, ConcatNorm, SharedConvHead,
+                         SumNorm, build_demo_model)
+
+from fusion_checks import fuse_and_compare, identity_at, kept_at
+
+X = torch.randn(2, 8, 12, 12, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize('order', [('conv', 'norm', 'act'),
+                                   ('conv', 'act', 'norm'),
+                                   ('norm', 'conv', 'act'),
+                                   ('act', 'conv', 'norm'),
+                                   ('norm', 'act', 'conv'),
+                                   ('act', 'norm', 'conv')])
+@pytest.mark.parametrize('padding', [0, 1])
+def test_a_conv_module_every_order(order, padding, traced):
+    block = ConvModule(8, 8, 3, padding=padding, norm_cfg=dict(type='BN'),
+                       order=order)
+    fused, _, rel = fuse_and_compare(block, (X, ), traced)
+    assert rel < 1e-5
+    norm_after_conv = order.index('norm') == order.index('conv') + 1
+    norm_right_before = order.index('conv') == order.index('norm') + 1
+    if norm_after_conv or (norm_right_before and padding == 0):
+        identity_at(fused, ['bn'])
+    else:
+        kept_at(fused, ['bn'])
+
+
+def test_a_conv_module_reflect_padding_keeps_norm_before(traced):
+    # ConvModule pads explicitly with a padding layer before the conv.
+    block = ConvModule(8, 8, 3, padding=1, norm_cfg=dict(type='BN'),
+                       order=('norm', 'conv', 'act'),
+                       padding_mode='reflect')
+    fused, _, rel = fuse_and_compare(block, (X, ), traced)
+    assert rel < 1e-5
+    kept_at(fused, ['bn'])
+
+
+def test_a_norm_before_non_zero_padded_conv_folds(traced):
+    model = nn.Sequential(
+        nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3, padding=1,
+                                     padding_mode='replicate'))
+    fused, _, rel = fuse_and_compare(model, (X, ), traced)
+    assert rel < 1e-5
+    identity_at(fused, ['0'])
+
+
+def test_b_conv_act_norm_stays(traced):
+    fused, report, rel = fuse_and_compare(ActThenNorm(8), (X, ), traced)
+    assert rel < 1e-5
+    kept_at(fused, ['bn'])
+    if report is not None:
+        assert [s.name for s in report.left] == ['bn']
+        assert 'relu' in report.left[0].reason
+
+
+def test_c_registration_order_is_not_evidence(traced):
+    fused, report, rel = fuse_and_compare(Bottleneck(8), (X, ), traced)
+    assert rel < 1e-5
+    identity_at(fused, ['bn1', 'bn2'])
+    kept_at(fused, ['bn3'])  # conv3's output is also used by the sum
+    if report is not None:
+        assert {f.norm: f.convs[0].name for f in report.folded} == {
+            'bn1': 'conv1', 'bn2': 'conv2'}
+
+
+def test_c_mmcv_registration_order_corrupts():
+    """The incumbent is wrong on this block: the point of mmfuse."""
+    from mmcv.cnn import fuse_conv_bn as mmcv_fuse
+    model = Bottleneck(8)
+    _, _, ours = fuse_and_compare(model, (X, ), traced=False)
+    with torch.no_grad():
+        reference = model(X)
+        theirs = mmcv_fuse(model)(X)
+    assert ours < 1e-5
+    assert (theirs - reference).abs().max() > 1e-2
+
+
+def test_d_shared_conv_gets_a_copy_per_place(traced):
+    feats = [X, X[..., ::2, ::2], X[..., ::4, ::4]]
+    head = SharedConvHead(8)
+    fused, report, rel = fuse_and_compare(head, (feats, ), traced)
+    assert rel < 1e-5
+    identity_at(fused, [f'levels.{i}.1' for i in range(3)])
+    convs = [fused.levels[i][0] for i in range(3)]
+    assert len({id(c) for c in convs}) == 3  # each place has its own copy
+    # One conv called from the same place before three different BNs stays.
+    kept_at(fused, [f'loop_bns.{i}' for i in range(3)])
+    assert fused.loop_conv is fused.loop_conv
+    assert not any(c is head.levels[0][0] for c in convs)
+
+
+def test_d_shared_conv_module_per_level_convmodules(traced):
+    """RetinaSepBNHead style: ConvModules per level share one conv."""
+
+    class SepBNHead(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.ModuleList(
+                ConvModule(8, 8, 3, padding=1, norm_cfg=dict(type='BN'))
+                for _ in range(3))
+            for level in range(1, 3):
+                self.convs[level].conv = self.convs[0].conv
+
+        def forward(self, feats):
+            return [conv(f) for conv, f in zip(self.convs, feats)]
+
+    feats = [X, X[..., ::2, ::2], X[..., ::4, ::4]]
+    fused, _, rel = fuse_and_compare(SepBNHead(), (feats, ), traced)
+    assert rel < 1e-5
+    identity_at(fused, [f'convs.{i}.bn' for i in range(3)])
+
+
+def test_d_mmcv_folds_every_bn_into_the_shared_conv():
+    from mmcv.cnn import fuse_conv_bn as mmcv_fuse
+    feats = [X, X[..., ::2, ::2], X[..., ::4, ::4]]
+    head = SharedConvHead(8)
+    fuse_and_compare(head, (feats, ), traced=False)
+    with torch.no_grad():
+        reference = head(feats)
+        theirs = mmcv_fuse(head)(feats)
+    assert max((a - b).abs().max() for a, b in zip(reference, theirs)) > 1e-2
+
+
+def test_e_norm_over_concat_stays_unless_a_conv_follows(traced):
+    fused, report, rel = fuse_and_compare(ConcatNorm(8, 16), (X, ), traced)
+    assert rel < 1e-5
+    kept_at(fused, ['bn'])
+    model = nn.Sequential(ConcatNorm(8, 16), nn.Conv2d(16, 4, 1))
+    fused, report, rel = fuse_and_compare(model, (X, ), traced)
+    assert rel < 1e-5
+    # The BN over the concat runs right before a 1x1 conv: exact there.
+    if traced:
+        identity_at(fused, ['0.bn'])
+
+
+def test_e_mmcv_crashes_on_concat():
+    from mmcv.cnn import fuse_conv_bn as mmcv_fuse
+    model = ConcatNorm(8, 16).eval()
+    with pytest.raises(RuntimeError):
+        mmcv_fuse(model)(X)
+
+
+def test_f_conv_output_used_twice_stays(traced):
+
+    class Residual(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    fused, report, rel = fuse_and_compare(Residual(), (X, ), traced)
+    assert rel < 1e-5
+    kept_at(fused, ['bn'])
+
+
+def test_f_conv_output_returned_as_well_stays():
+
+    class AlsoReturned(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 1)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y), y
+
+    fused, report, rel = fuse_and_compare(AlsoReturned(), (X, ), True)
+    assert rel < 1e-5
+    kept_at(fused, ['bn'])
+    assert 'model output' in report.left[0].reason
+
+
+def test_f_inplace_activation_between_stays():
+
+    class InplaceAct(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 1)
+            self.act = nn.ReLU(inplace=True)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            y = self.conv(x)
+            self.act(y)  # modifies y in place: bn sees relu(conv(x))
+            return self.bn(y)
+
+    for traced in (False, True):
+        fused, _, rel = fuse_and_compare(InplaceAct(), (X, ), traced)
+        assert rel < 1e-5
+        kept_at(fused, ['bn'])
+
+
+def test_g_norm_over_sum_folds_into_each_conv(traced):
+    fused, report, rel = fuse_and_compare(SumNorm(8), (X, ), traced)
+    assert rel < 1e-5
+    identity_at(fused, ['bn'])
+    if report is not None:
+        assert report.folded[0].kind == 'sum'
+        assert [t.shift for t in report.folded[0].convs] == [True, False]
+
+
+def test_g_sum_with_a_shared_input_conv_stays(traced):
+
+    class SumReused(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv_a = nn.Conv2d(8, 8, 1)
+            self.conv_b = nn.Conv2d(8, 8, 1)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            a = self.conv_a(x)
+            return self.bn(a + self.conv_b(x)) * a
+
+    fused, _, rel = fuse_and_compare(SumReused(), (X, ), traced)
+    assert rel < 1e-5
+    kept_at(fused, ['bn'])
+
+
+def test_demo_model_every_pattern(traced):
+    model = build_demo_model()
+    x = torch.randn(2, 3, 32, 32)
+    fused, report, rel = fuse_and_compare(model, (x, ), traced)
+    assert rel < 1e-5
+    identity_at(fused, ['stem.1', 'block.bn1', 'block.bn2', 'sum_norm.bn',
+                        'head.levels.0.1', 'pre_1x1.bn'])
+    kept_at(fused, ['pre_3x3.bn', 'block.bn3', 'act_norm.bn',
+                    'head.loop_bns.0'])
+    if not traced:
+        # DemoNet.forward iterates over a list: torch.fx cannot trace it, so
+        # without an input fc -> fc_bn is not proven.
+        kept_at(fused, ['fc_bn', 'concat.bn'])
+        report = mmfuse.fuse_model(model)
+        reasons = {s.name: s.reason for s in report.left}
+        assert 'torch.fx cannot trace DemoNet' in reasons['fc_bn']
+        assert 'torch.fx cannot trace SharedConvHead' in \
+            reasons['head.loop_bns.0']
+    else:
+        identity_at(fused, ['fc_bn', 'concat.bn'])
+    if report is not None:
+        explained = {f.norm for f in report.folded} | \
+            {s.name for s in report.left}
+        assert len(explained) == report.num_norms == 16
+        assert not report.undone
+        if traced:
+            assert report.max_rel_error < 1e-5
