@@ -95,8 +95,13 @@ def is_norm_layer(module: nn.Module) -> bool:
     if rms_norm is not None and isinstance(module, rms_norm):
         return True
     name = type(module).__name__
-    return name.endswith('Norm') or 'Norm1d' in name or 'Norm2d' in name \
-        or 'Norm3d' in name or name.endswith('BN')
+    looks_like_norm = name.endswith('Norm') or name.endswith('BN') or any(
+        tag in name for tag in ('Norm1d', 'Norm2d', 'Norm3d'))
+    has_norm_state = any(
+        hasattr(module, attr) for attr in ('running_mean', 'num_features',
+                                           'normalized_shape',
+                                           'num_channels'))
+    return looks_like_norm and has_norm_state
 
 
 def norm_fold_problem(module: nn.Module) -> Optional[str]:

@@ -188,7 +188,12 @@ class TracedForward:
     def pre_hook(self, module: nn.Module, args, kwargs) -> None:
         caller = self.stack[-1] if self.stack else None
         self.stack.append(module)
-        if self.active_leaf is not None or next(module.children(), None):
+        if self.active_leaf is not None:
+            return
+        # Conv and norm layers count as leaves even with children (e.g. a
+        # parametrized weight): what they compute inside is theirs.
+        if next(module.children(), None) is not None and \
+                not is_conv_layer(module) and not is_norm_layer(module):
             return
         self.busy = True
         try:

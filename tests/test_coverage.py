@@ -1,0 +1,172 @@
+"""Which layers fold and which stay (core issue, section 3)."""
+import pytest
+import torch
+from torch import nn
+
+import mmfuse
+
+from fusion_checks import fuse_and_compare, identity_at, kept_at
+
+
+def _input(dims: int, channels: int = 4, size: int = 9):
+    gen = torch.Generator().manual_seed(dims)
+    return torch.randn(2, channels, *([size] * dims), generator=gen)
+
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d,
+          3: nn.ConvTranspose3d}
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+@pytest.mark.parametrize('dims', [1, 2, 3])
+@pytest.mark.parametrize('transposed', [False, True])
+@pytest.mark.parametrize('groups', [1, 2, 4])
+def test_conv_then_norm_all_dims(dims, transposed, groups, traced):
+    conv = (CONV_T if transposed else CONV)[dims](
+        4, 8, 3, stride=2, groups=groups, dilation=1 + (groups == 2))
+    model = nn.Sequential(conv, BN[dims](8))
+    fused, _, rel = fuse_and_compare(model, (_input(dims), ), traced)
+    assert rel < 1e-5
+    identity_at(fused, ['1'])
+
+
+@pytest.mark.parametrize('padding_mode', ['zeros', 'reflect', 'replicate',
+                                          'circular'])
+def test_every_padding_mode(padding_mode, traced):
+    model = nn.Sequential(
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode=padding_mode,
+                  groups=4), nn.BatchNorm2d(4))
+    fused, _, rel = fuse_and_compare(model, (_input(2), ), traced)
+    assert rel < 1e-5
+    identity_at(fused, ['1'])
+
+
+def test_linear_then_batchnorm1d(traced):
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5))
+    fused, _, rel = fuse_and_compare(model, (torch.randn(7, 6), ), traced)
+    assert rel < 1e-5
+    identity_at(fused, ['1'])
+
+
+def test_batchnorm1d_before_linear(traced):
+    model = nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 5))
+    fused, _, rel = fuse_and_compare(model, (torch.randn(7, 6), ), traced)
+    assert rel < 1e-5
+    identity_at(fused, ['0'])
+
+
+def test_affine_false_and_custom_eps(traced):
+    model = nn.Sequential(
+        nn.Conv2d(4, 4, 3, bias=False),
+        nn.BatchNorm2d(4, affine=False, eps=1e-3))
+    fused, _, rel = fuse_and_compare(model, (_input(2), ), traced)
+    assert rel < 1e-5
+    identity_at(fused, ['1'])
+    assert fused[0].bias is not None
+
+
+class PlainSubclassBN(nn.BatchNorm2d):
+    """A _BatchNorm subclass that keeps the stock forward."""
+
+
+class BNReLU(nn.BatchNorm2d):
+    """A norm that does more than normalise."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def test_batchnorm_subclass_with_stock_forward_folds(traced):
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), PlainSubclassBN(4))
+    fused, _, rel = fuse_and_compare(model, (_input(2), ), traced)
+    assert rel < 1e-5
+    identity_at(fused, ['1'])
+
+
+def test_torch_sync_batchnorm_folds(traced):
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), nn.SyncBatchNorm(4))
+    fused, _, rel = fuse_and_compare(model, (_input(2), ), traced)
+    assert rel < 1e-5
+    identity_at(fused, ['1'])
+
+
+def test_mmcv_sync_bn_folds(traced):
+    from mmcv.cnn import build_norm_layer
+    from mmcv.ops import SyncBatchNorm
+    _, norm = build_norm_layer(dict(type='MMSyncBN'), 4)
+    assert isinstance(norm, SyncBatchNorm)
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), norm)
+    fused, _, rel = fuse_and_compare(model, (_input(2), ), traced)
+    assert rel < 1e-5
+    identity_at(fused, ['1'])
+
+
+def test_frozen_batchnorm_folds(traced):
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), FrozenBatchNorm2d(4))
+    fused, _, rel = fuse_and_compare(model, (_input(2), ), traced)
+    assert rel < 1e-5
+    identity_at(fused, ['1'])
+
+
+@pytest.mark.parametrize('make_norm, reason', [
+    (lambda: nn.BatchNorm2d(4, track_running_stats=False),
+     'track_running_stats=False'),
+    (lambda: nn.GroupNorm(2, 4), 'per-sample'),
+    (lambda: nn.InstanceNorm2d(4, affine=True), 'per-sample'),
+    (lambda: BNReLU(4), 'overrides forward'),
+])
+def test_norms_that_stay(make_norm, reason, traced):
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), make_norm())
+    fused, report, rel = fuse_and_compare(model, (_input(2), ), traced)
+    assert rel < 1e-5
+    kept_at(fused, ['1'])
+    report = report or mmfuse.fuse_model(fused)
+    assert [s.name for s in report.left] == ['1']
+    assert reason in report.left[0].reason
+
+
+def test_layernorm_stays(traced):
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    fused, report, rel = fuse_and_compare(model, (torch.randn(3, 4), ),
+                                          traced)
+    assert rel < 1e-5
+    kept_at(fused, ['1'])
+
+
+def _weight_transforming_convs():
+    from mmcv.cnn.bricks import ConvAWS2d, ConvWS2d
+    yield 'ConvWS2d', lambda: ConvWS2d(4, 4, 3, padding=1)
+    yield 'ConvAWS2d', lambda: ConvAWS2d(4, 4, 3, padding=1)
+    yield 'spectral norm', lambda: nn.utils.spectral_norm(
+        nn.Conv2d(4, 4, 3, padding=1))
+    yield 'weight norm', lambda: nn.utils.parametrizations.weight_norm(
+        nn.Conv2d(4, 4, 3, padding=1))
+
+
+@pytest.mark.parametrize('name, make_conv', list(_weight_transforming_convs()))
+def test_weight_transforming_convs_stay(name, make_conv, traced):
+    model = nn.Sequential(make_conv(), nn.BatchNorm2d(4))
+    fused, report, rel = fuse_and_compare(model, (_input(2), ), traced)
+    assert rel < 1e-5
+    kept_at(fused, ['1'])
+    report = report or mmfuse.fuse_model(fused)
+    assert [s.name for s in report.left] == ['1']
+
+
+def test_switchable_atrous_conv_stays(traced):
+    from mmcv.ops import SAConv2d
+    model = nn.Sequential(SAConv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+    fused, report, rel = fuse_and_compare(model, (_input(2), ), traced)
+    assert rel < 1e-5
+    kept_at(fused, ['1'])
+
+
+def test_conv2d_adaptive_padding_folds(traced):
+    from mmcv.cnn.bricks import Conv2dAdaptivePadding
+    model = nn.Sequential(
+        Conv2dAdaptivePadding(4, 4, 3, stride=2), nn.BatchNorm2d(4))
+    fused, _, rel = fuse_and_compare(model, (_input(2, size=10), ), traced)
+    assert rel < 1e-5
+    identity_at(fused, ['1'])
