@@ -58,17 +58,20 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module,
 
 def _set_parameter(module: nn.Module, name: str, value: torch.Tensor,
                    applied: AppliedFold) -> None:
+    registered = name in module._parameters
     old = module._parameters.get(name)
     requires_grad = old.requires_grad if old is not None else \
         module.weight.requires_grad
+    if not registered and name in module.__dict__:
+        raise RuntimeError(f'{type(module).__name__}.{name} is a plain '
+                           'attribute, not a parameter')
     module._parameters[name] = nn.Parameter(value, requires_grad)
 
     def restore():
-        if old is None:
-            del module._parameters[name]
-            setattr(module, name, None)
-        else:
+        if registered:
             module._parameters[name] = old
+        else:
+            del module._parameters[name]
 
     applied.remember(restore)
 
@@ -105,7 +108,8 @@ def apply_fold(model: nn.Module, fold: Fold) -> AppliedFold:
         _set_parameter(conv, 'weight', weight, applied)
         _set_parameter(conv, 'bias', bias, applied)
     for site in fold.norm_sites:
-        _replace_module(model, site, nn.Identity(), applied)
+        _replace_module(model, site, nn.Identity().train(norm.training),
+                        applied)
     return applied
 
 

@@ -1,0 +1,242 @@
+"""Safety: training mode, wrappers, idempotence, undo, and what a fused
+model can still do (core issue, sections 5 and 6)."""
+import copy
+import io
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import mmfuse
+from mmfuse.demo import build_demo_model
+from mmfuse.testing import randomize_norm_stats
+from mmfuse.verify import output_error
+
+from fusion_checks import identity_at
+
+
+def _resnetish() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+        nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(8, 4), nn.BatchNorm1d(4))
+    return randomize_norm_stats(model.eval())
+
+
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize('with_inputs', [False, True])
+def test_training_mode_is_refused_with_the_module_name(with_inputs):
+    model = _resnetish()
+    model[4].train()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(mmfuse.FusionError, match="'4'.*BatchNorm2d.*eval"):
+        mmfuse.fuse_model(model, (X, ) if with_inputs else None)
+    with pytest.raises(mmfuse.FusionError, match='training mode'):
+        mmfuse.fuse_conv_bn(model)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_data_parallel_is_unwrapped():
+    model = _resnetish()
+    wrapped = nn.DataParallel(model)
+    assert mmfuse.fuse_conv_bn(wrapped) is wrapped
+    identity_at(model, ['1', '4', '9'])
+    model = _resnetish()
+    report = mmfuse.fuse_model(nn.DataParallel(model), (X, ))
+    assert report.folded_names == ['1', '4', '9']
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_and_mmengine_wrappers_are_unwrapped():
+    from mmengine.model import MMDistributedDataParallel
+    dist.init_process_group(
+        'gloo', init_method=f'tcp://127.0.0.1:{_free_port()}', rank=0,
+        world_size=1)
+    try:
+        for wrapper in (nn.parallel.DistributedDataParallel,
+                        MMDistributedDataParallel):
+            model = _resnetish()
+            with torch.no_grad():
+                reference = model(X)
+            report = mmfuse.fuse_model(wrapper(model), (X, ))
+            assert report.folded_names == ['1', '4', '9']
+            with torch.no_grad():
+                assert output_error(reference, model(X))[1] < 1e-5
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('with_inputs', [False, True])
+def test_second_call_folds_nothing_and_changes_nothing(with_inputs):
+    model = build_demo_model()
+    inputs = (torch.randn(2, 3, 32, 32), )
+    first = mmfuse.fuse_model(model, inputs if with_inputs else None)
+    assert first.folded
+    state = copy.deepcopy(model.state_dict())
+    structure = str(model)
+    second = mmfuse.fuse_model(model, inputs if with_inputs else None)
+    assert second.folded == []
+    assert str(model) == structure
+    after = model.state_dict()
+    assert state.keys() == after.keys()
+    assert all(torch.equal(state[k], after[k]) for k in state)
+    assert {s.name for s in second.left} == {s.name for s in first.left}
+
+
+def test_discovery_changes_nothing():
+    model = build_demo_model()
+    state = copy.deepcopy(model.state_dict())
+    for inputs in (None, (torch.randn(1, 3, 32, 32), )):
+        plan = mmfuse.discover_folds(model, inputs)
+        assert plan.folds
+    assert all(torch.equal(state[k], v)
+               for k, v in model.state_dict().items())
+    assert not any(isinstance(m, nn.Identity) for m in model.modules())
+
+
+def test_tied_weights_are_not_changed_behind_the_back():
+    model = _resnetish()
+    other = nn.Conv2d(8, 8, 3, stride=2, padding=1).eval()
+    other.weight = model[3].weight
+    model.add_module('other', other)
+    before = other.weight.detach().clone()
+    mmfuse.fuse_conv_bn(model)
+    assert torch.equal(other.weight, before)
+
+
+def test_verification_undoes_the_folds_it_finds_wrong():
+    """A global forward hook doubles one conv's output: invisible to
+    discovery, caught by verification, and only that fold is undone."""
+    model = _resnetish()
+    with torch.no_grad():
+        reference = model(X)
+    target = model[3]
+
+    def double(module, args, output):
+        return output * 2 if module is target else output
+
+    handle = nn.modules.module.register_module_forward_hook(double)
+    try:
+        with torch.no_grad():
+            reference = model(X)
+        report = mmfuse.fuse_model(model, (X, ))
+        with torch.no_grad():
+            assert output_error(reference, model(X))[1] < 1e-5
+    finally:
+        handle.remove()
+    assert report.folded_names == ['1', '9']
+    assert [s.name for s in report.undone] == ['4']
+    assert 'verification' in report.undone[0].reason
+    assert isinstance(model[4], nn.BatchNorm2d)
+    assert report.max_rel_error < 1e-5
+
+
+def test_fused_model_can_be_copied_saved_and_scripted(tmp_path):
+    model = _resnetish()
+    with torch.no_grad():
+        reference = model(X)
+    mmfuse.fuse_model(model, (X, ))
+    clone = copy.deepcopy(model)
+    path = tmp_path / 'fused.pth'
+    torch.save(model.state_dict(), path)
+    clone.load_state_dict(torch.load(path, weights_only=True))
+    scripted = torch.jit.script(model)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    with torch.no_grad():
+        for fused in (clone, scripted, loaded):
+            assert output_error(reference, fused(X))[1] < 1e-5
+
+
+def test_fused_model_can_be_compiled():
+    model = _resnetish()
+    with torch.no_grad():
+        reference = model(X)
+    mmfuse.fuse_model(model, (X, ))
+    compiled = torch.compile(model, backend='aot_eager')
+    with torch.no_grad():
+        assert output_error(reference, compiled(X))[1] < 1e-5
+
+
+def test_onnx_export_has_no_batch_normalization_node(tmp_path):
+    onnx = pytest.importorskip('onnx', reason='onnx is in the full env')
+    model = _resnetish()
+    mmfuse.fuse_model(model, (X, ))
+    path = os.fspath(tmp_path / 'fused.onnx')
+    torch.onnx.export(model, (X, ), path, dynamo=False)
+    ops = {node.op_type for node in onnx.load(path).graph.node}
+    assert 'Conv' in ops and 'BatchNormalization' not in ops
+    unfused = os.fspath(tmp_path / 'unfused.onnx')
+    torch.onnx.export(_resnetish(), (X, ), unfused, dynamo=False,
+                      do_constant_folding=False, training=
+                      torch.onnx.TrainingMode.PRESERVE)
+    ops = {node.op_type for node in onnx.load(unfused).graph.node}
+    assert 'BatchNormalization' in ops
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_half_precision_models(dtype):
+    model = _resnetish()
+    with torch.no_grad():
+        reference = model.double()(X.double())
+    half = copy.deepcopy(model).to(dtype)
+    with torch.no_grad():
+        _, unfused_rel = output_error(reference, half(X.to(dtype)))
+    report = mmfuse.fuse_model(half, (X.to(dtype), ))
+    assert report.folded_names == ['1', '4', '9']
+    assert all(p.dtype == dtype for p in half.parameters())
+    with torch.no_grad():
+        _, fused_rel = output_error(reference, half(X.to(dtype)))
+    # Folding in float64 costs no more than the half model's own rounding.
+    assert fused_rel <= 2 * unfused_rel + 1e-3
+
+
+def test_folded_weights_are_computed_in_float64():
+    model = _resnetish()
+    conv, bn = model[0], model[1]
+    expected = conv.weight.double() * (
+        bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    ).reshape(-1, 1, 1, 1)
+    mmfuse.fuse_conv_bn(model)
+    assert torch.equal(model[0].weight, expected.float())
+
+
+@pytest.mark.parametrize('with_inputs', [False, True])
+def test_undo_restores_the_exact_model(with_inputs):
+    from mmfuse.surgery import apply_plan, undo_folds
+    model = build_demo_model()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    structure = str(model)
+    plan = mmfuse.discover_folds(model, (x, ) if with_inputs else None)
+    applied = apply_plan(model, plan)
+    assert str(model) != structure
+    undo_folds(applied)
+    assert str(model) == structure
+    after = model.state_dict()
+    assert after.keys() == state.keys()
+    assert all(torch.equal(state[k], after[k]) for k in state)
+    with torch.no_grad():
+        assert torch.equal(torch.cat([t.flatten() for t in
+                                      torch.utils._pytree.tree_leaves(
+                                          model(x))]),
+                           torch.cat([t.flatten() for t in
+                                      torch.utils._pytree.tree_leaves(
+                                          reference)]))
