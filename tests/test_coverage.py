@@ -92,14 +92,34 @@ def test_torch_sync_batchnorm_folds(traced):
 
 
 def test_mmcv_sync_bn_folds(traced):
+    import socket
+
+    import torch.distributed as dist
     from mmcv.cnn import build_norm_layer
     from mmcv.ops import SyncBatchNorm
-    _, norm = build_norm_layer(dict(type='MMSyncBN'), 4)
-    assert isinstance(norm, SyncBatchNorm)
-    model = nn.Sequential(nn.Conv2d(4, 4, 1), norm)
-    fused, _, rel = fuse_and_compare(model, (_input(2), ), traced)
-    assert rel < 1e-5
-    identity_at(fused, ['1'])
+    from mmfuse.testing import randomize_norm_stats
+    from mmfuse.verify import output_error
+    with socket.socket() as sock:  # MMSyncBN needs a process group
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group(
+        'gloo', init_method=f'tcp://127.0.0.1:{port}', rank=0, world_size=1)
+    try:
+        models = []
+        for _ in range(2):  # its process group cannot be deep-copied
+            torch.manual_seed(0)
+            norm = build_norm_layer(dict(type='MMSyncBN'), 4)[1]
+            assert isinstance(norm, SyncBatchNorm)
+            models.append(randomize_norm_stats(
+                nn.Sequential(nn.Conv2d(4, 4, 1), norm).eval()))
+        x = _input(2)
+        report = mmfuse.fuse_model(models[1], (x, ) if traced else None)
+        with torch.no_grad():
+            assert output_error(models[0](x), models[1](x))[1] < 1e-5
+        identity_at(models[1], ['1'])
+        assert report.folded_names == ['1']
+    finally:
+        dist.destroy_process_group()
 
 
 def test_frozen_batchnorm_folds(traced):
