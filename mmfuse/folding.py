@@ -94,25 +94,32 @@ def _restore_output_view(view: Tensor, weight_shape: Tuple[int, ...],
 def scale_output_channels(weight: Tensor,
                           scale: Tensor,
                           transposed: bool = False,
-                          groups: int = 1) -> Tensor:
-    """Multiply output channel ``o`` of ``weight`` by ``scale[o]``, float64.
+                          groups: int = 1,
+                          dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Multiply output channel ``o`` of ``weight`` by ``scale[o]``.
+
+    The products are computed in float64 (``weight`` is promoted inside the
+    kernel, with no float64 copy of it) and rounded once to ``dtype``.
 
     Args:
         weight: A conv, transposed conv or linear weight.
         scale: Shape ``(out_channels,)``.
         transposed: Whether ``weight`` belongs to a transposed conv.
         groups: The conv's groups.
+        dtype: The result's dtype; float64 by default.
 
     Returns:
-        The scaled weight in float64, same shape as ``weight``.
+        The scaled weight, same shape as ``weight``.
     """
-    view, moved_shape = _output_channel_view(_float64(weight), transposed,
+    view, moved_shape = _output_channel_view(weight.detach(), transposed,
                                              groups)
     if view.shape[0] != scale.numel():
         raise ValueError(f'cannot scale {view.shape[0]} output channels by '
                          f'{scale.numel()} norm channels')
-    view = view * scale.to(view).reshape(-1, 1)
-    return _restore_output_view(view, tuple(weight.shape), moved_shape,
+    out = torch.empty(
+        view.shape, dtype=dtype or torch.float64, device=weight.device)
+    torch.mul(view, _float64(scale).reshape(-1, 1), out=out)
+    return _restore_output_view(out, tuple(weight.shape), moved_shape,
                                 transposed)
 
 
@@ -136,15 +143,16 @@ def fold_affine_into_output(weight: Tensor,
     Returns:
         ``(weight, bias)`` cast back to ``weight``'s dtype and device.
     """
-    new_weight = scale_output_channels(weight, scale, transposed, groups)
-    scale64 = scale.to(new_weight)
+    new_weight = scale_output_channels(weight, scale, transposed, groups,
+                                       weight.dtype)
+    scale64 = _float64(scale)
     if bias is None:
         new_bias = torch.zeros_like(scale64)
     else:
         new_bias = _float64(bias) * scale64
     if shift is not None:
         new_bias = new_bias + shift.to(new_bias)
-    return new_weight.to(weight.dtype), new_bias.to(weight.dtype)
+    return new_weight, new_bias.to(weight.dtype)
 
 
 def fold_affine_into_input(weight: Tensor, bias: Optional[Tensor],

@@ -55,7 +55,9 @@ class _LeafTracer(fx.Tracer):
     """Traces one module's own forward; every submodule stays a call."""
 
     def __init__(self, root: nn.Module):
-        super().__init__()
+        # No autowrapping of ``math`` functions: it patches every global of
+        # the traced code on each trace, the bulk of the tracing time.
+        super().__init__(autowrap_modules=(), autowrap_functions=())
         self.root_module = root
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
