@@ -190,3 +190,13 @@ def test_conv2d_adaptive_padding_folds(traced):
     fused, _, rel = fuse_and_compare(model, (_input(2, size=10), ), traced)
     assert rel < 1e-5
     identity_at(fused, ['1'])
+
+
+def test_linear_then_batchnorm1d_on_3d_tokens_stays():
+    """BatchNorm1d normalises dim 1 (tokens here), Linear maps the last dim:
+    equal sizes must not fool the traced discovery."""
+    model = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6))
+    fused, report, rel = fuse_and_compare(model, (torch.randn(2, 6, 6), ),
+                                          True)
+    assert rel < 1e-5
+    kept_at(fused, ['1'])

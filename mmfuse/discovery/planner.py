@@ -102,8 +102,8 @@ class _Planner:
         if any(c.link is None or c.link.kind != POST
                or c.link.norm.module is not link.norm.module
                for c in same_site):
-            return None, (f'conv {site_name} also feeds something else at '
-                          'the same place')
+            return None, (f'conv {site_name} is called more than once at the '
+                          'same place, not always before this norm')
         copy = len(conv_paths) > 1
         return ConvTarget(site_name, copy, shift), ''
 

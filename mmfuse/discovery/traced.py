@@ -68,7 +68,8 @@ class _OpCall:
 
 class _ModuleCall:
     """One call of a leaf module."""
-    __slots__ = ('module', 'site', 'inputs', 'outputs', 'occurrence')
+    __slots__ = ('module', 'site', 'inputs', 'outputs', 'occurrence',
+                 'channels_dim_ok')
 
     def __init__(self, module: nn.Module, site: Site, inputs: List[Key]):
         self.module = module
@@ -76,6 +77,9 @@ class _ModuleCall:
         self.inputs = inputs
         self.outputs: List[Key] = []
         self.occurrence: Optional[Occurrence] = None
+        # A norm normalises dim 1; a linear layer maps the last dim: they
+        # meet on the same channels only for 2-D tensors.
+        self.channels_dim_ok = True
 
     def describe(self) -> str:
         return f'{type(self.module).__name__} call'
@@ -199,6 +203,10 @@ class TracedForward:
         try:
             call = _ModuleCall(module, self.resolve_site(caller, module),
                                self.keys(args, kwargs))
+            if isinstance(module, nn.Linear):
+                call.channels_dim_ok = all(
+                    t.dim() == 2 for t in tree_flatten((args, kwargs))[0]
+                    if isinstance(t, Tensor))
             for key in call.inputs:
                 self.consumers[key].append(call)
             self.active_leaf = call
@@ -259,7 +267,8 @@ class TracedForward:
             return None
         source = self.producer.get(key)
         if isinstance(source, _ModuleCall):
-            if is_conv_layer(source.module) and len(source.outputs) == 1:
+            if is_conv_layer(source.module) and len(source.outputs) == 1 \
+                    and source.channels_dim_ok:
                 return [source]
             return None
         if isinstance(source, _OpCall) and source.name in _ADDS and \
@@ -316,7 +325,7 @@ class TracedForward:
             if len(users) == 1 and isinstance(users[0], _ModuleCall) and \
                     users[0].occurrence is not None and \
                     is_conv_layer(users[0].module) and \
-                    users[0].inputs == [out]:
+                    users[0].inputs == [out] and users[0].channels_dim_ok:
                 evidence.link(PRE, occ, [users[0].occurrence], 'traced')
             else:
                 occ.reason = self.describe_source(call.inputs[0], call)
