@@ -149,13 +149,18 @@ class TracedForward:
     def record_op(self, name: str, args, kwargs, out) -> None:
         self.busy = True
         try:
-            inputs = self.keys(args, kwargs)
-            outputs = self.keys(out)
-            tensors = [t for t in tree_flatten((args, out))[0]
-                       if isinstance(t, Tensor)]
-            shapes_match = len({tuple(t.shape) for t in tensors}) == 1
-            plain = not kwargs and len(args) == 2 and all(
-                isinstance(a, Tensor) for a in args)
+            in_tensors = [t for t in tree_flatten((args, kwargs))[0]
+                          if isinstance(t, Tensor)]
+            if not in_tensors:
+                return
+            out_tensors = [t for t in tree_flatten(out)[0]
+                           if isinstance(t, Tensor)]
+            inputs = [self.key(t) for t in in_tensors]
+            outputs = [self.key(t) for t in out_tensors]
+            plain = not kwargs and len(args) == 2 and len(in_tensors) == 2
+            shapes_match = plain and len(out_tensors) == 1 and \
+                in_tensors[0].shape == in_tensors[1].shape == \
+                out_tensors[0].shape
             op = _OpCall(name, inputs, outputs, shapes_match, plain)
             for key in inputs:
                 self.consumers[key].append(op)
