@@ -62,13 +62,16 @@ def _as_tuple(example_inputs: Any) -> Tuple:
 
 
 def discover_folds(model: nn.Module,
-                   example_inputs: Optional[Sequence] = None) -> FusionPlan:
+                   example_inputs: Optional[Sequence] = None,
+                   *,
+                   plain_convs: bool = True) -> FusionPlan:
     """Find the folds the data flow of ``model`` proves, changing nothing.
 
     Args:
         model: A model in eval mode (wrappers are unwrapped).
         example_inputs: Positional arguments for ``model(*example_inputs)``;
             when given, the data flow is observed in a real forward pass.
+        plain_convs: See :func:`fuse_model`.
 
     Returns:
         The plan: folds to make and norms left, with reasons.
@@ -80,7 +83,7 @@ def discover_folds(model: nn.Module,
     else:
         evidence, _ = collect_traced_evidence(model,
                                               _as_tuple(example_inputs))
-    return plan_folds(model, evidence)
+    return plan_folds(model, evidence, plain_convs)
 
 
 def _count_norms(model: nn.Module) -> Tuple[int, int]:
@@ -126,7 +129,8 @@ def fuse_model(model: nn.Module,
                example_inputs: Optional[Sequence] = None,
                *,
                verify: bool = True,
-               rtol: Optional[float] = None) -> FusionReport:
+               rtol: Optional[float] = None,
+               plain_convs: bool = True) -> FusionReport:
     """Fold normalisation layers into adjacent convolutions, in place.
 
     Args:
@@ -142,6 +146,10 @@ def fuse_model(model: nn.Module,
             above ``rtol``.
         rtol: Largest relative output error accepted; by default 1e-4 for
             float32 models and 5e-2 for float16/bfloat16 models.
+        plain_convs: A conv that transforms its weight in forward (weight
+            standardization, spectral or weight norm, parametrizations) is
+            first replaced by a plain conv with the effective weight, where
+            that gives identical outputs, and then takes part in folds.
 
     Returns:
         A :class:`FusionReport`.
@@ -157,7 +165,7 @@ def fuse_model(model: nn.Module,
     else:
         inputs = _as_tuple(example_inputs)
         evidence, reference = collect_traced_evidence(model, inputs)
-    plan = plan_folds(model, evidence)
+    plan = plan_folds(model, evidence, plain_convs)
     report = FusionReport(
         mode=evidence.mode,
         left=list(plan.skipped),
@@ -194,7 +202,7 @@ def fuse_model(model: nn.Module,
     return report
 
 
-def fuse_conv_bn(module: nn.Module) -> nn.Module:
+def fuse_conv_bn(module: nn.Module, *, plain_convs: bool = True) -> nn.Module:
     """Drop-in replacement for ``mmcv.cnn.fuse_conv_bn``.
 
     Same call: fuses in place and returns the module.  Unlike mmcv's, a norm
@@ -205,12 +213,13 @@ def fuse_conv_bn(module: nn.Module) -> nn.Module:
 
     Args:
         module: The model, in eval mode.
+        plain_convs: See :func:`fuse_model`.
 
     Returns:
         The same ``module``, fused.
     """
     model = unwrap_model(module)
     _check_eval(model)
-    plan = plan_folds(model, collect_structural_evidence(model))
+    plan = plan_folds(model, collect_structural_evidence(model), plain_convs)
     apply_plan(model, plan)
     return module

@@ -30,10 +30,13 @@ class ConvTarget:
             instead of rewriting the shared module in place.
         shift: Whether this conv takes the norm's shift (only one conv of a
             normalised sum does).
+        plain: Whether the layer transforms its weight in forward and is
+            first replaced by a plain conv with identical output.
     """
     name: str
     copy: bool = False
     shift: bool = True
+    plain: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from torch import nn
 from .folding import (fold_affine_into_input, fold_affine_into_output,
                       norm_affine)
 from .layers import conv_geometry, norm_affine_params
+from .plain_conv import plain_conv_of
 from .plan import PRE, Fold, FusionPlan
 
 __all__ = ['AppliedFold', 'apply_fold', 'apply_plan', 'undo_folds']
@@ -92,7 +93,14 @@ def apply_fold(model: nn.Module, fold: Fold) -> AppliedFold:
     scale, shift = norm_affine(mean, var, eps, gamma, beta)
     for target in fold.convs:
         conv = model.get_submodule(target.name)
-        if target.copy:
+        if target.plain:
+            plain = plain_conv_of(conv)
+            if plain is None:
+                raise RuntimeError(f'{target.name} ({type(conv).__name__}) '
+                                   'is not a fixed-weight convolution')
+            _replace_module(model, target.name, plain, applied)
+            conv = plain
+        elif target.copy:
             shared = conv
             conv = _copy_module(shared)
             _replace_module(model, target.name, conv, applied)

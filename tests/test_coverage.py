@@ -1,4 +1,6 @@
 """Which layers fold and which stay (core issue, section 3)."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -166,13 +168,27 @@ def _weight_transforming_convs():
 
 
 @pytest.mark.parametrize('name, make_conv', list(_weight_transforming_convs()))
-def test_weight_transforming_convs_stay(name, make_conv, traced):
-    model = nn.Sequential(make_conv(), nn.BatchNorm2d(4))
-    fused, report, rel = fuse_and_compare(model, (_input(2), ), traced)
-    assert rel < 1e-5
-    kept_at(fused, ['1'])
-    report = report or mmfuse.fuse_model(fused)
+def test_weight_transforming_convs_stay_unless_made_plain(name, make_conv,
+                                                          traced):
+    from mmfuse.testing import randomize_norm_stats
+    from mmfuse.verify import output_error
+    model = randomize_norm_stats(
+        nn.Sequential(make_conv(), nn.BatchNorm2d(4)).eval())
+    x = _input(2)
+    with torch.no_grad():
+        reference = model(x)
+    inputs = (x, ) if traced else None
+    kept = copy.deepcopy(model)
+    report = mmfuse.fuse_model(kept, inputs, plain_convs=False)
+    kept_at(kept, ['1'])
     assert [s.name for s in report.left] == ['1']
+    assert 'weight' in report.left[0].reason
+    report = mmfuse.fuse_model(model, inputs)
+    identity_at(model, ['1'])
+    assert type(model[0]) is nn.Conv2d
+    assert report.folded[0].convs[0].plain
+    with torch.no_grad():
+        assert output_error(reference, model(x))[1] < 1e-5
 
 
 def test_switchable_atrous_conv_stays(traced):

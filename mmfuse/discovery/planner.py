@@ -20,6 +20,7 @@ from torch import nn
 from ..layers import (conv_fold_problem, conv_in_channels, conv_out_channels,
                       is_norm_layer, norm_channels, norm_fold_problem,
                       pads_with_zeros)
+from ..plain_conv import plain_conv_of
 from ..plan import POST, PRE, SUM, ConvTarget, Fold, FusionPlan, Skip
 from .occurrence import Evidence, Link, Occurrence, Site
 
@@ -47,8 +48,11 @@ def _site_name(site: Site, paths: Dict[int, List[str]]) -> Optional[str]:
 
 class _Planner:
 
-    def __init__(self, model: nn.Module, evidence: Evidence):
+    def __init__(self, model: nn.Module, evidence: Evidence,
+                 plain_convs: bool):
         self.model = model
+        self.plain_convs = plain_convs
+        self.plain_cache: Dict[int, Optional[nn.Module]] = {}
         self.evidence = evidence
         self.paths = module_paths(model)
         self.calls: Dict[int, List[Occurrence]] = defaultdict(list)
@@ -80,6 +84,10 @@ class _Planner:
         """Where ``occ``'s conv absorbs the norm of ``link``."""
         conv = occ.module
         problem = conv_fold_problem(conv)
+        plain = False
+        if problem and self.plain_convs and \
+                plain_conv_of(conv, self.plain_cache) is not None:
+            problem, plain = None, True
         if problem:
             return None, problem
         conv_paths = self.paths[id(conv)]
@@ -90,7 +98,7 @@ class _Planner:
                                             is link.norm.module
                                             and c.link.kind == link.kind)
                                         for c in all_calls):
-            return ConvTarget(conv_paths[0], False, shift), ''
+            return ConvTarget(conv_paths[0], False, shift, plain), ''
         if link.kind != POST:
             return None, (f'{self.name(conv)} is shared or also used '
                           'elsewhere')
@@ -105,7 +113,7 @@ class _Planner:
             return None, (f'conv {site_name} is called more than once at the '
                           'same place, not always before this norm')
         copy = len(conv_paths) > 1
-        return ConvTarget(site_name, copy, shift), ''
+        return ConvTarget(site_name, copy, shift, plain), ''
 
     def norm_sites(self, norm: nn.Module,
                    calls: List[Occurrence]) -> Optional[Tuple[str, ...]]:
@@ -214,6 +222,15 @@ class _Planner:
         return self.plan
 
 
-def plan_folds(model: nn.Module, evidence: Evidence) -> FusionPlan:
-    """Decide the folds that ``evidence`` proves for ``model``."""
-    return _Planner(model, evidence).run()
+def plan_folds(model: nn.Module,
+               evidence: Evidence,
+               plain_convs: bool = True) -> FusionPlan:
+    """Decide the folds that ``evidence`` proves for ``model``.
+
+    Args:
+        model: The model the evidence was collected on.
+        evidence: What discovery proved.
+        plain_convs: Let a conv that transforms its weight in forward take
+            part, once turned into a plain conv with identical output.
+    """
+    return _Planner(model, evidence, plain_convs).run()
