@@ -126,12 +126,17 @@ def norm_fold_problem(module: nn.Module) -> Optional[str]:
     if not is_bn and not _is_frozen_bn(module):
         return f'{name} is not a batch norm with stored statistics'
     forward = type(module).forward
-    if forward not in _AFFINE_NORM_FORWARDS and \
-            _qualname(forward) not in _AFFINE_NORM_QUALNAMES:
+    known = forward in _AFFINE_NORM_FORWARDS or \
+        _qualname(forward) in _AFFINE_NORM_QUALNAMES
+    if _is_frozen_bn(module):
+        # Frozen BNs each come with their own forward: accept one only if
+        # it computes exactly the affine map of its buffers.
+        if known or _is_affine_on_probes(module):
+            return None
+        return f'{name} does not compute the affine map of its buffers'
+    if not known:
         return (f'{name} overrides forward: it may do more than normalise '
                 '(e.g. an activation)')
-    if _is_frozen_bn(module):
-        return None
     if not getattr(module, 'track_running_stats', True) or \
             module.running_mean is None or module.running_var is None:
         return 'track_running_stats=False: normalises with batch statistics'
@@ -140,6 +145,29 @@ def norm_fold_problem(module: nn.Module) -> Optional[str]:
     if module._forward_pre_hooks or module._forward_hooks:
         return 'has forward hooks'
     return None
+
+
+@torch.no_grad()
+def _is_affine_on_probes(module: nn.Module) -> bool:
+    """Whether a buffer-only norm computes ``scale * x + shift`` on random
+    probes of both signs and a wide range (an activation would show)."""
+    from .folding import norm_affine
+    mean, var, eps, weight, bias = norm_affine_params(module)
+    scale, shift = norm_affine(mean, var, eps, weight, bias)
+    before = [b.clone() for b in module.buffers()]
+    gen = torch.Generator().manual_seed(0)
+    for spread in (1.0, 100.0):
+        probe = torch.randn(2, mean.numel(), 3, 3, generator=gen,
+                            dtype=torch.float64) * spread
+        probe = probe.to(mean)
+        expected = probe.double() * scale.view(1, -1, 1, 1) + \
+            shift.view(1, -1, 1, 1)
+        got = module(probe).double()
+        tolerance = 1e-5 * float(expected.abs().max()) + 1e-6
+        if got.shape != expected.shape or \
+                float((got - expected).abs().max()) > tolerance:
+            return False
+    return all(torch.equal(a, b) for a, b in zip(before, module.buffers()))
 
 
 def norm_affine_params(

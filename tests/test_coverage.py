@@ -216,3 +216,36 @@ def test_linear_then_batchnorm1d_on_3d_tokens_stays():
                                           True)
     assert rel < 1e-5
     kept_at(fused, ['1'])
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """detectron2-style buffer-only BN, defined outside a known package."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        for name, value in (('weight', 1.0), ('bias', 0.0),
+                            ('running_mean', 0.0), ('running_var', 1.0)):
+            self.register_buffer(name, torch.full((channels, ), value))
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+class FrozenBatchNorm2dReLU(FrozenBatchNorm2d):
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def test_frozen_batchnorm_of_unknown_origin_folds_if_affine(traced):
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), FrozenBatchNorm2d(4))
+    fused, _, rel = fuse_and_compare(model, (_input(2), ), traced)
+    assert rel < 1e-5
+    identity_at(fused, ['1'])
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), FrozenBatchNorm2dReLU(4))
+    fused, _, rel = fuse_and_compare(model, (_input(2), ), traced)
+    assert rel < 1e-5
+    kept_at(fused, ['1'])
