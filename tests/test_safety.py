@@ -183,8 +183,8 @@ def test_onnx_export_has_no_batch_normalization_node(tmp_path):
     assert 'Conv' in ops and 'BatchNormalization' not in ops
     unfused = os.fspath(tmp_path / 'unfused.onnx')
     torch.onnx.export(_resnetish(), (X, ), unfused, dynamo=False,
-                      do_constant_folding=False, training=
-                      torch.onnx.TrainingMode.PRESERVE)
+                      do_constant_folding=False,
+                      training=torch.onnx.TrainingMode.PRESERVE)
     ops = {node.op_type for node in onnx.load(unfused).graph.node}
     assert 'BatchNormalization' in ops
 

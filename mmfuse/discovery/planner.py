@@ -207,6 +207,7 @@ class _Planner:
             seen.add(id(module))
             norms.append(module)
         # Norms after a conv first: they win a conv over norms before it.
+
         def priority(norm: nn.Module) -> int:
             calls = self.calls[id(norm)]
             if calls and calls[0].link is not None and \
