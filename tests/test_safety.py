@@ -240,3 +240,22 @@ def test_undo_restores_the_exact_model(with_inputs):
                            torch.cat([t.flatten() for t in
                                       torch.utils._pytree.tree_leaves(
                                           reference)]))
+
+
+def test_a_model_whose_output_is_not_reproducible_keeps_nothing():
+
+    class Noisy(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + torch.rand(1)
+
+    model = randomize_norm_stats(Noisy().eval())
+    report = mmfuse.fuse_model(model, (X, ))
+    assert report.folded == []
+    assert [s.name for s in report.undone] == ['bn']
+    assert isinstance(model.bn, nn.BatchNorm2d)
