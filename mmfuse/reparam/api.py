@@ -1,0 +1,460 @@
+"""Re-parameterize a model: merge multi-branch blocks into single convs.
+
+:func:`reparameterize` walks the model once.  A block whose exact class has
+a ``REPARAMETERIZERS`` entry is converted by it; any other module is
+analysed by the generic merge after its children, so the smallest module
+holding a branch sum is the one rewritten.  Only with
+``call_deploy_methods=True`` does a block's own ``switch_to_deploy``,
+``reparameterize`` or ``fuse`` run, on a copy that replaces the block only
+if the method changed something.
+
+Every change is recorded as a JSON-serialisable dict so that
+:func:`apply_reparam_structure` can give a freshly built model the same
+structure, after which a state dict saved from the re-parameterized model
+loads with no missing or unexpected keys.
+"""
+import copy
+import inspect
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..api import FusionError, unwrap_model
+from ..verify import default_rtol, output_error
+from .branches import build_conv, describe_term, merge_terms
+from .generic import BlockRewrite, GenericMerger
+from .merge import ConvGeometry, MergeError
+from .registry import ReparamRefused, class_path, find_reparameterizer
+
+__all__ = ['reparameterize', 'apply_reparam_structure', 'DEPLOY_METHODS']
+
+#: Methods called, in this order of preference, with
+#: ``call_deploy_methods=True``.
+DEPLOY_METHODS = ('switch_to_deploy', 'reparameterize', 'fuse')
+
+
+class _Group:
+    """Replacements that stand or fall together (nested ones)."""
+
+    def __init__(self):
+        self.steps: List[Tuple[nn.Module, str, nn.Module, nn.Module]] = []
+        self.paths: List[str] = []
+        self.records: List[Dict] = []
+
+    def undo(self) -> None:
+        for parent, attr, old, _ in reversed(self.steps):
+            parent._modules[attr] = old
+
+    def redo(self) -> None:
+        for parent, attr, _, new in self.steps:
+            parent._modules[attr] = new
+
+
+def _related(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + '.') or b.startswith(a + '.')
+
+
+def _join(path: str, name: str) -> str:
+    return f'{path}.{name}' if path else name
+
+
+def _first_tensor(module: nn.Module) -> Optional[torch.Tensor]:
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.is_floating_point():
+            return tensor
+    return None
+
+
+def _deploy_sequential(block: nn.Module, convs: Dict[str, nn.Conv2d],
+                       layers: Sequence[Tuple[str, Optional[str]]]
+                       ) -> nn.Module:
+    """``nn.Sequential`` of ``layers`` (or the conv alone)."""
+    if len(layers) == 1 and layers[0][1] is None:
+        return convs[layers[0][0]]
+    children = OrderedDict()
+    for name, origin in layers:
+        children[name] = convs[name] if origin is None else \
+            block.get_submodule(origin)
+    new = nn.Sequential(children)
+    new.train(block.training)
+    return new
+
+
+class _Walker:
+
+    def __init__(self, model: nn.Module, call_deploy_methods: bool,
+                 use_registry: bool):
+        self.model = model
+        self.call_deploy_methods = call_deploy_methods
+        self.use_registry = use_registry
+        self.merger = GenericMerger()
+        self.groups: List[_Group] = []
+        self.records: List[Dict] = []
+
+    # -- bookkeeping -------------------------------------------------------
+    def replace(self, parent: nn.Module, attr: str, path: str,
+                old: nn.Module, new: nn.Module, record: Dict) -> None:
+        parent._modules[attr] = new
+        group = _Group()
+        for other in list(self.groups):
+            if any(_related(path, p) for p in other.paths):
+                self.groups.remove(other)
+                group.steps += other.steps
+                group.paths += other.paths
+                group.records += other.records
+        group.steps.append((parent, attr, old, new))
+        group.paths.append(path)
+        group.records.append(record)
+        self.groups.append(group)
+        self.records.append(record)
+
+    def left(self, path: str, module: nn.Module, rule: str,
+             reason: str) -> None:
+        self.records.append({
+            'module': path,
+            'type': class_path(type(module)),
+            'rule': rule,
+            'merged': False,
+            'reason': reason
+        })
+
+    # -- the walk ----------------------------------------------------------
+    def run(self) -> List[Dict]:
+        self.visit_children(self.model, '')
+        if self.call_deploy_methods:
+            self.deploy_methods(self.model, '')
+        return self.records
+
+    def visit_children(self, module: nn.Module, path: str) -> bool:
+        has_conv = False
+        for name, child in list(module._modules.items()):
+            if child is not None:
+                has_conv |= self.visit(module, name, _join(path, name), child)
+        return has_conv
+
+    def visit(self, parent: nn.Module, attr: str, path: str,
+              module: nn.Module) -> bool:
+        """Convert ``module`` and what is under it; returns whether a conv
+        remains under it."""
+        if isinstance(module, nn.Conv2d):
+            return True
+        if 'forward' in module.__dict__:
+            return self.visit_children(module, path)
+        found = find_reparameterizer(module) if self.use_registry else None
+        if found is not None:
+            name, entry = found
+            try:
+                terms = entry.branches(module)
+                geometry, weight, bias = merge_terms(terms.terms)
+            except (ReparamRefused, MergeError) as error:
+                self.left(path, module, name, str(error))
+                return self.visit_children(module, path)
+            conv = build_conv(geometry, weight, bias)
+            conv_name = 'conv' if 'conv' not in terms.after else \
+                'reparam_conv'
+            layers = [(conv_name, None)] + [
+                (origin.replace('.', '_'), origin) for origin in terms.after
+            ]
+            new = _deploy_sequential(module, {conv_name: conv}, layers)
+            names = {id(m): n for n, m in module.named_modules() if n}
+            record = self.merged_record(path, module, name, layers, [{
+                'name': conv_name,
+                'geometry': geometry.to_dict(),
+                'branches': [describe_term(t, names) for t in terms.terms]
+            }])
+            self.replace(parent, attr, path, module, new, record)
+            for key, origin in layers:
+                if origin is not None:
+                    self.visit(new, key, _join(path, key), new._modules[key])
+            return True
+        has_conv = self.visit_children(module, path)
+        if not has_conv or module._forward_hooks or \
+                module._forward_pre_hooks:
+            return has_conv
+        rewrite, reasons = self.merger.rewrite(module, path)
+        for reason in reasons:
+            self.left(path, module, 'generic', reason)
+        if rewrite is not None:
+            record = self.merged_record(path, module, 'generic',
+                                        rewrite.layers, rewrite.convs)
+            record['structure'] = rewrite.structure
+            self.replace(parent, attr, path, module, rewrite.module, record)
+        return True
+
+    @staticmethod
+    def merged_record(path: str, module: nn.Module, rule: str,
+                      layers: List[Tuple[str, Optional[str]]],
+                      convs: List[Dict]) -> Dict:
+        structure = 'conv' if len(layers) == 1 and layers[0][1] is None \
+            else 'sequential'
+        return {
+            'module': path,
+            'type': class_path(type(module)),
+            'rule': rule,
+            'merged': True,
+            'structure': structure,
+            'layers': [[name, origin] for name, origin in layers],
+            'convs': convs
+        }
+
+    # -- opt-in deploy methods ---------------------------------------------
+    def deploy_methods(self, module: nn.Module, path: str) -> None:
+        for name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            child_path = _join(path, name)
+            method = _deploy_method(child)
+            if method is None:
+                self.deploy_methods(child, child_path)
+                continue
+            changed = copy.deepcopy(child)
+            try:
+                getattr(changed, method)()
+            except Exception as error:  # any error of third-party code
+                self.left(child_path, child, f'method:{method}',
+                          f'{type(error).__name__}: {error}')
+                self.deploy_methods(child, child_path)
+                continue
+            if _same_state(child, changed):
+                self.deploy_methods(child, child_path)
+                continue
+            changed.train(child.training)
+            record = {
+                'module': child_path,
+                'type': class_path(type(child)),
+                'rule': f'method:{method}',
+                'merged': True,
+                'structure': 'method',
+                'method': method
+            }
+            self.replace(module, name, child_path, child, changed, record)
+
+
+def _deploy_method(module: nn.Module) -> Optional[str]:
+    """The first of :data:`DEPLOY_METHODS` callable with no argument."""
+    for name in DEPLOY_METHODS:
+        method = getattr(type(module), name, None)
+        if not callable(method):
+            continue
+        try:
+            params = list(inspect.signature(method).parameters.values())[1:]
+        except (TypeError, ValueError):
+            continue
+        if all(p.default is not inspect.Parameter.empty or p.kind in (
+                inspect.Parameter.VAR_POSITIONAL,
+                inspect.Parameter.VAR_KEYWORD) for p in params):
+            return name
+    return None
+
+
+def _same_state(before: nn.Module, after: nn.Module) -> bool:
+    """Whether a deploy method left the module as it was."""
+    layout = [(n, type(m)) for n, m in before.named_modules()]
+    if layout != [(n, type(m)) for n, m in after.named_modules()]:
+        return False
+    old, new = before.state_dict(), after.state_dict()
+    if list(old) != list(new):
+        return False
+    return all(
+        torch.equal(old[k], new[k]) if isinstance(old[k], torch.Tensor)
+        else old[k] == new[k] for k in old)
+
+
+def _check_eval(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if module.training:
+            where = f"'{name}'" if name else 'the model itself'
+            raise FusionError(
+                f'mmfuse: {where} ({type(module).__name__}) is in training '
+                'mode; call model.eval() before re-parameterizing')
+
+
+def _as_tuple(example_inputs: Any) -> Tuple:
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs, )
+
+
+def reparameterize(model: nn.Module,
+                   example_inputs: Optional[Sequence] = None,
+                   *,
+                   call_deploy_methods: bool = False,
+                   use_registry: bool = True,
+                   verify: bool = True,
+                   rtol: Optional[float] = None) -> List[Dict]:
+    """Merge the multi-branch blocks of ``model`` into single convs, in place.
+
+    Args:
+        model: The model, in eval mode (wrappers are unwrapped).  The model
+            object itself is never replaced, only modules under it.
+        example_inputs: Positional arguments for ``model(*example_inputs)``;
+            when given (and ``verify``), the output is compared before and
+            after, and merges that change it by more than ``rtol`` are
+            undone.
+        call_deploy_methods: Also run a block's own ``switch_to_deploy``,
+            ``reparameterize`` or ``fuse`` method (the first it has that
+            needs no argument) where neither an entry nor the generic merge
+            applied.
+        use_registry: Convert blocks with a :data:`REPARAMETERIZERS` entry
+            by it; with ``False`` only the generic merge (and deploy
+            methods) run.
+        verify: Compare outputs when ``example_inputs`` is given.
+        rtol: Largest relative output error accepted; see
+            :func:`mmfuse.verify.default_rtol`.
+
+    Returns:
+        One dict per block, in model order: ``module`` (path), ``type``
+        (class path), ``rule`` (``'generic'``, an entry name or
+        ``'method:<name>'``), ``merged`` and, when merged, ``structure``,
+        ``layers`` and ``convs`` (geometry and branches of each merged
+        conv), else ``reason``.  Pass the merged ones to
+        :func:`apply_reparam_structure` to rebuild the structure.
+    """
+    model = unwrap_model(model)
+    _check_eval(model)
+    inputs = None if example_inputs is None else _as_tuple(example_inputs)
+    reference = None
+    if verify and inputs is not None:
+        with torch.no_grad():
+            reference = model(*inputs)
+    walker = _Walker(model, call_deploy_methods, use_registry)
+    records = walker.run()
+    if reference is None or not walker.groups:
+        return records
+    tolerance = default_rtol(model) if rtol is None else rtol
+
+    def error() -> float:
+        with torch.no_grad():
+            output = model(*inputs)
+        return output_error(reference, output)[1]
+
+    measured = error()
+    if measured <= tolerance:
+        for record in records:
+            if record['merged']:
+                record['verified_rel_error'] = measured
+        return records
+    for group in walker.groups:
+        group.undo()
+    bad = _bisect(walker.groups, lambda: error() <= tolerance)
+    for group in bad:
+        for record in group.records:
+            record['merged'] = False
+            record['reason'] = ('undone: verification found the output off '
+                                f'by more than rtol={tolerance:g} with it')
+    measured = error()
+    for record in records:
+        if record['merged']:
+            record['verified_rel_error'] = measured
+    return records
+
+
+def _bisect(groups: List[_Group], passes) -> List[_Group]:
+    """Apply the groups that keep ``passes()``; return the others."""
+    bad: List[_Group] = []
+
+    def search(candidates: List[_Group]) -> None:
+        for group in candidates:
+            group.redo()
+        if passes():
+            return
+        for group in reversed(candidates):
+            group.undo()
+        if len(candidates) == 1:
+            bad.append(candidates[0])
+            return
+        middle = len(candidates) // 2
+        search(candidates[:middle])
+        search(candidates[middle:])
+
+    search(groups)
+    return bad
+
+
+def _rebuild(block: nn.Module, record: Dict) -> nn.Module:
+    structure = record['structure']
+    like = _first_tensor(block)
+    if structure in ('conv', 'sequential'):
+        convs = {
+            c['name']: build_conv(ConvGeometry.from_dict(c['geometry']),
+                                  like=like)
+            for c in record['convs']
+        }
+        layers = [tuple(layer) for layer in record['layers']]
+        new = _deploy_sequential(block, convs, layers)
+        new.train(block.training)
+        return new
+    if structure == 'graph':
+        modes = {m: m.training for m in block.modules()}
+        block.eval()
+        try:
+            rewrite, reasons = GenericMerger().rewrite(block)
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+        if rewrite is None:
+            raise FusionError(f"mmfuse: cannot rebuild '{record['module']}'"
+                              f": {'; '.join(reasons) or 'no branch sum'}")
+        _check_same_convs(record, rewrite)
+        rewrite.module.train(block.training)
+        return rewrite.module
+    if structure == 'method':
+        getattr(block, record['method'])()
+        return block
+    raise FusionError(f'mmfuse: unknown re-parameterized structure '
+                      f'{structure!r}')
+
+
+def _check_same_convs(record: Dict, rewrite: BlockRewrite) -> None:
+    want = [(c['name'], c['geometry']) for c in record['convs']]
+    got = [(c['name'], c['geometry']) for c in rewrite.convs]
+    if want != got:
+        raise FusionError(f"mmfuse: '{record['module']}' merges into "
+                          f'{got}, the record says {want}')
+
+
+def apply_reparam_structure(model: nn.Module,
+                            records: Sequence[Dict]) -> nn.Module:
+    """Give a freshly built model the structure :func:`reparameterize` made.
+
+    Only the structure: merged convs get default values, to be overwritten
+    by ``model.load_state_dict`` with a state dict saved after
+    re-parameterization.  Works in train or eval mode.
+
+    Args:
+        model: A model built from the same config as the re-parameterized
+            one (wrappers are unwrapped).
+        records: What :func:`reparameterize` returned (records that were
+            not merged are ignored).
+
+    Returns:
+        ``model``, changed in place.
+
+    Raises:
+        FusionError: When a record does not fit the model.
+    """
+    inner = unwrap_model(model)
+    for record in records:
+        if not record.get('merged'):
+            continue
+        path = record['module']
+        if not path:
+            raise FusionError('mmfuse: a record replaces the model itself')
+        try:
+            block = inner.get_submodule(path)
+        except AttributeError as error:
+            raise FusionError(f"mmfuse: no module '{path}' to rebuild: "
+                              f'{error}') from error
+        if class_path(type(block)) != record['type']:
+            raise FusionError(
+                f"mmfuse: '{path}' is a {class_path(type(block))}, the "
+                f"record was made for a {record['type']}")
+        new = _rebuild(block, record)
+        parent_path, _, attr = path.rpartition('.')
+        parent = inner.get_submodule(parent_path) if parent_path else inner
+        parent._modules[attr] = new
+    return model

@@ -1,0 +1,352 @@
+"""Branches as data: what a multi-branch sum is made of, and its one conv.
+
+Both the generic merge (which proves a block's data flow with torch.fx) and
+the registry entries (which know their block's class) describe a sum of
+branches the same way: a list of :class:`Term`, each the operations one
+branch applies to the block's input, in order.  :func:`merge_terms` checks
+every layer with the same rules as the core folding
+(:func:`~mmfuse.layers.norm_fold_problem`,
+:func:`~mmfuse.layers.conv_fold_problem`) and turns the terms into one
+``nn.Conv2d`` with the math of :mod:`mmfuse.reparam.merge` and
+:mod:`mmfuse.folding`.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..folding import fold_affine_into_output, norm_affine
+from ..layers import (conv_fold_problem, norm_affine_params, norm_channels,
+                      norm_fold_problem)
+from .merge import (BranchGeometry, ConvGeometry, MergeError,
+                    avg_pool_kernel, centre_kernel, compose_affine,
+                    identity_kernel, merge_geometry, sum_branches)
+
+__all__ = ['Op', 'Term', 'conv_op', 'norm_op', 'pool_op', 'scale_op',
+           'merge_terms', 'describe_term', 'build_conv']
+
+CONV, POOL, NORM, SCALE = 'conv', 'pool', 'norm', 'scale'
+
+
+@dataclass
+class Op:
+    """One operation of a branch.
+
+    Attributes:
+        kind: ``'conv'``, ``'pool'`` (average pool), ``'norm'`` (a foldable
+            norm) or ``'scale'`` (multiplication by a constant).
+        module: The layer, for conv, pool and norm.
+        value: The factor of a scale: a number or a tensor with one element
+            or one per channel (shape ``(C, 1, 1)`` or ``(1, C, 1, 1)``).
+        label: How the operation reads in a report (e.g. ``'alpha'``).
+        shift: For a norm over a sum of branches: whether this branch takes
+            the norm's shift (exactly one does).
+    """
+    kind: str
+    module: Optional[nn.Module] = None
+    value: Union[float, Tensor, None] = None
+    label: str = ''
+    shift: bool = True
+
+
+@dataclass
+class Term:
+    """One branch: the operations applied to the common input, in order."""
+    ops: List[Op] = field(default_factory=list)
+
+    def then(self, *ops: Op) -> 'Term':
+        """A new term with ``ops`` appended."""
+        return Term(self.ops + list(ops))
+
+
+def conv_op(module: nn.Module) -> Op:
+    return Op(CONV, module)
+
+
+def norm_op(module: nn.Module) -> Op:
+    return Op(NORM, module)
+
+
+def pool_op(module: nn.Module) -> Op:
+    return Op(POOL, module)
+
+
+def scale_op(value: Union[float, Tensor], label: str = '') -> Op:
+    return Op(SCALE, value=value, label=label)
+
+
+def _pair(value) -> Tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    values = tuple(int(v) for v in value)
+    if len(values) == 1:
+        return values[0], values[0]
+    if len(values) != 2:
+        raise MergeError(f'not a 2-d size: {value}')
+    return values
+
+
+def _conv_problem(conv: nn.Module) -> Optional[str]:
+    problem = conv_fold_problem(conv)
+    if problem:
+        return problem
+    if not isinstance(conv, nn.Conv2d):
+        return f'{type(conv).__name__} is not a 2-d convolution'
+    if 'AdaptivePadding' in type(conv).__name__:
+        return f'{type(conv).__name__} pads by its input size'
+    return None
+
+
+def _conv_padding(conv: nn.Conv2d) -> Tuple[int, int]:
+    padding = conv.padding
+    if padding == 'valid':
+        return 0, 0
+    if padding == 'same':
+        pads = []
+        for size, step in zip(_pair(conv.kernel_size), _pair(conv.dilation)):
+            total = step * (size - 1)
+            if total % 2:
+                raise MergeError(f'{type(conv).__name__} pads "same" '
+                                 'unevenly')
+            pads.append(total // 2)
+        return tuple(pads)
+    return _pair(padding)
+
+
+def _pool_problem(pool: nn.Module) -> Optional[str]:
+    name = type(pool).__name__
+    if not isinstance(pool, nn.AvgPool2d) or \
+            type(pool).forward is not nn.AvgPool2d.forward:
+        return f'{name} is not a plain nn.AvgPool2d'
+    if pool._forward_hooks or pool._forward_pre_hooks:
+        return f'{name} has forward hooks'
+    if pool.ceil_mode:
+        return f'{name} rounds its output size up (ceil_mode)'
+    if pool.divisor_override is not None:
+        return f'{name} overrides its divisor'
+    if any(_pair(pool.padding)) and not pool.count_include_pad:
+        return f'{name} leaves padded zeros out of the mean'
+    return None
+
+
+def _scale_tensor(value: Union[float, Tensor],
+                  channels: int) -> Tuple[Optional[Tensor], str]:
+    """A ``(channels,)`` float64 factor, or ``None`` and the reason."""
+    if not isinstance(value, Tensor):
+        return torch.full((channels, ), float(value),
+                          dtype=torch.float64), ''
+    flat = value.detach().to(torch.float64)
+    if flat.numel() == 1:
+        return flat.reshape(1).expand(channels).clone(), ''
+    shape = tuple(value.shape)
+    if shape in ((channels, 1, 1), (1, channels, 1, 1)):
+        return flat.reshape(channels), ''
+    return None, f'a factor of shape {shape} is not per channel'
+
+
+def _split(term: Term) -> Tuple[List[Op], Optional[Op], List[Op]]:
+    """``(scales before, spatial op, ops after)`` of a term."""
+    spatial = [i for i, op in enumerate(term.ops) if op.kind in (CONV, POOL)]
+    if len(spatial) > 1:
+        raise MergeError('a branch applies two convolutions or pools')
+    if not spatial:
+        return [], None, list(term.ops)
+    index = spatial[0]
+    before = term.ops[:index]
+    for op in before:
+        if op.kind != SCALE:
+            raise MergeError('a branch normalises before its convolution')
+    return before, term.ops[index], term.ops[index + 1:]
+
+
+def _branch_geometry(term: Term) -> BranchGeometry:
+    before, spatial, after = _split(term)
+    for op in before:
+        if isinstance(op.value, Tensor) and op.value.numel() != 1:
+            raise MergeError('a per-channel factor before a convolution')
+    out_channels = None
+    for op in after:
+        if op.kind == NORM:
+            problem = norm_fold_problem(op.module)
+            if problem:
+                raise MergeError(problem)
+            channels = norm_channels(op.module)
+            if out_channels is not None and channels != out_channels:
+                raise MergeError(f'{channels} norm channels after '
+                                 f'{out_channels}')
+            out_channels = channels
+    if spatial is None:
+        return BranchGeometry('identity', (1, 1), (1, 1), (0, 0),
+                              in_channels=out_channels,
+                              out_channels=out_channels)
+    module = spatial.module
+    if spatial.kind == POOL:
+        problem = _pool_problem(module)
+        if problem:
+            raise MergeError(problem)
+        kernel = _pair(module.kernel_size)
+        stride = _pair(module.stride if module.stride else kernel)
+        return BranchGeometry('pool', kernel, stride, _pair(module.padding),
+                              in_channels=out_channels,
+                              out_channels=out_channels)
+    problem = _conv_problem(module)
+    if problem:
+        raise MergeError(problem)
+    if out_channels is not None and out_channels != module.out_channels:
+        raise MergeError(f'{module.out_channels} conv channels normalised '
+                         f'by a norm of {out_channels}')
+    return BranchGeometry('conv', _pair(module.kernel_size),
+                          _pair(module.stride), _conv_padding(module),
+                          _pair(module.dilation), int(module.groups),
+                          int(module.in_channels), int(module.out_channels),
+                          module.padding_mode)
+
+
+def _affine_after(ops: Sequence[Op],
+                  channels: int) -> Tuple[Tensor, Tensor]:
+    """The per-channel ``(scale, shift)`` of the ops after the spatial op.
+    """
+    scale = torch.ones(channels, dtype=torch.float64)
+    shift = torch.zeros(channels, dtype=torch.float64)
+    for op in ops:
+        if op.kind == NORM:
+            step = norm_affine(*norm_affine_params(op.module))
+            if not op.shift:
+                step = (step[0], torch.zeros_like(step[1]))
+        else:
+            factor, problem = _scale_tensor(op.value, channels)
+            if factor is None:
+                raise MergeError(problem)
+            step = (factor, torch.zeros(channels, dtype=torch.float64))
+        scale, shift = compose_affine((scale, shift),
+                                      (step[0].cpu(), step[1].cpu()))
+    return scale, shift
+
+
+def _branch_tensors(term: Term, geometry: ConvGeometry,
+                    device: torch.device) -> Tuple[Tensor, Tensor]:
+    """``(weight, bias)`` of one branch at the merged geometry, float64."""
+    before, spatial, after = _split(term)
+    channels = geometry.out_channels
+    kernel = geometry.kernel_size
+    if spatial is None:
+        weight = identity_kernel(channels, geometry.groups, kernel, device)
+        bias = torch.zeros(channels, dtype=torch.float64, device=device)
+    elif spatial.kind == POOL:
+        weight = avg_pool_kernel(channels, geometry.groups,
+                                 _pair(spatial.module.kernel_size), kernel,
+                                 device)
+        bias = torch.zeros(channels, dtype=torch.float64, device=device)
+    else:
+        conv = spatial.module
+        weight = centre_kernel(conv.weight.detach().to(torch.float64),
+                               kernel)
+        bias = torch.zeros(channels, dtype=torch.float64, device=device) \
+            if conv.bias is None else conv.bias.detach().to(torch.float64)
+    for op in before:
+        factor = op.value
+        if isinstance(factor, Tensor):
+            factor = factor.detach().to(torch.float64).reshape(())
+        weight = weight * factor
+    scale, shift = _affine_after(after, channels)
+    return fold_affine_into_output(weight, bias, scale.to(device),
+                                   shift.to(device), False, geometry.groups)
+
+
+def _reference(terms: Sequence[Term]) -> Tensor:
+    """A tensor whose dtype and device the merged conv takes."""
+    for term in terms:
+        for op in term.ops:
+            if op.module is not None:
+                for tensor in list(op.module.parameters()) + \
+                        list(op.module.buffers()):
+                    if tensor.is_floating_point():
+                        return tensor
+    raise MergeError('no layer with parameters in any branch')
+
+
+def merge_terms(
+        terms: Sequence[Term]) -> Tuple[ConvGeometry, Tensor, Tensor]:
+    """The one convolution a sum of ``terms`` is.
+
+    Args:
+        terms: The branches, each read from the same input.
+
+    Returns:
+        ``(geometry, weight, bias)``; weight and bias in the dtype and on
+        the device of the branches' layers.
+
+    Raises:
+        MergeError: When the sum is not one convolution, with the reason.
+    """
+    if not any(op.kind == CONV for term in terms for op in term.ops):
+        raise MergeError('no branch has a convolution')
+    geometry = merge_geometry([_branch_geometry(term) for term in terms])
+    reference = _reference(terms)
+    pairs = [_branch_tensors(term, geometry, reference.device)
+             for term in terms]
+    weight, bias = sum_branches(pairs)
+    return (geometry, weight.to(reference.dtype),
+            bias.to(reference.dtype))
+
+
+def build_conv(geometry: ConvGeometry,
+               weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None,
+               like: Optional[Tensor] = None) -> nn.Conv2d:
+    """A plain ``nn.Conv2d`` with ``geometry`` (and values, when given).
+
+    Args:
+        geometry: The conv's geometry.
+        weight: Its weight; default initialisation when ``None``.
+        bias: Its bias.
+        like: Dtype and device for a conv without values.
+    """
+    conv = nn.Conv2d(
+        geometry.in_channels,
+        geometry.out_channels,
+        geometry.kernel_size,
+        stride=geometry.stride,
+        padding=geometry.padding,
+        dilation=geometry.dilation,
+        groups=geometry.groups,
+        bias=True,
+        padding_mode=geometry.padding_mode)
+    source = weight if weight is not None else like
+    if source is not None:
+        conv = conv.to(device=source.device, dtype=source.dtype)
+    if weight is not None:
+        conv.weight = nn.Parameter(weight.detach().clone())
+        conv.bias = nn.Parameter(bias.detach().clone())
+    conv.eval()
+    return conv
+
+
+def describe_term(term: Term, names: Dict[int, str]) -> str:
+    """A branch as text, e.g. ``'alpha * rbr_1x1.conv -> rbr_1x1.bn'``.
+
+    Args:
+        term: The branch.
+        names: Module names by ``id(module)``.
+    """
+    parts = []
+    factors = []
+    for op in term.ops:
+        if op.kind == SCALE:
+            factors.append(op.label or _number(op.value))
+            continue
+        name = names.get(id(op.module), type(op.module).__name__)
+        parts.append(name)
+    text = ' -> '.join(parts) if parts else 'identity'
+    if factors:
+        text = ' * '.join(factors) + ' * ' + text
+    return text
+
+
+def _number(value: Union[float, Tensor]) -> str:
+    if isinstance(value, Tensor):
+        if value.numel() == 1:
+            return f'{float(value):g}'
+        return f'tensor{tuple(value.shape)}'
+    return f'{float(value):g}'

@@ -1,0 +1,267 @@
+"""The branch merge math: geometry and tensors in, geometry and tensors out.
+
+A multi-branch block sums branches that all read one input.  Each branch is a
+convolution, an average pool or the identity, followed by per-channel affine
+maps (folded norms, learnable scalars).  The sum is one convolution when the
+branches agree on stride and groups and their kernels line up: a smaller
+kernel is zero-padded to the largest and centred, which is exact when its
+padding is the largest kernel's padding minus half the size difference
+(times the dilation).  An identity is a 1x1 kernel with a single one per
+output channel, an average pool a kernel of ``1 / (kh * kw)`` on the same
+diagonal.
+
+Nothing here knows about modules: this file only checks geometry and builds
+kernels.  Folding a norm into a kernel goes through :mod:`mmfuse.folding`.
+All tensors are built and summed in float64.
+"""
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    'MergeError', 'ConvGeometry', 'BranchGeometry', 'merge_geometry',
+    'centre_kernel', 'identity_kernel', 'avg_pool_kernel', 'sum_branches',
+    'compose_affine'
+]
+
+Pair = Tuple[int, int]
+
+
+class MergeError(ValueError):
+    """Branches that cannot be merged into one convolution, and why."""
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Everything that defines a plain ``nn.Conv2d`` except its values.
+
+    The merged convolution always has a bias.
+    """
+    in_channels: int
+    out_channels: int
+    kernel_size: Pair
+    stride: Pair
+    padding: Pair
+    dilation: Pair
+    groups: int
+    padding_mode: str = 'zeros'
+
+    def to_dict(self) -> Dict:
+        """A JSON-serialisable dict (tuples become lists)."""
+        data = asdict(self)
+        for key in ('kernel_size', 'stride', 'padding', 'dilation'):
+            data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Dict) -> 'ConvGeometry':
+        """Inverse of :meth:`to_dict`."""
+        values = dict(data)
+        for key in ('kernel_size', 'stride', 'padding', 'dilation'):
+            values[key] = tuple(int(v) for v in values[key])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class BranchGeometry:
+    """The spatial operation of one branch.
+
+    Attributes:
+        kind: ``'conv'``, ``'pool'`` (an average pool) or ``'identity'``.
+        kernel_size: Kernel size; ``(1, 1)`` for the identity.
+        stride: Stride.
+        padding: Zero (or ``padding_mode``) padding on each side.
+        dilation: Dilation; ``(1, 1)`` for a pool or the identity.
+        groups: The conv's groups; ``None`` for a pool or the identity,
+            which are written for whatever groups the merged conv has.
+        in_channels: Input channels, when known.
+        out_channels: Output channels, when known.
+        padding_mode: How the conv pads; pools pad with zeros.
+    """
+    kind: str
+    kernel_size: Pair
+    stride: Pair
+    padding: Pair
+    dilation: Pair = (1, 1)
+    groups: Optional[int] = None
+    in_channels: Optional[int] = None
+    out_channels: Optional[int] = None
+    padding_mode: str = 'zeros'
+
+
+def _single(values: Sequence, what: str):
+    """The one distinct non-None value of ``values``, or ``None``."""
+    distinct = sorted({v for v in values if v is not None})
+    if len(distinct) > 1:
+        raise MergeError(f'branches differ in {what}: '
+                         f'{", ".join(str(v) for v in distinct)}')
+    return distinct[0] if distinct else None
+
+
+def merge_geometry(branches: Sequence[BranchGeometry]) -> ConvGeometry:
+    """The convolution a sum of ``branches`` becomes.
+
+    Args:
+        branches: The spatial operation of every branch.
+
+    Returns:
+        The merged geometry.
+
+    Raises:
+        MergeError: When the branches cannot be one convolution, with the
+            reason.
+    """
+    if not branches:
+        raise MergeError('no branches')
+    stride = _single([b.stride for b in branches], 'stride')
+    groups = _single([b.groups for b in branches], 'groups')
+    channel_free = [b for b in branches if b.kind != 'conv']
+    in_channels = _single([b.in_channels for b in branches], 'in channels')
+    out_channels = _single([b.out_channels for b in branches],
+                           'out channels')
+    if channel_free:
+        in_channels = _single([in_channels, out_channels],
+                              'channels (an identity or pool branch needs '
+                              'as many output channels as input channels)')
+        out_channels = in_channels
+    if in_channels is None or out_channels is None:
+        raise MergeError('channel count unknown')
+    if groups is None:
+        groups = in_channels  # depthwise: cheapest for identity and pools
+    if in_channels % groups or out_channels % groups:
+        raise MergeError(f'{in_channels} -> {out_channels} channels do not '
+                         f'split into {groups} groups')
+    kernel, padding, dilation = [], [], []
+    for dim in range(2):
+        size = max(b.kernel_size[dim] for b in branches)
+        spread = {b.dilation[dim] for b in branches
+                  if b.kernel_size[dim] > 1}
+        if len(spread) > 1:
+            raise MergeError('branches with kernels larger than 1 differ '
+                             f'in dilation: {sorted(spread)}')
+        step = spread.pop() if spread else 1
+        pads = set()
+        for branch in branches:
+            extra = size - branch.kernel_size[dim]
+            if extra % 2:
+                raise MergeError(f'a {branch.kernel_size[dim]}-wide kernel '
+                                 f'cannot be centred in a {size}-wide one')
+            pads.add(branch.padding[dim] + extra // 2 * step)
+        if len(pads) > 1:
+            raise MergeError('paddings do not line the kernels up on one '
+                             f'centre (they imply {sorted(pads)})')
+        kernel.append(size)
+        padding.append(pads.pop())
+        dilation.append(step)
+    modes = {b.padding_mode for b in branches if any(b.padding)}
+    if len(modes) > 1:
+        raise MergeError(f'branches pad differently: {sorted(modes)}')
+    mode = modes.pop() if modes else 'zeros'
+    return ConvGeometry(in_channels, out_channels, tuple(kernel),
+                        tuple(stride), tuple(padding), tuple(dilation),
+                        groups, mode)
+
+
+def centre_kernel(weight: Tensor, kernel_size: Pair) -> Tensor:
+    """Zero-pad a ``(out, in / groups, kh, kw)`` kernel to ``kernel_size``,
+    centred.
+
+    Args:
+        weight: The kernel.
+        kernel_size: The target size; each dimension is at least the
+            kernel's and differs from it by an even number.
+
+    Returns:
+        The padded kernel, same dtype.
+    """
+    height, width = weight.shape[-2:]
+    extra_h, extra_w = kernel_size[0] - height, kernel_size[1] - width
+    if extra_h < 0 or extra_w < 0 or extra_h % 2 or extra_w % 2:
+        raise MergeError(f'a {height}x{width} kernel cannot be centred in '
+                         f'{kernel_size[0]}x{kernel_size[1]}')
+    if not extra_h and not extra_w:
+        return weight
+    padded = weight.new_zeros(*weight.shape[:-2], *kernel_size)
+    top, left = extra_h // 2, extra_w // 2
+    padded[..., top:top + height, left:left + width] = weight
+    return padded
+
+
+def _diagonal(channels: int, groups: int, window: Pair, value: float,
+              device: Optional[torch.device]) -> Tensor:
+    """``value`` at ``[c, c % (channels / groups)]`` over a window."""
+    per_group = channels // groups
+    weight = torch.zeros(channels, per_group, *window, dtype=torch.float64,
+                         device=device)
+    index = torch.arange(channels, device=device)
+    weight[index, index % per_group] = value
+    return weight
+
+
+def identity_kernel(channels: int,
+                    groups: int,
+                    kernel_size: Pair,
+                    device: Optional[torch.device] = None) -> Tensor:
+    """The identity as a ``kernel_size`` conv kernel with ``groups``, float64.
+    """
+    weight = _diagonal(channels, groups, (1, 1), 1.0, device)
+    return centre_kernel(weight, kernel_size)
+
+
+def avg_pool_kernel(channels: int,
+                    groups: int,
+                    pool_size: Pair,
+                    kernel_size: Pair,
+                    device: Optional[torch.device] = None) -> Tensor:
+    """An average pool (zeros counted in the mean) as a conv kernel, float64.
+
+    Args:
+        channels: Channels pooled (input = output).
+        groups: Groups of the conv the kernel is written for.
+        pool_size: The pool's window.
+        kernel_size: The conv's kernel size, at least ``pool_size``.
+    """
+    value = 1.0 / (pool_size[0] * pool_size[1])
+    weight = _diagonal(channels, groups, pool_size, value, device)
+    return centre_kernel(weight, kernel_size)
+
+
+def compose_affine(first: Tuple[Tensor, Tensor],
+                   then: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
+    """``then(first(x))`` of two per-channel maps ``x -> scale * x + shift``.
+
+    Args:
+        first: ``(scale, shift)`` applied first.
+        then: ``(scale, shift)`` applied to its result.
+
+    Returns:
+        ``(scale, shift)`` of the composition, float64.
+    """
+    scale1, shift1 = (t.to(torch.float64) for t in first)
+    scale2, shift2 = (t.to(torch.float64) for t in then)
+    return scale1 * scale2, shift1 * scale2 + shift2
+
+
+def sum_branches(
+        branches: Sequence[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+    """Sum ``(weight, bias)`` pairs of one geometry, in float64.
+
+    Args:
+        branches: Kernels already centred to one size, with their biases.
+
+    Returns:
+        ``(weight, bias)`` of the merged conv, float64.
+    """
+    shapes = sorted({tuple(w.shape) for w, _ in branches})
+    if len(shapes) != 1:
+        raise MergeError(f'kernels of different shapes: {shapes}')
+    weight = torch.zeros(shapes[0], dtype=torch.float64,
+                         device=branches[0][0].device)
+    bias = torch.zeros(branches[0][1].shape, dtype=torch.float64,
+                       device=branches[0][1].device)
+    for branch_weight, branch_bias in branches:
+        weight += branch_weight
+        bias += branch_bias
+    return weight, bias
