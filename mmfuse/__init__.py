@@ -1,6 +1,7 @@
 """mmfuse: fold normalisation layers into convolutions, provably right."""
 from .api import (FusionError, discover_folds, fuse_conv_bn, fuse_model,
                   unwrap_model)
+from .hook import FuseConvBNHook  # importing registers it in HOOKS
 from .plan import ConvTarget, Fold, FusionPlan, Skip
 from .report import FusionReport
 from .surgery import apply_plan
@@ -9,5 +10,5 @@ from .version import __version__
 __all__ = [
     '__version__', 'fuse_conv_bn', 'fuse_model', 'discover_folds',
     'FusionReport', 'FusionPlan', 'Fold', 'ConvTarget', 'Skip',
-    'FusionError', 'apply_plan', 'unwrap_model'
+    'FusionError', 'apply_plan', 'unwrap_model', 'FuseConvBNHook'
 ]
