@@ -18,5 +18,9 @@ setup(
     python_requires='>=3.8',
     install_requires=['torch>=1.13', 'mmengine>=0.8'],
     extras_require={'tests': ['pytest', 'hypothesis']},
+    entry_points={
+        'console_scripts':
+        ['mmfuse-fuse-conv-bn=mmfuse.cli:console_main'],
+    },
     license='Apache License 2.0',
 )
