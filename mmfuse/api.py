@@ -130,7 +130,8 @@ def fuse_model(model: nn.Module,
                *,
                verify: bool = True,
                rtol: Optional[float] = None,
-               plain_convs: bool = True) -> FusionReport:
+               plain_convs: bool = True,
+               reparameterize: bool = True) -> FusionReport:
     """Fold normalisation layers into adjacent convolutions, in place.
 
     Args:
@@ -150,6 +151,10 @@ def fuse_model(model: nn.Module,
             standardization, spectral or weight norm, parametrizations) is
             first replaced by a plain conv with the effective weight, where
             that gives identical outputs, and then takes part in folds.
+        reparameterize: First merge multi-branch blocks (RepVGG-style sums
+            of conv+BN branches) into single convs with
+            :func:`mmfuse.reparam.reparameterize` (verified the same way);
+            its records go to ``report.reparameterized``.
 
     Returns:
         A :class:`FusionReport`.
@@ -157,6 +162,11 @@ def fuse_model(model: nn.Module,
     start = time.perf_counter()
     model = unwrap_model(model)
     _check_eval(model)
+    reparameterized = []
+    if reparameterize:
+        from .reparam import reparameterize as merge_branches
+        reparameterized = merge_branches(
+            model, example_inputs, verify=verify, rtol=rtol)
     num_norms, num_foldable = _count_norms(model)
     reference = None
     inputs = None
@@ -170,7 +180,8 @@ def fuse_model(model: nn.Module,
         mode=evidence.mode,
         left=list(plan.skipped),
         num_norms=num_norms,
-        num_foldable=num_foldable)
+        num_foldable=num_foldable,
+        reparameterized=reparameterized)
     applied = apply_plan(model, plan)
     if verify and inputs is not None:
         tolerance = default_rtol(model) if rtol is None else rtol

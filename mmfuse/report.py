@@ -25,6 +25,9 @@ class FusionReport:
         max_rel_error: Largest relative output error, when verified.
         rtol: The tolerance verification used.
         seconds: Wall time of the whole fusion.
+        reparameterized: One dict per multi-branch block considered by
+            :func:`mmfuse.reparam.reparameterize` before folding (merged
+            into one conv, or left with the reason).
     """
     mode: str
     folded: List[Fold] = field(default_factory=list)
@@ -37,6 +40,7 @@ class FusionReport:
     max_rel_error: Optional[float] = None
     rtol: Optional[float] = None
     seconds: float = 0.0
+    reparameterized: List[Dict] = field(default_factory=list)
 
     @property
     def folded_names(self) -> List[str]:
@@ -59,6 +63,9 @@ class FusionReport:
         line = (f'mmfuse: folded {len(self.folded)} of {self.num_foldable} '
                 f'foldable norms ({self.num_norms} norms in all), '
                 f'{len(self.left)} left, {len(self.undone)} undone')
+        merged = sum(1 for r in self.reparameterized if r.get('merged'))
+        if merged:
+            line += f'; re-parameterized {merged} blocks'
         if self.verified:
             line += (f'; max abs error {self.max_abs_error:.3g}, max rel '
                      f'error {self.max_rel_error:.3g}')
@@ -77,6 +84,15 @@ class FusionReport:
             rows.append((skip.name, 'undone', skip.reason))
         for skip in self.left:
             rows.append((skip.name, 'left', skip.reason))
+        for record in self.reparameterized:
+            if record.get('merged'):
+                convs = record.get('convs') or []
+                detail = '; '.join(' + '.join(c['branches']) for c in convs)
+                rows.append((record['module'], f"reparam:{record['rule']}",
+                             detail or record.get('structure', '')))
+            else:
+                rows.append((record['module'], 'reparam:left',
+                             record['reason']))
         width = [min(60, max(len(r[i]) for r in rows)) for i in range(2)]
         lines = [self.summary()]
         for index, (norm, result, detail) in enumerate(rows):
