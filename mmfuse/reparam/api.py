@@ -152,10 +152,13 @@ class _Walker:
                 self.left(path, module, name, str(error))
                 return self.visit_children(module, path)
             conv = build_conv(geometry, weight, bias)
-            conv_name = 'conv' if 'conv' not in terms.after else \
-                'reparam_conv'
+            after = [
+                origin for origin in terms.after
+                if not _plain_identity(module.get_submodule(origin))
+            ]
+            conv_name = 'conv' if 'conv' not in after else 'reparam_conv'
             layers = [(conv_name, None)] + [
-                (origin.replace('.', '_'), origin) for origin in terms.after
+                (origin.replace('.', '_'), origin) for origin in after
             ]
             new = _deploy_sequential(module, {conv_name: conv}, layers)
             names = {id(m): n for n, m in module.named_modules() if n}
@@ -230,6 +233,11 @@ class _Walker:
                 'method': method
             }
             self.replace(module, name, child_path, child, changed, record)
+
+
+def _plain_identity(module: nn.Module) -> bool:
+    return type(module).forward is nn.Identity.forward and \
+        not module._forward_hooks and not module._forward_pre_hooks
 
 
 def _deploy_method(module: nn.Module) -> Optional[str]:

@@ -420,8 +420,10 @@ class GenericMerger:
     def _rebuild(self, block: nn.Module, trace: _Trace, merged: List,
                  names: Dict[int, str]) -> BlockRewrite:
         graph = trace.graph
-        taken = {n.target for n in graph.nodes if n.op in ('call_module',
-                                                            'get_attr')}
+        taken = {
+            n.target
+            for n in graph.nodes if n.op in ('call_module', 'get_attr')
+        }
         convs: Dict[str, nn.Conv2d] = {}
         records = []
         replaced: Dict[fx.Node, fx.Node] = {}

@@ -1,0 +1,830 @@
+"""Structural re-parameterization (issue 4).
+
+Every check uses random weights and randomised norm statistics; merged
+outputs must match the multi-branch ones within a relative error of 1e-5,
+and every merged block must be one conv (plus what it keeps after the sum).
+The built-in entries are checked against the real classes' own
+``switch_to_deploy``, on blocks and on whole models built from shipped
+configs.
+"""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import mmfuse
+from mmfuse.reparam import (REPARAMETERIZERS, BranchSum, ConvGeometry,
+                            MergeError, Reparameterizer, Term,
+                            apply_reparam_structure, conv_op, norm_op,
+                            reparameterize)
+from mmfuse.reparam.merge import (BranchGeometry, avg_pool_kernel,
+                                  centre_kernel, identity_kernel,
+                                  merge_geometry)
+from mmfuse.surgery import apply_plan
+from mmfuse.testing import randomize_norm_stats
+from mmfuse.verify import output_error
+
+from reparam_models import build_reparam_model
+
+RTOL = 1e-5
+
+
+def _input(channels: int, size: int = 12, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(2, channels, size, size, generator=gen)
+
+
+def _prepare(model: nn.Module, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.normal_(module.weight, std=0.2)
+            if module.bias is not None:
+                nn.init.normal_(module.bias, std=0.2)
+    randomize_norm_stats(model, seed=seed)
+    return model.eval()
+
+
+def _reparam_and_compare(model: nn.Module, x: torch.Tensor, **kwargs):
+    """Re-parameterize a copy of ``model``; return it, its records and the
+    relative output error."""
+    with torch.no_grad():
+        reference = model(x)
+    merged = copy.deepcopy(model)
+    records = reparameterize(merged, **kwargs)
+    with torch.no_grad():
+        output = merged(x)
+    return merged, records, output_error(reference, output)[1]
+
+
+def _norms(module: nn.Module):
+    return [m for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _convs(module: nn.Module):
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+
+
+def _merged(records):
+    return [r for r in records if r['merged']]
+
+
+# -- patterns written in plain PyTorch ---------------------------------------
+
+
+class ConvBN(nn.Module):
+    """PaddleDetection's ``ConvBNLayer``: conv then BN, no activation."""
+
+    def __init__(self, cin, cout, k, stride=1, groups=1, padding=None,
+                 dilation=1):
+        super().__init__()
+        if padding is None:
+            padding = (k - 1) // 2 * dilation
+        self.conv = nn.Conv2d(cin, cout, k, stride, padding, dilation,
+                              groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class PaddleRepVggBlock(nn.Module):
+    """PaddleDetection's ``RepVggBlock``: 3x3 + alpha * 1x1, no identity."""
+
+    def __init__(self, cin, cout, stride=1, groups=1, alpha=True):
+        super().__init__()
+        self.conv1 = ConvBN(cin, cout, 3, stride, groups)
+        self.conv2 = ConvBN(cin, cout, 1, stride, groups)
+        self.act = nn.ReLU()
+        self.alpha = nn.Parameter(torch.tensor([0.37])) if alpha else None
+
+    def forward(self, x):
+        if self.alpha is not None:
+            y = self.conv1(x) + self.alpha * self.conv2(x)
+        else:
+            y = self.conv1(x) + self.conv2(x)
+        return self.act(y)
+
+
+class RepBlock(nn.Module):
+    """RepVGG: 3x3 + 1x1 + BN identity, stride and groups as given."""
+
+    def __init__(self, cin, cout, stride=1, groups=1, alpha=None):
+        super().__init__()
+        self.dense = ConvBN(cin, cout, 3, stride, groups)
+        self.pointwise = ConvBN(cin, cout, 1, stride, groups)
+        self.identity = nn.BatchNorm2d(cin) \
+            if cin == cout and stride == 1 else None
+        self.alpha = alpha
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        out = self.dense(x)
+        if self.alpha is None:
+            out = out + self.pointwise(x)
+        else:
+            out = out + self.alpha * self.pointwise(x)
+        if self.identity is not None:
+            out = out + self.identity(x)
+        return self.act(out)
+
+
+class MobileOneLike(nn.Module):
+    """In-place accumulation from ``0`` over a ModuleList of branches."""
+
+    def __init__(self, channels, num_convs=3):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels)
+        self.scale = ConvBN(channels, channels, 1, groups=channels)
+        self.convs = nn.ModuleList(
+            ConvBN(channels, channels, 3, groups=channels)
+            for _ in range(num_convs))
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        out = 0
+        out += self.norm(x)
+        out += self.scale(x)
+        for conv in self.convs:
+            out += conv(x)
+        return self.act(out)
+
+
+class DiverseBranch(nn.Module):
+    """DBB-style: 3x3, 1x1, 1x3 + 3x1 (ACNet), and average pool + BN."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.square = ConvBN(channels, channels, 3)
+        self.point = ConvBN(channels, channels, 1)
+        self.hor = ConvBN(channels, channels, (1, 3), padding=(0, 1))
+        self.ver = ConvBN(channels, channels, (3, 1), padding=(1, 0))
+        self.pool = nn.Sequential(nn.AvgPool2d(3, 1, 1),
+                                  nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        return F.relu(
+            self.square(x) + self.point(x) + self.hor(x) + self.ver(x) +
+            self.pool(x))
+
+
+class AffineMinusInput(nn.Module):
+    """RIFormer's token mixer: ``conv1x1(x) - x``, then a residual."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.affine = nn.Conv2d(channels, channels, 1, groups=channels)
+
+    def forward(self, x):
+        return self.affine(x) - x
+
+
+class ResidualAfterSum(nn.Module):
+    """The sum feeds a functional activation and a residual: not a chain of
+    children, so the deploy form is a GraphModule."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.a = ConvBN(channels, channels, 3)
+        self.b = ConvBN(channels, channels, 1)
+
+    def forward(self, x):
+        y = self.a(x) + self.b(x) * 0.5
+        return F.relu(y) + x
+
+
+class LargeSmall(nn.Module):
+    """RepLKNet-style: dilated large kernel + small kernel."""
+
+    def __init__(self, channels, dilation=2):
+        super().__init__()
+        self.large = ConvBN(channels, channels, 5, dilation=dilation,
+                            groups=channels)
+        self.small = ConvBN(channels, channels, 1, groups=channels)
+
+    def forward(self, x):
+        return self.large(x) + self.small(x)
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('groups', [1, 4])
+@pytest.mark.parametrize('alpha', [True, False])
+def test_paddle_rep_vgg_block(stride, groups, alpha):
+    block = nn.Sequential(PaddleRepVggBlock(8, 16, stride, groups, alpha))
+    merged, records, rel = _reparam_and_compare(_prepare(block), _input(8))
+    assert rel <= RTOL
+    assert len(_merged(records)) == 1
+    assert len(_convs(merged)) == 1 and not _norms(merged)
+    conv = merged[0].conv
+    assert conv.stride == (stride, stride) and conv.groups == groups
+    branches = records[0]['convs'][0]['branches']
+    assert branches[1].startswith('alpha * ') == alpha
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('groups', [1, 2, 8])
+@pytest.mark.parametrize('alpha', [None, 0.6])
+def test_rep_vgg_pattern(stride, groups, alpha):
+    block = nn.Sequential(RepBlock(8, 8, stride, groups, alpha))
+    merged, records, rel = _reparam_and_compare(_prepare(block), _input(8))
+    assert rel <= RTOL
+    assert len(_merged(records)) == 1
+    assert len(_convs(merged)) == 1 and not _norms(merged)
+    assert isinstance(merged[0], nn.Sequential)
+    assert isinstance(merged[0].act, nn.SiLU)
+    assert len(records[0]['convs'][0]['branches']) == (3 if stride == 1 else
+                                                       2)
+
+
+@pytest.mark.parametrize('model, channels', [
+    (lambda: MobileOneLike(8), 8),
+    (lambda: DiverseBranch(6), 6),
+    (lambda: AffineMinusInput(6), 6),
+    (lambda: LargeSmall(6), 6),
+], ids=['mobileone_like', 'diverse_branch', 'affine_minus_input',
+        'dilated_large_small'])
+def test_generic_patterns(model, channels):
+    block = nn.Sequential(model(), nn.Identity())
+    merged, records, rel = _reparam_and_compare(_prepare(block),
+                                                _input(channels))
+    assert rel <= RTOL
+    assert len(_merged(records)) == 1, records
+    assert len(_convs(merged)) == 1 and not _norms(merged)
+
+
+def test_dilated_geometry():
+    block = nn.Sequential(LargeSmall(6, dilation=2))
+    merged, _, _ = _reparam_and_compare(_prepare(block), _input(6))
+    conv = merged[0]
+    assert isinstance(conv, nn.Conv2d)
+    assert conv.kernel_size == (5, 5) and conv.dilation == (2, 2)
+    assert conv.padding == (4, 4) and conv.groups == 6
+
+
+def test_graph_module_deploy_form_and_round_trip():
+    block = nn.Sequential(ResidualAfterSum(6))
+    merged, records, rel = _reparam_and_compare(_prepare(block), _input(6))
+    assert rel <= RTOL
+    assert records[0]['structure'] == 'graph'
+    assert len(_convs(merged)) == 1 and not _norms(merged)
+    fresh = nn.Sequential(ResidualAfterSum(6))
+    apply_reparam_structure(fresh, json.loads(json.dumps(records)))
+    result = fresh.load_state_dict(merged.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(_input(6)), merged(_input(6)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    big=st.sampled_from([3, 5]),
+    small=st.sampled_from([1, 3]),
+    stride=st.sampled_from([1, 2]),
+    groups=st.sampled_from([1, 2, 4]),
+    dilation=st.sampled_from([1, 2]),
+    alpha=st.floats(-2.0, 2.0).filter(lambda a: abs(a) > 0.05),
+    identity=st.booleans(),
+    seed=st.integers(0, 1000))
+def test_generic_merge_property(big, small, stride, groups, dilation, alpha,
+                                identity, seed):
+
+    class Block(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.big = ConvBN(8, 8, big, stride, groups, dilation=dilation)
+            self.small = ConvBN(8, 8, small, stride, groups,
+                                dilation=dilation)
+            self.alpha = nn.Parameter(torch.tensor([alpha]))
+            self.id = nn.BatchNorm2d(8) \
+                if identity and stride == 1 else None
+
+        def forward(self, x):
+            out = self.big(x) + self.alpha * self.small(x)
+            if self.id is not None:
+                out = out + self.id(x)
+            return out
+
+    block = nn.Sequential(Block())
+    merged, records, rel = _reparam_and_compare(
+        _prepare(block, seed), _input(8, 11, seed))
+    assert rel <= RTOL
+    assert len(_convs(merged)) == 1 and not _norms(merged)
+
+
+# -- left alone, with the reason ----------------------------------------------
+
+
+class NormBeforeConv(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(8)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.other = ConvBN(8, 8, 3)
+
+    def forward(self, x):
+        return self.conv(self.bn(x)) + self.other(x)
+
+
+class TwoConvsInSeries(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.first = ConvBN(8, 8, 3)
+        self.second = ConvBN(8, 8, 1)
+        self.other = ConvBN(8, 8, 3)
+
+    def forward(self, x):
+        return self.second(self.first(x)) + self.other(x)
+
+
+class ActivationInBranch(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.a = ConvBN(8, 8, 3)
+        self.b = ConvBN(8, 8, 1)
+
+    def forward(self, x):
+        return self.a(x) + torch.relu(self.b(x))
+
+
+class GroupNormBranch(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.b = ConvBN(8, 8, 1)
+
+    def forward(self, x):
+        return self.gn(self.conv(x)) + self.b(x)
+
+
+class MisalignedPadding(nn.Module):
+    """Unpadded 3x3 and 1x1 with stride 3 give one output size (on 12x12)
+    but different centres."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = ConvBN(8, 8, 3, stride=3, padding=0)
+        self.b = ConvBN(8, 8, 1, stride=3, padding=0)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+class ValueDependent(nn.Module):
+    """Control flow on the input: no torch.fx proof."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = ConvBN(8, 8, 3)
+        self.b = ConvBN(8, 8, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.a(x) + self.b(x)
+        return self.a(x) + self.b(x)
+
+
+@pytest.mark.parametrize('model, reason', [
+    (NormBeforeConv, 'normalises before its convolution'),
+    (TwoConvsInSeries, 'two convolutions'),
+    (ActivationInBranch, None),
+    (GroupNormBranch, None),
+    (MisalignedPadding, 'paddings do not line'),
+    (ValueDependent, None),
+])
+def test_unprovable_or_unmergeable_sums_are_left(model, reason):
+    block = nn.Sequential(model())
+    merged, records, rel = _reparam_and_compare(_prepare(block), _input(8))
+    assert rel == 0
+    assert not _merged(records)
+    assert type(merged[0]) is model
+    if reason is None:
+        assert records == []
+    else:
+        assert any(reason in r['reason'] for r in records), records
+
+
+def test_hooked_branch_is_left():
+    block = nn.Sequential(PaddleRepVggBlock(8, 8))
+    _prepare(block)
+    calls = []
+    block[0].conv2.conv.register_forward_hook(lambda *a: calls.append(1))
+    merged, records, _ = _reparam_and_compare(block, _input(8))
+    assert not _merged(records)
+    assert isinstance(merged[0], PaddleRepVggBlock)
+
+
+def test_training_mode_is_refused():
+    block = nn.Sequential(PaddleRepVggBlock(8, 8)).train()
+    with pytest.raises(mmfuse.FusionError, match='training mode'):
+        reparameterize(block)
+
+
+def test_structural_and_verified_agree():
+    block = _prepare(nn.Sequential(RepBlock(8, 8), RepBlock(8, 16, 2, 4)))
+    x = _input(8)
+    structural = copy.deepcopy(block)
+    reparameterize(structural)
+    verified = copy.deepcopy(block)
+    records = reparameterize(verified, (x, ))
+    assert all(r['verified_rel_error'] <= RTOL for r in records)
+    with torch.no_grad():
+        assert torch.equal(structural(x), verified(x))
+
+
+# -- the merge math -----------------------------------------------------------
+
+
+def test_identity_and_pool_kernels():
+    x = _input(8)
+    for groups in (1, 2, 8):
+        weight = identity_kernel(8, groups, (3, 3)).float()
+        out = F.conv2d(x, weight, padding=1, groups=groups)
+        assert torch.equal(out, x)
+        weight = avg_pool_kernel(8, groups, (3, 3), (5, 5)).float()
+        out = F.conv2d(x, weight, padding=2, groups=groups)
+        expected = F.avg_pool2d(x, 3, 1, 1)
+        assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_centre_kernel():
+    kernel = torch.randn(4, 2, 1, 3)
+    padded = centre_kernel(kernel, (3, 5))
+    assert padded.shape == (4, 2, 3, 5)
+    assert torch.equal(padded[:, :, 1, 1:4], kernel[:, :, 0])
+    assert padded.abs().sum() == kernel.abs().sum()
+    with pytest.raises(MergeError):
+        centre_kernel(kernel, (2, 3))
+
+
+def _conv_geometry(kernel, stride=1, padding=0, dilation=1, groups=1,
+                   channels=8, mode='zeros'):
+    return BranchGeometry('conv', (kernel, kernel), (stride, stride),
+                          (padding, padding), (dilation, dilation), groups,
+                          channels, channels, mode)
+
+
+def test_merge_geometry():
+    merged = merge_geometry(
+        [_conv_geometry(3, padding=1), _conv_geometry(1)])
+    assert merged == ConvGeometry(8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1)
+    assert ConvGeometry.from_dict(merged.to_dict()) == merged
+    cases = [
+        ([_conv_geometry(3, 2, 1), _conv_geometry(1)], 'stride'),
+        ([_conv_geometry(3, padding=1, groups=2), _conv_geometry(1)],
+         'groups'),
+        ([_conv_geometry(3, padding=1), _conv_geometry(2)], 'centred'),
+        ([_conv_geometry(3, padding=1), _conv_geometry(1, padding=1)],
+         'paddings'),
+        ([_conv_geometry(3, padding=1),
+          _conv_geometry(3, padding=2, dilation=2)], 'dilation'),
+        ([_conv_geometry(3, padding=1, mode='reflect'),
+          _conv_geometry(3, padding=1)], 'pad differently'),
+    ]
+    for branches, message in cases:
+        with pytest.raises(MergeError, match=message):
+            merge_geometry(branches)
+    # A 1x1 branch never reads padding: any mode merges.
+    merged = merge_geometry([_conv_geometry(3, padding=1, mode='reflect'),
+                             _conv_geometry(1)])
+    assert merged.padding_mode == 'reflect'
+
+
+# -- the registry -------------------------------------------------------------
+
+
+class OpaqueBlock(nn.Module):
+    """A sum torch.fx cannot prove (control flow on the input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = ConvBN(8, 8, 3)
+        self.b = ConvBN(8, 8, 1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        if x.shape[-1] > 0 and bool(x.abs().sum() >= 0):
+            return self.act(self.a(x) + self.b(x))
+        return x
+
+
+class OpaqueSubclass(OpaqueBlock):
+    pass
+
+
+def test_user_entry_and_exact_class_lookup():
+
+    @REPARAMETERIZERS.register_module()
+    class OpaqueBlockRule(Reparameterizer):
+        targets = (OpaqueBlock, )
+
+        def branches(self, block):
+            return BranchSum([
+                Term([conv_op(block.a.conv), norm_op(block.a.bn)]),
+                Term([conv_op(block.b.conv), norm_op(block.b.bn)])
+            ], ['act'])
+
+    try:
+        model = _prepare(nn.Sequential(OpaqueBlock(), OpaqueSubclass()))
+        merged, records, rel = _reparam_and_compare(model, _input(8))
+        assert rel <= RTOL
+        assert [r['rule'] for r in _merged(records)] == ['OpaqueBlockRule']
+        assert isinstance(merged[0], nn.Sequential)
+        assert isinstance(merged[1], OpaqueSubclass)
+    finally:
+        REPARAMETERIZERS._module_dict.pop('OpaqueBlockRule')
+
+
+def test_wrong_entry_is_undone_by_verification():
+
+    @REPARAMETERIZERS.register_module()
+    class WrongRule(Reparameterizer):
+        targets = (OpaqueBlock, )
+
+        def branches(self, block):  # forgets the 1x1 branch
+            return BranchSum(
+                [Term([conv_op(block.a.conv), norm_op(block.a.bn)])], ['act'])
+
+    try:
+        model = _prepare(nn.Sequential(OpaqueBlock(), RepBlock(8, 8)))
+        x = _input(8)
+        merged, records, rel = _reparam_and_compare(model, x,
+                                                    example_inputs=(x, ))
+        assert rel <= RTOL
+        wrong = [r for r in records if r['rule'] == 'WrongRule'][0]
+        assert not wrong['merged'] and 'undone' in wrong['reason']
+        assert isinstance(merged[0], OpaqueBlock)
+        assert isinstance(merged[1], nn.Sequential)
+    finally:
+        REPARAMETERIZERS._module_dict.pop('WrongRule')
+
+
+class DeployMethodBlock(OpaqueBlock):
+    """Has its own ``switch_to_deploy`` (and no entry)."""
+
+    def switch_to_deploy(self):
+        weight, bias = 0, 0
+        for branch in (self.a, self.b):
+            bn = branch.bn
+            scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+            kernel = branch.conv.weight * scale.reshape(-1, 1, 1, 1)
+            pad = (3 - kernel.shape[-1]) // 2
+            weight = weight + F.pad(kernel, [pad] * 4)
+            bias = bias + bn.bias - bn.running_mean * scale
+        self.fused = nn.Conv2d(8, 8, 3, padding=1)
+        self.fused.weight.data = weight.detach()
+        self.fused.bias.data = bias.detach()
+        del self.a, self.b
+
+    def forward(self, x):
+        if hasattr(self, 'fused'):
+            return self.act(self.fused(x))
+        return super().forward(x)
+
+
+def test_deploy_methods_only_on_opt_in():
+    model = _prepare(nn.Sequential(DeployMethodBlock()))
+    x = _input(8)
+    _, records, _ = _reparam_and_compare(model, x)
+    assert records == []
+    merged, records, rel = _reparam_and_compare(model, x,
+                                                call_deploy_methods=True)
+    assert rel <= RTOL
+    assert [r['rule'] for r in records] == ['method:switch_to_deploy']
+    assert hasattr(merged[0], 'fused') and not hasattr(model[0], 'fused')
+    fresh = nn.Sequential(DeployMethodBlock())
+    apply_reparam_structure(fresh, records)
+    result = fresh.load_state_dict(merged.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+# -- built-ins against the real classes' own switch_to_deploy -----------------
+
+
+def _own_and_ours(block, x, deploy_conv, use_registry=True,
+                  own_deploy=lambda block: block.switch_to_deploy(),
+                  own_forward_right=True):
+    """Compare our deploy form of ``block`` with its own switch_to_deploy.
+    """
+    model = _prepare(nn.Sequential(block))
+    with torch.no_grad():
+        reference = model(x)
+    own = copy.deepcopy(model)
+    own_deploy(own[0])
+    ours = copy.deepcopy(model)
+    records = reparameterize(ours, use_registry=use_registry)
+    assert len(_merged(records)) == 1, records
+    with torch.no_grad():
+        own_out, our_out = own(x), ours(x)
+    assert output_error(reference, our_out)[1] <= RTOL
+    own_error = output_error(own_out, our_out)[1]
+    assert (own_error <= RTOL) == own_forward_right
+    deploy = ours[0] if isinstance(ours[0], nn.Conv2d) else ours[0].conv
+    theirs = deploy_conv(own[0])
+    for name in ('kernel_size', 'stride', 'padding', 'dilation', 'groups'):
+        assert getattr(deploy, name) == getattr(theirs, name), name
+    scale = theirs.weight.abs().max()
+    assert (deploy.weight - theirs.weight).abs().max() <= 1e-5 * scale
+    assert torch.allclose(deploy.bias, theirs.bias, rtol=1e-5, atol=1e-5)
+    assert len(_convs(ours[0])) == len(_convs(own[0]))
+    assert not _norms(ours[0])
+    return records
+
+
+@pytest.mark.parametrize('use_registry', [True, False],
+                         ids=['entry', 'generic'])
+@pytest.mark.parametrize('stride, groups, se', [(1, 1, False), (2, 2, False),
+                                                (1, 4, True)])
+def test_mmpretrain_repvgg_block(stride, groups, se, use_registry):
+    from mmpretrain.models.backbones.repvgg import RepVGGBlock
+    se_cfg = dict(ratio=4, divisor=1) if se else None
+    block = RepVGGBlock(16, 16, stride=stride, groups=groups, se_cfg=se_cfg)
+    # mmpretrain 1.2.0's deploy forward returns branch_reparam(x) before
+    # the SE layer: its own conversion computes the same conv but drops SE.
+    records = _own_and_ours(block, _input(16), lambda b: b.branch_reparam,
+                            use_registry, own_forward_right=not se)
+    assert records[0]['rule'] == ('MMPretrainRepVGGBlock'
+                                  if use_registry else 'generic')
+
+
+@pytest.mark.parametrize('use_registry', [True, False],
+                         ids=['entry', 'generic'])
+@pytest.mark.parametrize('kernel, stride, groups, num_convs', [
+    (3, 1, 16, 4), (3, 2, 16, 1), (1, 1, 1, 3)])
+def test_mmpretrain_mobileone_block(kernel, stride, groups, num_convs,
+                                    use_registry):
+    from mmpretrain.models.backbones.mobileone import MobileOneBlock
+    block = MobileOneBlock(16, 16, kernel, num_convs, stride=stride,
+                           padding=kernel // 2, groups=groups)
+    _own_and_ours(block, _input(16), lambda b: b.branch_reparam,
+                  use_registry)
+
+
+@pytest.mark.parametrize('use_registry', [True, False],
+                         ids=['entry', 'generic'])
+def test_mmpretrain_large_kernel(use_registry):
+    from mmpretrain.models.backbones.replknet import ReparamLargeKernelConv
+    for args in ((16, 16, 7, 1, 16, 3), (16, 16, 5, 2, 4, 3)):
+        _own_and_ours(ReparamLargeKernelConv(*args), _input(16),
+                      lambda b: b.lkb_reparam, use_registry,
+                      lambda b: b.merge_kernel())
+
+
+@pytest.fixture(scope='module', autouse=False)
+def mmyolo_registered():
+    from mmyolo.utils import register_all_modules
+    register_all_modules(init_default_scope=False)
+
+
+@pytest.mark.parametrize('use_registry', [True, False],
+                         ids=['entry', 'generic'])
+@pytest.mark.parametrize('stride, groups, alpha, bn_first', [
+    (1, 1, None, True), (2, 1, None, True), (1, 4, 0.37, False),
+    (2, 2, -1.3, True), (1, 1, 2.0, True)])
+def test_mmyolo_repvgg_block(stride, groups, alpha, bn_first, use_registry,
+                             mmyolo_registered):
+    from mmyolo.models.layers.yolo_bricks import RepVGGBlock
+    block = RepVGGBlock(16, 16, stride=stride, groups=groups,
+                        use_alpha=alpha is not None, use_bn_first=bn_first)
+    if alpha is not None:
+        with torch.no_grad():
+            block.alpha.fill_(alpha)
+    records = _own_and_ours(block, _input(16), lambda b: b.rbr_reparam,
+                            use_registry)
+    branches = records[0]['convs'][0]['branches']
+    assert any(b.startswith('alpha * ') for b in branches) == \
+        (alpha is not None)
+    assert len(branches) == (3 if stride == 1 and bn_first else 2)
+
+
+@pytest.mark.parametrize('use_registry', [True, False],
+                         ids=['entry', 'generic'])
+def test_mmpose_repvgg_block(use_registry):
+    from mmpose.models.utils.reparam_layers import RepVGGBlock
+    block = RepVGGBlock(16, 16, without_branch_norm=False)
+    _own_and_ours(block, _input(16), lambda b: b.conv_reparam,
+                  use_registry)
+
+
+# -- real models from shipped configs -----------------------------------------
+
+
+_OWN_DEPLOY = {
+    'repvgg_a0': 'mmpretrain.models.backbones.repvgg.RepVGGBlock',
+    'mobileone_s1': 'mmpretrain.models.backbones.mobileone.MobileOneBlock',
+    'yolov6_s': 'mmyolo.models.layers.yolo_bricks.RepVGGBlock',
+    'ppyoloe_plus_s': 'mmyolo.models.layers.yolo_bricks.RepVGGBlock',
+}
+
+
+def _own_deploy(model: nn.Module, class_path: str) -> int:
+    count = 0
+    for module in list(model.modules()):
+        cls = type(module)
+        if f'{cls.__module__}.{cls.__qualname__}' == class_path:
+            module.switch_to_deploy()
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize('name', list(_OWN_DEPLOY))
+def test_real_models(name):
+    model, inputs = build_reparam_model(name, input_hw=(64, 64))
+    with torch.no_grad():
+        reference = model(*inputs)
+    own = copy.deepcopy(model)
+    blocks = _own_deploy(own, _OWN_DEPLOY[name])
+    assert blocks > 0
+    multi_branch = None
+    for use_registry in (True, False):
+        ours = copy.deepcopy(model)
+        records = reparameterize(ours, inputs, use_registry=use_registry)
+        merged = _merged(records)
+        assert all(r['verified_rel_error'] <= RTOL for r in merged)
+        if use_registry:
+            # Every block its own conversion converts, single-branch ones
+            # (MobileOne's 1x1 blocks that change width) included.
+            assert len(merged) == blocks
+            multi_branch = sum(1 for r in merged
+                               if len(r['convs'][0]['branches']) > 1)
+        else:
+            # The generic merge takes every sum of two branches or more;
+            # single conv+BN branches are left to the core's folding.
+            assert len(merged) == multi_branch
+        with torch.no_grad():
+            output = ours(*inputs)
+            own_output = own(*inputs)
+        assert output_error(reference, output)[1] <= RTOL
+        assert output_error(own_output, output)[1] <= RTOL
+        for record in merged:
+            block = ours.get_submodule(record['module'])
+            kept = {origin for _, origin in record['layers'] if origin}
+            convs = [m for n, m in block.named_modules()
+                     if isinstance(m, nn.Conv2d)
+                     and not any(n.startswith(k.replace('.', '_'))
+                                 for k in kept)]
+            assert len(convs) == 1, record['module']
+    fused = copy.deepcopy(model)
+    report = mmfuse.fuse_model(fused, inputs)
+    assert report.max_rel_error <= RTOL
+    assert len(_merged(report.reparameterized)) == blocks
+    with torch.no_grad():
+        assert output_error(reference, fused(*inputs))[1] <= 2 * RTOL
+    assert not [m for m in fused.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    json.dumps(report.to_dict())
+
+
+@pytest.mark.parametrize('name', ['repvgg_a0', 'ppyoloe_plus_s'])
+def test_checkpoint_round_trip(name):
+    model, inputs = build_reparam_model(name, input_hw=(64, 64))
+    report = mmfuse.fuse_model(model, inputs)
+    assert _merged(report.reparameterized)
+    meta = json.loads(json.dumps(report.to_dict()))
+    state = copy.deepcopy(model.state_dict())
+    # A model built from the training config, with no deploy=True edit.
+    fresh, _ = build_reparam_model(name, seed=5, randomize=False)
+    fresh.train()
+    apply_reparam_structure(fresh, meta['reparameterized'])
+    apply_plan(fresh, mmfuse.FusionPlan.from_dict(
+        {'folds': meta['folded']}))
+    result = fresh.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    fresh.eval()
+    with torch.no_grad():
+        assert output_error(model(*inputs), fresh(*inputs))[1] == 0
+    # Records that do not fit the model are refused.
+    other, _ = build_reparam_model(
+        'mobileone_s1' if name == 'repvgg_a0' else 'yolov6_s',
+        randomize=False)
+    with pytest.raises(mmfuse.FusionError):
+        apply_reparam_structure(other, meta['reparameterized'])
+
+
+def test_fuse_model_option_and_report():
+    block = _prepare(nn.Sequential(RepBlock(8, 8), RepBlock(8, 16, 2, 4)))
+    x = _input(8)
+    kept = copy.deepcopy(block)
+    report = mmfuse.fuse_model(kept, (x, ), reparameterize=False)
+    assert report.reparameterized == []
+    assert isinstance(kept[0], RepBlock)
+    merged = copy.deepcopy(block)
+    report = mmfuse.fuse_model(merged, (x, ))
+    assert len(_merged(report.reparameterized)) == 2
+    assert 're-parameterized 2 blocks' in report.summary()
+    assert 'reparam:generic' in str(report)
+    assert report.to_dict()['reparameterized'][0]['module'] == '0'
+    with torch.no_grad():
+        assert output_error(block(x), merged(x))[1] <= RTOL
