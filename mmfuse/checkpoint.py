@@ -7,17 +7,19 @@ A fused checkpoint is an ordinary MMEngine checkpoint::
               'mmfuse': {'format_version': 1,
                          'mmfuse_version': '0.1.0',
                          'plan': <FusionPlan.to_dict()>,
+                         'reparameterized': <merged blocks>,
                          'report': <summary of the fusion>,
                          'source_checkpoint': {'filename': ..., 'sha256': ...},
                          'config': {'filename': ..., 'cfg_options': ...},
                          'created': <ISO 8601 time>}}}
 
 Everything in it is a tensor or a plain Python value, so it loads with
-``torch.load(weights_only=True)``.  The plan names every norm replaced by an
-identity and every conv that absorbed one, which is all that is needed to
-turn a model freshly built from the original config into the fused
-structure (:func:`convert_to_fused_structure`) so that the fused weights
-load with no missing or unexpected keys (:func:`load_fused_checkpoint`).
+``torch.load(weights_only=True)``.  ``reparameterized`` names every
+multi-branch block merged into one conv, the plan every norm replaced by an
+identity and every conv that absorbed one: all that is needed to turn a
+model freshly built from the original config into the fused structure
+(:func:`convert_to_fused_structure`) so that the fused weights load with no
+missing or unexpected keys (:func:`load_fused_checkpoint`).
 
 Source checkpoints are read with :func:`load_checkpoint_safely`:
 ``weights_only=True`` plus an allow-list of the benign types real OpenMMLab
@@ -45,8 +47,9 @@ __all__ = [
     'FORMAT_VERSION', 'META_KEY', 'CheckpointError', 'UnsafeCheckpointError',
     'load_checkpoint_safely', 'file_sha256', 'get_state_dict', 'fused_meta',
     'make_fused_checkpoint', 'atomic_save', 'save_fused_checkpoint',
-    'convert_to_fused_structure', 'is_fused_structure', 'fused_plan_of',
-    'mark_fused', 'describe_key_mismatch',
+    'convert_to_fused_structure', 'is_fused_structure', 'fused_record_of',
+    'mark_fused', 'fusion_record', 'rebuild_fused_structure',
+    'describe_key_mismatch',
     'load_fused_checkpoint', 'plain_value'
 ]
 
@@ -54,8 +57,8 @@ __all__ = [
 FORMAT_VERSION = 1
 #: Key of the mmfuse record in a checkpoint's ``meta``.
 META_KEY = 'mmfuse'
-#: Attribute set on a model converted to the fused structure: the plan.
-_FUSED_ATTR = '_mmfuse_fused_plan'
+#: Attribute set on a fused model: its :func:`fusion_record`.
+_FUSED_ATTR = '_mmfuse_fusion_record'
 
 
 class CheckpointError(FusionError):
@@ -358,11 +361,13 @@ def make_fused_checkpoint(model: nn.Module,
                                            notes, 'meta.dataset_meta')
     if source_sha256 is None and source_path is not None:
         source_sha256 = file_sha256(source_path)
+    record = fusion_record(report)
     meta[META_KEY] = {
         'format_version': FORMAT_VERSION,
         'mmfuse_version': __version__,
         'torch_version': str(torch.__version__),
-        'plan': report.plan.to_dict(),
+        'plan': record['plan'],
+        'reparameterized': record['reparameterized'],
         'report': _report_record(report),
         'source_checkpoint': {
             'filename': os.path.basename(source_path)
@@ -445,48 +450,46 @@ def save_fused_checkpoint(model: nn.Module, report: FusionReport, path: str,
     return checkpoint
 
 
-def is_fused_structure(model: nn.Module) -> bool:
-    """Whether ``model`` was converted by :func:`convert_to_fused_structure`
-    (or marked fused by :class:`mmfuse.hook.FuseConvBNHook`)."""
-    return fused_plan_of(model) is not None
+def fusion_record(report: FusionReport) -> Dict:
+    """What a fusion changed in a model's structure, as plain data.
+
+    ``{'plan': <FusionPlan.to_dict()>, 'reparameterized': [...]}``: the
+    multi-branch blocks merged by :func:`mmfuse.reparam.reparameterize`
+    (applied first) and the folds (applied next).
+    """
+    return {
+        'plan': report.plan.to_dict(),
+        'reparameterized': plain_value(
+            [r for r in report.reparameterized if r.get('merged')],
+            where='reparameterized'),
+    }
 
 
-def fused_plan_of(model: nn.Module) -> Optional[Dict]:
-    """The plan (as a dict) a fused model was marked with, or None."""
+def fused_record_of(model: nn.Module) -> Optional[Dict]:
+    """The :func:`fusion_record` a model was marked with, or None."""
     return getattr(unwrap_model(model), _FUSED_ATTR, None)
 
 
-def mark_fused(model: nn.Module, plan: FusionPlan) -> None:
-    """Remember on ``model`` that ``plan`` has been applied to it."""
-    object.__setattr__(unwrap_model(model), _FUSED_ATTR, plan.to_dict())
+def is_fused_structure(model: nn.Module) -> bool:
+    """Whether ``model`` was fused or converted to a fused structure by
+    mmfuse's checkpoint loading or :class:`mmfuse.hook.FuseConvBNHook`."""
+    return fused_record_of(model) is not None
 
 
-def convert_to_fused_structure(model: nn.Module,
-                               checkpoint_or_record: Dict) -> FusionPlan:
-    """Turn a freshly built, unfused model into the fused structure.
+def mark_fused(model: nn.Module, record: Dict) -> None:
+    """Remember on ``model`` that the fusion ``record`` describes is done."""
+    object.__setattr__(unwrap_model(model), _FUSED_ATTR, record)
 
-    Norms the plan folded become ``nn.Identity``, the convs that absorbed
-    them get a bias (and their own copy where a conv was shared), so that
-    the fused ``state_dict`` loads with no missing or unexpected keys.  The
-    weights are whatever the model held; load the checkpoint next.
 
-    Args:
-        model: Built from the config the fused checkpoint was made from.
-        checkpoint_or_record: A fused checkpoint or its ``meta['mmfuse']``.
-
-    Returns:
-        The plan applied.
+def rebuild_fused_structure(model: nn.Module, record: Dict) -> None:
+    """Give ``model`` the structure described by a :func:`fusion_record`:
+    merged blocks first, then the folds.  Values are placeholders until a
+    fused state dict is loaded.  Marks the model fused.
 
     Raises:
-        CheckpointError: Not a fused checkpoint, the model is already
-            converted, or the plan does not fit the model.
+        CheckpointError: The record does not fit the model.
     """
-    record = fused_meta(checkpoint_or_record)
-    if record is None and isinstance(checkpoint_or_record, dict) and \
-            'plan' in checkpoint_or_record:
-        record = checkpoint_or_record
-    if record is None:
-        raise CheckpointError('not a fused checkpoint (no meta.mmfuse)')
+    from .reparam import apply_reparam_structure
     model = unwrap_model(model)
     if is_fused_structure(model):
         raise CheckpointError('the model is already fused')
@@ -495,15 +498,50 @@ def convert_to_fused_structure(model: nn.Module,
     model.eval()
     try:
         with torch.no_grad():
+            apply_reparam_structure(model, record.get('reparameterized', []))
             apply_plan(model, plan)
-    except (AttributeError, KeyError, RuntimeError, ValueError) as error:
+    except (AttributeError, KeyError, RuntimeError, ValueError,
+            FusionError) as error:
         raise CheckpointError(
-            'the fused checkpoint does not fit this model (was it made from '
+            'the fusion record does not fit this model (was it made from '
             f'another config?): {_first_line(error)}') from None
     finally:
         model.train(was_training)
-    mark_fused(model, plan)
-    return plan
+    mark_fused(model, {
+        'plan': record['plan'],
+        'reparameterized': record.get('reparameterized', [])
+    })
+
+
+def convert_to_fused_structure(model: nn.Module,
+                               checkpoint_or_record: Dict) -> Dict:
+    """Turn a freshly built, unfused model into the fused structure.
+
+    Multi-branch blocks that were merged become the merged conv; norms that
+    were folded become ``nn.Identity``; the convs that absorbed them get a
+    bias (and their own copy where a conv was shared), so that the fused
+    ``state_dict`` loads with no missing or unexpected keys.  The weights
+    are placeholders; load the checkpoint next.
+
+    Args:
+        model: Built from the config the fused checkpoint was made from.
+        checkpoint_or_record: A fused checkpoint or its ``meta['mmfuse']``.
+
+    Returns:
+        The fusion record applied (``plan`` and ``reparameterized``).
+
+    Raises:
+        CheckpointError: Not a fused checkpoint, the model is already
+            converted, or the record does not fit the model.
+    """
+    record = fused_meta(checkpoint_or_record)
+    if record is None and isinstance(checkpoint_or_record, dict) and \
+            isinstance(checkpoint_or_record.get('plan'), dict):
+        record = checkpoint_or_record
+    if record is None:
+        raise CheckpointError('not a fused checkpoint (no meta.mmfuse)')
+    rebuild_fused_structure(model, record)
+    return fused_record_of(model)
 
 
 def load_fused_checkpoint(model: nn.Module,

@@ -13,19 +13,18 @@ import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from mmengine.dist import (all_reduce, broadcast_object_list, get_rank,
-                           get_world_size)
+from mmengine.dist import (all_gather_object, all_reduce, broadcast,
+                           broadcast_object_list, get_rank, get_world_size)
 from mmengine.hooks import EMAHook, Hook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 from torch import nn
 
 from .api import FusionError, fuse_model, unwrap_model
-from .checkpoint import (convert_to_fused_structure, fused_meta, fused_plan_of,
-                         is_fused_structure, mark_fused)
-from .plan import FusionPlan
+from .checkpoint import (convert_to_fused_structure, fused_meta,
+                         fused_record_of, fusion_record, is_fused_structure,
+                         mark_fused, rebuild_fused_structure)
 from .report import FusionReport
-from .surgery import apply_plan, undo_folds
 from .verify import default_rtol, output_error
 
 __all__ = ['FuseConvBNHook', 'forward_args']
@@ -45,13 +44,12 @@ class FuseConvBNHook(Hook):
       first test batch after the model's ``data_preprocessor``, passed as
       ``model(inputs, data_samples, 'tensor')``; it serves discovery and
       verification.  The report is logged once, on rank 0.  With an
-      ``EMAHook``, the averaged copy it keeps gets the same folds, so its
-      swaps stay consistent.
+      ``EMAHook``, the averaged copy it keeps is fused the same way, so its
+      swap back after the test stays consistent.
     * **Validation** (``fuse_val``, off by default): each validation runs
-      on a fused deep copy of the model, so training weights, optimizer
-      state, batch norm running statistics and ``EMAHook`` weights are
-      untouched.  The plan found the first time is reused and checked
-      against the unfused copy on the first batch each time; if that check
+      on a fused deep copy of the model (fused on that validation's first
+      batch), so training weights, optimizer state, batch norm running
+      statistics and ``EMAHook`` weights are untouched.  If fusing the copy
       fails, that validation runs unfused, with a warning.
     * **Fused checkpoints**: when the runner loads a checkpoint whose
       ``meta`` has an ``'mmfuse'`` record (written by
@@ -61,9 +59,12 @@ class FuseConvBNHook(Hook):
       the model as loaded.  This happens in ``after_load_checkpoint``, which
       MMEngine calls before it loads the weights; the hook's priority
       (``'ABOVE_NORMAL'``) puts it before ``EMAHook``.
-    * **Distributed**: rank 0 fuses with its first batch and broadcasts the
-      plan; every other rank applies exactly that plan and checks it on its
-      own first batch.  A failure on any rank raises on every rank.
+    * **Distributed**: rank 0 fuses with its first batch and broadcasts
+      what it changed; every other rank rebuilds exactly that structure,
+      receives rank 0's fused tensors and checks the result on its own
+      first batch, so every rank runs the same fused model.  A failure on
+      any rank fails on every rank (for validation: unfused, with a
+      warning).
 
     Example config::
 
@@ -130,7 +131,6 @@ class FuseConvBNHook(Hook):
         self.rtol = rtol
         self.log_table = log_table
         self.last_report: Optional[FusionReport] = None
-        self._val_plan: Optional[FusionPlan] = None
         self._val_original: Optional[nn.Module] = None
         self._val_swapped = False
 
@@ -144,19 +144,21 @@ class FuseConvBNHook(Hook):
             return
         model = unwrap_model(runner.model)
         if is_fused_structure(model):
-            if fused_plan_of(model) != record['plan']:
+            if fused_record_of(model)['plan'] != record['plan']:
                 raise FusionError(
-                    'FuseConvBNHook: the model is already fused with another '
-                    'plan than the checkpoint being loaded')
+                    'FuseConvBNHook: the model is already fused, otherwise '
+                    'than the checkpoint being loaded')
             return
-        plan = convert_to_fused_structure(model, record)
+        convert_to_fused_structure(model, record)
         for ema_module in _ema_modules(runner):
             if not is_fused_structure(ema_module):
                 convert_to_fused_structure(ema_module, record)
         source = record.get('source_checkpoint') or {}
         self._log(
             f'FuseConvBNHook: loading a fused checkpoint (mmfuse '
-            f'{record.get("mmfuse_version")}, {len(plan.folds)} folds, from '
+            f'{record.get("mmfuse_version")}, '
+            f'{len(record["plan"].get("folds", []))} folds, '
+            f'{len(record.get("reparameterized", []))} merged blocks, from '
             f'{source.get("filename")}); model turned into the fused '
             'structure')
 
@@ -173,14 +175,31 @@ class FuseConvBNHook(Hook):
         if is_fused_structure(model):
             return
         model.eval()
-        _, plan = self._fuse_everywhere(model, data_batch, 'test')
-        mark_fused(model, plan)
+        example = self._example_inputs(model, data_batch)
+        record = self._fuse_everywhere(model, example, 'test')
+        if record is None:
+            raise FusionError('FuseConvBNHook: fusing for test failed')
         for ema_module in _ema_modules(runner):
-            if not is_fused_structure(ema_module):
-                ema_module.eval()
-                with torch.no_grad():
-                    apply_plan(ema_module, plan)
-                mark_fused(ema_module, plan)
+            self._fuse_ema_module(ema_module, example, record)
+
+    def _fuse_ema_module(self, module: nn.Module, example: Optional[Tuple],
+                         record: Dict) -> None:
+        """Fuse the averaged copy an ``EMAHook`` keeps (it holds the source
+        weights while the model tests with the averaged ones) the same way,
+        so that ``EMAHook`` swapping them back stays consistent."""
+        if is_fused_structure(module):
+            return
+        module.eval()
+        report = fuse_model(module, example,
+                            verify=self.verify and example is not None,
+                            rtol=self.rtol)
+        mine = fusion_record(report)
+        if mine != record:
+            raise FusionError(
+                'FuseConvBNHook: the EMAHook copy of the model fuses '
+                'differently from the model; set use_batch=False or drop '
+                'EMAHook at test time')
+        mark_fused(module, mine)
 
     # -------------------------------------------------------- validation
 
@@ -198,20 +217,11 @@ class FuseConvBNHook(Hook):
         fused = copy.deepcopy(model).eval()
         for param in fused.parameters():
             param.grad = None
-        with torch.no_grad():
-            if self._val_plan is None:
-                report, plan = self._fuse_everywhere(fused, data_batch, 'val')
-                if plan is None:
-                    self._log('FuseConvBNHook: fusing for validation failed '
-                              'on a rank; validating unfused', 'WARNING')
-                    return
-                self._val_plan = plan
-            elif not self._apply_checked(fused, self._val_plan, data_batch):
-                self._log(
-                    'FuseConvBNHook: the fused copy is off by more than '
-                    'rtol on this validation; validating unfused', 'WARNING')
-                return
-        mark_fused(fused, self._val_plan)
+        example = self._example_inputs(fused, data_batch)
+        if self._fuse_everywhere(fused, example, 'val') is None:
+            self._log('FuseConvBNHook: fusing the copy for validation failed; '
+                      'validating unfused', 'WARNING')
+            return
         self._val_original = runner.model
         runner.model = fused
 
@@ -224,72 +234,70 @@ class FuseConvBNHook(Hook):
 
     # ---------------------------------------------------------- helpers
 
-    def _fuse_everywhere(
-            self, model: nn.Module, data_batch: Any,
-            stage: str) -> Tuple[Optional[FusionReport], Optional[FusionPlan]]:
-        """Fuse ``model`` on rank 0, the same plan on the other ranks.
+    def _fuse_everywhere(self, model: nn.Module, example: Optional[Tuple],
+                         stage: str) -> Optional[Dict]:
+        """Fuse ``model`` on rank 0 and make every other rank's model the
+        same: rank 0's fusion record is broadcast, the other ranks rebuild
+        that structure and receive rank 0's fused tensors, then each rank
+        checks the result on its own first batch.
 
-        Returns ``(report, plan)``; ``report`` is None on other ranks, both
-        are None when some rank failed (after the model is restored)."""
+        Returns:
+            The fusion record, or None when fusing failed on some rank and
+            ``stage`` is ``'val'`` (for ``'test'`` that raises).
+        """
+        verify = self.verify and example is not None
         world_size = get_world_size()
-        example = self._example_inputs(model, data_batch)
-        report = None
+        rank = get_rank()
+        record = None
         message = None
-        if get_rank() == 0:
+        reference = None
+        if rank == 0:
             try:
-                report = fuse_model(model, example,
-                                    verify=self.verify and example is not None,
-                                    rtol=self.rtol)
+                with torch.no_grad():
+                    report = fuse_model(model, example, verify=verify,
+                                        rtol=self.rtol)
+                record = fusion_record(report)
+                self.last_report = report
+                self._log(f'FuseConvBNHook ({stage}): ' +
+                          (str(report) if self.log_table else
+                           report.summary()))
             except FusionError as error:
                 message = str(error)
         if world_size > 1:
-            shared: List[Any] = [
-                report.plan.to_dict() if report is not None else message
-            ]
+            shared: List[Any] = [record if message is None else message]
             broadcast_object_list(shared, src=0)
-            if isinstance(shared[0], str) or shared[0] is None:
-                message = shared[0] or 'fusion failed on rank 0'
-            elif get_rank() != 0:
-                plan = FusionPlan.from_dict(shared[0])
-                if not self._apply_checked(model, plan, data_batch, example):
-                    message = (f'rank {get_rank()}: the fused model is off by '
-                               'more than rtol on its first batch')
-            failed = torch.tensor([0 if message is None else 1])
-            all_reduce(failed)
-            if int(failed.item()) and message is None:
-                message = 'fusion failed on another rank'
+            if isinstance(shared[0], str):
+                message = shared[0]
+            elif rank != 0:
+                record = shared[0]
+                with torch.no_grad():
+                    if verify:
+                        reference = model(*example)
+                try:
+                    rebuild_fused_structure(model, record)
+                except FusionError as error:
+                    message = f'rank {rank}: {error}'
+            message = _first_failure(message, _same_everywhere(model))
+            if message is None:
+                _broadcast_tensors(model)
+                if rank != 0 and verify:
+                    with torch.no_grad():
+                        _, relative = output_error(reference,
+                                                   model(*example))
+                    tolerance = default_rtol(model) if self.rtol is None \
+                        else self.rtol
+                    if not relative <= tolerance:
+                        message = (f'rank {rank}: the fused model is off by '
+                                   f'{relative:.3g} > rtol {tolerance:g} on '
+                                   'its first batch')
+                message = _first_failure(message, None)
         if message is not None:
             if stage == 'val':
-                return None, None
+                self._log(f'FuseConvBNHook: {message}', 'WARNING')
+                return None
             raise FusionError(f'FuseConvBNHook: {message}')
-        if report is not None:
-            self.last_report = report
-            self._log(f'FuseConvBNHook ({stage}): ' +
-                      (str(report) if self.log_table else report.summary()))
-            return report, report.plan
-        return None, FusionPlan.from_dict(shared[0])
-
-    def _apply_checked(self,
-                       model: nn.Module,
-                       plan: FusionPlan,
-                       data_batch: Any,
-                       example: Optional[Tuple] = None) -> bool:
-        """Apply ``plan``; with verification, undo it and return False if
-        the output on the first batch moves by more than rtol."""
-        if example is None and self.use_batch:
-            example = self._example_inputs(model, data_batch)
-        check = self.verify and example is not None
-        with torch.no_grad():
-            reference = model(*example) if check else None
-            applied = apply_plan(model, plan)
-            if not check:
-                return True
-            _, relative = output_error(reference, model(*example))
-        tolerance = default_rtol(model) if self.rtol is None else self.rtol
-        if relative <= tolerance:
-            return True
-        undo_folds(applied)
-        return False
+        mark_fused(model, record)
+        return record
 
     def _example_inputs(self, model: nn.Module,
                         data_batch: Any) -> Optional[Tuple]:
@@ -306,6 +314,37 @@ class FuseConvBNHook(Hook):
         if get_rank() != 0:
             return
         print_log(message, logger='current', level=getattr(logging, level))
+
+
+def _first_failure(message: Optional[str],
+                   extra: Optional[str]) -> Optional[str]:
+    """Agree across ranks on whether something failed: every rank gets a
+    message when any rank has one."""
+    message = message or extra
+    failed = torch.tensor([0 if message is None else 1])
+    all_reduce(failed)
+    if int(failed.item()) and message is None:
+        message = 'fusion failed on another rank'
+    return message
+
+
+def _same_everywhere(model: nn.Module) -> Optional[str]:
+    """None when every rank's model has the same state dict layout."""
+    layout = [(key, tuple(value.shape), str(value.dtype))
+              for key, value in model.state_dict().items()]
+    layouts = all_gather_object(layout)
+    if any(other != layouts[0] for other in layouts):
+        return (f'rank {get_rank()}: the fused models differ in structure '
+                'across ranks')
+    return None
+
+
+def _broadcast_tensors(model: nn.Module) -> None:
+    """Give every rank rank 0's floating point parameters and buffers."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                broadcast(tensor, src=0)
 
 
 def forward_args(data: Any) -> Tuple:
