@@ -1,0 +1,321 @@
+"""FuseConvBNHook in a real MMEngine Runner.
+
+The demo config (``configs/demo/``: the demo net on synthetic images with a
+real metric) drives most tests; the round trips run real mmdet and mmseg
+models through the tool and through mmdet's and mmseg's own
+``tools/test.py``.
+"""
+import importlib
+import os
+
+import pytest
+import torch
+from hook_helpers import (DEMO_CONFIG, REAL, build_from_config, demo_config,
+                          load_dump, make_demo_checkpoint,
+                          make_real_checkpoint, package_tool,
+                          prediction_tensors, run_python, state_digest,
+                          write_real_config)
+from mmengine.config import Config
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS, DefaultScope
+from mmengine.runner import Runner
+from torch import nn
+
+from mmfuse import FuseConvBNHook
+from mmfuse.checkpoint import fused_record_of, load_checkpoint_safely
+from mmfuse.cli import main as tool_main
+
+
+@pytest.fixture(scope='module')
+def demo_checkpoint(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp('demo_checkpoint')
+    return make_demo_checkpoint(str(folder / 'demo.pth'))
+
+
+@pytest.fixture(scope='module')
+def fused_demo_checkpoint(tmp_path_factory, demo_checkpoint) -> str:
+    out = str(tmp_path_factory.mktemp('fused') / 'demo_fused.pth')
+    assert tool_main([DEMO_CONFIG, demo_checkpoint, out, '--quiet']) == 0
+    return out
+
+
+def _test_run(cfg, load_from: str):
+    cfg.load_from = load_from
+    runner = Runner.from_cfg(cfg)
+    metrics = runner.test()
+    return runner, metrics
+
+
+def _hook_of(runner) -> FuseConvBNHook:
+    hooks = [h for h in runner.hooks if isinstance(h, FuseConvBNHook)]
+    assert len(hooks) == 1
+    return hooks[0]
+
+
+def _norm_count(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for m in model.modules())
+
+
+def _assert_metrics_close(fused, unfused, rel=1e-5):
+    assert fused.keys() == unfused.keys()
+    assert fused['demo/accuracy'] == unfused['demo/accuracy']
+    for key in ('demo/mean_logit', 'demo/logit_checksum'):
+        assert fused[key] == pytest.approx(unfused[key], rel=rel)
+
+
+# ----------------------------------------------------------------- building
+
+
+@pytest.mark.parametrize('scope', ['mmengine', 'mmdet', 'mmseg',
+                                   'mmpretrain'])
+def test_hook_is_found_from_every_default_scope(scope):
+    with DefaultScope.overwrite_default_scope(scope):
+        hook = HOOKS.build(dict(type='FuseConvBNHook'))
+    assert isinstance(hook, FuseConvBNHook)
+    if scope != 'mmengine':
+        registry = importlib.import_module(f'{scope}.registry')
+        hook = registry.HOOKS.build(dict(type='FuseConvBNHook'))
+        assert isinstance(hook, FuseConvBNHook)
+
+
+@pytest.mark.parametrize('config', [
+    'mmdet/retinanet_r50_fpn_1x_coco_fuse.py',
+    'mmseg/pspnet_r50-d8_4xb2-40k_cityscapes-512x1024_fuse.py',
+    'demo/demo_classifier_fuse.py',
+])
+def test_example_configs_add_the_hook(config):
+    cfg = Config.fromfile(os.path.join(os.path.dirname(DEMO_CONFIG), '..',
+                                       config))
+    assert 'mmfuse' in cfg.custom_imports['imports']
+    assert cfg.custom_hooks == [dict(type='FuseConvBNHook')]
+    assert build_from_config(
+        os.path.join(os.path.dirname(DEMO_CONFIG), '..', config))
+
+
+@pytest.mark.parametrize('options, error, message', [
+    (dict(fuse_test='yes'), TypeError, 'fuse_test must be True or False'),
+    (dict(fuse_val=1), TypeError, 'fuse_val must be True or False'),
+    (dict(rtol='tight'), TypeError, 'rtol must be a number'),
+    (dict(rtol=-1e-4), ValueError, 'rtol must be positive'),
+    (dict(rtol=float('inf')), ValueError, 'rtol must be positive'),
+    (dict(rtol=1e-3, verify=False), ValueError, 'verify=False'),
+    (dict(fuse_test=False), ValueError, 'only load fused checkpoints'),
+    (dict(fuse_tests=True), TypeError, "unexpected keyword argument"),
+])
+def test_wrong_options_fail_when_the_hook_is_built(options, error, message):
+    with pytest.raises(error, match=message):
+        HOOKS.build(dict(type='FuseConvBNHook', **options))
+
+
+def test_wrong_option_fails_when_the_runner_is_built(tmp_path):
+    cfg = demo_config(str(tmp_path), hook=dict(rtol=0))
+    with pytest.raises(ValueError, match='rtol must be positive'):
+        Runner.from_cfg(cfg)
+
+
+# --------------------------------------------------------------------- test
+
+
+def test_test_metrics_equal_the_unfused_run(tmp_path, demo_checkpoint):
+    _, unfused = _test_run(demo_config(str(tmp_path / 'plain')),
+                           demo_checkpoint)
+    runner, fused = _test_run(demo_config(str(tmp_path / 'hook'), fuse=True),
+                              demo_checkpoint)
+    _assert_metrics_close(fused, unfused)
+    assert fused != unfused  # the fused model really ran
+    model = runner.model
+    assert not model.training
+    assert fused_record_of(model) is not None
+    assert _norm_count(model) < _norm_count(build_from_config(DEMO_CONFIG))
+    report = _hook_of(runner).last_report
+    assert report.verified and report.max_rel_error < 1e-4
+    assert len(report.folded) == len(
+        fused_record_of(model)['plan']['folds']) > 5
+    log_files = list((tmp_path / 'hook').rglob('*.log'))
+    text = ''.join(path.read_text() for path in log_files)
+    assert text.count('FuseConvBNHook (test): mmfuse: folded') == 1
+    assert 'into / reason' in text  # the table, logged once
+
+
+def test_structural_fusion_without_the_batch(tmp_path, demo_checkpoint):
+    _, unfused = _test_run(demo_config(str(tmp_path / 'plain')),
+                           demo_checkpoint)
+    runner, fused = _test_run(
+        demo_config(str(tmp_path / 'hook'), hook=dict(use_batch=False)),
+        demo_checkpoint)
+    _assert_metrics_close(fused, unfused)
+    report = _hook_of(runner).last_report
+    assert report.mode == 'structural' and not report.verified
+    assert report.folded
+
+
+def test_a_second_test_does_not_fuse_again(tmp_path, demo_checkpoint):
+    runner, first = _test_run(demo_config(str(tmp_path), fuse=True),
+                              demo_checkpoint)
+    report = _hook_of(runner).last_report
+    digest = state_digest(runner.model.state_dict())
+    second = runner.test()
+    assert second == first
+    assert _hook_of(runner).last_report is report
+    assert state_digest(runner.model.state_dict()) == digest
+
+
+# ------------------------------------------------------- fused checkpoints
+
+
+def test_fused_checkpoint_loads_through_the_runner(tmp_path, demo_checkpoint,
+                                                   fused_demo_checkpoint):
+    _, in_memory = _test_run(demo_config(str(tmp_path / 'mem'), fuse=True),
+                             demo_checkpoint)
+    runner, loaded = _test_run(
+        demo_config(str(tmp_path / 'ckpt'), fuse=True),
+        fused_demo_checkpoint)
+    assert loaded == in_memory
+    checkpoint = load_checkpoint_safely(fused_demo_checkpoint)
+    state = runner.model.state_dict()
+    assert state.keys() == checkpoint['state_dict'].keys()
+    for key, value in checkpoint['state_dict'].items():
+        assert torch.equal(state[key], value), key
+    record = fused_record_of(runner.model)
+    assert record['plan'] == checkpoint['meta']['mmfuse']['plan']
+    assert record['reparameterized'] == \
+        checkpoint['meta']['mmfuse']['reparameterized']
+    assert _hook_of(runner).last_report is None  # loaded, not fused again
+
+
+def test_without_the_hook_a_fused_checkpoint_does_not_fit(
+        tmp_path, demo_checkpoint, fused_demo_checkpoint):
+    _, unfused = _test_run(demo_config(str(tmp_path / 'plain')),
+                           demo_checkpoint)
+    _, wrong = _test_run(demo_config(str(tmp_path / 'nohook')),
+                         fused_demo_checkpoint)
+    assert wrong['demo/logit_checksum'] != pytest.approx(
+        unfused['demo/logit_checksum'], rel=1e-3)
+
+
+EMA = dict(type='EMAHook', momentum=0.2, update_buffers=True, priority=49)
+
+
+def test_ema_hook_at_test_time(tmp_path, demo_checkpoint,
+                               fused_demo_checkpoint):
+    plain = demo_config(str(tmp_path / 'plain'))
+    plain.custom_hooks = [EMA]
+    _, unfused = _test_run(plain, demo_checkpoint)
+    hooked = demo_config(str(tmp_path / 'mem'), fuse=True)
+    hooked.custom_hooks = [EMA, dict(type='FuseConvBNHook')]
+    runner, in_memory = _test_run(hooked, demo_checkpoint)
+    _assert_metrics_close(in_memory, unfused)
+    ema_hook = [h for h in runner.hooks if type(h).__name__ == 'EMAHook'][0]
+    assert fused_record_of(ema_hook.ema_model.module) == \
+        fused_record_of(runner.model)
+    loaded_cfg = demo_config(str(tmp_path / 'ckpt'), fuse=True)
+    loaded_cfg.custom_hooks = [EMA, dict(type='FuseConvBNHook')]
+    _, loaded = _test_run(loaded_cfg, fused_demo_checkpoint)
+    assert loaded == in_memory
+
+
+# --------------------------------------------------- validation in training
+
+
+def _train(work_dir: str, hook: dict, load_from: str):
+    cfg = demo_config(work_dir, hook=hook)
+    cfg.custom_hooks = [EMA] + list(cfg.get('custom_hooks', []))
+    cfg.load_from = load_from
+    runner = Runner.from_cfg(cfg)
+    val_metrics = []
+
+    class Recorder(Hook):
+        priority = 'VERY_LOW'
+
+        def after_val_epoch(self, runner, metrics=None):
+            val_metrics.append(dict(metrics))
+
+    runner.register_hook(Recorder())
+    runner.train()
+    return runner, val_metrics
+
+
+def test_validation_on_a_fused_copy_leaves_training_untouched(
+        tmp_path, demo_checkpoint):
+    plain, plain_val = _train(str(tmp_path / 'plain'), None, demo_checkpoint)
+    fused, fused_val = _train(
+        str(tmp_path / 'hook'), dict(fuse_test=False, fuse_val=True),
+        demo_checkpoint)
+    assert len(plain_val) == len(fused_val) == 2
+    for with_hook, without in zip(fused_val, plain_val):
+        _assert_metrics_close(with_hook, without, rel=1e-4)
+    assert fused_val != plain_val  # validation really ran fused
+    hook = _hook_of(fused)
+    assert hook.last_report is not None and hook.last_report.folded
+    # Training weights, BN statistics, optimizer state and EMA weights.
+    assert fused_record_of(fused.model) is None
+    assert state_digest(fused.model.state_dict()) == \
+        state_digest(plain.model.state_dict())
+    ema = [h for h in fused.hooks if type(h).__name__ == 'EMAHook'][0]
+    plain_ema = [h for h in plain.hooks if type(h).__name__ == 'EMAHook'][0]
+    assert state_digest(ema.ema_model.state_dict()) == \
+        state_digest(plain_ema.ema_model.state_dict())
+    optim = fused.optim_wrapper.state_dict()['state']
+    plain_optim = plain.optim_wrapper.state_dict()['state']
+    assert optim.keys() == plain_optim.keys()
+    for key in optim:
+        assert torch.equal(optim[key]['momentum_buffer'],
+                           plain_optim[key]['momentum_buffer'])
+    # The checkpoints written during training are the same too.
+    for epoch in (1, 2):
+        mine = torch.load(tmp_path / 'hook' / f'epoch_{epoch}.pth',
+                          weights_only=False)
+        theirs = torch.load(tmp_path / 'plain' / f'epoch_{epoch}.pth',
+                            weights_only=False)
+        assert state_digest(mine['state_dict']) == \
+            state_digest(theirs['state_dict'])
+
+
+# ------------------------------------------------ real models, round trip
+
+
+@pytest.mark.parametrize('package', sorted(REAL))
+def test_real_model_round_trip(tmp_path, package):
+    """tool -> fused checkpoint -> the codebase's own tools/test.py with the
+    hook -> the same predictions as fusing in memory."""
+    memory_dump = str(tmp_path / 'memory.pkl')
+    loaded_dump = str(tmp_path / 'loaded.pkl')
+    memory_cfg = write_real_config(str(tmp_path / 'memory_cfg.py'), package,
+                                   memory_dump)
+    loaded_cfg = write_real_config(str(tmp_path / 'loaded_cfg.py'), package,
+                                   loaded_dump)
+    source = make_real_checkpoint(memory_cfg, str(tmp_path / 'source.pth'))
+    fused = str(tmp_path / 'fused.pth')
+    assert tool_main([memory_cfg, source, fused, '--quiet']) == 0
+
+    # In memory: the runner loads the unfused checkpoint, the hook fuses.
+    cfg = Config.fromfile(memory_cfg)
+    cfg.work_dir = str(tmp_path / 'memory')
+    cfg.load_from = source
+    runner = Runner.from_cfg(cfg)
+    runner.test()
+    report = _hook_of(runner).last_report
+    assert report.verified and len(report.folded) >= 20
+
+    # The fused checkpoint through the codebase's unchanged test script.
+    result = run_python([
+        package_tool(package), loaded_cfg, fused, '--work-dir',
+        str(tmp_path / 'loaded')
+    ], timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[
+        -3000:]
+    output = result.stdout + result.stderr
+    assert 'loading a fused checkpoint' in output
+    assert 'missing keys' not in output and 'unexpected key' not in output
+
+    memory, loaded = load_dump(memory_dump), load_dump(loaded_dump)
+    assert len(memory) == len(loaded) == 4
+    for mine, theirs in zip(loaded, memory):
+        mine, theirs = prediction_tensors(mine), prediction_tensors(theirs)
+        assert len(mine) == len(theirs) > 0
+        assert sum(t.numel() for t in mine) > 100
+        for a, b in zip(mine, theirs):
+            assert a.shape == b.shape
+            assert torch.allclose(a.double(), b.double(), rtol=1e-5,
+                                  atol=1e-5)
