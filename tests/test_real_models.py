@@ -1,0 +1,242 @@
+"""Fusion of real OpenMMLab models built from their shipped configs.
+
+For every model of :data:`real_models.MODELS` (random weights, random norm
+statistics, a small random image):
+
+(a) ``fuse_model`` with the example input matches the unfused model to a
+    relative error of 1e-5 and undoes nothing;
+(b) ``fuse_conv_bn`` (structure only) matches it too;
+(c) every norm the model had is folded, left with a reason, or (with
+    ``fuse_model``) merged away by re-parameterizing its multi-branch block;
+    in both modes;
+(d) a folded norm is an ``nn.Identity`` at each of its paths afterwards, and
+    nothing else was replaced (except re-parameterized blocks).
+
+One model is built once and shared by its four tests (a module-scoped
+parametrised fixture, so pytest runs a model's tests together and frees the
+model before building the next).
+"""
+import copy
+import os
+import sys
+from functools import cached_property
+from typing import Any, Dict, List, Sequence, Set, Tuple
+
+import pytest
+import torch
+from torch import nn
+
+from mmfuse import FusionPlan, FusionReport, discover_folds, fuse_conv_bn
+from mmfuse import fuse_model
+from mmfuse.verify import output_error
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import real_models  # noqa: E402
+
+#: Largest relative output error accepted from an exact fold in float32.
+RTOL = 1e-5
+
+#: Models that still fail because of a known bug in mmfuse's core, with the
+#: reason (see the findings file of the core owner).  Empty when none do.
+KNOWN_CORE_BUGS: Dict[str, str] = {}
+
+
+def _params() -> List[Any]:
+    params = []
+    for name in real_models.MODEL_NAMES:
+        marks = []
+        if name in KNOWN_CORE_BUGS:
+            marks.append(
+                pytest.mark.xfail(strict=True, reason=KNOWN_CORE_BUGS[name]))
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params
+
+
+def _run(model: nn.Module, inputs: Tuple) -> Any:
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def _all_paths(model: nn.Module) -> Dict[int, List[str]]:
+    paths: Dict[int, List[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(path)
+    return paths
+
+
+class Case:
+    """One real model, its reference output and its two fused copies."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.model, self.inputs = real_models.build(name)
+        self.norms = real_models.norm_modules(self.model)
+        paths = _all_paths(self.model)
+        #: Every path of every norm, keyed by the norm's first path.
+        self.norm_paths = {
+            first: paths[id(module)]
+            for first, module in self.norms.items()
+        }
+        self.reference = _run(self.model, self.inputs)
+
+    @cached_property
+    def traced(self) -> Tuple[nn.Module, FusionReport, Any]:
+        """``(model, report, output)`` of ``fuse_model`` with the input."""
+        model = copy.deepcopy(self.model)
+        report = fuse_model(model, self.inputs)
+        return model, report, _run(model, self.inputs)
+
+    @cached_property
+    def structural(self) -> Tuple[nn.Module, FusionPlan, Any]:
+        """``(model, plan, output)`` of ``fuse_conv_bn`` (no input); the
+        plan is what structural discovery proves on an unfused copy."""
+        plan = discover_folds(copy.deepcopy(self.model))
+        model = copy.deepcopy(self.model)
+        returned = fuse_conv_bn(model)
+        assert returned is model, 'fuse_conv_bn must return its argument'
+        return model, plan, _run(model, self.inputs)
+
+
+@pytest.fixture(scope='module', params=_params())
+def case(request) -> Case:
+    return Case(request.param)
+
+
+def _merged_blocks(report: FusionReport) -> List[str]:
+    """Paths of the blocks ``fuse_model`` re-parameterized."""
+    return [r['module'] for r in report.reparameterized if r.get('merged')]
+
+
+def _inside(path: str, blocks: List[str]) -> bool:
+    return any(path == b or path.startswith(b + '.') for b in blocks)
+
+
+def _num_batch_norms(case: Case, merged: Sequence[str] = ()) -> int:
+    return sum(
+        real_models.is_batch_norm_with_stats(m)
+        for path, m in case.norms.items() if not _inside(path, merged))
+
+
+def test_reference_output_is_finite(case: Case) -> None:
+    leaves = [
+        t for t in torch.utils._pytree.tree_leaves(case.reference)
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+    ]
+    assert leaves, f'{case.name}: no floating point output to compare'
+    for leaf in leaves:
+        assert torch.isfinite(leaf).all(), \
+            f'{case.name}: the unfused output is not finite'
+
+
+def test_fuse_model_is_exact(case: Case) -> None:
+    model, report, output = case.traced
+    assert report.mode == 'traced'
+    assert report.undone == [], \
+        f'{case.name}: folds undone by verification: {report.undone}'
+    assert report.verified
+    assert report.max_rel_error is not None and \
+        report.max_rel_error <= RTOL, report.summary()
+    abs_err, rel_err = output_error(case.reference, output)
+    assert rel_err <= RTOL, \
+        f'{case.name}: fused output off by {rel_err:.3g} (abs {abs_err:.3g})'
+    if _num_batch_norms(case) and case.name not in _NOTHING_FOLDABLE:
+        assert report.folded or _merged_blocks(report), \
+            f'{case.name}: nothing folded\n{report}'
+
+
+def test_fuse_conv_bn_is_exact(case: Case) -> None:
+    _, plan, output = case.structural
+    abs_err, rel_err = output_error(case.reference, output)
+    assert rel_err <= RTOL, \
+        f'{case.name}: fused output off by {rel_err:.3g} (abs {abs_err:.3g})'
+    if _num_batch_norms(case) and case.name not in _NOTHING_FOLDABLE:
+        assert plan.folds, f'{case.name}: nothing folded structurally'
+
+
+def _check_accounted(case: Case,
+                     folded: List[str],
+                     left: Dict[str, str],
+                     merged: Sequence[str] = ()) -> None:
+    both = set(folded) & set(left)
+    assert not both, f'{case.name}: folded and left at once: {sorted(both)}'
+    assert len(set(folded)) == len(folded), \
+        f'{case.name}: a norm folded twice'
+    for path in case.norms:
+        if path in folded or _inside(path, merged):
+            continue
+        assert path in left, \
+            f'{case.name}: norm {path} neither folded nor reported as left'
+        assert left[path].strip(), f'{case.name}: {path} left with no reason'
+    unknown = (set(folded) | set(left)) - set(case.norms)
+    assert not unknown, \
+        f'{case.name}: report names modules that are not norms: {unknown}'
+
+
+def test_every_norm_is_accounted_for(case: Case) -> None:
+    _, report, _ = case.traced
+    merged = _merged_blocks(report)
+    for record in report.reparameterized:
+        if not record.get('merged'):
+            assert record.get('reason'), \
+                f'{case.name}: block {record} not merged, with no reason'
+    remaining = [p for p in case.norms if not _inside(p, merged)]
+    assert report.num_norms == len(remaining), \
+        f'{case.name}: the report counts {report.num_norms} norms, the ' \
+        f'model has {len(remaining)} outside re-parameterized blocks'
+    assert report.num_foldable == _num_batch_norms(case, merged)
+    assert len(report.folded) <= report.num_foldable
+    _check_accounted(case, report.folded_names,
+                     {s.name: s.reason for s in report.left}, merged)
+    _, plan, _ = case.structural
+    _check_accounted(case, [f.norm for f in plan.folds],
+                     {s.name: s.reason for s in plan.skipped})
+
+
+def _check_structure(case: Case,
+                     model: nn.Module,
+                     folded: Set[str],
+                     folds: List[Any],
+                     merged: Sequence[str] = ()) -> None:
+    for fold in folds:
+        assert set(fold.norm_sites) <= set(case.norm_paths[fold.norm]), \
+            f'{case.name}: {fold.norm} replaced at a path it never had'
+        for site in fold.norm_sites:
+            assert isinstance(model.get_submodule(site), nn.Identity), \
+                f'{case.name}: folded {site} is not an Identity'
+        for target in fold.convs:
+            conv = model.get_submodule(target.name)
+            assert isinstance(conv, (nn.modules.conv._ConvNd, nn.Linear)), \
+                f'{case.name}: {fold.norm} folded into a {type(conv)}'
+    for path, module in case.norms.items():
+        if path in folded:
+            continue
+        for site in case.norm_paths[path]:
+            if _inside(site, merged):
+                continue
+            now = model.get_submodule(site)
+            assert type(now) is type(module), \
+                f'{case.name}: unfolded norm {site} became {type(now)}'
+    # Shared convs get their own copy at each place: compare every path.
+    before = {
+        p for p, _ in case.model.named_modules(remove_duplicate=False)
+    }
+    after = {
+        p for p, _ in model.named_modules(remove_duplicate=False)
+        if not _inside(p, merged)
+    }
+    assert after <= before, \
+        f'{case.name}: fusion added modules {sorted(after - before)[:5]}'
+
+
+def test_folded_norms_become_identity(case: Case) -> None:
+    model, report, _ = case.traced
+    _check_structure(case, model, set(report.folded_names), report.folded,
+                     _merged_blocks(report))
+    model, plan, _ = case.structural
+    _check_structure(case, model, {f.norm for f in plan.folds}, plan.folds)
+
+
+#: Models with batch norms none of which can be folded exactly (every batch
+#: norm runs right after something that is not a conv and right before an
+#: activation), so "nothing folded" is the right answer there.
+_NOTHING_FOLDABLE: Set[str] = set()
