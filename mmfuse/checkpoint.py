@@ -138,7 +138,7 @@ def _unsafe_type_names(path: str, allowed: List) -> List[str]:
             names.add(f'{entry.__module__}.{entry.__qualname__}')
     try:
         found = finder(path)
-    except (RuntimeError, pickle.UnpicklingError, OSError):
+    except Exception:  # it parses arbitrary bytes: any error, no names
         return []
     return sorted(name for name in found
                   if name not in names and name != 'builtins.getattr')
@@ -198,10 +198,12 @@ def load_checkpoint_safely(path: str,
 def _weights_only_detail(error: BaseException) -> str:
     """The informative line of torch's long weights_only error."""
     marker = 'WeightsUnpickler error:'
-    lines = str(error).splitlines()
-    for line in lines:
-        if marker in line:
-            return _shorten(line.split(marker, 1)[1].strip(), 300)
+    text = str(error)
+    if marker in text:
+        for line in text.split(marker, 1)[1].splitlines():
+            if line.strip():
+                return _shorten(line.strip(), 300)
+    lines = text.splitlines()
     for line in lines:
         if 'GLOBAL' in line:
             return _shorten(line.strip(), 300)

@@ -9,10 +9,12 @@ random statistics, and images are synthetic (``MMFuseSyntheticDataset``).
 import hashlib
 import os
 import pickle
+import shutil
 import subprocess
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
+import pytest
 import torch
 from torch import nn
 
@@ -206,3 +208,26 @@ def package_tool(package: str, tool: str = 'test.py') -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{package} ships no {tool} at {path}')
     return path
+
+
+@pytest.fixture
+def readonly_folder(tmp_path) -> Iterator[str]:
+    """A folder no file can be created in, even by root: mode 555 for a
+    normal user; for root an immutable folder (``chattr +i``), or sysfs
+    where that is not supported."""
+    folder = tmp_path / 'readonly'
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield str(folder)
+        folder.chmod(0o755)
+        return
+    chattr = shutil.which('chattr')
+    if chattr and subprocess.run([chattr, '+i', str(folder)],
+                                 capture_output=True).returncode == 0:
+        try:
+            yield str(folder)
+        finally:
+            subprocess.run([chattr, '-i', str(folder)], check=True)
+        return
+    yield '/sys'
