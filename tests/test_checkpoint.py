@@ -354,7 +354,7 @@ def test_content_that_needs_pickle_is_not_written(tmp_path):
     assert _folder_listing(tmp_path) == []
 
 
-def test_bad_output_places(tmp_path, readonly_folder):
+def test_bad_output_places(tmp_path, readonly_folder):  # noqa: F811
     with pytest.raises(CheckpointError, match='does not exist'):
         atomic_save({}, str(tmp_path / 'missing' / 'out.pth'))
     (tmp_path / 'folder.pth').mkdir()
