@@ -137,7 +137,7 @@ def _scale_tensor(value: Union[float, Tensor],
         return torch.full((channels, ), float(value),
                           dtype=torch.float64), ''
     flat = value.detach().to(torch.float64)
-    if flat.numel() == 1:
+    if flat.numel() == 1 and value.dim() <= 4:
         return flat.reshape(1).expand(channels).clone(), ''
     shape = tuple(value.shape)
     if shape in ((channels, 1, 1), (1, channels, 1, 1)):
@@ -163,7 +163,8 @@ def _split(term: Term) -> Tuple[List[Op], Optional[Op], List[Op]]:
 def _branch_geometry(term: Term) -> BranchGeometry:
     before, spatial, after = _split(term)
     for op in before:
-        if isinstance(op.value, Tensor) and op.value.numel() != 1:
+        if isinstance(op.value, Tensor) and (op.value.numel() != 1
+                                             or op.value.dim() > 4):
             raise MergeError('a per-channel factor before a convolution')
     out_channels = None
     for op in after:
@@ -284,8 +285,16 @@ def merge_terms(
         raise MergeError('no branch has a convolution')
     geometry = merge_geometry([_branch_geometry(term) for term in terms])
     reference = _reference(terms)
-    pairs = [_branch_tensors(term, geometry, reference.device)
-             for term in terms]
+    for term in terms:
+        for op in term.ops:
+            if isinstance(op.value, Tensor) and op.value.dim() and \
+                    op.value.dtype != reference.dtype:
+                # A multiplication would promote the branch to its dtype.
+                raise MergeError(f'a {op.value.dtype} factor on a '
+                                 f'{reference.dtype} branch')
+    pairs = [
+        _branch_tensors(term, geometry, reference.device) for term in terms
+    ]
     weight, bias = sum_branches(pairs)
     return (geometry, weight.to(reference.dtype),
             bias.to(reference.dtype))

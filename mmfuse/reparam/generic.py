@@ -115,7 +115,9 @@ def trace_block(module: nn.Module,
         if param.default is inspect.Parameter.empty:
             return None, 'forward needs more than one input'
         concrete[param.name] = param.default
-    saved = dict(module.__dict__)
+    # A traced forward may store proxies on its module or on a child whose
+    # method it calls: put every attribute back whatever happens.
+    saved = [(m, dict(m.__dict__)) for m in module.modules()]
     try:
         tracer = _Tracer(module)
         graph = tracer.trace(module, concrete_args=concrete or None)
@@ -129,8 +131,9 @@ def trace_block(module: nn.Module,
         return None, f'torch.fx cannot trace {type(module).__name__}.' \
             f'forward ({detail})'
     finally:
-        module.__dict__.clear()
-        module.__dict__.update(saved)
+        for owner, attributes in saved:
+            owner.__dict__.clear()
+            owner.__dict__.update(attributes)
     placeholders = [n for n in graph.nodes if n.op == 'placeholder']
     return _Trace(graph, values, placeholders[0]), ''
 
