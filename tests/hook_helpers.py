@@ -150,6 +150,12 @@ def state_digest(state_dict: Dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes."""
+    with open(path, 'rb') as stream:
+        return hashlib.sha256(stream.read()).hexdigest()
+
+
 def load_dump(path: str) -> List[Any]:
     """The predictions ``DumpResults`` wrote."""
     with open(path, 'rb') as stream:

@@ -1,0 +1,350 @@
+"""tools/fuse_conv_bn.py: through ``main(argv)`` and as a subprocess.
+
+Every bad input runs both ways and must give a one-line error, a non-zero
+exit, no OUT (not even a temporary file) and an untouched input.
+"""
+import argparse
+import os
+import shutil
+import sys
+import textwrap
+
+import pytest
+import torch
+from hook_helpers import readonly_folder  # noqa: F401 (a fixture)
+from hook_helpers import (DEMO_CONFIG, REPO, TOOL, file_digest,
+                          make_demo_checkpoint, run_python)
+
+from mmfuse.checkpoint import load_checkpoint_safely
+from mmfuse.cli import main
+from mmfuse.demo_runner import save_demo_checkpoint
+
+
+@pytest.fixture(params=['main', 'subprocess'])
+def tool(request, capsys):
+    """Runs the tool; returns ``(exit status, stdout, stderr)``."""
+
+    def run(*args: str):
+        if request.param == 'main':
+            status = main(list(args))
+            captured = capsys.readouterr()
+            return status, captured.out, captured.err
+        result = run_python([TOOL, *args])
+        return result.returncode, result.stdout, result.stderr
+
+    return run
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> str:
+    return make_demo_checkpoint(str(tmp_path / 'demo.pth'))
+
+
+def _assert_clean_error(status, out, err, folder, expected, code=2):
+    assert status == code, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith('fuse_conv_bn: error: '), err
+    assert expected in lines[0], err
+    assert not [name for name in os.listdir(folder)
+                if name.startswith(('out', '.out'))], os.listdir(folder)
+
+
+# --------------------------------------------------------------- success
+
+
+def test_fuses_and_reports(tool, tmp_path, checkpoint):
+    out = str(tmp_path / 'out.pth')
+    before = file_digest(checkpoint)
+    status, stdout, err = tool(DEMO_CONFIG, checkpoint, out, '--cfg-options',
+                               'model.channels=8')
+    assert status == 0, stdout + err
+    for step in ('[1/5] building the model', '[2/5] loading the checkpoint',
+                 '[3/5] preparing the example input',
+                 '[4/5] tracing, folding and verifying',
+                 '[5/5] writing the fused checkpoint'):
+        assert step in stdout
+    assert 'into / reason' in stdout  # the report's table
+    for row in ('folded  ', 'left  ', 'max abs / rel error', 'sha256'):
+        assert row in stdout
+    assert file_digest(checkpoint) == before
+    fused = torch.load(out, weights_only=True)
+    record = fused['meta']['mmfuse']
+    assert record['config']['cfg_options'] == {'model.channels': 8}
+    assert record['report']['verified'] is True
+    assert record['report']['num_folded'] >= 5
+    assert sorted(os.listdir(tmp_path)) == ['demo.pth', 'out.pth']
+
+
+@pytest.mark.parametrize('args, verified', [
+    (['--shape', '40', '48'], True),
+    (['--raw-shape', '2', '3', '32', '32'], True),
+    (['--no-verify'], False),
+    (['--no-input'], False),
+    (['--rtol', '1e-3', '--seed', '3', '--quiet'], True),
+])
+def test_input_options(tmp_path, checkpoint, capsys, args, verified):
+    out = str(tmp_path / 'out.pth')
+    assert main([DEMO_CONFIG, checkpoint, out, *args]) == 0
+    stdout = capsys.readouterr().out
+    record = torch.load(out, weights_only=True)['meta']['mmfuse']
+    assert record['report']['verified'] is verified
+    assert record['report']['mode'] == (
+        'structural' if '--no-input' in args else 'traced')
+    if '--quiet' in args:
+        assert '[1/5]' not in stdout and 'sha256' in stdout
+    if '--rtol' in args:
+        assert record['report']['rtol'] == 1e-3
+
+
+def test_an_image_through_the_test_pipeline(tmp_path, checkpoint):
+    import cv2
+    image = str(tmp_path / 'image.png')
+    cv2.imwrite(image, (torch.rand(24, 32, 3) * 255).byte().numpy())
+    config = tmp_path / 'image_cfg.py'
+    config.write_text(textwrap.dedent(f'''
+        _base_ = {DEMO_CONFIG!r}
+        test_dataloader = dict(dataset=dict(pipeline=[
+            dict(type='LoadImageFromFile'), dict(type='MMFusePackImage')]))
+    '''))
+    out = str(tmp_path / 'out.pth')
+    assert main([str(config), checkpoint, out, '--image', image]) == 0
+
+
+def test_the_console_command(tmp_path, checkpoint):
+    command = shutil.which('mmfuse-fuse-conv-bn',
+                           path=os.path.dirname(sys.executable))
+    assert command, 'pip install -e . installs the mmfuse-fuse-conv-bn command'
+    import subprocess
+    result = subprocess.run(
+        [command, DEMO_CONFIG, checkpoint, str(tmp_path / 'out.pth'),
+         '--quiet'],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert load_checkpoint_safely(str(tmp_path / 'out.pth'))
+
+
+def test_help(tool):
+    status, out, _ = tool('--help')
+    assert status == 0
+    for option in ('--cfg-options', '--device', '--shape', '--raw-shape',
+                   '--image', '--no-input', '--no-verify', '--rtol',
+                   '--trust-checkpoint', '--allow-key-mismatch'):
+        assert option in out
+
+
+# ------------------------------------------------------------ bad inputs
+
+
+def test_missing_config(tool, tmp_path, checkpoint):
+    result = tool(str(tmp_path / 'nope.py'), checkpoint,
+                  str(tmp_path / 'out.pth'))
+    _assert_clean_error(*result, tmp_path, 'does not exist')
+
+
+def test_config_is_a_folder(tool, tmp_path, checkpoint):
+    result = tool(str(tmp_path), checkpoint, str(tmp_path / 'out.pth'))
+    _assert_clean_error(*result, tmp_path, 'is not a file')
+
+
+def test_broken_config(tool, tmp_path, checkpoint):
+    config = tmp_path / 'broken.py'
+    config.write_text('model = dict(type=\n')
+    result = tool(str(config), checkpoint, str(tmp_path / 'out.pth'))
+    _assert_clean_error(*result, tmp_path, 'cannot read config')
+
+
+def test_config_with_an_unknown_model(tool, tmp_path, checkpoint):
+    config = tmp_path / 'unknown.py'
+    config.write_text("model = dict(type='NoSuchModel')\n")
+    result = tool(str(config), checkpoint, str(tmp_path / 'out.pth'))
+    _assert_clean_error(*result, tmp_path, 'cannot build the model')
+
+
+@pytest.mark.skipif(os.geteuid() == 0,
+                    reason='root reads files whatever their mode')
+def test_unreadable_config_and_checkpoint(tool, tmp_path, checkpoint):
+    config = tmp_path / 'config.py'
+    config.write_text(open(DEMO_CONFIG).read())
+    config.chmod(0)
+    result = tool(str(config), checkpoint, str(tmp_path / 'out.pth'))
+    _assert_clean_error(*result, tmp_path, 'is not readable')
+    os.chmod(checkpoint, 0)
+    result = tool(DEMO_CONFIG, checkpoint, str(tmp_path / 'out.pth'))
+    _assert_clean_error(*result, tmp_path, 'is not readable')
+
+
+def test_missing_checkpoint(tool, tmp_path):
+    result = tool(DEMO_CONFIG, str(tmp_path / 'nope.pth'),
+                  str(tmp_path / 'out.pth'))
+    _assert_clean_error(*result, tmp_path, 'does not exist')
+
+
+@pytest.mark.parametrize('damage', ['garbage', 'truncated'])
+def test_unreadable_checkpoint(tool, tmp_path, checkpoint, damage):
+    with open(checkpoint, 'rb') as stream:
+        data = stream.read()
+    with open(checkpoint, 'wb') as stream:
+        stream.write(b'garbage\n' if damage == 'garbage' else data[:3000])
+    result = tool(DEMO_CONFIG, checkpoint, str(tmp_path / 'out.pth'))
+    _assert_clean_error(*result, tmp_path, 'not a readable checkpoint')
+
+
+def test_checkpoint_of_another_shape(tool, tmp_path):
+    other = str(tmp_path / 'wide.pth')
+    save_demo_checkpoint(other, channels=16)
+    result = tool(DEMO_CONFIG, other, str(tmp_path / 'out.pth'))
+    _assert_clean_error(*result, tmp_path, 'size mismatch')
+
+
+def test_checkpoint_of_another_architecture(tool, tmp_path, checkpoint):
+    source = torch.load(checkpoint, weights_only=True)
+    state = source['state_dict']
+    for key in [k for k in state if k.startswith('net.block.')]:
+        state[key.replace('net.block.', 'net.other_block.')] = state.pop(key)
+    torch.save(source, checkpoint)
+    out = str(tmp_path / 'out.pth')
+    status, stdout, err = tool(DEMO_CONFIG, checkpoint, out)
+    _assert_clean_error(status, stdout, err, tmp_path, 'missing keys')
+    assert 'unexpected keys' in err and 'net.block.conv1.weight' in err
+    assert '--allow-key-mismatch' in err
+    status, stdout, err = tool(DEMO_CONFIG, checkpoint, out,
+                               '--allow-key-mismatch')
+    assert status == 0, stdout + err
+    assert 'warning: ' in stdout and 'missing keys' in stdout
+
+
+def test_checkpoint_needing_unsafe_types(tool, tmp_path, checkpoint):
+    source = torch.load(checkpoint, weights_only=True)
+    source['meta']['args'] = argparse.Namespace(lr=0.1)
+    torch.save(source, checkpoint)
+    out = str(tmp_path / 'out.pth')
+    result = tool(DEMO_CONFIG, checkpoint, out)
+    _assert_clean_error(*result, tmp_path, 'argparse.Namespace')
+    assert '--trust-checkpoint' in result[2]
+    status, stdout, err = tool(DEMO_CONFIG, checkpoint, out,
+                               '--trust-checkpoint', '--quiet')
+    assert status == 0, stdout + err
+
+
+def test_already_fused_checkpoint(tool, tmp_path, checkpoint):
+    fused = str(tmp_path / 'fused.pth')
+    assert main([DEMO_CONFIG, checkpoint, fused, '--quiet']) == 0
+    result = tool(DEMO_CONFIG, fused, str(tmp_path / 'out.pth'))
+    _assert_clean_error(*result, tmp_path, 'already a fused checkpoint')
+
+
+def test_out_is_the_checkpoint(tool, tmp_path, checkpoint):
+    before = file_digest(checkpoint)
+    link = tmp_path / 'link.pth'
+    link.symlink_to(checkpoint)
+    for out in (checkpoint, str(link)):
+        status, stdout, err = tool(DEMO_CONFIG, checkpoint, out)
+        assert status == 2 and 'is the checkpoint' in err, stdout + err
+        assert len(err.strip().splitlines()) == 1
+    assert file_digest(checkpoint) == before
+
+
+def test_out_in_a_missing_folder(tool, tmp_path, checkpoint):
+    result = tool(DEMO_CONFIG, checkpoint,
+                  str(tmp_path / 'missing' / 'out.pth'))
+    _assert_clean_error(*result, tmp_path, 'does not exist')
+
+
+def test_out_in_a_read_only_folder(tool, tmp_path, checkpoint,
+                                   readonly_folder):  # noqa: F811
+    before = sorted(os.listdir(readonly_folder))
+    result = tool(DEMO_CONFIG, checkpoint,
+                  os.path.join(readonly_folder, 'out.pth'))
+    _assert_clean_error(*result, tmp_path, 'not writable')
+    assert sorted(os.listdir(readonly_folder)) == before
+
+
+def test_out_is_a_folder(tool, tmp_path, checkpoint):
+    (tmp_path / 'outdir').mkdir()
+    status, stdout, err = tool(DEMO_CONFIG, checkpoint,
+                               str(tmp_path / 'outdir'))
+    assert status == 2 and 'is a folder' in err, stdout + err
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--rtol', '-1'], '--rtol must be positive'),
+    (['--shape', '1', '2', '3'], '--shape takes a height'),
+    (['--raw-shape', '0', '3'], '--raw-shape needs'),
+    (['--device', 'nonsense'], '--device nonsense'),
+    (['--image', '/nonexistent.png'], 'image /nonexistent.png does not'),
+])
+def test_bad_options(tool, tmp_path, checkpoint, args, message):
+    result = tool(DEMO_CONFIG, checkpoint, str(tmp_path / 'out.pth'), *args)
+    _assert_clean_error(*result, tmp_path, message)
+
+
+def test_unknown_option(tool, tmp_path, checkpoint):
+    status, _, err = tool(DEMO_CONFIG, checkpoint, str(tmp_path / 'out.pth'),
+                          '--frobnicate')
+    assert status == 2 and 'unrecognized arguments' in err
+
+
+def test_config_without_a_test_pipeline(tool, tmp_path, checkpoint):
+    config = tmp_path / 'nopipe.py'
+    config.write_text(
+        f'_base_ = {DEMO_CONFIG!r}\n'
+        'test_dataloader = None\nval_dataloader = None\n'
+        'train_dataloader = None\ntest_pipeline = None\n')
+    result = tool(str(config), checkpoint, str(tmp_path / 'out.pth'))
+    _assert_clean_error(*result, tmp_path, 'has no test pipeline')
+
+
+def test_model_failing_on_the_input(tool, tmp_path, checkpoint):
+    result = tool(DEMO_CONFIG, checkpoint, str(tmp_path / 'out.pth'),
+                  '--raw-shape', '1', '5', '32', '32')
+    _assert_clean_error(*result, tmp_path,
+                        'the model failed on the example input', code=1)
+
+
+# ------------------------------------------------------- interrupted write
+
+
+def test_interrupted_write_through_main(tmp_path, checkpoint, monkeypatch,
+                                        capsys):
+    out = tmp_path / 'out.pth'
+    out.write_bytes(b'an older file')
+    before = file_digest(checkpoint)
+
+    def interrupted(obj, stream, *args, **kwargs):
+        stream.write(b'x' * 1000)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, 'save', interrupted)
+    status = main([DEMO_CONFIG, checkpoint, str(out)])
+    err = capsys.readouterr().err
+    assert status == 130
+    assert len(err.strip().splitlines()) == 1 and 'interrupted' in err
+    assert out.read_bytes() == b'an older file'
+    assert sorted(os.listdir(tmp_path)) == ['demo.pth', 'out.pth']
+    assert file_digest(checkpoint) == before
+
+
+def test_sigterm_during_the_write(tmp_path, checkpoint):
+    """A real SIGTERM to a real process, sent while OUT is being written."""
+    script = tmp_path / 'terminate.py'
+    script.write_text(textwrap.dedent('''
+        import os, signal, sys, torch
+        from mmfuse.cli import main
+        real_save = torch.save
+
+        def save_then_die(obj, stream, *args, **kwargs):
+            stream.write(b'x' * 1000)
+            os.kill(os.getpid(), signal.SIGTERM)
+            real_save(obj, stream, *args, **kwargs)
+
+        torch.save = save_then_die
+        sys.exit(main(sys.argv[1:]))
+    '''))
+    before = file_digest(checkpoint)
+    out = str(tmp_path / 'out.pth')
+    result = run_python([str(script), DEMO_CONFIG, checkpoint, out])
+    assert result.returncode == 130, result.stdout + result.stderr
+    assert 'interrupted' in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ['demo.pth', 'terminate.py']
+    assert file_digest(checkpoint) == before
