@@ -89,6 +89,10 @@ def bench(name: str, rounds: int) -> Dict:
     own_deploy(name, own)
     own.eval()  # the new convs are built in training mode
     own_report = mmfuse.fuse_model(own, inputs, reparameterize=False)
+    print(f'{name} mmfuse: {report.summary()}\n{name} own: '
+          f'{own_report.summary()}', file=sys.stderr)
+    for skip in own_report.undone + own_report.left:
+        print(f'  own left {skip.name}: {skip.reason}', file=sys.stderr)
     versions = {'before': model, 'mmfuse': ours, 'own': own}
 
     def forward(version: nn.Module) -> Callable[[], object]:
@@ -142,7 +146,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--rounds', type=int, default=15)
     parser.add_argument('--models', default=','.join(BENCH_MODELS))
+    parser.add_argument('--threads', type=int, default=0,
+                        help='torch threads (default: torch\'s choice)')
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = []
     for name in args.models.split(','):
         results.append(bench(name, args.rounds))
