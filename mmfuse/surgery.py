@@ -47,13 +47,17 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module,
     old = parent._modules[attr]
     parent._modules[attr] = new
     applied.remember(lambda: parent._modules.__setitem__(attr, old))
-    # mmcv's ConvModule may fuse conv and norm on the fly; with the norm
-    # gone that would be wrong.
-    if getattr(parent, 'efficient_conv_bn_eval_forward', None) is not None:
-        previous = parent.efficient_conv_bn_eval_forward
-        parent.efficient_conv_bn_eval_forward = None
-        applied.remember(lambda: setattr(
-            parent, 'efficient_conv_bn_eval_forward', previous))
+    # mmcv's ConvModule may fuse conv and norm on the fly (mmcv 2.0 calls it
+    # fast_conv_bn_eval, later versions efficient_conv_bn_eval); with the
+    # norm gone that would be wrong.
+    for flag in ('efficient_conv_bn_eval_forward',
+                 'fast_conv_bn_eval_forward'):
+        previous = getattr(parent, flag, None)
+        if previous is not None:
+            setattr(parent, flag, None)
+            applied.remember(
+                lambda flag=flag, previous=previous: setattr(
+                    parent, flag, previous))
     return old
 
 

@@ -23,7 +23,8 @@ def fuse_and_compare(model: nn.Module,
         reference = model(*inputs)
     fused = copy.deepcopy(model)
     if traced:
-        report = mmfuse.fuse_model(fused, tuple(inputs))
+        report = mmfuse.fuse_model(
+            fused, tuple(inputs), reparameterize=False)
     else:
         report = None
         assert mmfuse.fuse_conv_bn(fused) is fused

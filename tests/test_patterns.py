@@ -248,7 +248,7 @@ def test_demo_model_every_pattern(traced):
         # DemoNet.forward iterates over a list: torch.fx cannot trace it, so
         # without an input fc -> fc_bn is not proven.
         kept_at(fused, ['fc_bn', 'concat.bn'])
-        report = mmfuse.fuse_model(model)
+        report = mmfuse.fuse_model(model, reparameterize=False)
         reasons = {s.name: s.reason for s in report.left}
         assert 'torch.fx cannot trace DemoNet' in reasons['fc_bn']
         assert 'torch.fx cannot trace SharedConvHead' in \
@@ -262,3 +262,17 @@ def test_demo_model_every_pattern(traced):
         assert not report.undone
         if traced:
             assert report.max_rel_error < 1e-5
+
+
+def test_a_conv_module_with_on_the_fly_conv_bn_fusion(traced):
+    """mmcv's ConvModule can fuse conv and BN at run time (fast/efficient
+    conv_bn_eval); after a fold that path must be switched off."""
+    block = ConvModule(8, 8, 3, padding=1, norm_cfg=dict(type='BN'))
+    for turn_on in ('turn_on_fast_conv_bn_eval',
+                    'turn_on_efficient_conv_bn_eval'):
+        if hasattr(block, turn_on):
+            getattr(block, turn_on)()
+    fused, _, rel = fuse_and_compare(block, (X, ), traced)
+    assert rel < 1e-5
+    if not traced:
+        identity_at(fused, ['bn'])

@@ -57,7 +57,8 @@ def test_random_conv_norm_pairs(config, traced):
     with torch.no_grad():
         reference = model(x)
     fused = copy.deepcopy(model)
-    report = mmfuse.fuse_model(fused, (x, ) if traced else None)
+    report = mmfuse.fuse_model(
+        fused, (x, ) if traced else None, reparameterize=False)
     with torch.no_grad():
         _, rel = output_error(reference, fused(x))
     assert rel < 1e-5
@@ -105,7 +106,8 @@ def test_random_chains_of_blocks(depth, seed, traced):
     x = torch.randn(2, 4, 8, 8, generator=gen)
     with torch.no_grad():
         reference = model(x)
-    report = mmfuse.fuse_model(model, (x, ) if traced else None)
+    report = mmfuse.fuse_model(
+        model, (x, ) if traced else None, reparameterize=False)
     with torch.no_grad():
         assert output_error(reference, model(x))[1] < 1e-5
     for index, variant in enumerate(variants):
