@@ -49,6 +49,7 @@ __all__ = [
     'make_fused_checkpoint', 'atomic_save', 'save_fused_checkpoint',
     'convert_to_fused_structure', 'is_fused_structure', 'fused_record_of',
     'mark_fused', 'fusion_record', 'rebuild_fused_structure',
+    'same_structure',
     'describe_key_mismatch',
     'load_fused_checkpoint', 'plain_value'
 ]
@@ -465,6 +466,26 @@ def fusion_record(report: FusionReport) -> Dict:
             [r for r in report.reparameterized if r.get('merged')],
             where='reparameterized'),
     }
+
+
+#: Keys of a re-parameterization record that measure rather than describe.
+_MEASURED_KEYS = ('verified_rel_error', )
+
+
+def same_structure(record: Dict, other: Dict) -> bool:
+    """Whether two fusion records describe the same fused structure
+    (measured errors aside)."""
+
+    def structure(entry: Dict) -> Dict:
+        return {
+            'plan': entry.get('plan'),
+            'reparameterized': [{
+                key: value
+                for key, value in block.items() if key not in _MEASURED_KEYS
+            } for block in entry.get('reparameterized', [])]
+        }
+
+    return structure(record) == structure(other)
 
 
 def fused_record_of(model: nn.Module) -> Optional[Dict]:

@@ -23,7 +23,7 @@ from torch import nn
 from .api import FusionError, fuse_model, unwrap_model
 from .checkpoint import (convert_to_fused_structure, fused_meta,
                          fused_record_of, fusion_record, is_fused_structure,
-                         mark_fused, rebuild_fused_structure)
+                         mark_fused, rebuild_fused_structure, same_structure)
 from .report import FusionReport
 from .verify import default_rtol, output_error
 
@@ -59,10 +59,12 @@ class FuseConvBNHook(Hook):
       the model as loaded.  This happens in ``after_load_checkpoint``, which
       MMEngine calls before it loads the weights; the hook's priority
       (``'ABOVE_NORMAL'``) puts it before ``EMAHook``.
-    * **Distributed**: rank 0 fuses with its first batch and broadcasts
-      what it changed; every other rank rebuilds exactly that structure,
-      receives rank 0's fused tensors and checks the result on its own
-      first batch, so every rank runs the same fused model.  A failure on
+    * **Distributed**: every rank starts from rank 0's weights (the ones a
+      checkpoint saves; batch norm statistics can differ across ranks in
+      training); rank 0 fuses with its first batch and broadcasts what it
+      changed; every other rank rebuilds exactly that structure, receives
+      rank 0's fused tensors and checks the result on its own first batch,
+      so every rank runs the same fused model.  A failure on
       any rank fails on every rank (for validation: unfused, with a
       warning).
 
@@ -144,7 +146,7 @@ class FuseConvBNHook(Hook):
             return
         model = unwrap_model(runner.model)
         if is_fused_structure(model):
-            if fused_record_of(model)['plan'] != record['plan']:
+            if not same_structure(fused_record_of(model), record):
                 raise FusionError(
                     'FuseConvBNHook: the model is already fused, otherwise '
                     'than the checkpoint being loaded')
@@ -194,7 +196,7 @@ class FuseConvBNHook(Hook):
                             verify=self.verify and example is not None,
                             rtol=self.rtol)
         mine = fusion_record(report)
-        if mine != record:
+        if not same_structure(mine, record):
             raise FusionError(
                 'FuseConvBNHook: the EMAHook copy of the model fuses '
                 'differently from the model; set use_batch=False or drop '
@@ -251,6 +253,14 @@ class FuseConvBNHook(Hook):
         record = None
         message = None
         reference = None
+        if world_size > 1:
+            # Start from rank 0's weights everywhere (the ones a checkpoint
+            # saves): batch norm statistics may differ across ranks while
+            # training with broadcast_buffers=False.
+            message = _first_failure(None, _same_everywhere(model))
+            if message is not None:
+                return self._failed(message, stage)
+            _broadcast_tensors(model)
         if rank == 0:
             try:
                 with torch.no_grad():
@@ -263,6 +273,12 @@ class FuseConvBNHook(Hook):
                            report.summary()))
             except FusionError as error:
                 message = str(error)
+            except Exception as error:  # noqa: B902
+                if world_size == 1:
+                    raise
+                # Any failure must reach the other ranks, or they would
+                # wait for rank 0 forever.
+                message = f'rank 0: {type(error).__name__}: {error}'
         if world_size > 1:
             shared: List[Any] = [record if message is None else message]
             broadcast_object_list(shared, src=0)
@@ -270,13 +286,13 @@ class FuseConvBNHook(Hook):
                 message = shared[0]
             elif rank != 0:
                 record = shared[0]
-                with torch.no_grad():
-                    if verify:
-                        reference = model(*example)
                 try:
+                    with torch.no_grad():
+                        if verify:
+                            reference = model(*example)
                     rebuild_fused_structure(model, record)
-                except FusionError as error:
-                    message = f'rank {rank}: {error}'
+                except Exception as error:  # noqa: B902 (as on rank 0)
+                    message = f'rank {rank}: {type(error).__name__}: {error}'
             message = _first_failure(message, _same_everywhere(model))
             if message is None:
                 _broadcast_tensors(model)
@@ -292,12 +308,16 @@ class FuseConvBNHook(Hook):
                                    'its first batch')
                 message = _first_failure(message, None)
         if message is not None:
-            if stage == 'val':
-                self._log(f'FuseConvBNHook: {message}', 'WARNING')
-                return None
-            raise FusionError(f'FuseConvBNHook: {message}')
+            return self._failed(message, stage)
         mark_fused(model, record)
         return record
+
+    def _failed(self, message: str, stage: str) -> None:
+        """Raise for a test; warn (and return None) for a validation."""
+        if stage == 'val':
+            self._log(f'FuseConvBNHook: {message}', 'WARNING')
+            return None
+        raise FusionError(f'FuseConvBNHook: {message}')
 
     def _example_inputs(self, model: nn.Module,
                         data_batch: Any) -> Optional[Tuple]:
