@@ -63,8 +63,8 @@ def count(model: nn.Module) -> Tuple[int, int]:
     return convs, norms
 
 
-def interleaved(runs: Dict[str, Callable[[], object]],
-                rounds: int) -> Dict[str, float]:
+def interleaved(runs: Dict[str, Callable[[], object]], rounds: int,
+                clock: Callable[[], float]) -> Dict[str, float]:
     """Median seconds of each run, one of each per round."""
     times: Dict[str, List[float]] = {key: [] for key in runs}
     for run in runs.values():  # warm up
@@ -72,13 +72,13 @@ def interleaved(runs: Dict[str, Callable[[], object]],
         run()
     for _ in range(rounds):
         for key, run in runs.items():
-            start = time.perf_counter()
+            start = clock()
             run()
-            times[key].append(time.perf_counter() - start)
+            times[key].append(clock() - start)
     return {key: statistics.median(values) for key, values in times.items()}
 
 
-def bench(name: str, rounds: int) -> Dict:
+def bench(name: str, rounds: int, clock: Callable[[], float]) -> Dict:
     label, input_hw = BENCH_MODELS[name]
     model, inputs = build_reparam_model(name, input_hw=input_hw)
     with torch.no_grad():
@@ -109,7 +109,7 @@ def bench(name: str, rounds: int) -> Dict:
             for key, version in versions.items() if key != 'before'
         }
     medians = interleaved({k: forward(v) for k, v in versions.items()},
-                          rounds)
+                          rounds, clock)
     merged = sum(1 for r in report.reparameterized if r['merged'])
     return {
         'label': label,
@@ -148,15 +148,21 @@ def main() -> None:
     parser.add_argument('--models', default=','.join(BENCH_MODELS))
     parser.add_argument('--threads', type=int, default=0,
                         help='torch threads (default: torch\'s choice)')
+    parser.add_argument(
+        '--clock', choices=('wall', 'cpu'), default='wall',
+        help='wall-clock time, or the CPU time of this process (steadier '
+        'on a shared machine; use with --threads 1)')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == 'wall' else time.process_time
     results = []
     for name in args.models.split(','):
-        results.append(bench(name, args.rounds))
+        results.append(bench(name, args.rounds, clock))
         print(f'{name}: done', file=sys.stderr)
+    what = 'wall-clock' if args.clock == 'wall' else 'process CPU time'
     print(f'CPU, {torch.get_num_threads()} threads, torch '
-          f'{torch.__version__}, batch 1, median of {args.rounds} '
+          f'{torch.__version__}, batch 1, {what}, median of {args.rounds} '
           'interleaved rounds.\n')
     print(table(results))
 
