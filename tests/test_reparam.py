@@ -828,3 +828,5 @@ def test_fuse_model_option_and_report():
     assert report.to_dict()['reparameterized'][0]['module'] == '0'
     with torch.no_grad():
         assert output_error(block(x), merged(x))[1] <= RTOL
+    # A second pass finds nothing left to merge.
+    assert reparameterize(merged, (x, )) == []
