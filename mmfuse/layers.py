@@ -97,11 +97,10 @@ def is_norm_layer(module: nn.Module) -> bool:
     name = type(module).__name__
     looks_like_norm = name.endswith('Norm') or name.endswith('BN') or any(
         tag in name for tag in ('Norm1d', 'Norm2d', 'Norm3d'))
-    has_norm_state = any(
-        hasattr(module, attr) for attr in ('running_mean', 'num_features',
-                                           'normalized_shape',
-                                           'num_channels'))
-    return looks_like_norm and has_norm_state
+    # torch.nn.utils' weight-norm/spectral-norm parametrizations are named
+    # like norms but normalise a weight, not the data.
+    return looks_like_norm and \
+        not type(module).__module__.startswith('torch.nn.utils')
 
 
 def norm_fold_problem(module: nn.Module) -> Optional[str]:

@@ -249,3 +249,25 @@ def test_frozen_batchnorm_of_unknown_origin_folds_if_affine(traced):
     fused, _, rel = fuse_and_compare(model, (_input(2), ), traced)
     assert rel < 1e-5
     kept_at(fused, ['1'])
+
+
+class ScaleNorm(nn.Module):
+    """mmpose-style norm: no running statistics, named like a norm."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = dim**-0.5
+        self.g = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-5) * \
+            self.scale * self.g
+
+
+def test_every_norm_like_layer_is_listed():
+    model = nn.Sequential(nn.Linear(4, 4), ScaleNorm(4),
+                          nn.utils.parametrizations.weight_norm(
+                              nn.Linear(4, 4)))
+    report = mmfuse.fuse_model(model.eval(), (torch.randn(2, 4), ))
+    assert [s.name for s in report.left] == ['1']
+    assert report.num_norms == 1 and report.num_foldable == 0
