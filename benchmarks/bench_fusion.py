@@ -1,0 +1,340 @@
+"""Conv/BN fusion on real OpenMMLab models: mmfuse against mmcv and torch.fx.
+
+For the models of ``tests/real_models.py`` (built from the configs their
+packages ship; seeded random weights, random BN statistics, small inputs,
+always float32 here), four ways to fuse are compared on a fresh copy each:
+
+* ``fuse_model``: :func:`mmfuse.fuse_model` with the example input (traced
+  data flow, re-parameterization, verification);
+* ``fuse_conv_bn``: :func:`mmfuse.fuse_conv_bn`, no input (structure only);
+* ``mmcv``: ``mmcv.cnn.fuse_conv_bn`` (pairs a BN with the conv registered
+  before it);
+* ``torch.fx``: ``torch.fx.experimental.optimization.fuse`` (symbolic trace
+  of the whole model; 'cannot trace' when that fails).
+
+For each: batch norms folded out of those foldable (batch norms with running
+statistics in the unfused model, counted once per module), the largest
+relative output error against the unfused model (or the crash), and the
+time the call takes.  Latency of the unfused model, the ``fuse_model`` one
+and the *no-norm bound* (every foldable norm replaced by ``nn.Identity``:
+not the same function, only the speed a perfect fusion could reach) is
+measured in one process, interleaved (one forward of each per round), as
+the median of ``--rounds`` rounds, with ``torch.set_num_threads(--threads)``
+(1 by default: on a 2-core machine shared with other work, two intra-op
+threads wait on each other and the numbers scatter far more).
+
+An output off by more than ``--corrupt`` (relative, default 1e-3) counts as
+corrupted: float32 rounding after an exact fold stays below 1e-4 on every
+model here.  Prints markdown tables and totals.
+
+Usage::
+
+    python benchmarks/bench_fusion.py [--models a,b] [--rounds 21]
+        [--threads 1]
+"""
+import argparse
+import copy
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tests'))
+
+import mmfuse  # noqa: E402
+import real_models  # noqa: E402
+from mmfuse.verify import output_error  # noqa: E402
+
+METHODS = ('fuse_model', 'fuse_conv_bn', 'mmcv', 'torch.fx')
+
+
+@dataclass
+class MethodResult:
+    """What one fusion method did to one model."""
+    folded: Optional[int] = None
+    rel_error: Optional[float] = None
+    seconds: Optional[float] = None
+    failure: str = ''
+    model: Optional[nn.Module] = None
+
+
+@dataclass
+class ModelResult:
+    """Everything measured on one model."""
+    name: str
+    foldable: int
+    methods: Dict[str, MethodResult] = field(default_factory=dict)
+    latency_ms: Dict[str, float] = field(default_factory=dict)
+
+
+def count_batch_norms(model: nn.Module) -> int:
+    """Batch norms with running statistics in ``model``, each module once."""
+    return sum(
+        real_models.is_batch_norm_with_stats(m) for m in model.modules())
+
+
+def no_norm_bound(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every foldable norm replaced by Identity."""
+    bound = copy.deepcopy(model)
+    sites = [
+        name for name, m in bound.named_modules(remove_duplicate=False)
+        if name and real_models.is_batch_norm_with_stats(m)
+    ]
+    for name in sites:
+        parent, _, attr = name.rpartition('.')
+        holder = bound.get_submodule(parent) if parent else bound
+        holder._modules[attr] = nn.Identity()
+    return bound
+
+
+def _mmcv_fuse(model: nn.Module, inputs: Tuple) -> nn.Module:
+    from mmcv.cnn import fuse_conv_bn
+    return fuse_conv_bn(model)
+
+
+def _fx_fuse(model: nn.Module, inputs: Tuple) -> nn.Module:
+    from torch.fx.experimental.optimization import fuse
+    return fuse(model, inplace=True)
+
+
+def fx_trace_problem(model: nn.Module) -> Optional[str]:
+    """Why torch.fx cannot trace ``model`` (on a copy), or ``None``."""
+    try:
+        torch.fx.symbolic_trace(copy.deepcopy(model))
+    except Exception as error:  # fx raises many types on Python code
+        first = str(error).strip().splitlines()
+        detail = first[0][:50] if first else ''
+        return f'cannot trace: {type(error).__name__}: {detail}'
+    return None
+
+
+def _mmfuse_model(model: nn.Module, inputs: Tuple) -> nn.Module:
+    mmfuse.fuse_model(model, inputs)
+    return model
+
+
+def _mmfuse_conv_bn(model: nn.Module, inputs: Tuple) -> nn.Module:
+    return mmfuse.fuse_conv_bn(model)
+
+
+FUSERS: Dict[str, Callable[[nn.Module, Tuple], nn.Module]] = {
+    'fuse_model': _mmfuse_model,
+    'fuse_conv_bn': _mmfuse_conv_bn,
+    'mmcv': _mmcv_fuse,
+    'torch.fx': _fx_fuse,
+}
+
+
+def run_method(method: str, model: nn.Module, inputs: Tuple, reference: Any,
+               foldable: int) -> MethodResult:
+    """Fuse a copy of ``model`` with ``method`` and check its output."""
+    result = MethodResult()
+    if method == 'torch.fx':
+        problem = fx_trace_problem(model)
+        if problem:
+            result.failure = problem
+            return result
+    work = copy.deepcopy(model)
+    start = time.perf_counter()
+    try:
+        fused = FUSERS[method](work, inputs)
+    except Exception as error:  # any crash of a fuser is a result here
+        result.failure = f'crash: {type(error).__name__}: {str(error)[:60]}'
+        return result
+    result.seconds = time.perf_counter() - start
+    result.folded = foldable - count_batch_norms(fused)
+    try:
+        with torch.no_grad():
+            output = fused(*inputs)
+    except Exception as error:  # a fused model that no longer runs
+        result.failure = (f'crash in forward: {type(error).__name__}: '
+                          f'{str(error)[:60]}')
+        return result
+    result.rel_error = output_error(reference, output)[1]
+    result.model = fused
+    return result
+
+
+def measure_latency(variants: Dict[str, nn.Module], inputs: Tuple,
+                    rounds: int, warmup: int) -> Dict[str, float]:
+    """Median forward time in ms of each variant, interleaved."""
+    times: Dict[str, List[float]] = {name: [] for name in variants}
+    with torch.no_grad():
+        for index in range(warmup + rounds):
+            for name, model in variants.items():
+                start = time.perf_counter()
+                model(*inputs)
+                elapsed = time.perf_counter() - start
+                if index >= warmup:
+                    times[name].append(elapsed)
+    return {
+        name: 1e3 * statistics.median(values)
+        for name, values in times.items()
+    }
+
+
+def bench_model(name: str, rounds: int, warmup: int) -> ModelResult:
+    """Every measurement on one model."""
+    model, inputs = real_models.build(name, dtype=torch.float32)
+    with torch.no_grad():
+        reference = model(*inputs)
+    result = ModelResult(name, count_batch_norms(model))
+    for method in METHODS:
+        result.methods[method] = run_method(method, model, inputs,
+                                            reference, result.foldable)
+    variants = {'unfused': model}
+    fused = result.methods['fuse_model'].model
+    if fused is not None:
+        variants['fused'] = fused
+    variants['bound'] = no_norm_bound(model)
+    result.latency_ms = measure_latency(variants, inputs, rounds, warmup)
+    for method in result.methods.values():
+        method.model = None  # free memory before the next model
+    return result
+
+
+def _err(value: float) -> str:
+    return '0' if value == 0 else f'{value:.1e}'
+
+
+def fold_cell(result: ModelResult, method: str, corrupt: float) -> str:
+    res = result.methods[method]
+    if res.failure:
+        return res.failure.replace('|', '/')
+    mark = ' **corrupt**' if res.rel_error > corrupt else ''
+    return f'{res.folded}/{result.foldable} ({_err(res.rel_error)}){mark}'
+
+
+def ms(value: Optional[float]) -> str:
+    return '-' if value is None else f'{value:.1f}'
+
+
+def time_cell(result: ModelResult, method: str) -> str:
+    res = result.methods[method]
+    return '-' if res.seconds is None else ms(1e3 * res.seconds)
+
+
+def ratio(numerator: Optional[float], denominator: Optional[float]) -> str:
+    if numerator is None or not denominator:
+        return '-'
+    return f'{numerator / denominator:.1f}x'
+
+
+def print_tables(results: List[ModelResult], corrupt: float) -> None:
+    """The markdown tables and totals."""
+    print('### Folds and output error\n')
+    print('Cells: batch norms folded / foldable (max relative output '
+          'error).\n')
+    print('| model | ' + ' | '.join(f'`{m}`' for m in METHODS) + ' |')
+    print('|---|' + '---|' * len(METHODS))
+    for result in results:
+        cells = [fold_cell(result, m, corrupt) for m in METHODS]
+        print(f'| {result.name} | ' + ' | '.join(cells) + ' |')
+    print('\n### Time to fuse and CPU latency\n')
+    print('| model | `fuse_model` ms (in forwards) | `fuse_conv_bn` ms '
+          '(vs mmcv) | mmcv ms | torch.fx ms | unfused ms | fused ms | '
+          'no-norm bound ms | speed-up |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    for result in results:
+        lat = result.latency_ms
+        forward_s = lat['unfused'] / 1e3
+        fm = result.methods['fuse_model'].seconds
+        fc = result.methods['fuse_conv_bn'].seconds
+        mc = result.methods['mmcv'].seconds
+        cells = [
+            f'{time_cell(result, "fuse_model")} ({ratio(fm, forward_s)})',
+            f'{time_cell(result, "fuse_conv_bn")} ({ratio(fc, mc)})',
+            time_cell(result, 'mmcv'),
+            time_cell(result, 'torch.fx'),
+            ms(lat['unfused']),
+            ms(lat.get('fused')),
+            ms(lat['bound']),
+            ratio(lat['unfused'], lat.get('fused')),
+        ]
+        print(f'| {result.name} | ' + ' | '.join(cells) + ' |')
+    print('\n### Totals\n')
+    print('| method | norms folded | corrupted outputs | crashes | '
+          'cannot trace | median time to fuse |')
+    print('|---|---|---|---|---|---|')
+    foldable = sum(r.foldable for r in results)
+    for method in METHODS:
+        runs = [r.methods[method] for r in results]
+        folded = sum(r.folded or 0 for r in runs if not r.failure)
+        bad = sum(1 for r in runs
+                  if r.rel_error is not None and r.rel_error > corrupt)
+        crashes = sum(1 for r in runs if r.failure.startswith('crash'))
+        untraced = sum(1 for r in runs
+                       if r.failure.startswith('cannot trace'))
+        seconds = [r.seconds for r in runs if r.seconds is not None]
+        median = ms(1e3 * statistics.median(seconds)) + ' ms' \
+            if seconds else '-'
+        print(f'| `{method}` | {folded}/{foldable} | {bad} | {crashes} | '
+              f'{untraced} | {median} |')
+    speedups = [
+        r.latency_ms['unfused'] / r.latency_ms['fused'] for r in results
+        if 'fused' in r.latency_ms
+    ]
+    bounds = [r.latency_ms['unfused'] / r.latency_ms['bound']
+              for r in results]
+    print(f'\nMedian speed-up of `fuse_model` over unfused: '
+          f'{statistics.median(speedups):.2f}x (no-norm bound: '
+          f'{statistics.median(bounds):.2f}x).')
+
+
+def machine() -> str:
+    """CPU model, cores, torch version."""
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists('/proc/cpuinfo'):
+        with open('/proc/cpuinfo') as info:
+            names = [
+                line.split(':', 1)[1].strip() for line in info
+                if line.startswith('model name')
+            ]
+        cpu = names[0] if names else cpu
+    return (f'{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, '
+            f'{torch.get_num_threads()} threads')
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        '--models',
+        default='all',
+        help='comma-separated names from tests/real_models.py, or "all"')
+    parser.add_argument(
+        '--rounds', type=int, default=21, help='latency rounds per model')
+    parser.add_argument(
+        '--warmup', type=int, default=3, help='untimed rounds first')
+    parser.add_argument(
+        '--threads', type=int, default=1, help='torch.set_num_threads')
+    parser.add_argument(
+        '--corrupt',
+        type=float,
+        default=1e-3,
+        help='relative output error that counts as corrupted')
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = real_models.MODEL_NAMES if args.models == 'all' else \
+        [n.strip() for n in args.models.split(',') if n.strip()]
+    for name in names:
+        real_models.get_spec(name)  # fail early on a typo
+    results = []
+    for index, name in enumerate(names):
+        print(f'[{index + 1}/{len(names)}] {name}', file=sys.stderr,
+              flush=True)
+        results.append(bench_model(name, args.rounds, args.warmup))
+    print(f'Measured {datetime.date.today().isoformat()} on {machine()}; '
+          f'latency = median of {args.rounds} interleaved rounds, batch '
+          f'1, float32.\n')
+    print_tables(results, args.corrupt)
+
+
+if __name__ == '__main__':
+    main()
