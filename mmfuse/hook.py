@@ -148,8 +148,8 @@ class FuseConvBNHook(Hook):
         if is_fused_structure(model):
             if not same_structure(fused_record_of(model), record):
                 raise FusionError(
-                    'FuseConvBNHook: the model is already fused, otherwise '
-                    'than the checkpoint being loaded')
+                    'FuseConvBNHook: the model is already fused, with another '
+                    'structure than the checkpoint being loaded')
             return
         convert_to_fused_structure(model, record)
         for ema_module in _ema_modules(runner):
@@ -192,9 +192,10 @@ class FuseConvBNHook(Hook):
         if is_fused_structure(module):
             return
         module.eval()
-        report = fuse_model(module, example,
-                            verify=self.verify and example is not None,
-                            rtol=self.rtol)
+        with torch.no_grad():
+            report = fuse_model(module, example,
+                                verify=self.verify and example is not None,
+                                rtol=self.rtol)
         mine = fusion_record(report)
         if not same_structure(mine, record):
             raise FusionError(
@@ -221,8 +222,6 @@ class FuseConvBNHook(Hook):
             param.grad = None
         example = self._example_inputs(fused, data_batch)
         if self._fuse_everywhere(fused, example, 'val') is None:
-            self._log('FuseConvBNHook: fusing the copy for validation failed; '
-                      'validating unfused', 'WARNING')
             return
         self._val_original = runner.model
         runner.model = fused
@@ -274,10 +273,11 @@ class FuseConvBNHook(Hook):
             except FusionError as error:
                 message = str(error)
             except Exception as error:  # noqa: B902
-                if world_size == 1:
+                if world_size == 1 and stage == 'test':
                     raise
-                # Any failure must reach the other ranks, or they would
-                # wait for rank 0 forever.
+                # A validation falls back to the unfused model; and any
+                # failure must reach the other ranks, or they would wait
+                # for rank 0 forever.
                 message = f'rank 0: {type(error).__name__}: {error}'
         if world_size > 1:
             shared: List[Any] = [record if message is None else message]
@@ -315,7 +315,8 @@ class FuseConvBNHook(Hook):
     def _failed(self, message: str, stage: str) -> None:
         """Raise for a test; warn (and return None) for a validation."""
         if stage == 'val':
-            self._log(f'FuseConvBNHook: {message}', 'WARNING')
+            self._log(f'FuseConvBNHook: {message}; validating the unfused '
+                      'model', 'WARNING')
             return None
         raise FusionError(f'FuseConvBNHook: {message}')
 

@@ -319,3 +319,30 @@ def test_real_model_round_trip(tmp_path, package):
             assert a.shape == b.shape
             assert torch.allclose(a.double(), b.double(), rtol=1e-5,
                                   atol=1e-5)
+
+
+def _broken_fuse_model(*args, **kwargs):
+    raise RuntimeError('simulated failure inside fuse_model')
+
+
+def test_a_failed_fusion_validates_unfused(tmp_path, demo_checkpoint,
+                                           monkeypatch):
+    plain, plain_val = _train(str(tmp_path / 'plain'), None, demo_checkpoint)
+    monkeypatch.setattr('mmfuse.hook.fuse_model', _broken_fuse_model)
+    hooked, hooked_val = _train(
+        str(tmp_path / 'hook'), dict(fuse_test=False, fuse_val=True),
+        demo_checkpoint)
+    assert hooked_val == plain_val  # validated unfused, exactly
+    log = ''.join(p.read_text() for p in (tmp_path / 'hook').rglob('*.log'))
+    # Both validations fell back; MMLogger shows a repeated warning once.
+    assert log.count('simulated failure inside fuse_model; validating the '
+                     'unfused model') == 1
+    assert state_digest(hooked.model.state_dict()) == \
+        state_digest(plain.model.state_dict())
+
+
+def test_a_failed_fusion_fails_the_test(tmp_path, demo_checkpoint,
+                                        monkeypatch):
+    monkeypatch.setattr('mmfuse.hook.fuse_model', _broken_fuse_model)
+    with pytest.raises(RuntimeError, match='simulated failure'):
+        _test_run(demo_config(str(tmp_path), fuse=True), demo_checkpoint)
