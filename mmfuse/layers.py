@@ -99,8 +99,11 @@ def is_norm_layer(module: nn.Module) -> bool:
         tag in name for tag in ('Norm1d', 'Norm2d', 'Norm3d'))
     # torch.nn.utils' weight-norm/spectral-norm parametrizations are named
     # like norms but normalise a weight, not the data.
+    # ... and a container named like a norm (a block ending in 'Norm') is
+    # not one.
     return looks_like_norm and \
-        not type(module).__module__.startswith('torch.nn.utils')
+        not type(module).__module__.startswith('torch.nn.utils') and \
+        next(module.children(), None) is None
 
 
 def norm_fold_problem(module: nn.Module) -> Optional[str]:

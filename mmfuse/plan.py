@@ -7,7 +7,9 @@ checkpoint's ``meta``) and re-applied to a freshly built model.
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Tuple
 
-__all__ = ['POST', 'PRE', 'SUM', 'ConvTarget', 'Fold', 'Skip', 'FusionPlan']
+__all__ = [
+    'POST', 'PRE', 'SUM', 'CONCAT', 'ConvTarget', 'Fold', 'Skip', 'FusionPlan'
+]
 
 #: A norm right after a conv: folded into the conv's output channels.
 POST = 'post'
@@ -16,6 +18,8 @@ POST = 'post'
 PRE = 'pre'
 #: A norm over a sum of convs: folded into each, the shift into the first.
 SUM = 'sum'
+#: A norm over a channel concat of convs: each conv takes its slice.
+CONCAT = 'concat'
 
 
 @dataclass(frozen=True)
@@ -32,11 +36,14 @@ class ConvTarget:
             normalised sum does).
         plain: Whether the layer transforms its weight in forward and is
             first replaced by a plain conv with identical output.
+        offset: The first norm channel this conv's output channels meet (a
+            normalised concat of convs); 0 otherwise.
     """
     name: str
     copy: bool = False
     shift: bool = True
     plain: bool = False
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,7 @@ class Fold:
     """One norm folded away.
 
     Args:
-        kind: :data:`POST`, :data:`PRE` or :data:`SUM`.
+        kind: :data:`POST`, :data:`PRE`, :data:`SUM` or :data:`CONCAT`.
         norm: Dotted path of the norm (its first site).
         norm_sites: Every path where the norm is replaced by an identity.
         convs: The layers that absorb it.

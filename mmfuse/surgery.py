@@ -12,9 +12,9 @@ from torch import nn
 
 from .folding import (fold_affine_into_input, fold_affine_into_output,
                       norm_affine)
-from .layers import conv_geometry, norm_affine_params
+from .layers import conv_geometry, conv_out_channels, norm_affine_params
 from .plain_conv import plain_conv_of
-from .plan import PRE, Fold, FusionPlan
+from .plan import CONCAT, PRE, Fold, FusionPlan
 
 __all__ = ['AppliedFold', 'apply_fold', 'apply_plan', 'undo_folds']
 
@@ -114,9 +114,15 @@ def apply_fold(model: nn.Module, fold: Fold) -> AppliedFold:
                                                   scale, shift, groups)
         else:
             transposed, groups = conv_geometry(conv)
+            if fold.kind == CONCAT:
+                part = slice(target.offset,
+                             target.offset + conv_out_channels(conv))
+                conv_scale, conv_shift = scale[part], shift[part]
+            else:
+                conv_scale, conv_shift = scale, shift
             weight, bias = fold_affine_into_output(
-                conv.weight, conv.bias, scale,
-                shift if target.shift else None, transposed, groups)
+                conv.weight, conv.bias, conv_scale,
+                conv_shift if target.shift else None, transposed, groups)
         _set_parameter(conv, 'weight', weight, applied)
         _set_parameter(conv, 'bias', bias, applied)
     for site in fold.norm_sites:

@@ -276,3 +276,46 @@ def test_a_conv_module_with_on_the_fly_conv_bn_fusion(traced):
     assert rel < 1e-5
     if not traced:
         identity_at(fused, ['bn'])
+
+
+def test_e_norm_over_concat_of_convs_folds_slices(traced):
+    """CGNet's context guided block: bn(cat([conv_loc(x), conv_sur(x)]))."""
+
+    class ContextGuided(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.loc = nn.Conv2d(8, 4, 3, padding=1, groups=4)
+            self.sur = nn.Conv2d(8, 6, 3, padding=2, dilation=2, bias=False)
+            self.bn = nn.BatchNorm2d(10)
+
+        def forward(self, x):
+            return self.bn(torch.cat([self.loc(x), self.sur(x)], 1))
+
+    fused, report, rel = fuse_and_compare(ContextGuided(), (X, ), traced)
+    assert rel < 1e-5
+    identity_at(fused, ['bn'])
+    if report is not None:
+        assert report.folded[0].kind == 'concat'
+        assert [t.offset for t in report.folded[0].convs] == [0, 4]
+
+
+def test_same_conv_output_twice_in_a_sum_or_concat_stays(traced):
+
+    class Twice(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 4, 1)
+            self.bn_sum = nn.BatchNorm2d(4)
+            self.conv2 = nn.Conv2d(8, 4, 1)
+            self.bn_cat = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            a = self.conv(x)
+            b = self.conv2(x)
+            return self.bn_sum(a + a), self.bn_cat(torch.cat([b, b], 1))
+
+    fused, _, rel = fuse_and_compare(Twice(), (X, ), traced)
+    assert rel < 1e-5
+    kept_at(fused, ['bn_sum', 'bn_cat'])

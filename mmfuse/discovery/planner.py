@@ -13,6 +13,7 @@ evidence proves a fold and where the folded parameters go:
 Everything that is not folded is listed with the reason.
 """
 from collections import defaultdict
+from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
 from torch import nn
@@ -21,7 +22,8 @@ from ..layers import (conv_fold_problem, conv_in_channels, conv_out_channels,
                       is_norm_layer, norm_channels, norm_fold_problem,
                       pads_with_zeros)
 from ..plain_conv import plain_conv_of
-from ..plan import POST, PRE, SUM, ConvTarget, Fold, FusionPlan, Skip
+from ..plan import (CONCAT, POST, PRE, SUM, ConvTarget, Fold, FusionPlan,
+                    Skip)
 from .occurrence import Evidence, Link, Occurrence, Site
 
 __all__ = ['module_paths', 'plan_folds']
@@ -161,15 +163,22 @@ class _Planner:
         targets: List[ConvTarget] = []
         for occ in calls:
             link = occ.link
+            offset = 0
             for index, conv_occ in enumerate(link.convs):
-                target, reason = self.conv_target(conv_occ, link,
-                                                  shift=index == 0)
+                target, reason = self.conv_target(
+                    conv_occ, link, shift=index == 0 or kind == CONCAT)
                 if target is None:
                     self.skip(name, reason)
                     return
                 channels = (conv_in_channels(conv_occ.module) if kind == PRE
                             else conv_out_channels(conv_occ.module))
-                if channels != norm_channels(norm):
+                check = True
+                if kind == CONCAT:
+                    target = replace(target, offset=offset)
+                    offset += channels
+                    check = index + 1 == len(link.convs)
+                    channels = offset
+                if check and channels != norm_channels(norm):
                     self.skip(name, f'{norm_channels(norm)} channels but '
                               f'{target.name} has {channels}')
                     return
@@ -179,10 +188,10 @@ class _Planner:
                     return
                 if target not in targets:
                     targets.append(target)
-        if kind == SUM and (len(calls) != 1 or any(
+        if kind in (SUM, CONCAT) and (len(calls) != 1 or any(
                 len(self.calls[id(c.module)]) != 1
                 for c in calls[0].link.convs)):
-            self.skip(name, 'normalises a sum of convs that are also '
+            self.skip(name, f'normalises a {kind} of convs that are also '
                       'called elsewhere')
             return
         for target in targets:

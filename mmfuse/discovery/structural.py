@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from ..layers import is_conv_layer, is_norm_layer
-from ..plan import POST, PRE, SUM
+from ..plan import CONCAT, POST, PRE, SUM
 from .occurrence import Evidence, Occurrence
 
 __all__ = ['collect_structural_evidence']
@@ -170,10 +170,13 @@ class _StructuralCollector:
                 occ.reason = 'called with extra arguments'
                 continue
             convs = self._sources(node.args[0], occs)
+            kind = POST if convs is not None and len(convs) == 1 else SUM
+            if convs is None:
+                convs = self._concat_sources(node.args[0], occs)
+                kind = CONCAT
             if convs is None:
                 pending.append((node, occ))
                 continue
-            kind = POST if len(convs) == 1 else SUM
             self.evidence.link(kind, occ, [occs[c] for c in convs], 'fx')
         for node, occ in pending:
             users = list(node.users)
@@ -196,7 +199,8 @@ class _StructuralCollector:
         is_add = (node.op == 'call_function' and node.target in
                   (operator.add, torch.add)) or \
             (node.op == 'call_method' and node.target == 'add')
-        if not is_add or len(node.args) != 2 or node.kwargs:
+        if not is_add or len(node.args) != 2 or node.kwargs or \
+                node.args[0] is node.args[1]:
             return None
         found = []
         for arg in node.args:
@@ -205,6 +209,25 @@ class _StructuralCollector:
                 return None
             found.extend(inner)
         return found
+
+    @staticmethod
+    def _concat_sources(node, occs) -> Optional[List[fx.Node]]:
+        """Conv nodes that ``node`` concatenates along dim 1, in order."""
+        if not isinstance(node, fx.Node) or len(node.users) != 1 or \
+                node.op != 'call_function' or node.target is not torch.cat:
+            return None
+        parts = node.args[0] if node.args else node.kwargs.get('tensors')
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get(
+            'dim', 0)
+        if dim != 1 or not isinstance(parts, (list, tuple)) or \
+                len(set(parts)) != len(parts):
+            return None
+        for part in parts:
+            if not isinstance(part, fx.Node) or part not in occs or \
+                    not is_conv_layer(occs[part].module) or \
+                    len(part.users) != 1:
+                return None
+        return list(parts)
 
     @staticmethod
     def _describe(source) -> str:

@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..layers import is_conv_layer, is_norm_layer
-from ..plan import POST, PRE, SUM
+from ..plan import CONCAT, POST, PRE, SUM
 from .occurrence import Evidence, Occurrence, Site
 
 __all__ = ['collect_traced_evidence', 'TracedForward']
@@ -52,15 +52,18 @@ def _func_name(func) -> str:
 
 class _OpCall:
     """One operation run outside any leaf module."""
-    __slots__ = ('name', 'inputs', 'outputs', 'shapes_match', 'plain')
+    __slots__ = ('name', 'inputs', 'outputs', 'shapes_match', 'plain',
+                 'channel_cat')
 
     def __init__(self, name: str, inputs: List[Key], outputs: List[Key],
-                 shapes_match: bool, plain: bool):
+                 shapes_match: bool, plain: bool, channel_cat: bool):
         self.name = name
         self.inputs = inputs
         self.outputs = outputs
         self.shapes_match = shapes_match
         self.plain = plain
+        # A torch.cat along dim 1, the channels a norm normalises.
+        self.channel_cat = channel_cat
 
     def describe(self) -> str:
         return f'operation {self.name}'
@@ -161,7 +164,13 @@ class TracedForward:
             shapes_match = plain and len(out_tensors) == 1 and \
                 in_tensors[0].shape == in_tensors[1].shape == \
                 out_tensors[0].shape
-            op = _OpCall(name, inputs, outputs, shapes_match, plain)
+            channel_cat = False
+            if name == 'cat' and len(out_tensors) == 1:
+                dim = args[1] if len(args) > 1 else kwargs.get('dim', 0)
+                channel_cat = isinstance(dim, int) and \
+                    dim % out_tensors[0].dim() == 1
+            op = _OpCall(name, inputs, outputs, shapes_match, plain,
+                         channel_cat)
             for key in inputs:
                 self.consumers[key].append(op)
             for key in outputs:
@@ -278,7 +287,8 @@ class TracedForward:
             return None
         if isinstance(source, _OpCall) and source.name in _ADDS and \
                 source.plain and source.shapes_match and \
-                len(source.outputs) == 1:
+                len(source.outputs) == 1 and \
+                len(set(source.inputs)) == len(source.inputs):
             found = []
             for inner in source.inputs:
                 convs = self.conv_sources(inner, source)
@@ -287,6 +297,26 @@ class TracedForward:
                 found.extend(convs)
             return found
         return None
+
+    def concat_sources(self, key: Key,
+                       consumer) -> Optional[List[_ModuleCall]]:
+        """Conv calls whose outputs ``key`` concatenates along channels,
+        in order, each consumed only by the concat."""
+        source = self.producer.get(key)
+        if self.only_consumer(key, consumer) is not None or \
+                not isinstance(source, _OpCall) or not source.channel_cat \
+                or len(set(source.inputs)) != len(source.inputs):
+            return None
+        convs = []
+        for inner in source.inputs:
+            conv = self.producer.get(inner)
+            if not isinstance(conv, _ModuleCall) or \
+                    not is_conv_layer(conv.module) or \
+                    not conv.channels_dim_ok or len(conv.outputs) != 1 or \
+                    self.only_consumer(inner, source) is not None:
+                return None
+            convs.append(conv)
+        return convs
 
     def describe_source(self, key: Key, consumer) -> str:
         other = self.only_consumer(key, consumer)
@@ -318,10 +348,13 @@ class TracedForward:
                 occ.reason = 'called with several tensors'
                 continue
             convs = self.conv_sources(call.inputs[0], call)
+            kind = POST if convs is not None and len(convs) == 1 else SUM
+            if convs is None:
+                convs = self.concat_sources(call.inputs[0], call)
+                kind = CONCAT
             if convs is None:
                 pending.append(call)
                 continue
-            kind = POST if len(convs) == 1 else SUM
             evidence.link(kind, occ, [c.occurrence for c in convs], 'traced')
         for call in pending:
             occ = call.occurrence
