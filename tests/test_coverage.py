@@ -271,3 +271,31 @@ def test_every_norm_like_layer_is_listed():
     report = mmfuse.fuse_model(model.eval(), (torch.randn(2, 4), ))
     assert [s.name for s in report.left] == ['1']
     assert report.num_norms == 1 and report.num_foldable == 0
+
+
+class LinearBatchNorm(nn.Module):
+    """LeViT's block: BatchNorm1d over the rows of a linear layer's output.
+    """
+
+    def __init__(self, features: int, rows: bool = True):
+        super().__init__()
+        self.linear = nn.Linear(6, 6)
+        self.bn = nn.BatchNorm1d(features)
+        self.rows = rows
+
+    def forward(self, x):
+        y = self.linear(x)
+        rows = y.flatten(0, 1) if self.rows else y.flatten(1)
+        return self.bn(rows).reshape(x.shape[0], x.shape[1], -1)
+
+
+def test_linear_then_batchnorm1d_over_flattened_tokens():
+    fused, report, rel = fuse_and_compare(
+        LinearBatchNorm(6), (torch.randn(2, 5, 6), ), True)
+    assert rel < 1e-5
+    identity_at(fused, ['bn'])
+    # A reshape that does not keep the features as the last dim stays.
+    fused, report, rel = fuse_and_compare(
+        LinearBatchNorm(30, rows=False), (torch.randn(2, 5, 6), ), True)
+    assert rel < 1e-5
+    kept_at(fused, ['bn'])

@@ -40,6 +40,7 @@ _METADATA = {
     '_base', '_is_view', 'is_sparse_csr', '__dlpack_device__', 'T_'
 }
 _ADDS = {'add', '__add__', '__radd__'}
+_ROW_VIEWS = {'flatten', 'reshape', 'view'}
 
 
 def _func_name(func) -> str:
@@ -53,7 +54,7 @@ def _func_name(func) -> str:
 class _OpCall:
     """One operation run outside any leaf module."""
     __slots__ = ('name', 'inputs', 'outputs', 'shapes_match', 'plain',
-                 'channel_cat')
+                 'channel_cat', 'rows_view')
 
     def __init__(self, name: str, inputs: List[Key], outputs: List[Key],
                  shapes_match: bool, plain: bool, channel_cat: bool):
@@ -64,6 +65,9 @@ class _OpCall:
         self.plain = plain
         # A torch.cat along dim 1, the channels a norm normalises.
         self.channel_cat = channel_cat
+        # A reshape to 2-D that keeps the last dim: a linear layer's output
+        # features become the channels of a BatchNorm1d.
+        self.rows_view = False
 
     def describe(self) -> str:
         return f'operation {self.name}'
@@ -171,6 +175,11 @@ class TracedForward:
                     dim % out_tensors[0].dim() == 1
             op = _OpCall(name, inputs, outputs, shapes_match, plain,
                          channel_cat)
+            if name in _ROW_VIEWS and len(in_tensors) == 1 and \
+                    len(out_tensors) == 1:
+                source, result = in_tensors[0], out_tensors[0]
+                op.rows_view = result.dim() == 2 and source.dim() >= 2 and \
+                    result.shape[-1] == source.shape[-1]
             for key in inputs:
                 self.consumers[key].append(op)
             for key in outputs:
@@ -284,6 +293,15 @@ class TracedForward:
             if is_conv_layer(source.module) and len(source.outputs) == 1 \
                     and source.channels_dim_ok:
                 return [source]
+            return None
+        if isinstance(source, _OpCall) and source.rows_view:
+            inner = source.inputs[0]
+            linear = self.producer.get(inner)
+            if isinstance(linear, _ModuleCall) and \
+                    isinstance(linear.module, nn.Linear) and \
+                    len(linear.outputs) == 1 and \
+                    self.only_consumer(inner, source) is None:
+                return [linear]
             return None
         if isinstance(source, _OpCall) and source.name in _ADDS and \
                 source.plain and source.shapes_match and \
