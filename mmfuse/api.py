@@ -6,13 +6,15 @@ with an example input observes the real forward pass and verifies the fused
 output against the unfused one, undoing any fold that breaks it.
 """
 import time
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .discovery import (collect_structural_evidence, collect_traced_evidence,
                         plan_folds)
+from .guards import (FusionError, as_input_tuple, check_eval,
+                     unwrap_model)
 from .layers import is_norm_layer, norm_fold_problem
 from .plan import Fold, FusionPlan, Skip
 from .report import FusionReport
@@ -21,44 +23,6 @@ from .verify import default_rtol, output_error
 
 __all__ = ['FusionError', 'fuse_model', 'fuse_conv_bn', 'discover_folds',
            'unwrap_model']
-
-
-class FusionError(ValueError):
-    """A model or an argument mmfuse cannot fuse as asked."""
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DataParallel, DDP or an MMEngine model wrapper."""
-    while True:
-        inner = getattr(model, 'module', None)
-        wrapper = isinstance(model, (nn.DataParallel,
-                                     nn.parallel.DistributedDataParallel))
-        if not wrapper:
-            try:
-                from mmengine.model import is_model_wrapper
-            except ImportError:  # mmengine is optional for plain torch use
-                is_model_wrapper = None
-            wrapper = is_model_wrapper is not None and is_model_wrapper(model)
-        if not wrapper or not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
-def _check_eval(model: nn.Module) -> None:
-    for name, module in model.named_modules():
-        if module.training:
-            where = f"'{name}'" if name else 'the model itself'
-            raise FusionError(
-                f'mmfuse: {where} ({type(module).__name__}) is in training '
-                'mode; call model.eval() before fusing')
-
-
-def _as_tuple(example_inputs: Any) -> Tuple:
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    return (example_inputs, )
 
 
 def discover_folds(model: nn.Module,
@@ -77,12 +41,12 @@ def discover_folds(model: nn.Module,
         The plan: folds to make and norms left, with reasons.
     """
     model = unwrap_model(model)
-    _check_eval(model)
+    check_eval(model)
     if example_inputs is None:
         evidence = collect_structural_evidence(model)
     else:
         evidence, _ = collect_traced_evidence(model,
-                                              _as_tuple(example_inputs))
+                                              as_input_tuple(example_inputs))
     return plan_folds(model, evidence, plain_convs)
 
 
@@ -161,7 +125,7 @@ def fuse_model(model: nn.Module,
     """
     start = time.perf_counter()
     model = unwrap_model(model)
-    _check_eval(model)
+    check_eval(model)
     reparameterized = []
     if reparameterize:
         from .reparam import reparameterize as merge_branches
@@ -173,7 +137,7 @@ def fuse_model(model: nn.Module,
     if example_inputs is None:
         evidence = collect_structural_evidence(model)
     else:
-        inputs = _as_tuple(example_inputs)
+        inputs = as_input_tuple(example_inputs)
         evidence, reference = collect_traced_evidence(model, inputs)
     plan = plan_folds(model, evidence, plain_convs)
     report = FusionReport(
@@ -237,7 +201,7 @@ def fuse_conv_bn(module: nn.Module, *, plain_convs: bool = True) -> nn.Module:
         The same ``module``, fused.
     """
     model = unwrap_model(module)
-    _check_eval(model)
+    check_eval(model)
     plan = plan_folds(model, collect_structural_evidence(model), plain_convs)
     apply_plan(model, plan)
     return module

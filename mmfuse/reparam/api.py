@@ -16,12 +16,13 @@ loads with no missing or unexpected keys.
 import copy
 import inspect
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ..api import FusionError, unwrap_model
+from ..guards import (FusionError, as_input_tuple, check_eval,
+                      unwrap_model)
 from ..verify import default_rtol, output_error
 from .branches import build_conv, describe_term, merge_terms
 from .generic import BlockRewrite, GenericMerger
@@ -270,23 +271,6 @@ def _same_state(before: nn.Module, after: nn.Module) -> bool:
         else old[k] == new[k] for k in old)
 
 
-def _check_eval(model: nn.Module) -> None:
-    for name, module in model.named_modules():
-        if module.training:
-            where = f"'{name}'" if name else 'the model itself'
-            raise FusionError(
-                f'mmfuse: {where} ({type(module).__name__}) is in training '
-                'mode; call model.eval() before re-parameterizing')
-
-
-def _as_tuple(example_inputs: Any) -> Tuple:
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    return (example_inputs, )
-
-
 def reparameterize(model: nn.Module,
                    example_inputs: Optional[Sequence] = None,
                    *,
@@ -323,8 +307,8 @@ def reparameterize(model: nn.Module,
         :func:`apply_reparam_structure` to rebuild the structure.
     """
     model = unwrap_model(model)
-    _check_eval(model)
-    inputs = None if example_inputs is None else _as_tuple(example_inputs)
+    check_eval(model, 're-parameterizing')
+    inputs = None if example_inputs is None else as_input_tuple(example_inputs)
     reference = None
     if verify and inputs is not None:
         with torch.no_grad():

@@ -1,0 +1,50 @@
+"""Preconditions every entry point checks: unwrap, eval mode, inputs.
+
+Shared by the folding API and re-parameterization, so both refuse the same
+things with the same one-line errors.
+"""
+from typing import Any, Tuple
+
+from torch import nn
+
+__all__ = ['FusionError', 'unwrap_model', 'check_eval', 'as_input_tuple']
+
+
+class FusionError(ValueError):
+    """A model or an argument mmfuse cannot fuse as asked."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DataParallel, DDP or an MMEngine model wrapper."""
+    while True:
+        inner = getattr(model, 'module', None)
+        wrapper = isinstance(model, (nn.DataParallel,
+                                     nn.parallel.DistributedDataParallel))
+        if not wrapper:
+            try:
+                from mmengine.model import is_model_wrapper
+            except ImportError:  # mmengine is optional for plain torch use
+                is_model_wrapper = None
+            wrapper = is_model_wrapper is not None and is_model_wrapper(model)
+        if not wrapper or not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def check_eval(model: nn.Module, action: str = 'fusing') -> None:
+    """Raise :class:`FusionError` naming a submodule in training mode."""
+    for name, module in model.named_modules():
+        if module.training:
+            where = f"'{name}'" if name else 'the model itself'
+            raise FusionError(
+                f'mmfuse: {where} ({type(module).__name__}) is in training '
+                f'mode; call model.eval() before {action}')
+
+
+def as_input_tuple(example_inputs: Any) -> Tuple:
+    """``example_inputs`` as the tuple of positional arguments."""
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs, )
