@@ -11,21 +11,25 @@ behind an identity batch norm.
 
 Inputs are as small as each model allows, so one forward pass takes well
 under two seconds on two CPU cores.  Models are called in ``mode='tensor'``
-(the default of every OpenMMLab ``BaseModel.forward``): detectors whose
-tensor mode reads image metadata (two-stage and DETR-like ones) get a list
-of data samples with it as a second positional argument.
+(the default of every OpenMMLab ``BaseModel.forward``).  DETR-like
+detectors and SOLOv2, whose tensor mode reads image metadata, get a list of
+data samples as a second positional argument; mmpose estimators get
+``None`` there; two-stage detectors run through
+:class:`TwoStageTensorForward` (fixed proposals, see there why).
 
-Models left out on purpose, with the reason:
+Models left out because they cannot run here (each tried):
 
-* mmdet ``yolact``, ``solo``, ``condinst``, ``boxinst``: their
-  ``mode='tensor'`` forward raises ``NotImplementedError`` or needs ground
-  truth, so there is no tensor output to compare.
-* mmdet ``grounding_dino``, ``glip``, ``mm_grounding_dino``: build a BERT
-  language model from the Hugging Face hub (needs the network).
-* mmpretrain ``clip``, ``blip``, ``llava`` and other multi-modal models: need
-  a tokenizer or weights from the Hugging Face hub.
-* mmdet ``dcn`` configs and mmseg ``ccnet``: tested only through models that
-  keep them optional; their ops exist on CPU, but the point here is norms.
+* mmdet ``yolact`` and ``condinst``: their ``mode='tensor'`` forward reads
+  ground-truth instances from the data samples (``AttributeError:
+  'DetDataSample' object has no attribute '_gt_instances'``), so there is no
+  inference tensor output to compare without annotations.
+* mmdet ``glip``: builds a BERT language model through ``transformers``
+  from the Hugging Face hub (not installed, and no network).
+* mmpretrain ``blip`` and the other multi-modal models: need the
+  ``mmpretrain[multimodal]`` extras and a tokenizer from the hub.
+
+SyncBN configs (mmseg, mmyolo, rtmpose) are built as they are: an eval-mode
+``SyncBatchNorm`` runs on CPU, and mmfuse folds it.
 """
 import importlib
 import logging
@@ -143,6 +147,15 @@ MODELS: List[ModelSpec] = [
     _spec('yolov3_mobilenetv2', 'mmdet',
           'yolo/yolov3_mobilenetv2_8xb24-320-300e_coco.py',
           what='YOLOv3 neck with upsample + concat'),
+    _spec('faster_rcnn_r50_dcn', 'mmdet',
+          'dcn/faster-rcnn_r50-dconv-c3-c5_fpn_1x_coco.py',
+          input_hw=(128, 128), samples='two_stage', dtype='float64',
+          what='deformable convs (mmcv DeformConv2dPack) followed by BN; '
+          'float64 because offsets computed from the features amplify '
+          'float32 rounding to 3.5e-4 in the unfused model itself'),
+    _spec('solov2_r50', 'mmdet', 'solov2/solov2_r50_fpn_1x_coco.py',
+          input_hw=(128, 128), samples='det',
+          what='instance segmentation, GroupNorm mask branch'),
     _spec('detr_r50', 'mmdet', 'detr/detr_r50_8xb2-150e_coco.py',
           samples='det', what='ResNet + transformer (LayerNorm)'),
     _spec('deformable_detr_r50', 'mmdet',
