@@ -6,7 +6,7 @@ with an example input observes the real forward pass and verifies the fused
 output against the unfused one, undoing any fold that breaks it.
 """
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -16,10 +16,10 @@ from .discovery import (collect_structural_evidence, collect_traced_evidence,
 from .guards import (FusionError, as_input_tuple, check_eval,
                      unwrap_model)
 from .layers import is_norm_layer, norm_fold_problem
-from .plan import Fold, FusionPlan, Skip
+from .plan import FusionPlan, Skip
 from .report import FusionReport
-from .surgery import AppliedFold, apply_plan, undo_folds
-from .verify import default_rtol, output_error
+from .surgery import apply_plan, undo_folds
+from .verify import default_rtol, isolate_failures, output_error
 
 __all__ = ['FusionError', 'fuse_model', 'fuse_conv_bn', 'discover_folds',
            'unwrap_model']
@@ -61,32 +61,6 @@ def _count_norms(model: nn.Module) -> Tuple[int, int]:
         norms += 1
         foldable += norm_fold_problem(module) is None
     return norms, foldable
-
-
-def _isolate_bad_folds(model: nn.Module, folds: List[Fold],
-                       passes) -> Tuple[List[AppliedFold], List[Fold]]:
-    """Apply ``folds`` so that ``passes()`` holds; return the applied ones
-    and the folds that had to be left out.  Bisects, so a single bad fold
-    among ``n`` costs about ``2 log2(n)`` forward passes."""
-    kept: List[AppliedFold] = []
-    bad: List[Fold] = []
-
-    def search(candidates: List[Fold]) -> None:
-        applied = apply_plan(model, FusionPlan(), candidates)
-        if passes():
-            kept.extend(applied)
-            return
-        undo_folds(applied)
-        if len(candidates) == 1:
-            bad.append(candidates[0])
-            return
-        middle = len(candidates) // 2
-        search(candidates[:middle])
-        search(candidates[middle:])
-
-    if folds:
-        search(folds)
-    return kept, bad
 
 
 def fuse_model(model: nn.Module,
@@ -160,7 +134,10 @@ def fuse_model(model: nn.Module,
 
         if not passes():
             undo_folds(applied)
-            applied, bad = _isolate_bad_folds(model, plan.folds, passes)
+            applied, bad = isolate_failures(
+                plan.folds,
+                lambda folds: apply_plan(model, FusionPlan(), folds),
+                undo_folds, passes)
             for fold in bad:
                 report.undone.append(
                     Skip(fold.norm, 'undone: verification found the output '

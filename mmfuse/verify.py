@@ -5,13 +5,16 @@ tensor is compared.  The relative error of a tensor is its largest absolute
 error divided by its largest absolute reference value, so values near zero
 do not blow it up.
 """
-from typing import Any, Tuple
+from typing import Any, Callable, List, Sequence, Tuple, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-__all__ = ['output_error', 'default_rtol']
+__all__ = ['output_error', 'default_rtol', 'isolate_failures']
+
+Item = TypeVar('Item')
+Applied = TypeVar('Applied')
 
 
 def output_error(reference: Any, output: Any) -> Tuple[float, float]:
@@ -62,3 +65,42 @@ def default_rtol(model: nn.Module) -> float:
         if param.dtype in (torch.float16, torch.bfloat16):
             return 5e-2
     return 1e-4
+
+
+def isolate_failures(
+        items: Sequence[Item], apply: Callable[[List[Item]], List[Applied]],
+        undo: Callable[[List[Applied]], None],
+        passes: Callable[[], bool]) -> Tuple[List[Applied], List[Item]]:
+    """Apply as many ``items`` as keep ``passes()`` true.
+
+    Starts from a state where none is applied and bisects, so one bad item
+    among ``n`` costs about ``2 log2(n)`` checks.
+
+    Args:
+        items: The changes, e.g. folds or merged blocks.
+        apply: Applies a list of items, returns what it applied.
+        undo: Undoes what ``apply`` returned.
+        passes: Checks the model as it is now.
+
+    Returns:
+        What stays applied, and the items left out.
+    """
+    kept: List[Applied] = []
+    bad: List[Item] = []
+
+    def search(candidates: List[Item]) -> None:
+        applied = apply(candidates)
+        if passes():
+            kept.extend(applied)
+            return
+        undo(applied)
+        if len(candidates) == 1:
+            bad.append(candidates[0])
+            return
+        middle = len(candidates) // 2
+        search(candidates[:middle])
+        search(candidates[middle:])
+
+    if items:
+        search(list(items))
+    return kept, bad

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..guards import (FusionError, as_input_tuple, check_eval,
                       unwrap_model)
-from ..verify import default_rtol, output_error
+from ..verify import default_rtol, isolate_failures, output_error
 from .branches import build_conv, describe_term, merge_terms
 from .generic import BlockRewrite, GenericMerger
 from .merge import ConvGeometry, MergeError
@@ -335,7 +335,18 @@ def reparameterize(model: nn.Module,
         return records
     for group in walker.groups:
         group.undo()
-    bad = _bisect(walker.groups, lambda: error() <= tolerance)
+
+    def redo(groups: List[_Group]) -> List[_Group]:
+        for group in groups:
+            group.redo()
+        return groups
+
+    def undo(groups: List[_Group]) -> None:
+        for group in reversed(groups):
+            group.undo()
+
+    _, bad = isolate_failures(walker.groups, redo, undo,
+                              lambda: error() <= tolerance)
     for group in bad:
         for record in group.records:
             record['merged'] = False
@@ -346,28 +357,6 @@ def reparameterize(model: nn.Module,
         if record['merged']:
             record['verified_rel_error'] = measured
     return records
-
-
-def _bisect(groups: List[_Group], passes) -> List[_Group]:
-    """Apply the groups that keep ``passes()``; return the others."""
-    bad: List[_Group] = []
-
-    def search(candidates: List[_Group]) -> None:
-        for group in candidates:
-            group.redo()
-        if passes():
-            return
-        for group in reversed(candidates):
-            group.undo()
-        if len(candidates) == 1:
-            bad.append(candidates[0])
-            return
-        middle = len(candidates) // 2
-        search(candidates[:middle])
-        search(candidates[middle:])
-
-    search(groups)
-    return bad
 
 
 def _rebuild(block: nn.Module, record: Dict) -> nn.Module:
