@@ -10,7 +10,8 @@ statistics, a small random image):
     ``fuse_model``) merged away by re-parameterizing its multi-branch block;
     in both modes;
 (d) a folded norm is an ``nn.Identity`` at each of its paths afterwards, and
-    nothing else was replaced (except re-parameterized blocks).
+    nothing else was replaced (except re-parameterized blocks); the folded
+    weights keep a contiguous layout (a strided view slows the conv down).
 
 One model is built once and shared by its four tests (a module-scoped
 parametrised fixture, so pytest runs a model's tests together and frees the
@@ -234,3 +235,22 @@ def test_folded_norms_become_identity(case: Case) -> None:
                      _merged_blocks(report))
     model, plan, _ = case.structural
     _check_structure(case, model, {f.norm for f in plan.folds}, plan.folds)
+
+
+def _non_contiguous(case: Case, model: nn.Module) -> List[str]:
+    before = {
+        name for name, p in case.model.named_parameters()
+        if p.is_contiguous()
+    }
+    return [
+        name for name, p in model.named_parameters()
+        if name in before and not p.is_contiguous()
+    ]
+
+
+def test_folded_weights_stay_contiguous(case: Case) -> None:
+    for mode, (model, _, _) in (('fuse_model', case.traced),
+                                ('fuse_conv_bn', case.structural)):
+        strided = _non_contiguous(case, model)
+        assert not strided, \
+            f'{case.name}: {mode} left non-contiguous weights {strided[:3]}'
