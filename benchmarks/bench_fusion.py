@@ -110,7 +110,7 @@ def fx_trace_problem(model: nn.Module) -> Optional[str]:
         torch.fx.symbolic_trace(copy.deepcopy(model))
     except Exception as error:  # fx raises many types on Python code
         first = str(error).strip().splitlines()
-        detail = first[0][:50] if first else ''
+        detail = first[0][:100] if first else ''
         return f'cannot trace: {type(error).__name__}: {detail}'
     return None
 
@@ -146,7 +146,7 @@ def run_method(method: str, model: nn.Module, inputs: Tuple, reference: Any,
     try:
         fused = FUSERS[method](work, inputs)
     except Exception as error:  # any crash of a fuser is a result here
-        result.failure = f'crash: {type(error).__name__}: {str(error)[:60]}'
+        result.failure = f'crash: {type(error).__name__}: {str(error)[:100]}'
         return result
     result.seconds = time.perf_counter() - start
     result.folded = foldable - count_batch_norms(fused)
@@ -155,7 +155,7 @@ def run_method(method: str, model: nn.Module, inputs: Tuple, reference: Any,
             output = fused(*inputs)
     except Exception as error:  # a fused model that no longer runs
         result.failure = (f'crash in forward: {type(error).__name__}: '
-                          f'{str(error)[:60]}')
+                          f'{str(error)[:100]}')
         return result
     result.rel_error = output_error(reference, output)[1]
     result.model = fused
@@ -204,10 +204,31 @@ def _err(value: float) -> str:
     return '0' if value == 0 else f'{value:.1e}'
 
 
-def fold_cell(result: ModelResult, method: str, corrupt: float) -> str:
+class Notes:
+    """Numbered footnotes for failure messages, one per distinct message."""
+
+    def __init__(self):
+        self.messages: Dict[str, List[str]] = {}
+
+    def ref(self, message: str, model: str) -> str:
+        """``[n]``, the number of ``message``'s footnote."""
+        self.messages.setdefault(message, []).append(model)
+        return f'[{list(self.messages).index(message) + 1}]'
+
+    def print(self) -> None:
+        for index, (message, models) in enumerate(self.messages.items()):
+            where = ', '.join(models) if len(models) <= 4 else \
+                f'{len(models)} models'
+            text = message.replace('|', '/')
+            print(f'{index + 1}. {text} ({where})')
+
+
+def fold_cell(result: ModelResult, method: str, corrupt: float,
+              notes: Notes) -> str:
     res = result.methods[method]
     if res.failure:
-        return res.failure.replace('|', '/')
+        kind = res.failure.split(':', 1)[0]
+        return f'{kind} {notes.ref(res.failure, result.name)}'
     mark = ' **corrupt**' if res.rel_error > corrupt else ''
     return f'{res.folded}/{result.foldable} ({_err(res.rel_error)}){mark}'
 
@@ -234,9 +255,13 @@ def print_tables(results: List[ModelResult], corrupt: float) -> None:
           'error).\n')
     print('| model | ' + ' | '.join(f'`{m}`' for m in METHODS) + ' |')
     print('|---|' + '---|' * len(METHODS))
+    notes = Notes()
     for result in results:
-        cells = [fold_cell(result, m, corrupt) for m in METHODS]
+        cells = [fold_cell(result, m, corrupt, notes) for m in METHODS]
         print(f'| {result.name} | ' + ' | '.join(cells) + ' |')
+    if notes.messages:
+        print()
+        notes.print()
     print('\n### Time to fuse and CPU latency\n')
     print('| model | `fuse_model` ms (in forwards) | `fuse_conv_bn` ms '
           '(vs mmcv) | mmcv ms | torch.fx ms | unfused ms | fused ms | '
