@@ -60,6 +60,17 @@ def norm_affine(running_mean: Tensor,
     return scale, shift
 
 
+def _same_layout(new: Tensor, like: Tensor) -> Tensor:
+    """``new`` laid out in memory like ``like`` (contiguous or channels
+    last): a strided weight would slow every convolution after the fold."""
+    for fmt in (torch.channels_last, torch.channels_last_3d):
+        dims = 4 if fmt is torch.channels_last else 5
+        if like.dim() == dims and not like.is_contiguous() and \
+                like.is_contiguous(memory_format=fmt):
+            return new.contiguous(memory_format=fmt)
+    return new.contiguous()
+
+
 def _output_channel_view(weight: Tensor, transposed: bool,
                          groups: int) -> Tuple[Tensor, Tuple[int, ...]]:
     """View ``weight`` as ``(out_channels, rest)`` ready for scaling.
@@ -152,7 +163,7 @@ def fold_affine_into_output(weight: Tensor,
         new_bias = _float64(bias) * scale64
     if shift is not None:
         new_bias = new_bias + shift.to(new_bias)
-    return new_weight, new_bias.to(weight.dtype)
+    return _same_layout(new_weight, weight), new_bias.to(weight.dtype)
 
 
 def fold_affine_into_input(weight: Tensor, bias: Optional[Tensor],
@@ -191,4 +202,5 @@ def fold_affine_into_input(weight: Tensor, bias: Optional[Tensor],
     new_weight = w64 * per_weight_entry(scale)
     added = (w64 * per_weight_entry(shift)).reshape(out_channels, -1).sum(1)
     new_bias = added if bias is None else _float64(bias) + added
-    return new_weight.to(weight.dtype), new_bias.to(weight.dtype)
+    return (_same_layout(new_weight.to(weight.dtype), weight),
+            new_bias.to(weight.dtype))

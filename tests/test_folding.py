@@ -128,3 +128,22 @@ def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match='input channels'):
         fold_affine_into_input(torch.ones(4, 2, 1, 1), None, torch.ones(3),
                                torch.zeros(3))
+
+
+@pytest.mark.parametrize('transposed', [False, True])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_folded_weight_keeps_the_memory_layout(transposed, channels_last):
+    torch.manual_seed(0)
+    conv = (nn.ConvTranspose2d if transposed else nn.Conv2d)(8, 6, 3)
+    weight = conv.weight.detach()
+    if channels_last:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    bn = _bn(6 if not transposed else 6)
+    scale, shift = _affine(bn)
+    new, _ = fold_affine_into_output(weight, None, scale, shift, transposed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert new.is_contiguous(memory_format=fmt)
+    if not transposed:
+        scale_in, shift_in = _affine(_bn(8))
+        new, _ = fold_affine_into_input(weight, None, scale_in, shift_in)
+        assert new.is_contiguous(memory_format=fmt)
