@@ -31,11 +31,12 @@ Models left out because they cannot run here (each tried):
 SyncBN configs (mmseg, mmyolo, rtmpose) are built as they are: an eval-mode
 ``SyncBatchNorm`` runs on CPU, and mmfuse folds it.
 """
+import contextlib
 import importlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -410,14 +411,16 @@ class TwoStageTensorForward(nn.Module):
         return rpn_outs, roi_outs
 
 
-def _quiet_init_weights(model: nn.Module) -> None:
-    """``model.init_weights()`` without MMEngine's per-parameter log."""
+@contextlib.contextmanager
+def _quiet_mmengine() -> Iterator[None]:
+    """Silence MMEngine's INFO log (per-parameter init, preprocessor notes)
+    so that scripts printing tables keep a clean stdout."""
     from mmengine.logging import MMLogger
     logger = MMLogger.get_current_instance()
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:
-        model.init_weights()
+        yield
     finally:
         logger.setLevel(level)
 
@@ -475,11 +478,11 @@ def build(name: str,
     # Weights come from each module's own ``init_weights`` (some modules
     # leave parameters uninitialised until it runs): seed it, without
     # disturbing the caller's random state.
-    with torch.random.fork_rng(devices=[]), \
+    with torch.random.fork_rng(devices=[]), _quiet_mmengine(), \
             DefaultScope.overwrite_default_scope(_SCOPES[spec.package]):
         torch.manual_seed(seed)
         model = registry.build(model_cfg)
-        _quiet_init_weights(model)
+        model.init_weights()
         _reset_constant_layers(model)
     height, width = spec.input_hw
     if spec.samples == 'two_stage':
