@@ -60,7 +60,9 @@ class _Tracer(fx.Tracer):
     attributes, parameters included, are read as their values."""
 
     def __init__(self, root: nn.Module):
-        super().__init__()
+        # No autowrapping of ``math`` functions: it patches every global of
+        # the traced code on each trace, most of the tracing time.
+        super().__init__(autowrap_modules=(), autowrap_functions=())
         self.root_module = root
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
