@@ -22,6 +22,7 @@ import mmfuse.demo_model  # noqa: F401 registers the demo model and metric
 import mmfuse.synthetic  # noqa: F401 registers the synthetic dataset
 from mmfuse.demo_runner import save_demo_checkpoint
 from mmfuse.testing import randomize_norm_stats
+from real_models import strip_pretrained as strip_downloads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, 'configs')
@@ -75,19 +76,6 @@ def make_demo_checkpoint(path: str, seed: int = 0) -> str:
     """A demo checkpoint with random weights and norm statistics."""
     save_demo_checkpoint(path, seed)
     return path
-
-
-def strip_downloads(cfg: Any) -> Any:
-    """A copy of ``cfg`` without keys that would download weights."""
-    if isinstance(cfg, dict):
-        return {
-            key: strip_downloads(value)
-            for key, value in cfg.items()
-            if key not in ('init_cfg', 'pretrained')
-        }
-    if isinstance(cfg, (list, tuple)):
-        return type(cfg)(strip_downloads(value) for value in cfg)
-    return cfg
 
 
 def write_real_config(path: str, package: str, dump_path: str,

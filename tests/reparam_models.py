@@ -7,12 +7,13 @@ gets random statistics from :func:`mmfuse.testing.randomize_norm_stats`.
 """
 import importlib
 import os
-from typing import Any, Dict, Tuple
+from typing import Dict, Tuple
 
 import torch
 from torch import nn
 
 from mmfuse.testing import randomize_norm_stats
+from real_models import strip_pretrained as strip_downloads
 
 __all__ = ['REPARAM_MODELS', 'build_reparam_model', 'strip_downloads']
 
@@ -32,20 +33,7 @@ REPARAM_MODELS: Dict[str, Tuple[str, str, Tuple[int, int]]] = {
                        (320, 320)),
 }
 
-_DOWNLOAD_KEYS = ('init_cfg', 'pretrained', 'checkpoint')
 _registered: Dict[str, bool] = {}
-
-
-def strip_downloads(cfg: Any) -> Any:
-    """A copy of ``cfg`` without keys that would download weights."""
-    if isinstance(cfg, dict):
-        return {
-            key: strip_downloads(value)
-            for key, value in cfg.items() if key not in _DOWNLOAD_KEYS
-        }
-    if isinstance(cfg, (list, tuple)):
-        return type(cfg)(strip_downloads(value) for value in cfg)
-    return cfg
 
 
 def _registry(package: str):
