@@ -299,3 +299,25 @@ def test_linear_then_batchnorm1d_over_flattened_tokens():
         LinearBatchNorm(30, rows=False), (torch.randn(2, 5, 6), ), True)
     assert rel < 1e-5
     kept_at(fused, ['bn'])
+
+
+def test_levit_linear_batchnorm_with_reshape_as():
+    """mmpretrain's LeViT: the linear output also gives reshape_as its
+    shape, which reads no values."""
+
+    class LeViTLinearBN(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(6, 6)
+            self.bn = nn.BatchNorm1d(6)
+
+        def forward(self, x):
+            x = self.linear(x)
+            return self.bn(x.flatten(0, 1)).reshape_as(x) + \
+                torch.zeros_like(x)
+
+    fused, _, rel = fuse_and_compare(LeViTLinearBN(), (torch.randn(2, 5, 6), ),
+                                     True)
+    assert rel < 1e-5
+    identity_at(fused, ['bn'])

@@ -39,6 +39,13 @@ _METADATA = {
     'is_inference', 'type', 'is_mps', 'is_xpu', 'is_cpu', 'output_nr',
     '_base', '_is_view', 'is_sparse_csr', '__dlpack_device__', 'T_'
 }
+# Functions that read only the shape, dtype or device of every tensor
+# argument, or of the one after ``self``.
+_SHAPE_ONLY = {
+    'zeros_like', 'ones_like', 'empty_like', 'new_zeros', 'new_ones',
+    'new_empty', 'new_full'
+}
+_SHAPE_ONLY_OTHER = {'reshape_as', 'view_as', 'expand_as', 'type_as'}
 _ADDS = {'add', '__add__', '__radd__'}
 _ROW_VIEWS = {'flatten', 'reshape', 'view'}
 
@@ -113,8 +120,10 @@ class _Recorder(TorchFunctionMode):
         if tracer.busy or tracer.active_leaf is not None:
             return out
         name = _func_name(func)
-        if name in _METADATA:
+        if name in _METADATA or name in _SHAPE_ONLY:
             return out
+        if name in _SHAPE_ONLY_OTHER and len(args) == 2 and not kwargs:
+            args = args[:1]
         tracer.record_op(name, args, kwargs, out)
         return out
 
