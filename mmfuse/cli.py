@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         action='store_true',
         help='do not compare the fused output with the unfused one')
     parser.add_argument(
+        '--no-reparam',
+        action='store_true',
+        help='only fold norms: do not merge multi-branch (RepVGG-style) '
+        'blocks into single convs first')
+    parser.add_argument(
         '--rtol',
         type=float,
         default=None,
@@ -386,7 +391,8 @@ def _run(args: argparse.Namespace) -> int:
     with progress.step(label, detail):
         try:
             report = fuse_model(model, example, verify=verify,
-                                rtol=args.rtol)
+                                rtol=args.rtol,
+                                reparameterize=not args.no_reparam)
         except FusionError:
             raise
         except Exception as error:  # the model's forward raises anything

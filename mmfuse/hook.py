@@ -29,7 +29,8 @@ from .verify import default_rtol, output_error
 
 __all__ = ['FuseConvBNHook', 'forward_args']
 
-_BOOL_OPTIONS = ('fuse_test', 'fuse_val', 'use_batch', 'verify', 'log_table')
+_BOOL_OPTIONS = ('fuse_test', 'fuse_val', 'use_batch', 'verify', 'log_table',
+                 'reparameterize')
 
 
 @HOOKS.register_module()
@@ -88,6 +89,8 @@ class FuseConvBNHook(Hook):
             mmfuse's default (1e-4 for float32, 5e-2 for half precision).
         log_table: Log the full per-norm table; ``False`` logs the summary
             line only.
+        reparameterize: First merge multi-branch blocks (RepVGG-style)
+            into single convs; ``False`` only folds norms.
 
     Raises:
         TypeError: An option has the wrong type.
@@ -102,10 +105,11 @@ class FuseConvBNHook(Hook):
                  use_batch: bool = True,
                  verify: bool = True,
                  rtol: Optional[float] = None,
-                 log_table: bool = True):
+                 log_table: bool = True,
+                 reparameterize: bool = True):
         options = dict(fuse_test=fuse_test, fuse_val=fuse_val,
                        use_batch=use_batch, verify=verify,
-                       log_table=log_table)
+                       log_table=log_table, reparameterize=reparameterize)
         for name in _BOOL_OPTIONS:
             if not isinstance(options[name], bool):
                 raise TypeError(
@@ -132,6 +136,7 @@ class FuseConvBNHook(Hook):
         self.verify = verify
         self.rtol = rtol
         self.log_table = log_table
+        self.reparameterize = reparameterize
         self.last_report: Optional[FusionReport] = None
         self._val_original: Optional[nn.Module] = None
         self._val_swapped = False
@@ -195,7 +200,8 @@ class FuseConvBNHook(Hook):
         with torch.no_grad():
             report = fuse_model(module, example,
                                 verify=self.verify and example is not None,
-                                rtol=self.rtol)
+                                rtol=self.rtol,
+                                reparameterize=self.reparameterize)
         mine = fusion_record(report)
         if not same_structure(mine, record):
             raise FusionError(
@@ -264,7 +270,8 @@ class FuseConvBNHook(Hook):
             try:
                 with torch.no_grad():
                     report = fuse_model(model, example, verify=verify,
-                                        rtol=self.rtol)
+                                        rtol=self.rtol,
+                                        reparameterize=self.reparameterize)
                 record = fusion_record(report)
                 self.last_report = report
                 self._log(f'FuseConvBNHook ({stage}): ' +

@@ -97,6 +97,19 @@ def test_input_options(tmp_path, checkpoint, capsys, args, verified):
         assert record['report']['rtol'] == 1e-3
 
 
+def test_no_reparam_only_folds(tmp_path, checkpoint):
+    """The demo net's SumNorm block is a branch sum: merged by default,
+    only folded with --no-reparam."""
+    merged = []
+    for args in ([], ['--no-reparam']):
+        out = str(tmp_path / f'out{len(args)}.pth')
+        assert main([DEMO_CONFIG, checkpoint, out, '--quiet', *args]) == 0
+        record = torch.load(out, weights_only=True)['meta']['mmfuse']
+        merged.append(
+            [r for r in record['reparameterized'] if r.get('merged')])
+    assert merged[0] and not merged[1]
+
+
 def test_an_image_through_the_test_pipeline(tmp_path, checkpoint):
     import cv2
     image = str(tmp_path / 'image.png')

@@ -96,6 +96,8 @@ def test_example_configs_add_the_hook(config):
 @pytest.mark.parametrize('options, error, message', [
     (dict(fuse_test='yes'), TypeError, 'fuse_test must be True or False'),
     (dict(fuse_val=1), TypeError, 'fuse_val must be True or False'),
+    (dict(reparameterize='no'), TypeError,
+     'reparameterize must be True or False'),
     (dict(rtol='tight'), TypeError, 'rtol must be a number'),
     (dict(rtol=-1e-4), ValueError, 'rtol must be positive'),
     (dict(rtol=float('inf')), ValueError, 'rtol must be positive'),
