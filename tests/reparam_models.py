@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mmfuse.testing import randomize_norm_stats
+from real_models import _registry
 from real_models import strip_pretrained as strip_downloads
 
 __all__ = ['REPARAM_MODELS', 'build_reparam_model', 'strip_downloads']
@@ -32,16 +33,6 @@ REPARAM_MODELS: Dict[str, Tuple[str, str, Tuple[int, int]]] = {
                        'ppyoloe/ppyoloe_plus_s_fast_8xb8-80e_coco.py',
                        (320, 320)),
 }
-
-_registered: Dict[str, bool] = {}
-
-
-def _registry(package: str):
-    if package not in _registered:
-        utils = importlib.import_module(f'{package}.utils')
-        utils.register_all_modules(init_default_scope=False)
-        _registered[package] = True
-    return importlib.import_module(f'{package}.registry').MODELS
 
 
 def build_reparam_model(name: str,

@@ -309,14 +309,18 @@ def reparameterize(model: nn.Module,
     model = unwrap_model(model)
     check_eval(model, 're-parameterizing')
     inputs = None if example_inputs is None else as_input_tuple(example_inputs)
-    reference = None
-    if verify and inputs is not None:
-        with torch.no_grad():
-            reference = model(*inputs)
     walker = _Walker(model, call_deploy_methods, use_registry)
     records = walker.run()
-    if reference is None or not walker.groups:
+    if not verify or inputs is None or not walker.groups:
         return records
+    # The reference output is only needed when something merged (most
+    # models have nothing to merge): take it with the merges undone.
+    for group in reversed(walker.groups):
+        group.undo()
+    with torch.no_grad():
+        reference = model(*inputs)
+    for group in walker.groups:
+        group.redo()
     tolerance = default_rtol(model) if rtol is None else rtol
 
     def error() -> float:
