@@ -17,51 +17,16 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import fx, nn
 
-from ..layers import is_conv_layer, is_norm_layer
+from ..layers import is_conv_layer, is_mmcv_conv_module, is_norm_layer
 from ..plan import CONCAT, POST, PRE, SUM
+from .fx_tracer import trace_module_forward
 from .occurrence import Evidence, Occurrence
 
 __all__ = ['collect_structural_evidence']
 
-_CONV_MODULE_FORWARD = 'mmcv.cnn.bricks.conv_module.ConvModule.forward'
-
-
 def _is_leaf_layer(module: nn.Module) -> bool:
     return is_conv_layer(module) or (is_norm_layer(module) and not any(
         True for _ in module.children()))
-
-
-def _qualname(func) -> str:
-    return f'{getattr(func, "__module__", "")}.' \
-           f'{getattr(func, "__qualname__", "")}'
-
-
-def _callable_layers(module: nn.Module) -> bool:
-    """Whether ``module``'s forward may call a conv or norm directly.
-
-    Looks through module containers without a forward (``ModuleList``,
-    ``ModuleDict``), whose children are called by this module's forward.
-    """
-    for child in module.children():
-        if _is_leaf_layer(child):
-            return True
-        if isinstance(child, (nn.ModuleList, nn.ModuleDict)) and \
-                _callable_layers(child):
-            return True
-    return False
-
-
-class _LeafTracer(fx.Tracer):
-    """Traces one module's own forward; every submodule stays a call."""
-
-    def __init__(self, root: nn.Module):
-        # No autowrapping of ``math`` functions: it patches every global of
-        # the traced code on each trace, the bulk of the tracing time.
-        super().__init__(autowrap_modules=(), autowrap_functions=())
-        self.root_module = root
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return m is not self.root_module
 
 
 def _resolve(root: nn.Module, target: str) -> Tuple[nn.Module, str]:
@@ -76,6 +41,36 @@ class _StructuralCollector:
     def __init__(self, model: nn.Module):
         self.model = model
         self.evidence = Evidence(mode='structural')
+        # id of every leaf conv and leaf norm of the model.
+        self.leaf_layers = {
+            id(m)
+            for m in model.modules() if _is_leaf_layer(m)
+        }
+        self.norms = {
+            id(m)
+            for m in model.modules()
+            if id(m) in self.leaf_layers and not is_conv_layer(m)
+        }
+
+    def is_leaf(self, module: nn.Module) -> bool:
+        return id(module) in self.leaf_layers
+
+    def is_norm(self, module: nn.Module) -> bool:
+        return id(module) in self.norms
+
+    def callable_layers(self, module: nn.Module) -> bool:
+        """Whether ``module``'s forward may call a conv or norm directly.
+
+        Looks through module containers without a forward (``ModuleList``,
+        ``ModuleDict``), whose children are called by this module's forward.
+        """
+        for child in module.children():
+            if self.is_leaf(child):
+                return True
+            if isinstance(child, (nn.ModuleList, nn.ModuleDict)) and \
+                    self.callable_layers(child):
+                return True
+        return False
 
     def occurrence(self, module: nn.Module, holder: nn.Module,
                    attr: str) -> Occurrence:
@@ -91,17 +86,17 @@ class _StructuralCollector:
         for attr, module in items:
             occs.append(
                 self.occurrence(module, seq, attr)
-                if _is_leaf_layer(module) else None)
+                if self.is_leaf(module) else None)
         # Norms after a conv first, so a conv between two norms absorbs the
         # one after it.
         for index, occ in enumerate(occs):
-            if occ is None or not is_norm_layer(occ.module) or index == 0:
+            if occ is None or not self.is_norm(occ.module) or index == 0:
                 continue
             prev = occs[index - 1]
             if prev is not None and is_conv_layer(prev.module):
                 self.evidence.link(POST, occ, [prev], 'sequential')
         for index, occ in enumerate(occs):
-            if occ is None or not is_norm_layer(occ.module) or \
+            if occ is None or not self.is_norm(occ.module) or \
                     occ.link is not None or occ.reason is not None:
                 continue
             nxt = occs[index + 1] if index + 1 < len(occs) else None
@@ -138,11 +133,8 @@ class _StructuralCollector:
 
     # -- anything torch.fx can trace ---------------------------------------
     def traced(self, module: nn.Module) -> None:
-        # A traced forward may store proxies on its module: put its
-        # attributes back whatever happens.
-        saved = dict(module.__dict__)
         try:
-            graph = _LeafTracer(module).trace(module)
+            graph = trace_module_forward(module)
         except Exception as error:  # fx raises many types on Python code
             first = str(error).strip().splitlines()
             detail = first[0][:120] if first else type(error).__name__
@@ -150,21 +142,18 @@ class _StructuralCollector:
                 (module, f'data flow not proven: torch.fx cannot trace '
                  f'{type(module).__name__}.forward ({detail})'))
             return
-        finally:
-            module.__dict__.clear()
-            module.__dict__.update(saved)
         occs: Dict[fx.Node, Occurrence] = {}
         for node in graph.nodes:
             if node.op != 'call_module':
                 continue
             target = module.get_submodule(node.target)
-            if not _is_leaf_layer(target):
+            if not self.is_leaf(target):
                 continue
             holder, attr = _resolve(module, node.target)
             occs[node] = self.occurrence(target, holder, attr)
         pending = []
         for node, occ in occs.items():
-            if not is_norm_layer(occ.module):
+            if not self.is_norm(occ.module):
                 continue
             if len(node.args) != 1 or node.kwargs:
                 occ.reason = 'called with extra arguments'
@@ -246,9 +235,9 @@ class _StructuralCollector:
             if isinstance(module, nn.Sequential) and \
                     forward is nn.Sequential.forward:
                 self.sequential(module)
-            elif _qualname(forward) == _CONV_MODULE_FORWARD:
+            elif is_mmcv_conv_module(module):
                 self.conv_module(module)
-            elif not _is_leaf_layer(module) and _callable_layers(module) \
+            elif not self.is_leaf(module) and self.callable_layers(module) \
                     and not isinstance(module, (nn.ModuleList,
                                                 nn.ModuleDict)):
                 self.traced(module)

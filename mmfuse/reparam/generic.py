@@ -32,10 +32,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, fx, nn
 
-from ..layers import is_norm_layer, norm_fold_problem
+from ..discovery.fx_tracer import ModuleForwardTracer
+from ..layers import is_mmcv_conv_module, is_norm_layer, norm_fold_problem
 from .branches import (Op, Term, _conv_problem, _pool_problem, build_conv,
                        conv_op, describe_term, merge_terms, norm_op, pool_op,
                        scale_op)
+from .code_scan import forward_may_add
 from .merge import ConvGeometry, MergeError
 
 __all__ = ['BlockRewrite', 'GenericMerger', 'trace_block']
@@ -51,25 +53,10 @@ _RSUB_METHODS = {'__rsub__'}
 _MUL_METHODS = {'mul', '__mul__', '__rmul__'}
 _DIV_METHODS = {'div', '__truediv__'}
 _NEG_METHODS = {'neg', '__neg__'}
+# The input of a chain of children analysed without a trace.
+_CHAIN_INPUT = object()
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
              nn.AlphaDropout, nn.FeatureAlphaDropout)
-
-
-class _Tracer(fx.Tracer):
-    """Traces one module's own forward; every submodule stays a call and
-    attributes, parameters included, are read as their values."""
-
-    def __init__(self, root: nn.Module):
-        # No autowrapping of ``math`` functions: it patches every global of
-        # the traced code on each trace, most of the tracing time.
-        super().__init__(autowrap_modules=(), autowrap_functions=())
-        self.root_module = root
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return m is not self.root_module
-
-    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache):
-        return attr_val
 
 
 @dataclass
@@ -121,7 +108,7 @@ def trace_block(module: nn.Module,
     # method it calls: put every attribute back whatever happens.
     saved = [(m, dict(m.__dict__)) for m in module.modules()]
     try:
-        tracer = _Tracer(module)
+        tracer = ModuleForwardTracer(module)
         graph = tracer.trace(module, concrete_args=concrete or None)
         values = {
             node: _resolve(module, node.target)
@@ -219,8 +206,11 @@ class GenericMerger:
         if isinstance(module, _DROPOUTS) and \
                 type(module).forward in {c.forward for c in _DROPOUTS}:
             return [Term()] if not module.training else None
-        if type(module).__module__.startswith('torch.nn.') and \
-                not isinstance(module, nn.Sequential):
+        if type(module).forward is nn.Sequential.forward:
+            return self._chain_terms(list(module._modules.values()))
+        if is_mmcv_conv_module(module):
+            return self._conv_module_terms(module)
+        if type(module).__module__.startswith('torch.nn.'):
             return None
         trace, _ = trace_block(module, defaults_fixed=True)
         if trace is None:
@@ -241,6 +231,37 @@ class GenericMerger:
                 continue
             return None  # computes something besides the branches
         return expr.terms
+
+    def _chain_terms(self, chain: List[Optional[nn.Module]]
+                     ) -> Optional[List[Term]]:
+        """The branches of ``chain[-1](...chain[0](x))`` (``None``
+        entries skipped), as the trace of ``nn.Sequential.forward`` gives
+        them."""
+        expr = _Expr(_CHAIN_INPUT, [Term()])
+        for child in chain:
+            if child is not None:
+                expr = self._apply(expr, self.module_terms(child))
+            if expr is None:
+                return None
+        return expr.terms
+
+    def _conv_module_terms(self, block: nn.Module) -> Optional[List[Term]]:
+        """The branches of an mmcv ``ConvModule`` called with one input,
+        read from its ``order`` as its stock forward runs them."""
+        if block.__dict__.get('with_explicit_padding') or any(
+                block.__dict__.get(flag) is not None
+                for flag in ('fast_conv_bn_eval_forward',
+                             'efficient_conv_bn_eval_forward')):
+            return None  # a padding layer, or conv and norm fused on the fly
+        chain = []
+        for layer in block.order:
+            if layer == 'conv':
+                chain.append(block.conv)
+            elif layer == 'norm' and block.with_norm:
+                chain.append(block.norm)
+            elif layer == 'act' and block.with_activation:
+                chain.append(block.activate)
+        return self._chain_terms(chain)
 
     # -- expressions over a traced graph -----------------------------------
     def _operand(self, arg: Any, exprs: Dict[fx.Node, _Expr],
@@ -390,6 +411,8 @@ class GenericMerger:
             ``(rewrite, reasons)``: the deploy form, or ``None`` when there is
             nothing to merge, and why candidate sums were left.
         """
+        if not forward_may_add(block):
+            return None, []
         trace, _ = trace_block(block, defaults_fixed=False)
         if trace is None:
             return None, []

@@ -1,0 +1,187 @@
+"""The module-forward tracer against torch.fx's own, and its guarantees."""
+import pytest
+import torch
+from torch import fx, nn
+
+from mmfuse.discovery.fx_tracer import ModuleForwardTracer
+from mmfuse.reparam.code_scan import forward_may_add
+
+
+class _StockLeafTracer(fx.Tracer):
+    """torch.fx's tracer with the same leaves, for comparison."""
+
+    def __init__(self, root):
+        super().__init__(autowrap_modules=(), autowrap_functions=())
+        self.root_module = root
+
+    def is_leaf_module(self, m, qualname):
+        return m is not self.root_module
+
+
+def _calls(graph: fx.Graph):
+    return [(n.op, str(n.target), tuple(str(a) for a in n.args))
+            for n in graph.nodes]
+
+
+class Block(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.branches = nn.ModuleList([nn.Conv2d(4, 4, 1), nn.Identity()])
+        self.seq = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        x = self.bn1(self.conv1(x))
+        y = self.branches[0](x) + self.branches[1](x)
+        return self.seq[1](self.seq[0](y)) * self.scale + x
+
+
+class Deep(nn.Module):
+    """Calls a grandchild through a child that is not a container."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+
+    def forward(self, x):
+        return self.block.bn1(self.block.conv1(x))
+
+
+class Outside(nn.Module):
+
+    def __init__(self, other: nn.Module):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.__dict__['other'] = other  # not registered
+
+    def forward(self, x):
+        return self.other(self.conv(x))
+
+
+class CatchesRefusal(Outside):
+
+    def forward(self, x):
+        try:
+            return self.other(self.conv(x))
+        except Exception:  # the trace must not take this way out
+            return self.conv(x)
+
+
+@pytest.mark.parametrize('make', [Block, Deep])
+def test_same_graph_as_torch_fx(make):
+    module = make().eval()
+    ours = ModuleForwardTracer(module).trace(module)
+    stock = _StockLeafTracer(module).trace(module)
+    assert _calls(ours) == _calls(stock)
+    targets = [n.target for n in ours.nodes if n.op == 'call_module']
+    assert targets  # a module call is one node, not its insides
+    assert all(not isinstance(module.get_submodule(t), Block)
+               for t in targets)
+
+
+def test_module_class_and_instances_are_left_as_they_were():
+    module = Block().eval()
+    call, getattr_ = nn.Module.__call__, nn.Module.__getattr__
+    ModuleForwardTracer(module).trace(module)
+    assert nn.Module.__call__ is call
+    assert nn.Module.__getattr__ is getattr_
+    for sub in module.modules():
+        assert '_compiled_call_impl' not in sub.__dict__
+    x = torch.randn(1, 3, 5, 5)
+    torch.testing.assert_close(module(x), module(x))
+
+
+def test_reports_tracing_to_the_code_it_traces():
+    seen = []
+
+    class Probe(nn.Module):
+
+        def forward(self, x):
+            seen.append(torch.fx._symbolic_trace.is_fx_tracing())
+            return x
+
+    probe = Probe()
+    ModuleForwardTracer(probe).trace(probe)
+    assert seen == [True]
+    assert not torch.fx._symbolic_trace.is_fx_tracing()
+
+
+@pytest.mark.parametrize('make', [Outside, CatchesRefusal])
+def test_call_of_a_module_outside_fails(make):
+    module = make(nn.Conv2d(3, 3, 1)).eval()
+    with pytest.raises(NameError, match='not one of its submodules'):
+        ModuleForwardTracer(module).trace(module)
+    for sub in module.modules():
+        assert '_compiled_call_impl' not in sub.__dict__
+
+
+def test_compiled_call_slot_is_put_back():
+    module = Block().eval()
+    marker = module.conv1._call_impl
+    module.conv1.__dict__['_compiled_call_impl'] = marker
+    ModuleForwardTracer(module).trace(module)
+    assert module.conv1.__dict__['_compiled_call_impl'] is marker
+
+
+class Chain(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class Helper(Chain):
+
+    def forward(self, x):
+        return self._impl(x)
+
+    def _impl(self, x):
+        return self.conv(x) + x
+
+
+class Super(Helper):
+
+    def forward(self, x):
+        return super().forward(x)
+
+
+class TorchAdd(Chain):
+
+    def forward(self, x):
+        return torch.add(self.conv(x), x)
+
+
+class Summed(Chain):
+
+    def forward(self, x):
+        return sum([self.conv(x), x])
+
+
+def _decorate(func):
+
+    def wrapper(self, x):
+        return func(self, x)
+
+    return wrapper
+
+
+class Decorated(Chain):
+
+    @_decorate
+    def forward(self, x):
+        return self.conv(x) - x
+
+
+@pytest.mark.parametrize('make,expected', [(Chain, False), (Helper, True),
+                                           (Super, True), (TorchAdd, True),
+                                           (Summed, True),
+                                           (Decorated, True)])
+def test_code_scan_finds_every_way_to_add(make, expected):
+    assert forward_may_add(make()) is expected
