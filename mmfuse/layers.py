@@ -67,12 +67,19 @@ def _qualname(func: Callable) -> str:
            f'{getattr(func, "__qualname__", "")}'
 
 
+def is_mmcv_conv_module(module: nn.Module) -> bool:
+    """Whether ``module`` runs mmcv's stock ``ConvModule.forward`` (any
+    subclass that keeps it): its data flow follows ``module.order``."""
+    return _qualname(type(module).forward) == \
+        'mmcv.cnn.bricks.conv_module.ConvModule.forward'
+
+
 def _is_frozen_bn(module: nn.Module) -> bool:
     """Buffer-only BN in the style of torchvision/detectron2."""
-    buffers = dict(module.named_buffers(recurse=False))
     return (type(module).__name__.startswith('FrozenBatchNorm')
-            and all(k in buffers for k in ('weight', 'bias', 'running_mean',
-                                           'running_var')))
+            and all(module._buffers.get(k) is not None
+                    for k in ('weight', 'bias', 'running_mean',
+                              'running_var')))
 
 
 def _is_mmcv_sync_bn(module: nn.Module) -> bool:
@@ -193,6 +200,14 @@ def is_conv_layer(module: nn.Module) -> bool:
     return isinstance(module, (_ConvNd, nn.Linear))
 
 
+def _has_member(module: nn.Module, name: str) -> bool:
+    """``hasattr(module, name)`` for a parameter, buffer, submodule or
+    instance attribute, without the cost of a failed lookup."""
+    return any(name in members for members in (
+        module.__dict__, module._parameters, module._buffers,
+        module._modules))
+
+
 def conv_fold_problem(module: nn.Module) -> Optional[str]:
     """Why a fold may not rewrite this conv's parameters, or ``None``."""
     name = type(module).__name__
@@ -201,9 +216,9 @@ def conv_fold_problem(module: nn.Module) -> Optional[str]:
     for cls in type(module).__mro__:
         if cls.__name__ in _WEIGHT_TRANSFORMING_CONVS:
             return f'{name} {_WEIGHT_TRANSFORMING_CONVS[cls.__name__]}'
-    if hasattr(module, 'weight_orig'):
+    if _has_member(module, 'weight_orig'):
         return f'{name} has spectral norm: its weight is recomputed in forward'
-    if hasattr(module, 'weight_g') and hasattr(module, 'weight_v'):
+    if _has_member(module, 'weight_g') and _has_member(module, 'weight_v'):
         return f'{name} has weight norm: its weight is recomputed in forward'
     if torch.nn.utils.parametrize.is_parametrized(module):
         return f'{name} has a parametrized weight'

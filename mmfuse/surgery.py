@@ -40,10 +40,20 @@ def _split(name: str):
     return parent, attr
 
 
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)`` for a path of a plan made on this
+    model, without its per-step checks."""
+    module = model
+    if name:
+        for part in name.split('.'):
+            module = module._modules[part]
+    return module
+
+
 def _replace_module(model: nn.Module, name: str, new: nn.Module,
                     applied: AppliedFold) -> nn.Module:
     parent_name, attr = _split(name)
-    parent = model.get_submodule(parent_name) if parent_name else model
+    parent = _submodule(model, parent_name)
     old = parent._modules[attr]
     parent._modules[attr] = new
     applied.remember(lambda: parent._modules.__setitem__(attr, old))
@@ -52,7 +62,7 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module,
     # norm gone that would be wrong.
     for flag in ('efficient_conv_bn_eval_forward',
                  'fast_conv_bn_eval_forward'):
-        previous = getattr(parent, flag, None)
+        previous = parent.__dict__.get(flag)
         if previous is not None:
             setattr(parent, flag, None)
             applied.remember(
@@ -92,11 +102,11 @@ def apply_fold(model: nn.Module, fold: Fold) -> AppliedFold:
         The applied fold, which can be undone.
     """
     applied = AppliedFold(fold)
-    norm = model.get_submodule(fold.norm)
+    norm = _submodule(model, fold.norm)
     mean, var, eps, gamma, beta = norm_affine_params(norm)
     scale, shift = norm_affine(mean, var, eps, gamma, beta)
     for target in fold.convs:
-        conv = model.get_submodule(target.name)
+        conv = _submodule(model, target.name)
         if target.plain:
             plain = plain_conv_of(conv)
             if plain is None:

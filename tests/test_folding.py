@@ -147,3 +147,41 @@ def test_folded_weight_keeps_the_memory_layout(transposed, channels_last):
         scale_in, shift_in = _affine(_bn(8))
         new, _ = fold_affine_into_input(weight, None, scale_in, shift_in)
         assert new.is_contiguous(memory_format=fmt)
+
+
+def test_float64_inputs_are_never_changed():
+    """The math works in place on its own float64 copies: a float64 model's
+    own tensors (which ``.to(float64)`` would return as they are) must come
+    out untouched."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, bias=True).double()
+    bn = _bn(6)
+    tensors = [conv.weight, conv.bias, bn.running_mean, bn.running_var,
+               bn.weight, bn.bias]
+    before = [t.detach().clone() for t in tensors]
+    scale, shift = _affine(bn)
+    fold_affine_into_output(conv.weight, conv.bias, scale, shift)
+    for old, new in zip(before, tensors):
+        assert torch.equal(old, new)
+
+
+@pytest.mark.parametrize('transposed', [False, True])
+def test_blockwise_product_is_the_float64_product(transposed):
+    """A weight larger than one block is scaled block by block on CPU: the
+    result must be the float64 product rounded once, bit for bit."""
+    from mmfuse import folding
+    torch.manual_seed(0)
+    groups = 4
+    # (out, in / groups, k, k), or (in, out / groups, k, k) transposed.
+    weight = torch.randn(128, 96 // groups, 5, 5)
+    channels = 96 if transposed else 128
+    assert weight.numel() > folding._BLOCK_ELEMENTS
+    scale = torch.rand(channels, dtype=torch.float64) + 0.5
+    got = folding.scale_output_channels(weight, scale, transposed, groups,
+                                        torch.float32)
+    # The same through one whole float64 product.
+    view, moved = folding._output_channel_view(weight, transposed, groups)
+    whole = (view.double() * scale.reshape(-1, 1)).float()
+    expected = folding._restore_output_view(whole, tuple(weight.shape),
+                                            moved, transposed)
+    assert torch.equal(got, expected)
