@@ -100,29 +100,45 @@ def fuse_model(model: nn.Module,
     start = time.perf_counter()
     model = unwrap_model(model)
     check_eval(model)
-    reparameterized = []
+    inputs = None if example_inputs is None else as_input_tuple(
+        example_inputs)
+    tolerance = None
+    if inputs is not None and verify:
+        tolerance = default_rtol(model) if rtol is None else rtol
+    merges = None
+    unmerged = None
     if reparameterize:
-        from .reparam import reparameterize as merge_branches
-        reparameterized = merge_branches(
-            model, example_inputs, verify=verify, rtol=rtol)
-    num_norms, num_foldable = _count_norms(model)
+        from .reparam import merge_blocks
+        merges = merge_blocks(model)
+        if tolerance is not None and merges.groups:
+            unmerged = merges.unmerged_output(inputs)
     reference = None
-    inputs = None
-    if example_inputs is None:
+    if inputs is None:
         evidence = collect_structural_evidence(model)
-    else:
-        inputs = as_input_tuple(example_inputs)
+    elif unmerged is None:
         evidence, reference = collect_traced_evidence(model, inputs)
+    else:
+        # The traced pass also gives the output with every merge made:
+        # the merges are verified on it, with no forward pass of their
+        # own unless one must be undone.
+        try:
+            evidence, reference = collect_traced_evidence(model, inputs)
+        except Exception:  # a merge broke the forward: verify finds which
+            evidence = reference = None
+        undone = merges.verify(inputs, unmerged, tolerance, reference
+                               if evidence is not None else None)
+        if undone or evidence is None:
+            evidence, reference = collect_traced_evidence(model, inputs)
+    num_norms, num_foldable = _count_norms(model)
     plan = plan_folds(model, evidence, plain_convs)
     report = FusionReport(
         mode=evidence.mode,
         left=list(plan.skipped),
         num_norms=num_norms,
         num_foldable=num_foldable,
-        reparameterized=reparameterized)
+        reparameterized=[] if merges is None else merges.records)
     applied = apply_plan(model, plan)
-    if verify and inputs is not None:
-        tolerance = default_rtol(model) if rtol is None else rtol
+    if tolerance is not None:
         report.rtol = tolerance
         errors = {}
 

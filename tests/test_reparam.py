@@ -444,6 +444,45 @@ def test_structural_and_verified_agree():
         assert torch.equal(structural(x), verified(x))
 
 
+class ConvModuleSum(nn.Module):
+    """Two mmcv ConvModules without activation, summed: the generic merge
+    reads them from ``order`` without tracing them."""
+
+    def __init__(self, channels: int, fast: bool = False,
+                 act_cfg=None):
+        super().__init__()
+        from mmcv.cnn import ConvModule
+        norm = dict(type='BN')
+        self.big = ConvModule(channels, channels, 3, padding=1,
+                              norm_cfg=norm, act_cfg=act_cfg,
+                              fast_conv_bn_eval=fast)
+        self.small = ConvModule(channels, channels, 1, norm_cfg=norm,
+                                act_cfg=None)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.big(x) + self.small(x))
+
+
+@pytest.mark.parametrize('fast,act_cfg,merges', [
+    (False, None, True),
+    # conv and norm fused on the fly inside the forward: left alone.
+    (True, None, False),
+    (False, dict(type='ReLU'), False),
+])
+def test_conv_module_branches(fast, act_cfg, merges):
+    block = _prepare(nn.Sequential(ConvModuleSum(8, fast, act_cfg)))
+    merged, records, rel = _reparam_and_compare(block, _input(8))
+    assert rel <= RTOL
+    assert bool(_merged(records)) is merges
+    if merges:
+        assert not _norms(merged)
+        assert len(_convs(merged)) == 1
+    else:
+        assert rel == 0
+        assert isinstance(merged[0], ConvModuleSum)
+
+
 # -- the merge math -----------------------------------------------------------
 
 

@@ -50,6 +50,28 @@ _ADDS = {'add', '__add__', '__radd__'}
 _ROW_VIEWS = {'flatten', 'reshape', 'view'}
 
 
+_SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
+def _tensors_in(tree: Any) -> List[Tensor]:
+    """Every tensor in ``tree``, in ``tree_flatten`` order (lists, tuples
+    and dicts walked here; other containers by ``tree_flatten``)."""
+    found: List[Tensor] = []
+    pending = [tree]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, Tensor):
+            found.append(item)
+        elif isinstance(item, (list, tuple)):
+            pending.extend(reversed(item))
+        elif isinstance(item, dict) and type(item) is dict:
+            pending.extend(reversed(list(item.values())))
+        elif not isinstance(item, _SCALARS):
+            found.extend(t for t in tree_flatten(item)[0]
+                         if isinstance(t, Tensor))
+    return found
+
+
 def _func_name(func) -> str:
     name = getattr(func, '__name__', '')
     if name in ('__get__', '__set__'):
@@ -147,6 +169,15 @@ class TracedForward:
         self.consumers: Dict[Key, List[Any]] = defaultdict(list)
         self.leaf_calls: List[_ModuleCall] = []
         self.site_cache: Dict[Tuple[int, int], Site] = {}
+        self.subtrees: Dict[int, List[Tuple[str, nn.Module]]] = {}
+        # Conv and norm layers count as leaves even with children (e.g. a
+        # parametrized weight): what they compute inside is theirs.
+        self.leaves = {
+            id(m)
+            for m in model.modules()
+            if next(m.children(), None) is None or is_conv_layer(m)
+            or is_norm_layer(m)
+        }
         self.output = None
 
     # -- bookkeeping -------------------------------------------------------
@@ -159,18 +190,15 @@ class TracedForward:
         return id(tensor), version
 
     def keys(self, *trees) -> List[Key]:
-        leaves, _ = tree_flatten(trees)
-        return [self.key(t) for t in leaves if isinstance(t, Tensor)]
+        return [self.key(t) for t in _tensors_in(trees)]
 
     def record_op(self, name: str, args, kwargs, out) -> None:
         self.busy = True
         try:
-            in_tensors = [t for t in tree_flatten((args, kwargs))[0]
-                          if isinstance(t, Tensor)]
+            in_tensors = _tensors_in((args, kwargs))
             if not in_tensors:
                 return
-            out_tensors = [t for t in tree_flatten(out)[0]
-                           if isinstance(t, Tensor)]
+            out_tensors = _tensors_in(out)
             inputs = [self.key(t) for t in in_tensors]
             outputs = [self.key(t) for t in out_tensors]
             plain = not kwargs and len(args) == 2 and len(in_tensors) == 2
@@ -212,8 +240,11 @@ class TracedForward:
         if len(direct) == 1:
             site = (caller, direct[0])
         elif not direct:
-            found = [name for name, sub in caller.named_modules(
-                remove_duplicate=False) if sub is module and name]
+            subtree = self.subtrees.get(id(caller))
+            if subtree is None:
+                subtree = self.subtrees[id(caller)] = list(
+                    caller.named_modules(remove_duplicate=False))
+            found = [name for name, sub in subtree if sub is module and name]
             if len(found) == 1:
                 parent, _, attr = found[0].rpartition('.')
                 site = (caller.get_submodule(parent), attr)
@@ -226,10 +257,7 @@ class TracedForward:
         self.stack.append(module)
         if self.active_leaf is not None:
             return
-        # Conv and norm layers count as leaves even with children (e.g. a
-        # parametrized weight): what they compute inside is theirs.
-        if next(module.children(), None) is not None and \
-                not is_conv_layer(module) and not is_norm_layer(module):
+        if id(module) not in self.leaves:
             return
         self.busy = True
         try:
@@ -237,8 +265,7 @@ class TracedForward:
                                self.keys(args, kwargs))
             if isinstance(module, nn.Linear):
                 call.channels_dim_ok = all(
-                    t.dim() == 2 for t in tree_flatten((args, kwargs))[0]
-                    if isinstance(t, Tensor))
+                    t.dim() == 2 for t in _tensors_in((args, kwargs)))
             for key in call.inputs:
                 self.consumers[key].append(call)
             self.active_leaf = call

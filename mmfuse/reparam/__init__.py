@@ -7,7 +7,8 @@ any of them scaled by a constant such as a learnable ``alpha``) into one
 need their own rule get it from :data:`REPARAMETERIZERS`.
 """
 from . import builtins  # noqa: F401  (registers the built-in entries)
-from .api import DEPLOY_METHODS, apply_reparam_structure, reparameterize
+from .api import (DEPLOY_METHODS, Merges, apply_reparam_structure,
+                  merge_blocks, reparameterize)
 from .branches import Op, Term, conv_op, merge_terms, norm_op, pool_op
 from .branches import scale_op
 from .generic import GenericMerger
@@ -16,7 +17,8 @@ from .registry import (REPARAMETERIZERS, BranchSum, Reparameterizer,
                        ReparamRefused, find_reparameterizer)
 
 __all__ = [
-    'reparameterize', 'apply_reparam_structure', 'DEPLOY_METHODS',
+    'reparameterize', 'merge_blocks', 'Merges', 'apply_reparam_structure',
+    'DEPLOY_METHODS',
     'REPARAMETERIZERS', 'Reparameterizer', 'BranchSum', 'ReparamRefused',
     'find_reparameterizer', 'GenericMerger', 'Term', 'Op', 'conv_op',
     'norm_op', 'pool_op', 'scale_op', 'merge_terms', 'ConvGeometry',

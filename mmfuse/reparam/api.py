@@ -16,7 +16,7 @@ loads with no missing or unexpected keys.
 import copy
 import inspect
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -29,7 +29,10 @@ from .generic import BlockRewrite, GenericMerger
 from .merge import ConvGeometry, MergeError
 from .registry import ReparamRefused, class_path, find_reparameterizer
 
-__all__ = ['reparameterize', 'apply_reparam_structure', 'DEPLOY_METHODS']
+__all__ = [
+    'reparameterize', 'merge_blocks', 'Merges', 'apply_reparam_structure',
+    'DEPLOY_METHODS'
+]
 
 #: Methods called, in this order of preference, with
 #: ``call_deploy_methods=True``.
@@ -309,58 +312,107 @@ def reparameterize(model: nn.Module,
     model = unwrap_model(model)
     check_eval(model, 're-parameterizing')
     inputs = None if example_inputs is None else as_input_tuple(example_inputs)
-    walker = _Walker(model, call_deploy_methods, use_registry)
-    records = walker.run()
-    if not verify or inputs is None or not walker.groups:
-        return records
-    # The reference output is only needed when something merged (most
-    # models have nothing to merge): take it with the merges undone.
-    for group in reversed(walker.groups):
-        group.undo()
-    with torch.no_grad():
-        reference = model(*inputs)
-    for group in walker.groups:
-        group.redo()
-    tolerance = default_rtol(model) if rtol is None else rtol
+    merges = merge_blocks(model, call_deploy_methods, use_registry)
+    if verify and inputs is not None and merges.groups:
+        reference = merges.unmerged_output(inputs)
+        tolerance = default_rtol(model) if rtol is None else rtol
+        merges.verify(inputs, reference, tolerance)
+    return merges.records
 
-    def error() -> float:
+
+class Merges:
+    """The merges one walk over a model made, to verify and keep or undo.
+
+    Attributes:
+        records: One dict per block, as :func:`reparameterize` returns.
+        groups: The replacements, in groups that stand or fall together.
+    """
+
+    def __init__(self, model: nn.Module, records: List[Dict],
+                 groups: List[_Group]):
+        self.model = model
+        self.records = records
+        self.groups = groups
+
+    def unmerged_output(self, inputs: Tuple) -> Any:
+        """The model's output with every merge undone (then redone)."""
+        for group in reversed(self.groups):
+            group.undo()
         try:
             with torch.no_grad():
-                output = model(*inputs)
+                return self.model(*inputs)
+        finally:
+            for group in self.groups:
+                group.redo()
+
+    def _error(self, inputs: Tuple, reference: Any) -> float:
+        try:
+            with torch.no_grad():
+                output = self.model(*inputs)
         except Exception:  # a merge broke the forward: it counts as wrong
             return float('inf')
         return output_error(reference, output)[1]
 
-    measured = error()
-    if measured <= tolerance:
-        for record in records:
+    def verify(self,
+               inputs: Tuple,
+               reference: Any,
+               tolerance: float,
+               output: Any = None) -> bool:
+        """Keep the merges that keep the output within ``tolerance``.
+
+        Args:
+            inputs: The example inputs.
+            reference: The output with nothing merged.
+            tolerance: Largest relative output error accepted.
+            output: The output with every merge made, when the caller has
+                it already (else a forward pass computes it).
+
+        Returns:
+            Whether any merge was undone.
+        """
+        measured = self._error(inputs, reference) if output is None else \
+            output_error(reference, output)[1]
+        undone = measured > tolerance
+        if undone:
+            for group in self.groups:
+                group.undo()
+
+            def redo(groups: List[_Group]) -> List[_Group]:
+                for group in groups:
+                    group.redo()
+                return groups
+
+            def undo(groups: List[_Group]) -> None:
+                for group in reversed(groups):
+                    group.undo()
+
+            _, bad = isolate_failures(
+                self.groups, redo, undo,
+                lambda: self._error(inputs, reference) <= tolerance)
+            for group in bad:
+                for record in group.records:
+                    record['merged'] = False
+                    record['reason'] = (
+                        'undone: verification found the output off by '
+                        f'more than rtol={tolerance:g} with it')
+            measured = self._error(inputs, reference)
+        for record in self.records:
             if record['merged']:
                 record['verified_rel_error'] = measured
-        return records
-    for group in walker.groups:
-        group.undo()
+        return undone
 
-    def redo(groups: List[_Group]) -> List[_Group]:
-        for group in groups:
-            group.redo()
-        return groups
 
-    def undo(groups: List[_Group]) -> None:
-        for group in reversed(groups):
-            group.undo()
+def merge_blocks(model: nn.Module,
+                 call_deploy_methods: bool = False,
+                 use_registry: bool = True) -> Merges:
+    """Merge every block of ``model`` that can be, in place, unverified.
 
-    _, bad = isolate_failures(walker.groups, redo, undo,
-                              lambda: error() <= tolerance)
-    for group in bad:
-        for record in group.records:
-            record['merged'] = False
-            record['reason'] = ('undone: verification found the output off '
-                                f'by more than rtol={tolerance:g} with it')
-    measured = error()
-    for record in records:
-        if record['merged']:
-            record['verified_rel_error'] = measured
-    return records
+    See :func:`reparameterize` for the arguments; ``model`` is already
+    unwrapped and in eval mode.
+    """
+    walker = _Walker(model, call_deploy_methods, use_registry)
+    records = walker.run()
+    return Merges(model, records, walker.groups)
 
 
 def _rebuild(block: nn.Module, record: Dict) -> nn.Module:

@@ -308,8 +308,9 @@ def build_conv(geometry: ConvGeometry,
 
     Args:
         geometry: The conv's geometry.
-        weight: Its weight; default initialisation when ``None``.
-        bias: Its bias.
+        weight: Its weight, taken as it is (not copied); default
+            initialisation when ``None``.
+        bias: Its bias, taken as it is.
         like: Dtype and device for a conv without values.
     """
     conv = nn.Conv2d(
@@ -321,13 +322,15 @@ def build_conv(geometry: ConvGeometry,
         dilation=geometry.dilation,
         groups=geometry.groups,
         bias=True,
-        padding_mode=geometry.padding_mode)
-    source = weight if weight is not None else like
-    if source is not None:
-        conv = conv.to(device=source.device, dtype=source.dtype)
+        padding_mode=geometry.padding_mode,
+        # With values given, nothing to initialise: build it empty.
+        device='meta' if weight is not None else None)
     if weight is not None:
-        conv.weight = nn.Parameter(weight.detach().clone())
-        conv.bias = nn.Parameter(bias.detach().clone())
+        # The values are fresh tensors made for this conv: no copy.
+        conv.weight = nn.Parameter(weight.detach())
+        conv.bias = nn.Parameter(bias.detach())
+    elif like is not None:
+        conv = conv.to(device=like.device, dtype=like.dtype)
     conv.eval()
     return conv
 

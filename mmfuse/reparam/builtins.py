@@ -22,6 +22,7 @@ from typing import List
 
 from torch import nn
 
+from ..layers import is_mmcv_conv_module
 from .branches import Op, Term, conv_op, norm_op, scale_op
 from .registry import (REPARAMETERIZERS, BranchSum, Reparameterizer,
                        ReparamRefused)
@@ -31,14 +32,6 @@ __all__ = [
     'MMPretrainReparamLargeKernelConv', 'MMYOLORepVGGBlock',
     'MMPoseRepVGGBlock'
 ]
-
-_CONV_MODULE_FORWARD = 'mmcv.cnn.bricks.conv_module.ConvModule.forward'
-
-
-def _qualname(func) -> str:
-    return f'{getattr(func, "__module__", "")}.' \
-           f'{getattr(func, "__qualname__", "")}'
-
 
 def _no_hooks(module: nn.Module, what: str) -> None:
     if module._forward_hooks or module._forward_pre_hooks:
@@ -63,7 +56,7 @@ def _sequential_ops(seq: nn.Module, what: str, conv: str,
 def _conv_module_ops(block: nn.Module, what: str) -> List[Op]:
     """``[conv, norm]`` (or ``[conv]``) of an mmcv ``ConvModule`` branch
     that runs no activation."""
-    if _qualname(type(block).forward) != _CONV_MODULE_FORWARD:
+    if not is_mmcv_conv_module(block):
         raise ReparamRefused(f'{what} is not a plain mmcv ConvModule')
     _no_hooks(block, what)
     if getattr(block, 'with_explicit_padding', False):

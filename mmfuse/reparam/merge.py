@@ -257,11 +257,10 @@ def sum_branches(
     shapes = sorted({tuple(w.shape) for w, _ in branches})
     if len(shapes) != 1:
         raise MergeError(f'kernels of different shapes: {shapes}')
-    weight = torch.zeros(shapes[0], dtype=torch.float64,
-                         device=branches[0][0].device)
-    bias = torch.zeros(branches[0][1].shape, dtype=torch.float64,
-                       device=branches[0][1].device)
-    for branch_weight, branch_bias in branches:
+    first_weight, first_bias = branches[0]
+    weight = first_weight.to(torch.float64, copy=True)
+    bias = first_bias.to(torch.float64, copy=True)
+    for branch_weight, branch_bias in branches[1:]:
         weight += branch_weight
         bias += branch_bias
     return weight, bias
