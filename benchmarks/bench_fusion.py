@@ -15,11 +15,12 @@ always float32 here), four ways to fuse are compared on a fresh copy each:
 For each: batch norms folded out of those foldable (batch norms with running
 statistics in the unfused model, counted once per module), the largest
 relative output error against the unfused model (or the crash), and the
-time the call takes.  Latency of the unfused model, the ``fuse_model`` one
-and the *no-norm bound* (every foldable norm replaced by ``nn.Identity``:
-not the same function, only the speed a perfect fusion could reach) is
-measured in one process, interleaved (one forward of each per round), as
-the median of ``--rounds`` rounds, with ``torch.set_num_threads(--threads)``
+time the call takes (median of ``--repeats`` calls, each on a fresh
+copy).  Latency of the unfused model, the ``fuse_model`` one and the
+*no-norm bound* (every foldable norm replaced by ``nn.Identity``: not the
+same function, only the speed a perfect fusion could reach) is measured
+in one process, interleaved (one forward of each per round), as the median
+of ``--rounds`` rounds, with ``torch.set_num_threads(--threads)``
 (1 by default: on a 2-core machine shared with other work, two intra-op
 threads wait on each other and the numbers scatter far more).
 
@@ -133,22 +134,27 @@ FUSERS: Dict[str, Callable[[nn.Module, Tuple], nn.Module]] = {
 
 
 def run_method(method: str, model: nn.Module, inputs: Tuple, reference: Any,
-               foldable: int) -> MethodResult:
-    """Fuse a copy of ``model`` with ``method`` and check its output."""
+               foldable: int, repeats: int) -> MethodResult:
+    """Fuse copies of ``model`` with ``method`` (``repeats`` times, each on
+    a fresh copy; the time is the median) and check the last output."""
     result = MethodResult()
     if method == 'torch.fx':
         problem = fx_trace_problem(model)
         if problem:
             result.failure = problem
             return result
-    work = copy.deepcopy(model)
-    start = time.perf_counter()
-    try:
-        fused = FUSERS[method](work, inputs)
-    except Exception as error:  # any crash of a fuser is a result here
-        result.failure = f'crash: {type(error).__name__}: {str(error)[:100]}'
-        return result
-    result.seconds = time.perf_counter() - start
+    seconds = []
+    for _ in range(repeats):
+        work = copy.deepcopy(model)
+        start = time.perf_counter()
+        try:
+            fused = FUSERS[method](work, inputs)
+        except Exception as error:  # any crash of a fuser is a result here
+            result.failure = (f'crash: {type(error).__name__}: '
+                              f'{str(error)[:100]}')
+            return result
+        seconds.append(time.perf_counter() - start)
+    result.seconds = statistics.median(seconds)
     result.folded = foldable - count_batch_norms(fused)
     try:
         with torch.no_grad():
@@ -180,7 +186,8 @@ def measure_latency(variants: Dict[str, nn.Module], inputs: Tuple,
     }
 
 
-def bench_model(name: str, rounds: int, warmup: int) -> ModelResult:
+def bench_model(name: str, rounds: int, warmup: int,
+                repeats: int) -> ModelResult:
     """Every measurement on one model."""
     model, inputs = real_models.build(name, dtype=torch.float32)
     with torch.no_grad():
@@ -188,7 +195,8 @@ def bench_model(name: str, rounds: int, warmup: int) -> ModelResult:
     result = ModelResult(name, count_batch_norms(model))
     for method in METHODS:
         result.methods[method] = run_method(method, model, inputs,
-                                            reference, result.foldable)
+                                            reference, result.foldable,
+                                            repeats)
     variants = {'unfused': model}
     fused = result.methods['fuse_model'].model
     if fused is not None:
@@ -311,6 +319,26 @@ def print_tables(results: List[ModelResult], corrupt: float) -> None:
     print(f'\nMedian speed-up of `fuse_model` over unfused: '
           f'{statistics.median(speedups):.2f}x (no-norm bound: '
           f'{statistics.median(bounds):.2f}x).')
+    in_forwards = [
+        r.methods['fuse_model'].seconds * 1e3 / r.latency_ms['unfused']
+        for r in results if r.methods['fuse_model'].seconds is not None
+    ]
+    vs_mmcv = [
+        r.methods['fuse_conv_bn'].seconds / r.methods['mmcv'].seconds
+        for r in results if r.methods['fuse_conv_bn'].seconds is not None
+        and r.methods['mmcv'].seconds
+    ]
+    if in_forwards:
+        print(f'`fuse_model` time in forward passes: median '
+              f'{statistics.median(in_forwards):.1f}, max '
+              f'{max(in_forwards):.1f}; at most 4 on '
+              f'{sum(v <= 4 for v in in_forwards)} of {len(in_forwards)} '
+              'models.')
+    if vs_mmcv:
+        print(f'`fuse_conv_bn` time over mmcv\'s: median '
+              f'{statistics.median(vs_mmcv):.1f}x, max {max(vs_mmcv):.1f}x; '
+              f'at most 2x on {sum(v <= 2 for v in vs_mmcv)} of '
+              f'{len(vs_mmcv)} models.')
 
 
 def machine() -> str:
@@ -340,6 +368,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument(
         '--threads', type=int, default=1, help='torch.set_num_threads')
     parser.add_argument(
+        '--repeats',
+        type=int,
+        default=3,
+        help='fusions timed per method and model, each on a fresh copy '
+        '(the median is reported)')
+    parser.add_argument(
         '--corrupt',
         type=float,
         default=1e-3,
@@ -354,7 +388,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     for index, name in enumerate(names):
         print(f'[{index + 1}/{len(names)}] {name}', file=sys.stderr,
               flush=True)
-        results.append(bench_model(name, args.rounds, args.warmup))
+        results.append(
+            bench_model(name, args.rounds, args.warmup, args.repeats))
     print(f'Measured {datetime.date.today().isoformat()} on {machine()}; '
           f'latency = median of {args.rounds} interleaved rounds, batch '
           f'1, float32.\n')
