@@ -185,3 +185,28 @@ class Decorated(Chain):
                                            (Decorated, True)])
 def test_code_scan_finds_every_way_to_add(make, expected):
     assert forward_may_add(make()) is expected
+
+
+def test_other_threads_run_their_modules_during_a_trace():
+    import threading
+    other = nn.Conv2d(3, 3, 1)
+    results = []
+
+    class StartsThread(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            worker = threading.Thread(
+                target=lambda: results.append(other(torch.ones(1, 3, 2, 2))))
+            worker.start()
+            worker.join()
+            return self.conv(x)
+
+    module = StartsThread()
+    graph = ModuleForwardTracer(module).trace(module)
+    assert [n.target for n in graph.nodes if n.op == 'call_module'] == \
+        ['conv']
+    assert len(results) == 1 and results[0].shape == (1, 3, 2, 2)

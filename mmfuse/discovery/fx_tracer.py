@@ -17,12 +17,16 @@ through their ``_compiled_call_impl`` slot (the per-instance hook that
 put back afterwards: first only the children (and the entries of module
 containers among them), and every submodule where the forward reaches
 deeper.  A call of a module outside the traced one fails the trace, as it
-does with ``torch.fx``.  Attributes and parameters are read as
-their values, as with a ``getattr`` override that returns ``attr_val``.
-Where this torch lacks the slot, or a submodule overrides ``__call__``, the
-stock ``Tracer.trace`` runs instead and gives the same graph.
+does with ``torch.fx`` (calls from other threads are left alone).
+
+Two differences from a stock trace: attributes and parameters are read as
+their values (as with a ``getattr`` override that returns ``attr_val``),
+and functions registered with ``torch.fx.wrap`` are traced through rather
+than kept as calls.  Where this torch lacks the slot, or a submodule
+overrides ``__call__``, the stock ``Tracer.trace`` runs instead.
 """
 import inspect
+import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -112,8 +116,9 @@ class ModuleForwardTracer(fx.Tracer):
         for _, module in submodules:
             module.__dict__['_compiled_call_impl'] = self._intercept(module)
         refused = []
+        thread = threading.get_ident()
         handle = nn.modules.module.register_module_forward_pre_hook(
-            lambda module, args: _refuse_call(module, refused))
+            lambda module, args: _refuse_call(module, refused, thread))
         was_tracing = _set_fx_tracing(True)
         try:
             # Functions registered with ``torch.fx.wrap`` are traced
@@ -159,7 +164,10 @@ class _CallRefused(Exception):
     """A module that is not intercepted was called during a trace."""
 
 
-def _refuse_call(module: nn.Module, refused: List[nn.Module]) -> None:
+def _refuse_call(module: nn.Module, refused: List[nn.Module],
+                 thread: int) -> None:
+    if threading.get_ident() != thread:
+        return  # another thread running its own model: none of ours
     refused.append(module)
     raise _CallRefused(type(module).__name__)
 
