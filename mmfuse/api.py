@@ -196,5 +196,5 @@ def fuse_conv_bn(module: nn.Module, *, plain_convs: bool = True) -> nn.Module:
     model = unwrap_model(module)
     check_eval(model)
     plan = plan_folds(model, collect_structural_evidence(model), plain_convs)
-    apply_plan(model, plan)
+    apply_plan(model, plan, undoable=False)
     return module

@@ -24,15 +24,22 @@ class AppliedFold:
 
     def __init__(self, fold: Fold):
         self.fold = fold
-        self._undo: List[Callable[[], None]] = []
+        self._undo: Optional[List[Callable[[], None]]] = []
 
     def remember(self, undo: Callable[[], None]) -> None:
         self._undo.append(undo)
 
     def undo(self) -> None:
         """Put back every module and parameter the fold replaced."""
+        if self._undo is None:
+            raise RuntimeError(f'the fold of {self.fold.norm} was applied '
+                               'without keeping what it replaced')
         while self._undo:
             self._undo.pop()()
+
+    def forget(self) -> None:
+        """Let go of what the fold replaced; it can no longer be undone."""
+        self._undo = None
 
 
 def _split(name: str):
@@ -159,11 +166,25 @@ def _copy_module(module: nn.Module) -> nn.Module:
 
 def apply_plan(model: nn.Module,
                plan: FusionPlan,
-               folds: Optional[List[Fold]] = None) -> List[AppliedFold]:
-    """Apply every fold of ``plan`` (or just ``folds``) in order."""
+               folds: Optional[List[Fold]] = None,
+               undoable: bool = True) -> List[AppliedFold]:
+    """Apply every fold of ``plan`` (or just ``folds``) in order.
+
+    Args:
+        model: The model the plan was made for.
+        plan: The plan.
+        folds: The folds to apply, by default the plan's.
+        undoable: Keep what each fold replaced so that it can be undone.
+            With ``False`` the replaced parameters are let go as soon as
+            each fold is made (their memory then serves the next fold), and
+            the returned folds cannot be undone.
+    """
     applied = []
     for fold in plan.folds if folds is None else folds:
-        applied.append(apply_fold(model, fold))
+        done = apply_fold(model, fold)
+        if not undoable:
+            done.forget()
+        applied.append(done)
     return applied
 
 
