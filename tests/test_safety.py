@@ -259,3 +259,14 @@ def test_a_model_whose_output_is_not_reproducible_keeps_nothing():
     assert report.folded == []
     assert [s.name for s in report.undone] == ['bn']
     assert isinstance(model.bn, nn.BatchNorm2d)
+
+
+def test_folds_applied_without_undo_cannot_be_undone():
+    from mmfuse.discovery import collect_structural_evidence, plan_folds
+    from mmfuse.surgery import apply_plan
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    plan = plan_folds(model, collect_structural_evidence(model))
+    applied = apply_plan(model, plan, undoable=False)
+    assert len(applied) == 1 and isinstance(model[1], nn.Identity)
+    with pytest.raises(RuntimeError, match='without keeping'):
+        applied[0].undo()
