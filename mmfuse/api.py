@@ -19,7 +19,8 @@ from .layers import is_norm_layer, norm_fold_problem
 from .plan import FusionPlan, Skip
 from .report import FusionReport
 from .surgery import apply_plan, undo_folds
-from .verify import default_rtol, isolate_failures, output_error
+from .verify import (OutputCheck, default_rtol, float32_output,
+                     is_low_precision, isolate_failures)
 
 __all__ = ['FusionError', 'fuse_model', 'fuse_conv_bn', 'discover_folds',
            'unwrap_model']
@@ -111,7 +112,7 @@ def fuse_model(model: nn.Module,
         from .reparam import merge_blocks
         merges = merge_blocks(model)
         if tolerance is not None and merges.groups:
-            unmerged = merges.unmerged_output(inputs)
+            unmerged = merges.unmerged_check(inputs, tolerance)
     reference = None
     if inputs is None:
         evidence = collect_structural_evidence(model)
@@ -125,8 +126,8 @@ def fuse_model(model: nn.Module,
             evidence, reference = collect_traced_evidence(model, inputs)
         except Exception:  # a merge broke the forward: verify finds which
             evidence = reference = None
-        undone = merges.verify(inputs, unmerged, tolerance, reference
-                               if evidence is not None else None)
+        undone = merges.verify(inputs, unmerged,
+                               reference if evidence is not None else None)
         if undone or evidence is None:
             evidence, reference = collect_traced_evidence(model, inputs)
     num_norms, num_foldable = _count_norms(model)
@@ -137,16 +138,18 @@ def fuse_model(model: nn.Module,
         num_norms=num_norms,
         num_foldable=num_foldable,
         reparameterized=[] if merges is None else merges.records)
+    # A float16/bfloat16 model is also measured against its float32 copy
+    # (see OutputCheck), taken before any fold.
+    precise = float32_output(model, inputs) \
+        if tolerance is not None and is_low_precision(model) else None
     applied = apply_plan(model, plan)
     if tolerance is not None:
         report.rtol = tolerance
-        errors = {}
+        check = OutputCheck(reference, tolerance, precise)
 
         def passes() -> bool:
             with torch.no_grad():
-                output = model(*inputs)
-            errors['abs'], errors['rel'] = output_error(reference, output)
-            return errors['rel'] <= tolerance
+                return check(model(*inputs))
 
         if not passes():
             undo_folds(applied)
@@ -157,7 +160,7 @@ def fuse_model(model: nn.Module,
             for fold in bad:
                 report.undone.append(
                     Skip(fold.norm, 'undone: verification found the output '
-                         f'off by more than rtol={tolerance:g} with it'))
+                         f'{check.failure()} with it'))
             # The search may have ended on a failing set: check what is
             # kept once more, and keep nothing if even that fails (e.g. a
             # model whose output is not reproducible).
@@ -170,8 +173,10 @@ def fuse_model(model: nn.Module,
                 applied = []
                 passes()
         report.verified = True
-        report.max_abs_error = errors['abs']
-        report.max_rel_error = errors['rel']
+        report.max_abs_error = check.abs_error
+        report.max_rel_error = check.rel_error
+        report.float32_rel_error = check.precise_error
+        report.unfused_float32_rel_error = check.own_error
     report.folded = [a.fold for a in applied]
     report.seconds = time.perf_counter() - start
     return report

@@ -4,14 +4,25 @@ Outputs may be any nesting of tuples, lists and dicts; every floating point
 tensor is compared.  The relative error of a tensor is its largest absolute
 error divided by its largest absolute reference value, so values near zero
 do not blow it up.
+
+A float16 or bfloat16 model is also measured against a float32 copy of the
+unfused model (:class:`OutputCheck`): its own rounding can put the unfused
+output further from the exact one than any tolerance on the difference of
+two low-precision outputs would allow, and a fold is then judged by whether
+it brings the output further from the float32 one than the unfused model
+already is.
 """
-from typing import Any, Callable, List, Sequence, Tuple, TypeVar
+import copy
+from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ['output_error', 'default_rtol', 'isolate_failures']
+__all__ = [
+    'output_error', 'default_rtol', 'isolate_failures', 'is_low_precision',
+    'float32_output', 'OutputCheck'
+]
 
 Item = TypeVar('Item')
 Applied = TypeVar('Applied')
@@ -65,6 +76,79 @@ def default_rtol(model: nn.Module) -> float:
         if param.dtype in (torch.float16, torch.bfloat16):
             return 5e-2
     return 1e-4
+
+
+def is_low_precision(model: nn.Module) -> bool:
+    """Whether ``model`` has float16 or bfloat16 parameters."""
+    return any(p.dtype in (torch.float16, torch.bfloat16)
+               for p in model.parameters())
+
+
+def float32_output(model: nn.Module, inputs: Tuple) -> Any:
+    """The output of a float32 copy of ``model`` on ``inputs`` (their
+    floating point tensors cast to float32); ``model`` is not changed."""
+    upcast = copy.deepcopy(model).float()
+
+    def to_float32(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.is_floating_point():
+            return value.float()
+        return value
+
+    with torch.no_grad():
+        return upcast(*tree_map(to_float32, inputs))
+
+
+class OutputCheck:
+    """Whether a changed model's output is acceptable.
+
+    It is when its relative error against ``reference`` (the unchanged
+    model's output) is at most ``tolerance``; or, for a low-precision model
+    given ``precise`` (the unchanged model's float32 output), when its
+    error against ``precise`` is at most :attr:`MARGIN` times the unchanged
+    model's own, or within ``tolerance``.
+
+    Args:
+        reference: The unchanged model's output.
+        tolerance: Largest relative error accepted against ``reference``.
+        precise: The unchanged model's output in float32, or ``None``.
+    """
+
+    #: How much further from the float32 output than the unchanged model a
+    #: low-precision model's output may be.  A fold rounds its new weights
+    #: to the model's dtype once more, a source of error the unchanged
+    #: model does not have, of the same order as its own rounding; a wrong
+    #: fold moves the output by the size of the output.
+    MARGIN = 2.0
+
+    def __init__(self, reference: Any, tolerance: float,
+                 precise: Optional[Any] = None):
+        self.reference = reference
+        self.tolerance = tolerance
+        self.precise = precise
+        self.own_error = None if precise is None else \
+            output_error(precise, reference)[1]
+        self.abs_error: Optional[float] = None
+        self.rel_error: Optional[float] = None
+        self.precise_error: Optional[float] = None
+
+    def __call__(self, output: Any) -> bool:
+        """Check ``output``; the errors measured stay on the object."""
+        self.abs_error, self.rel_error = output_error(self.reference, output)
+        self.precise_error = None
+        if self.precise is not None:
+            self.precise_error = output_error(self.precise, output)[1]
+        if self.rel_error <= self.tolerance:
+            return True
+        return self.precise_error is not None and self.precise_error <= max(
+            self.tolerance, self.MARGIN * self.own_error)
+
+    def failure(self) -> str:
+        """What an output that fails this check is, in words."""
+        what = f'off by more than rtol={self.tolerance:g}'
+        if self.precise is not None:
+            what += (f' and more than {self.MARGIN:g} times as far from '
+                     'the float32 output as the unfused model')
+        return what
 
 
 def isolate_failures(

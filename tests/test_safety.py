@@ -206,6 +206,59 @@ def test_half_precision_models(dtype):
     assert fused_rel <= 2 * unfused_rel + 1e-3
 
 
+def _deep_chain(depth: int = 24) -> nn.Module:
+    """Conv-BN-ReLU layers with statistics taken on random images (as
+    training leaves them) and random affine parameters: deep enough that
+    bfloat16 rounding alone moves the output by far more than 5e-2."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16),
+                   nn.ReLU()]
+    model = nn.Sequential(*layers)
+    from mmfuse.testing import randomize_norm_stats
+    randomize_norm_stats(model, seed=0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 16, 16))
+    return model.eval()
+
+
+def test_low_precision_folds_are_judged_against_float32():
+    """A bfloat16 model whose own rounding is larger than rtol keeps every
+    fold that brings its output no further from the float32 one."""
+    model = _deep_chain().to(torch.bfloat16)
+    x = torch.randn(2, 3, 16, 16).to(torch.bfloat16)
+    report = mmfuse.fuse_model(model, (x, ))
+    assert report.unfused_float32_rel_error > report.rtol  # the premise
+    assert not report.undone
+    assert len(report.folded) == 24
+    assert report.float32_rel_error <= 2 * report.unfused_float32_rel_error
+    assert 'against float32' in report.summary()
+
+
+def test_output_check_criteria():
+    from mmfuse.verify import OutputCheck
+    reference = torch.tensor([1.0, 2.0])
+    # Relative errors are the largest absolute error over the largest
+    # reference value (2.0 here).
+    precise = torch.tensor([1.2, 2.0])  # the reference is 0.1 off
+    plain = OutputCheck(reference, 0.05)
+    assert plain(torch.tensor([1.05, 2.0]))
+    assert not plain(torch.tensor([1.2, 2.0]))
+    assert 'float32' not in plain.failure()
+    low = OutputCheck(reference, 0.05, precise)
+    assert low.own_error == pytest.approx(0.1)
+    assert low(torch.tensor([1.2, 2.0]))  # closer to float32: fine
+    assert low(torch.tensor([1.0, 2.0]))  # 0.1 off float32, as unfused
+    assert low(torch.tensor([0.9, 2.0]))  # 0.15 off float32: within 2x
+    assert not low(torch.tensor([0.6, 2.0]))  # 0.3 off float32: not
+    assert 'float32' in low.failure()
+
+
 def test_folded_weights_are_computed_in_float64():
     model = _resnetish()
     conv, bn = model[0], model[1]

@@ -23,7 +23,8 @@ from torch import nn
 
 from ..guards import (FusionError, as_input_tuple, check_eval,
                       unwrap_model)
-from ..verify import default_rtol, isolate_failures, output_error
+from ..verify import (OutputCheck, default_rtol, float32_output,
+                      is_low_precision, isolate_failures)
 from .branches import build_conv, describe_term, merge_terms
 from .generic import BlockRewrite, GenericMerger
 from .merge import ConvGeometry, MergeError
@@ -314,9 +315,8 @@ def reparameterize(model: nn.Module,
     inputs = None if example_inputs is None else as_input_tuple(example_inputs)
     merges = merge_blocks(model, call_deploy_methods, use_registry)
     if verify and inputs is not None and merges.groups:
-        reference = merges.unmerged_output(inputs)
         tolerance = default_rtol(model) if rtol is None else rtol
-        merges.verify(inputs, reference, tolerance)
+        merges.verify(inputs, merges.unmerged_check(inputs, tolerance))
     return merges.records
 
 
@@ -334,46 +334,48 @@ class Merges:
         self.records = records
         self.groups = groups
 
-    def unmerged_output(self, inputs: Tuple) -> Any:
-        """The model's output with every merge undone (then redone)."""
+    def unmerged_check(self, inputs: Tuple, tolerance: float) -> OutputCheck:
+        """The check against the model's output with every merge undone
+        (and its float32 output, for a low-precision model)."""
         for group in reversed(self.groups):
             group.undo()
         try:
             with torch.no_grad():
-                return self.model(*inputs)
+                reference = self.model(*inputs)
+            precise = float32_output(self.model, inputs) \
+                if is_low_precision(self.model) else None
         finally:
             for group in self.groups:
                 group.redo()
+        return OutputCheck(reference, tolerance, precise)
 
-    def _error(self, inputs: Tuple, reference: Any) -> float:
+    def _passes(self, inputs: Tuple, check: OutputCheck) -> bool:
         try:
             with torch.no_grad():
                 output = self.model(*inputs)
         except Exception:  # a merge broke the forward: it counts as wrong
-            return float('inf')
-        return output_error(reference, output)[1]
+            check.abs_error = check.rel_error = float('inf')
+            return False
+        return check(output)
 
     def verify(self,
                inputs: Tuple,
-               reference: Any,
-               tolerance: float,
+               check: OutputCheck,
                output: Any = None) -> bool:
-        """Keep the merges that keep the output within ``tolerance``.
+        """Keep the merges that keep the output acceptable to ``check``.
 
         Args:
             inputs: The example inputs.
-            reference: The output with nothing merged.
-            tolerance: Largest relative output error accepted.
+            check: Made by :meth:`unmerged_check`.
             output: The output with every merge made, when the caller has
                 it already (else a forward pass computes it).
 
         Returns:
             Whether any merge was undone.
         """
-        measured = self._error(inputs, reference) if output is None else \
-            output_error(reference, output)[1]
-        undone = measured > tolerance
-        if undone:
+        passed = self._passes(inputs, check) if output is None else \
+            check(output)
+        if not passed:
             for group in self.groups:
                 group.undo()
 
@@ -386,20 +388,19 @@ class Merges:
                 for group in reversed(groups):
                     group.undo()
 
-            _, bad = isolate_failures(
-                self.groups, redo, undo,
-                lambda: self._error(inputs, reference) <= tolerance)
+            _, bad = isolate_failures(self.groups, redo, undo,
+                                      lambda: self._passes(inputs, check))
             for group in bad:
                 for record in group.records:
                     record['merged'] = False
                     record['reason'] = (
-                        'undone: verification found the output off by '
-                        f'more than rtol={tolerance:g} with it')
-            measured = self._error(inputs, reference)
+                        'undone: verification found the output '
+                        f'{check.failure()} with it')
+            self._passes(inputs, check)
         for record in self.records:
             if record['merged']:
-                record['verified_rel_error'] = measured
-        return undone
+                record['verified_rel_error'] = check.rel_error
+        return not passed
 
 
 def merge_blocks(model: nn.Module,
