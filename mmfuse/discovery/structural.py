@@ -9,15 +9,19 @@ Three kinds of structure count as proof, and registration order never does:
 * any other module whose own forward torch.fx can trace with every submodule
   kept as a leaf: the graph shows which call consumes which output.
 
-The model is never mutated.
+Only modules that call a foldable norm are traced, and then the modules
+that call a conv linked to one (their calls of it decide whether it is
+folded in place, copied or left): a model without batch norms is not
+traced at all.  The model is never mutated.
 """
 import operator
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import fx, nn
 
-from ..layers import is_conv_layer, is_mmcv_conv_module, is_norm_layer
+from ..layers import (is_conv_layer, is_mmcv_conv_module, is_norm_layer,
+                      norm_fold_problem)
 from ..plan import CONCAT, POST, PRE, SUM
 from .fx_tracer import trace_module_forward
 from .occurrence import Evidence, Occurrence
@@ -51,6 +55,11 @@ class _StructuralCollector:
             for m in model.modules()
             if id(m) in self.leaf_layers and not is_conv_layer(m)
         }
+        self.foldable = {
+            id(m)
+            for m in model.modules()
+            if id(m) in self.norms and norm_fold_problem(m) is None
+        }
 
     def is_leaf(self, module: nn.Module) -> bool:
         return id(module) in self.leaf_layers
@@ -58,19 +67,17 @@ class _StructuralCollector:
     def is_norm(self, module: nn.Module) -> bool:
         return id(module) in self.norms
 
-    def callable_layers(self, module: nn.Module) -> bool:
-        """Whether ``module``'s forward may call a conv or norm directly.
+    def direct_layers(self, module: nn.Module) -> Iterator[nn.Module]:
+        """The convs and norms ``module``'s forward may call directly.
 
         Looks through module containers without a forward (``ModuleList``,
         ``ModuleDict``), whose children are called by this module's forward.
         """
         for child in module.children():
             if self.is_leaf(child):
-                return True
-            if isinstance(child, (nn.ModuleList, nn.ModuleDict)) and \
-                    self.callable_layers(child):
-                return True
-        return False
+                yield child
+            elif isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+                yield from self.direct_layers(child)
 
     def occurrence(self, module: nn.Module, holder: nn.Module,
                    attr: str) -> Occurrence:
@@ -230,6 +237,10 @@ class _StructuralCollector:
         return f'input comes from {target}, not a conv'
 
     def run(self) -> Evidence:
+        # Tracing is the cost: first the modules that call a foldable norm,
+        # then those that call a conv those linked to a norm (their calls
+        # decide whether it is folded in place, copied or left).
+        pending = []
         for module in self.model.modules():
             forward = type(module).forward
             if isinstance(module, nn.Sequential) and \
@@ -237,9 +248,20 @@ class _StructuralCollector:
                 self.sequential(module)
             elif is_mmcv_conv_module(module):
                 self.conv_module(module)
-            elif not self.is_leaf(module) and self.callable_layers(module) \
-                    and not isinstance(module, (nn.ModuleList,
-                                                nn.ModuleDict)):
+            elif not self.is_leaf(module) and not isinstance(
+                    module, (nn.ModuleList, nn.ModuleDict)):
+                layers = list(self.direct_layers(module))
+                if any(id(m) in self.foldable for m in layers):
+                    self.traced(module)
+                elif layers:
+                    pending.append((module, layers))
+        linked = {
+            id(conv.module)
+            for occ in self.evidence.occurrences if occ.link is not None
+            for conv in occ.link.convs
+        }
+        for module, layers in pending:
+            if any(id(m) in linked for m in layers):
                 self.traced(module)
         return self.evidence
 
