@@ -411,8 +411,9 @@ class GenericMerger:
             ``(rewrite, reasons)``: the deploy form, or ``None`` when there is
             nothing to merge, and why candidate sums were left.
         """
-        if not forward_may_add(block):
-            return None, []
+        if type(block).forward is nn.Sequential.forward or \
+                is_mmcv_conv_module(block) or not forward_may_add(block):
+            return None, []  # runs its children one after the other
         trace, _ = trace_block(block, defaults_fixed=False)
         if trace is None:
             return None, []
