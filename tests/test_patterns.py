@@ -320,3 +320,55 @@ def test_same_conv_output_twice_in_a_sum_or_concat_stays(traced):
     fused, _, rel = fuse_and_compare(Twice(), (X, ), traced)
     assert rel < 1e-5
     kept_at(fused, ['bn_sum', 'bn_cat'])
+
+
+@pytest.mark.parametrize('padding', [0, 1])
+def test_a_conv_between_two_norms_absorbs_both_where_exact(padding, traced):
+    """A norm after a conv and one right before it fold into the same conv
+    (the one before only where the conv pads no zeros)."""
+    model = nn.Sequential(nn.BatchNorm2d(8), nn.Conv2d(8, 6, 3,
+                                                       padding=padding),
+                          nn.BatchNorm2d(6), nn.ReLU())
+    fused, report, rel = fuse_and_compare(model, (X, ), traced)
+    assert rel < 1e-5
+    identity_at(fused, ['2'])
+    if padding:
+        kept_at(fused, ['0'])
+    else:
+        identity_at(fused, ['0'])
+    if report is not None:
+        assert sorted(report.folded_names) == (['2'] if padding else
+                                               ['0', '2'])
+
+
+class PoolNormThenConvModule(nn.Module):
+    """BiSeNetV2's context block: a BN after a global pool runs right before
+    a ConvModule 1x1 conv that has its own BN after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.gap = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(8))
+        self.conv_gap = ConvModule(8, 8, 1, norm_cfg=dict(type='BN'))
+
+    def forward(self, x):
+        return x + self.conv_gap(self.gap(x))
+
+
+def test_a_norm_before_a_conv_module_with_its_own_norm():
+    fused, report, rel = fuse_and_compare(PoolNormThenConvModule(), (X, ),
+                                          traced=True)
+    assert rel < 1e-5
+    identity_at(fused, ['gap.1', 'conv_gap.bn'])
+    assert sorted(report.folded_names) == ['conv_gap.bn', 'gap.1']
+
+
+def test_a_both_sides_of_a_copied_or_plain_conv_stay_one_fold():
+    """A conv replaced by its fold (a plain conv for a weight-standardised
+    one) takes no second norm: the second fold would not see the first."""
+    from mmcv.cnn.bricks import ConvWS2d
+    model = nn.Sequential(nn.BatchNorm2d(8), ConvWS2d(8, 6, 1),
+                          nn.BatchNorm2d(6))
+    fused, _, rel = fuse_and_compare(model, (X, ), traced=False)
+    assert rel < 1e-5
+    identity_at(fused, ['2'])
+    kept_at(fused, ['0'])

@@ -12,6 +12,8 @@ from typing import List, Optional, Tuple
 
 from torch import nn
 
+from ..plan import PRE
+
 __all__ = ['Site', 'Occurrence', 'Link', 'Evidence']
 
 #: Where a module is called from: the module object holding it and the
@@ -26,13 +28,21 @@ class Occurrence:
     Args:
         module: The called module.
         site: Through which attribute it was called, when known.
-        link: The link this call takes part in, if any.
+        link: The link this call takes part in, if any: for a conv call,
+            the one on its output side (a norm after it).
+        input_link: For a conv call, the :data:`~mmfuse.plan.PRE` link
+            of a norm that runs right before it, if any.
         reason: Why it is not linked, for norm calls.
     """
     module: nn.Module
     site: Site
     link: Optional['Link'] = None
+    input_link: Optional['Link'] = None
     reason: Optional[str] = None
+
+    def side(self, kind: str) -> Optional['Link']:
+        """This conv call's link on the side a link of ``kind`` takes."""
+        return self.input_link if kind == PRE else self.link
 
 
 @dataclass(eq=False)
@@ -62,15 +72,20 @@ class Evidence:
              evidence: str) -> Optional[Link]:
         """Record a link between occurrences already in the list.
 
-        A conv call takes part in one link at most: when one of ``convs`` is
-        already linked, nothing is recorded and the norm gets the reason.
+        A conv call takes part in one link on each side at most (a norm
+        after it, a norm right before it): when one of ``convs`` is already
+        linked on that side, nothing is recorded and the norm gets the
+        reason.
         """
-        taken = [c for c in convs if c.link is not None]
+        taken = [c for c in convs if c.side(kind) is not None]
         if taken:
             norm.reason = 'its conv already absorbs another norm'
             return None
         link = Link(kind, norm, convs, evidence)
         norm.link = link
         for conv in convs:
-            conv.link = link
+            if kind == PRE:
+                conv.input_link = link
+            else:
+                conv.link = link
         return link

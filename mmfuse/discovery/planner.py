@@ -8,13 +8,13 @@ evidence proves a fold and where the folded parameters go:
   place it is registered, feeds that norm; a conv shared between places
   (e.g. one conv called once per pyramid level, each time through another
   parent, with a BN per level) gets a folded copy at each place instead;
-* a conv absorbs at most one norm.
+* a conv absorbs at most one norm after it and one right before it.
 
 Everything that is not folded is listed with the reason.
 """
 from collections import defaultdict
 from dataclasses import replace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from torch import nn
 
@@ -62,7 +62,11 @@ class _Planner:
             self.calls[id(occ.module)].append(occ)
         self.unproven = {id(m): reason for m, reason in evidence.unproven}
         self.plan = FusionPlan()
-        self.used_targets: Dict[str, str] = {}
+        # (conv path, 'input' or 'output') -> the norm folded there.
+        self.used_targets: Dict[Tuple[str, str], str] = {}
+        # Of those, the ones whose fold replaces the conv (a copy, a plain
+        # conv): nothing else may fold into it.
+        self.replaced: Set[Tuple[str, str]] = set()
 
     # -- helpers -----------------------------------------------------------
     def name(self, module: nn.Module) -> str:
@@ -94,12 +98,12 @@ class _Planner:
             return None, problem
         conv_paths = self.paths[id(conv)]
         all_calls = self.calls[id(conv)]
-        if len(conv_paths) == 1 and all(c.link is link
-                                        or (c.link is not None
-                                            and c.link.norm.module
-                                            is link.norm.module
-                                            and c.link.kind == link.kind)
-                                        for c in all_calls):
+        if len(conv_paths) == 1 and all(
+                c.side(link.kind) is link or (
+                    c.side(link.kind) is not None
+                    and c.side(link.kind).norm.module is link.norm.module
+                    and c.side(link.kind).kind == link.kind)
+                for c in all_calls):
             return ConvTarget(conv_paths[0], False, shift, plain), ''
         if link.kind != POST:
             return None, (f'{self.name(conv)} is shared or also used '
@@ -194,13 +198,25 @@ class _Planner:
             self.skip(name, f'normalises a {kind} of convs that are also '
                       'called elsewhere')
             return
+        # One norm on each side of a conv at most; both sides only where
+        # the conv is folded in place as it is (the second fold reads what
+        # the first wrote).
+        side = 'input' if kind == PRE else 'output'
+        other = 'output' if kind == PRE else 'input'
         for target in targets:
-            owner = self.used_targets.get(target.name)
+            owner = self.used_targets.get((target.name, side))
+            across = self.used_targets.get((target.name, other))
+            if owner is None and across is not None and (
+                    target.copy or target.plain
+                    or (target.name, other) in self.replaced):
+                owner = across
             if owner is not None:
                 self.skip(name, f'{target.name} already absorbs {owner}')
                 return
         for target in targets:
-            self.used_targets[target.name] = name
+            self.used_targets[(target.name, side)] = name
+            if target.copy or target.plain:
+                self.replaced.add((target.name, side))
         evidence = calls[0].link.evidence
         self.plan.folds.append(
             Fold(kind, name, sites, tuple(targets), evidence))

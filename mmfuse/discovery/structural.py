@@ -94,8 +94,8 @@ class _StructuralCollector:
             occs.append(
                 self.occurrence(module, seq, attr)
                 if self.is_leaf(module) else None)
-        # Norms after a conv first, so a conv between two norms absorbs the
-        # one after it.
+        # Norms after a conv first, then norms before one: a conv between
+        # two norms may absorb both.
         for index, occ in enumerate(occs):
             if occ is None or not self.is_norm(occ.module) or index == 0:
                 continue
