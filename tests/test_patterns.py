@@ -372,3 +372,45 @@ def test_a_both_sides_of_a_copied_or_plain_conv_stay_one_fold():
     assert rel < 1e-5
     identity_at(fused, ['2'])
     kept_at(fused, ['0'])
+
+
+class ReachesIntoChild(nn.Module):
+    """Calls the conv of a Sequential(conv, bn) child directly too, and has
+    a layer of its own: that second call must keep the unfolded conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1),
+                                 nn.BatchNorm2d(8))
+        self.head = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.head(self.seq(x)) + self.seq[0](x)
+
+
+class AliasedConv(nn.Module):
+    """One conv registered under two names (``convs.1`` and ``last``),
+    called through one of them: a folded copy must not go to the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            [nn.Conv2d(8, 8, 3, padding=1) for _ in range(2)])
+        self.bns = nn.ModuleList([nn.BatchNorm2d(8) for _ in range(2)])
+        self.last = self.convs[-1]
+
+    def forward(self, x):
+        for conv, bn in zip(self.convs, self.bns):
+            x = torch.relu(bn(conv(x)))
+        return x
+
+
+@pytest.mark.parametrize('model', [ReachesIntoChild, AliasedConv])
+def test_f_calls_a_trace_cannot_place_stay_exact(model, traced):
+    fused, _, rel = fuse_and_compare(model(), (X, ), traced)
+    assert rel < 1e-5
+    if model is ReachesIntoChild:
+        kept_at(fused, ['seq.1'])
+    else:
+        identity_at(fused, ['bns.0'])  # the conv with one name folds
+        kept_at(fused, ['bns.1'])

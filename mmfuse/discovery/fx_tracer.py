@@ -17,7 +17,12 @@ through their ``_compiled_call_impl`` slot (the per-instance hook that
 put back afterwards: first only the children (and the entries of module
 containers among them), and every submodule where the forward reaches
 deeper.  A call of a module outside the traced one fails the trace, as it
-does with ``torch.fx`` (calls from other threads are left alone).
+does with ``torch.fx`` (calls other threads make of modules outside it
+are left alone; tracing a module that another thread is running is not
+supported, as with ``torch.fx``).  Which of several names a module
+registered twice was called by cannot be told, with either tracer: the
+graph names it by its first path, and callers treat such a call's site as
+unknown.
 
 Two differences from a stock trace: attributes and parameters are read as
 their values (as with a ``getattr`` override that returns ``attr_val``),
@@ -82,8 +87,13 @@ class ModuleForwardTracer(fx.Tracer):
         # Most forwards call only their children (or the entries of a
         # ModuleList/ModuleDict/Sequential child): intercept those, and
         # only when the forward reaches deeper intercept every submodule.
+        # The first pass may leave values on the module: the second starts
+        # from its attributes as they were.
+        state = dict(root.__dict__)
         graph = self._trace(root, concrete_args, _callable_children(root))
         if graph is None:
+            root.__dict__.clear()
+            root.__dict__.update(state)
             graph = self._trace(root, concrete_args, [
                 (n, m) for n, m in root.named_modules() if m is not root
             ])
@@ -127,8 +137,8 @@ class ModuleForwardTracer(fx.Tracer):
             # more than most traces.
             fn, args = self.create_args_for_root(forward, True,
                                                  concrete_args)
-            returns = inspect.get_annotations(
-                inspect.unwrap(forward)).get('return')
+            returns = getattr(inspect.unwrap(forward), '__annotations__',
+                              {}).get('return')
             self.create_node('output', 'output',
                              (self.create_arg(fn(*args)), ), {},
                              type_expr=returns)
@@ -174,18 +184,20 @@ def _refuse_call(module: nn.Module, refused: List[nn.Module],
 
 def _callable_children(root: nn.Module) -> List[Tuple[str, nn.Module]]:
     """``(path, module)`` of the children of ``root`` and, through module
-    containers, of their entries."""
+    containers, of their entries, in the pre-order ``named_modules`` walks
+    them (so a module registered twice gets the path torch.fx gives it)."""
     found: List[Tuple[str, nn.Module]] = []
-    pending = [('', root)]
-    while pending:
-        prefix, module = pending.pop()
+
+    def walk(prefix: str, module: nn.Module) -> None:
         for name, child in module._modules.items():
             if child is None:
                 continue
             path = f'{prefix}.{name}' if prefix else name
             found.append((path, child))
             if isinstance(child, _CONTAINERS):
-                pending.append((path, child))
+                walk(path, child)
+
+    walk('', root)
     return found
 
 

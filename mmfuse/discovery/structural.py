@@ -10,9 +10,12 @@ Three kinds of structure count as proof, and registration order never does:
   kept as a leaf: the graph shows which call consumes which output.
 
 Only modules that call a foldable norm are traced, and then the modules
-that call a conv linked to one (their calls of it decide whether it is
+with layers of their own that hold a linked conv or norm anywhere below
+them (their calls of it, even reaching into a child, decide whether it is
 folded in place, copied or left): a model without batch norms is not
-traced at all.  The model is never mutated.
+traced at all.  A module registered under several names gets no call
+site from a trace (the graph cannot tell which name was called).  The
+model is never mutated.
 """
 import operator
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -60,6 +63,11 @@ class _StructuralCollector:
             for m in model.modules()
             if id(m) in self.norms and norm_fold_problem(m) is None
         }
+        seen, self.aliased = set(), set()
+        for _, m in model.named_modules(remove_duplicate=False):
+            if id(m) in seen:
+                self.aliased.add(id(m))
+            seen.add(id(m))
 
     def is_leaf(self, module: nn.Module) -> bool:
         return id(module) in self.leaf_layers
@@ -157,7 +165,12 @@ class _StructuralCollector:
             if not self.is_leaf(target):
                 continue
             holder, attr = _resolve(module, node.target)
-            occs[node] = self.occurrence(target, holder, attr)
+            occ = self.occurrence(target, holder, attr)
+            if id(target) in self.aliased:
+                # Registered under several names: which one the forward
+                # called cannot be told from the graph.
+                occ.site = None
+            occs[node] = occ
         pending = []
         for node, occ in occs.items():
             if not self.is_norm(occ.module):
@@ -255,15 +268,22 @@ class _StructuralCollector:
                     self.traced(module)
                 elif layers:
                     pending.append((module, layers))
-        linked = {
-            id(conv.module)
-            for occ in self.evidence.occurrences if occ.link is not None
-            for conv in occ.link.convs
-        }
-        for module, layers in pending:
-            if any(id(m) in linked for m in layers):
-                self.traced(module)
-        return self.evidence
+        # A module that may call a linked layer (one of its own, or one it
+        # reaches inside a child) is traced too, and its trace may link
+        # more: repeat until nothing changes.
+        while True:
+            linked = {
+                id(occ.module)
+                for occ in self.evidence.occurrences
+                if occ.link is not None or occ.input_link is not None
+            }
+            ready = [(module, layers) for module, layers in pending
+                     if any(id(m) in linked for m in module.modules())]
+            if not ready:
+                return self.evidence
+            for entry in ready:
+                pending.remove(entry)
+                self.traced(entry[0])
 
 
 def collect_structural_evidence(model: nn.Module) -> Evidence:

@@ -234,20 +234,18 @@ class TracedForward:
         cache_key = (id(caller), id(module))
         if cache_key in self.site_cache:
             return self.site_cache[cache_key]
-        direct = [name for name, child in caller._modules.items()
-                  if child is module]
+        # The one name ``module`` has under ``caller``; a module registered
+        # under several names there was called by one of them, and which
+        # cannot be told: no site then.
+        subtree = self.subtrees.get(id(caller))
+        if subtree is None:
+            subtree = self.subtrees[id(caller)] = list(
+                caller.named_modules(remove_duplicate=False))
+        found = [name for name, sub in subtree if sub is module and name]
         site: Site = None
-        if len(direct) == 1:
-            site = (caller, direct[0])
-        elif not direct:
-            subtree = self.subtrees.get(id(caller))
-            if subtree is None:
-                subtree = self.subtrees[id(caller)] = list(
-                    caller.named_modules(remove_duplicate=False))
-            found = [name for name, sub in subtree if sub is module and name]
-            if len(found) == 1:
-                parent, _, attr = found[0].rpartition('.')
-                site = (caller.get_submodule(parent), attr)
+        if len(found) == 1:
+            parent, _, attr = found[0].rpartition('.')
+            site = (caller.get_submodule(parent) if parent else caller, attr)
         self.site_cache[cache_key] = site
         return site
 
