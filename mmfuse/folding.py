@@ -149,9 +149,12 @@ def scale_output_channels(weight: Tensor,
             out = out.to(dtype)
         return _restore_output_view(out, tuple(weight.shape), moved_shape,
                                     transposed)
-    out = torch.empty(view.shape, dtype=dtype or torch.float64)
+    out = torch.empty(
+        view.shape, dtype=dtype or torch.float64, device=weight.device)
     step = max(1, _BLOCK_ELEMENTS // columns)
-    block = torch.empty((step, columns), dtype=torch.float64)
+    block = torch.empty((step, columns),
+                        dtype=torch.float64,
+                        device=weight.device)
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         part = block[:stop - start]
@@ -188,7 +191,7 @@ def fold_affine_into_output(weight: Tensor,
     else:
         new_bias = _float64_copy(bias).mul_(scale)
     if shift is not None:
-        new_bias.add_(shift)
+        new_bias.add_(shift.to(new_bias))
     return _same_layout(new_weight, weight), new_bias.to(weight.dtype)
 
 

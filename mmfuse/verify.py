@@ -13,6 +13,7 @@ it brings the output further from the float32 one than the unfused model
 already is.
 """
 import copy
+import math
 from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
@@ -139,8 +140,12 @@ class OutputCheck:
             self.precise_error = output_error(self.precise, output)[1]
         if self.rel_error <= self.tolerance:
             return True
-        return self.precise_error is not None and self.precise_error <= max(
-            self.tolerance, self.MARGIN * self.own_error)
+        # Only a finite yardstick: an unfused output that overflows (or
+        # has NaNs) in its dtype says nothing about a fold.
+        return self.precise_error is not None and \
+            math.isfinite(self.own_error) and \
+            self.precise_error <= max(self.tolerance,
+                                      self.MARGIN * self.own_error)
 
     def failure(self) -> str:
         """What an output that fails this check is, in words."""

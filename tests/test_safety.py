@@ -323,3 +323,16 @@ def test_folds_applied_without_undo_cannot_be_undone():
     assert len(applied) == 1 and isinstance(model[1], nn.Identity)
     with pytest.raises(RuntimeError, match='without keeping'):
         applied[0].undo()
+
+
+def test_output_check_ignores_an_overflowing_yardstick():
+    """A half-precision unfused output that overflows tells nothing about a
+    fold: only the plain tolerance counts then."""
+    from mmfuse.verify import OutputCheck
+    precise = torch.tensor([1.0, 70000.0, 3.0])
+    reference = precise.half()  # 70000 overflows to inf
+    check = OutputCheck(reference, 0.05, precise)
+    assert check.own_error == float('inf')
+    assert not check(torch.tensor([float('nan'), 1.0, 3.0]).half())
+    assert not check(torch.zeros(2).half())
+    assert check(reference.clone())

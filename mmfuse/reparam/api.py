@@ -396,7 +396,17 @@ class Merges:
                     record['reason'] = (
                         'undone: verification found the output '
                         f'{check.failure()} with it')
-            self._passes(inputs, check)
+            # The search may end on a failing set (an output that is not
+            # reproducible): then keep no merge at all.
+            if not self._passes(inputs, check):
+                kept = [g for g in self.groups if g not in bad]
+                for group in reversed(kept):
+                    group.undo()
+                    for record in group.records:
+                        record['merged'] = False
+                        record['reason'] = ('undone: the output could not be '
+                                            'reproduced, merged or not')
+                self._passes(inputs, check)
         for record in self.records:
             if record['merged']:
                 record['verified_rel_error'] = check.rel_error

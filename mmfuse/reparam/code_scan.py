@@ -32,7 +32,10 @@ _ADDITIVE_NAMES = {
     'add', 'add_', 'sub', 'sub_', 'subtract', 'sum', '__add__', '__radd__',
     '__iadd__', '__sub__', '__rsub__', '__isub__'
 }
-_NAME_LOADS = {'LOAD_ATTR', 'LOAD_METHOD', 'LOAD_GLOBAL', 'LOAD_NAME'}
+# LOAD_SUPER_ATTR: ``super().name`` from Python 3.12 on.
+_NAME_LOADS = {
+    'LOAD_ATTR', 'LOAD_METHOD', 'LOAD_GLOBAL', 'LOAD_NAME', 'LOAD_SUPER_ATTR'
+}
 #: How many calls deep the scan follows Python functions.
 _DEPTH = 4
 
