@@ -185,3 +185,20 @@ def test_blockwise_product_is_the_float64_product(transposed):
     expected = folding._restore_output_view(whole, tuple(weight.shape),
                                             moved, transposed)
     assert torch.equal(got, expected)
+
+
+def test_results_stay_on_the_weights_device():
+    """A default device set by the caller does not move folded weights."""
+    from mmfuse import folding
+    weight = torch.randn(128, 24, 5, 5)  # more than one block
+    assert weight.numel() > folding._BLOCK_ELEMENTS
+    scale = torch.rand(128, dtype=torch.float64)
+    torch.set_default_device('meta')
+    try:
+        new_weight, new_bias = fold_affine_into_output(
+            weight, None, scale, scale)
+    finally:
+        torch.set_default_device(None)
+    assert new_weight.device.type == 'cpu' and new_bias.device.type == 'cpu'
+    expected = (weight.double() * scale.reshape(-1, 1, 1, 1)).float()
+    assert torch.equal(new_weight, expected)
