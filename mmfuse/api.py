@@ -85,7 +85,10 @@ def fuse_model(model: nn.Module,
             ``example_inputs``) and undo the folds responsible for an error
             above ``rtol``.
         rtol: Largest relative output error accepted; by default 1e-4 for
-            float32 models and 5e-2 for float16/bfloat16 models.
+            float32 models and 5e-2 for float16/bfloat16 models.  Those are
+            also measured against a float32 copy of the unfused model, and
+            a fold that leaves the output at most twice as far from it as
+            the unfused model is kept (:class:`mmfuse.verify.OutputCheck`).
         plain_convs: A conv that transforms its weight in forward (weight
             standardization, spectral or weight norm, parametrizations) is
             first replaced by a plain conv with the effective weight, where
