@@ -414,3 +414,29 @@ def test_f_calls_a_trace_cannot_place_stay_exact(model, traced):
     else:
         identity_at(fused, ['bns.0'])  # the conv with one name folds
         kept_at(fused, ['bns.1'])
+
+
+class ReadsConvWeight(nn.Module):
+    """Uses the conv's weight outside a call of it as well."""
+
+    def __init__(self, direct: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.direct = direct
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.direct:
+            return y + torch.nn.functional.conv2d(x, self.conv.weight,
+                                                  padding=1)
+        return y + self.conv.forward(x)
+
+
+@pytest.mark.parametrize('direct', [True, False])
+def test_f_conv_weight_used_outside_a_call_stays(direct, traced):
+    fused, report, rel = fuse_and_compare(ReadsConvWeight(direct), (X, ),
+                                          traced)
+    assert rel < 1e-5
+    if not traced:
+        kept_at(fused, ['bn'])

@@ -147,6 +147,33 @@ class _StructuralCollector:
                                'activation lies between conv and norm')
 
     # -- anything torch.fx can trace ---------------------------------------
+    def call_occurrence(self, root: nn.Module, path: str,
+                        target: nn.Module) -> Occurrence:
+        holder, attr = _resolve(root, path)
+        occ = self.occurrence(target, holder, attr)
+        if id(target) in self.aliased:
+            # Registered under several names: which one the forward called
+            # cannot be told from the graph.
+            occ.site = None
+        return occ
+
+    def parameter_read(self, root: nn.Module, path: str) -> None:
+        """A traced op used a tensor of a conv or norm outside a call of
+        it (``F.conv2d(x, self.conv.weight)``, ``self.conv.forward(x)``):
+        an unlinked use that keeps the layer from being folded in
+        place."""
+        owner_path, _, name = path.rpartition('.')
+        if not owner_path:
+            return
+        try:
+            owner = root.get_submodule(owner_path)
+        except AttributeError:
+            return  # not a submodule's tensor (a constant of the trace)
+        if self.is_leaf(owner) and (name in owner._parameters
+                                    or name in owner._buffers):
+            occ = self.call_occurrence(root, owner_path, owner)
+            occ.reason = 'its parameters are used outside a call of it'
+
     def traced(self, module: nn.Module) -> None:
         try:
             graph = trace_module_forward(module)
@@ -159,18 +186,15 @@ class _StructuralCollector:
             return
         occs: Dict[fx.Node, Occurrence] = {}
         for node in graph.nodes:
+            if node.op == 'get_attr':
+                self.parameter_read(module, node.target)
+                continue
             if node.op != 'call_module':
                 continue
             target = module.get_submodule(node.target)
             if not self.is_leaf(target):
                 continue
-            holder, attr = _resolve(module, node.target)
-            occ = self.occurrence(target, holder, attr)
-            if id(target) in self.aliased:
-                # Registered under several names: which one the forward
-                # called cannot be told from the graph.
-                occ.site = None
-            occs[node] = occ
+            occs[node] = self.call_occurrence(module, node.target, target)
         pending = []
         for node, occ in occs.items():
             if not self.is_norm(occ.module):
