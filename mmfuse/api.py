@@ -156,7 +156,7 @@ def fuse_model(model: nn.Module,
 
         if not passes():
             undo_folds(applied)
-            applied, bad = isolate_failures(
+            applied, bad, dropped = isolate_failures(
                 plan.folds,
                 lambda folds: apply_plan(model, FusionPlan(), folds),
                 undo_folds, passes)
@@ -164,17 +164,10 @@ def fuse_model(model: nn.Module,
                 report.undone.append(
                     Skip(fold.norm, 'undone: verification found the output '
                          f'{check.failure()} with it'))
-            # The search may have ended on a failing set: check what is
-            # kept once more, and keep nothing if even that fails (e.g. a
-            # model whose output is not reproducible).
-            if not passes():
-                undo_folds(applied)
-                for kept in applied:
-                    report.undone.append(
-                        Skip(kept.fold.norm, 'undone: the output could not be '
-                             'reproduced within rtol, fused or not'))
-                applied = []
-                passes()
+            for kept in dropped:
+                report.undone.append(
+                    Skip(kept.fold.norm, 'undone: the output could not be '
+                         'reproduced within rtol, fused or not'))
         report.verified = True
         report.max_abs_error = check.abs_error
         report.max_rel_error = check.rel_error

@@ -336,3 +336,29 @@ def test_output_check_ignores_an_overflowing_yardstick():
     assert not check(torch.tensor([float('nan'), 1.0, 3.0]).half())
     assert not check(torch.zeros(2).half())
     assert check(reference.clone())
+
+
+def test_isolate_failures_keeps_nothing_when_the_kept_set_fails():
+    """A check that disagrees with itself (an output that is not
+    reproducible): the set the bisection kept fails once more, so it is
+    undone and reported as dropped."""
+    from mmfuse.verify import isolate_failures
+    state = []
+    answers = iter([False, True, True, False, True])
+
+    def apply(items):
+        state.extend(items)
+        return list(items)
+
+    def undo(applied):
+        for item in reversed(applied):
+            state.remove(item)
+
+    kept, bad, dropped = isolate_failures(['a', 'b'], apply, undo,
+                                          lambda: next(answers))
+    assert (kept, bad, dropped, state) == ([], [], ['a', 'b'], [])
+    # A reproducible check finds the bad item and keeps the rest.
+    kept, bad, dropped = isolate_failures(['a', 'b', 'c'], apply, undo,
+                                          lambda: 'b' not in state)
+    assert (kept, bad, dropped, state) == (['a', 'c'], ['b'], [],
+                                           ['a', 'c'])

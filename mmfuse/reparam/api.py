@@ -376,7 +376,7 @@ class Merges:
         passed = self._passes(inputs, check) if output is None else \
             check(output)
         if not passed:
-            for group in self.groups:
+            for group in reversed(self.groups):
                 group.undo()
 
             def redo(groups: List[_Group]) -> List[_Group]:
@@ -388,25 +388,17 @@ class Merges:
                 for group in reversed(groups):
                     group.undo()
 
-            _, bad = isolate_failures(self.groups, redo, undo,
-                                      lambda: self._passes(inputs, check))
-            for group in bad:
-                for record in group.records:
-                    record['merged'] = False
-                    record['reason'] = (
-                        'undone: verification found the output '
-                        f'{check.failure()} with it')
-            # The search may end on a failing set (an output that is not
-            # reproducible): then keep no merge at all.
-            if not self._passes(inputs, check):
-                kept = [g for g in self.groups if g not in bad]
-                for group in reversed(kept):
-                    group.undo()
+            _, bad, dropped = isolate_failures(
+                self.groups, redo, undo, lambda: self._passes(inputs, check))
+            failed = ('undone: verification found the output '
+                      f'{check.failure()} with it')
+            unreproducible = ('undone: the output could not be reproduced, '
+                              'merged or not')
+            for groups, reason in ((bad, failed), (dropped, unreproducible)):
+                for group in groups:
                     for record in group.records:
                         record['merged'] = False
-                        record['reason'] = ('undone: the output could not be '
-                                            'reproduced, merged or not')
-                self._passes(inputs, check)
+                        record['reason'] = reason
         for record in self.records:
             if record['merged']:
                 record['verified_rel_error'] = check.rel_error
