@@ -74,6 +74,19 @@ def is_mmcv_conv_module(module: nn.Module) -> bool:
         'mmcv.cnn.bricks.conv_module.ConvModule.forward'
 
 
+#: Attributes through which mmcv's ``ConvModule`` fuses conv and norm on
+#: the fly in eval mode (mmcv 2.0 calls it fast_conv_bn_eval, later versions
+#: efficient_conv_bn_eval): set, its forward skips the norm module.
+CONV_BN_ON_THE_FLY = ('fast_conv_bn_eval_forward',
+                      'efficient_conv_bn_eval_forward')
+
+
+def fuses_conv_bn_on_the_fly(block: nn.Module) -> bool:
+    """Whether an mmcv ``ConvModule`` has conv-norm fusion on the fly on."""
+    return any(
+        block.__dict__.get(flag) is not None for flag in CONV_BN_ON_THE_FLY)
+
+
 def _is_frozen_bn(module: nn.Module) -> bool:
     """Buffer-only BN in the style of torchvision/detectron2."""
     return (type(module).__name__.startswith('FrozenBatchNorm')

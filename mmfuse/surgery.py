@@ -12,7 +12,8 @@ from torch import nn
 
 from .folding import (fold_affine_into_input, fold_affine_into_output,
                       norm_affine)
-from .layers import conv_geometry, conv_out_channels, norm_affine_params
+from .layers import (CONV_BN_ON_THE_FLY, conv_geometry, conv_out_channels,
+                     norm_affine_params)
 from .plain_conv import plain_conv_of
 from .plan import CONCAT, PRE, Fold, FusionPlan
 
@@ -64,11 +65,9 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module,
     old = parent._modules[attr]
     parent._modules[attr] = new
     applied.remember(lambda: parent._modules.__setitem__(attr, old))
-    # mmcv's ConvModule may fuse conv and norm on the fly (mmcv 2.0 calls it
-    # fast_conv_bn_eval, later versions efficient_conv_bn_eval); with the
-    # norm gone that would be wrong.
-    for flag in ('efficient_conv_bn_eval_forward',
-                 'fast_conv_bn_eval_forward'):
+    # mmcv's ConvModule may fuse conv and norm on the fly: with the norm
+    # gone that would be wrong.
+    for flag in CONV_BN_ON_THE_FLY:
         previous = parent.__dict__.get(flag)
         if previous is not None:
             setattr(parent, flag, None)

@@ -22,7 +22,7 @@ from typing import List
 
 from torch import nn
 
-from ..layers import is_mmcv_conv_module
+from ..layers import fuses_conv_bn_on_the_fly, is_mmcv_conv_module
 from .branches import Op, Term, conv_op, norm_op, scale_op
 from .registry import (REPARAMETERIZERS, BranchSum, Reparameterizer,
                        ReparamRefused)
@@ -61,10 +61,8 @@ def _conv_module_ops(block: nn.Module, what: str) -> List[Op]:
     _no_hooks(block, what)
     if getattr(block, 'with_explicit_padding', False):
         raise ReparamRefused(f'{what} pads in a separate layer')
-    for fused in ('fast_conv_bn_eval_forward',
-                  'efficient_conv_bn_eval_forward'):
-        if getattr(block, fused, None) is not None:
-            raise ReparamRefused(f'{what} fuses conv and norm on the fly')
+    if fuses_conv_bn_on_the_fly(block):
+        raise ReparamRefused(f'{what} fuses conv and norm on the fly')
     order = [layer for layer in block.order
              if (layer != 'act' or block.with_activation) and
              (layer != 'norm' or block.with_norm)]

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..discovery.fx_tracer import ModuleForwardTracer
-from ..layers import is_mmcv_conv_module, is_norm_layer, norm_fold_problem
+from ..layers import (fuses_conv_bn_on_the_fly, is_mmcv_conv_module,
+                      is_norm_layer, norm_fold_problem)
 from .branches import (Op, Term, _conv_problem, _pool_problem, build_conv,
                        conv_op, describe_term, merge_terms, norm_op, pool_op,
                        scale_op)
@@ -248,10 +249,8 @@ class GenericMerger:
     def _conv_module_terms(self, block: nn.Module) -> Optional[List[Term]]:
         """The branches of an mmcv ``ConvModule`` called with one input,
         read from its ``order`` as its stock forward runs them."""
-        if block.__dict__.get('with_explicit_padding') or any(
-                block.__dict__.get(flag) is not None
-                for flag in ('fast_conv_bn_eval_forward',
-                             'efficient_conv_bn_eval_forward')):
+        if block.__dict__.get('with_explicit_padding') or \
+                fuses_conv_bn_on_the_fly(block):
             return None  # a padding layer, or conv and norm fused on the fly
         chain = []
         for layer in block.order:
