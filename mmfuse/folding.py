@@ -76,8 +76,7 @@ def _same_layout(new: Tensor, like: Tensor) -> Tensor:
         return new.contiguous()
     for fmt in (torch.channels_last, torch.channels_last_3d):
         dims = 4 if fmt is torch.channels_last else 5
-        if like.dim() == dims and not like.is_contiguous() and \
-                like.is_contiguous(memory_format=fmt):
+        if like.dim() == dims and like.is_contiguous(memory_format=fmt):
             return new.contiguous(memory_format=fmt)
     return new.contiguous()
 

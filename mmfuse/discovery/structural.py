@@ -48,26 +48,22 @@ class _StructuralCollector:
     def __init__(self, model: nn.Module):
         self.model = model
         self.evidence = Evidence(mode='structural')
-        # id of every leaf conv and leaf norm of the model.
-        self.leaf_layers = {
-            id(m)
-            for m in model.modules() if _is_leaf_layer(m)
-        }
-        self.norms = {
-            id(m)
-            for m in model.modules()
-            if id(m) in self.leaf_layers and not is_conv_layer(m)
-        }
-        self.foldable = {
-            id(m)
-            for m in model.modules()
-            if id(m) in self.norms and norm_fold_problem(m) is None
-        }
+        # ids of: every leaf conv and norm; the norms; the foldable ones;
+        # modules registered under more than one name.
+        self.leaf_layers, self.norms, self.foldable = set(), set(), set()
         seen, self.aliased = set(), set()
         for _, m in model.named_modules(remove_duplicate=False):
             if id(m) in seen:
                 self.aliased.add(id(m))
+                continue
             seen.add(id(m))
+            if not _is_leaf_layer(m):
+                continue
+            self.leaf_layers.add(id(m))
+            if not is_conv_layer(m):
+                self.norms.add(id(m))
+                if norm_fold_problem(m) is None:
+                    self.foldable.add(id(m))
 
     def is_leaf(self, module: nn.Module) -> bool:
         return id(module) in self.leaf_layers
@@ -275,8 +271,9 @@ class _StructuralCollector:
 
     def run(self) -> Evidence:
         # Tracing is the cost: first the modules that call a foldable norm,
-        # then those that call a conv those linked to a norm (their calls
-        # decide whether it is folded in place, copied or left).
+        # then the others with layers of their own, where they hold a
+        # linked layer (their uses of it decide whether it is folded in
+        # place, copied or left).
         pending = []
         for module in self.model.modules():
             forward = type(module).forward
@@ -291,7 +288,7 @@ class _StructuralCollector:
                 if any(id(m) in self.foldable for m in layers):
                     self.traced(module)
                 elif layers:
-                    pending.append((module, layers))
+                    pending.append(module)
         # A module that may call a linked layer (one of its own, or one it
         # reaches inside a child) is traced too, and its trace may link
         # more: repeat until nothing changes.
@@ -301,13 +298,13 @@ class _StructuralCollector:
                 for occ in self.evidence.occurrences
                 if occ.link is not None or occ.input_link is not None
             }
-            ready = [(module, layers) for module, layers in pending
+            ready = [module for module in pending
                      if any(id(m) in linked for m in module.modules())]
             if not ready:
                 return self.evidence
-            for entry in ready:
-                pending.remove(entry)
-                self.traced(entry[0])
+            for module in ready:
+                pending.remove(module)
+                self.traced(module)
 
 
 def collect_structural_evidence(model: nn.Module) -> Evidence:

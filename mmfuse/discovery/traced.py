@@ -48,8 +48,6 @@ _SHAPE_ONLY = {
 _SHAPE_ONLY_OTHER = {'reshape_as', 'view_as', 'expand_as', 'type_as'}
 _ADDS = {'add', '__add__', '__radd__'}
 _ROW_VIEWS = {'flatten', 'reshape', 'view'}
-
-
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
 
 
@@ -64,7 +62,7 @@ def _tensors_in(tree: Any) -> List[Tensor]:
             found.append(item)
         elif isinstance(item, (list, tuple)):
             pending.extend(reversed(item))
-        elif isinstance(item, dict) and type(item) is dict:
+        elif type(item) is dict:
             pending.extend(reversed(list(item.values())))
         elif not isinstance(item, _SCALARS):
             found.extend(t for t in tree_flatten(item)[0]
