@@ -79,6 +79,30 @@ class ModuleForwardTracer(fx.Tracer):
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache):
         return attr_val
 
+    def create_arg(self, a: Any) -> Any:
+        # The usual arguments first: ``Tracer.create_arg`` tests every
+        # argument for a parameter, buffer, module or constant before it
+        # gets to a proxy or a number.
+        kind = type(a)
+        if kind is fx.Proxy:
+            return a.node
+        if kind in _PLAIN_ARGUMENTS:
+            return a
+        if kind is tuple:
+            return tuple(self.create_arg(item) for item in a)
+        if kind is dict and not a:
+            return {}
+        return super().create_arg(a)
+
+    def create_node(self, kind: str, target: Any, args: Tuple[Any, ...],
+                    kwargs: Dict[str, Any], name: Optional[str] = None,
+                    type_expr: Any = None) -> fx.Node:
+        # Without the module-scope and stack-trace metadata that
+        # ``TracerBase.create_node`` records: these graphs are read, never
+        # run or exported.
+        return self.graph.create_node(kind, target, args, kwargs, name,
+                                      type_expr)
+
     def trace(self,
               root: nn.Module,
               concrete_args: Optional[Dict[str, Any]] = None) -> fx.Graph:
@@ -157,16 +181,23 @@ class ModuleForwardTracer(fx.Tracer):
         return None if refused else self.graph
 
     def _intercept(self, module: nn.Module):
+        # Every intercepted module is a leaf: one ``call_module`` node
+        # (what ``Tracer.call_module`` makes of a leaf, without its scope
+        # bookkeeping).
+        path = self.submodule_paths[module]
 
         def call(*args, **kwargs):
-            return self.call_module(
-                module, lambda *a, **k: module._call_impl(*a, **k), args,
-                kwargs)
+            return self.create_proxy('call_module', path, args, kwargs)
 
         return call
 
 
 _MISSING = object()
+#: Arguments that are their own graph argument.
+_PLAIN_ARGUMENTS = frozenset({
+    type(None), bool, int, float, complex, str, torch.dtype, torch.device,
+    torch.layout, torch.memory_format
+})
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 
 
