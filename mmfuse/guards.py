@@ -7,6 +7,8 @@ from typing import Any, Tuple
 
 from torch import nn
 
+from .module_walk import walk_modules
+
 __all__ = ['FusionError', 'unwrap_model', 'check_eval', 'as_input_tuple']
 
 
@@ -33,7 +35,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def check_eval(model: nn.Module, action: str = 'fusing') -> None:
     """Raise :class:`FusionError` naming a submodule in training mode."""
-    for name, module in model.named_modules():
+    for name, module in walk_modules(model):
         if module.training:
             where = f"'{name}'" if name else 'the model itself'
             raise FusionError(

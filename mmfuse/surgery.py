@@ -1,10 +1,14 @@
 """Apply a :class:`~mmfuse.plan.FusionPlan` to a model, and undo it.
 
-Surgery is the only room that changes a model.  It never rewrites a
-parameter tensor in place: a folded layer gets new ``Parameter`` objects, so
-a weight tied to another module is never changed behind its back.  Each
-applied fold keeps what it replaced, so it can be undone exactly.
+Surgery is the only room that changes a model.  A folded layer gets new
+``Parameter`` objects, so a weight tied to another module is never changed
+behind its back, and each applied fold keeps what it replaced, so it can be
+undone exactly.  The one exception is a fold that is not to be undone
+(``apply_plan(..., undoable=False)``): there a weight that nothing but its
+module refers to, and whose memory no other tensor uses, is rewritten in
+place, which nobody can tell from a new one and saves allocating it.
 """
+import sys
 from typing import Callable, List, Optional
 
 import torch
@@ -97,15 +101,45 @@ def _set_parameter(module: nn.Module, name: str, value: torch.Tensor,
     applied.remember(restore)
 
 
-def apply_fold(model: nn.Module, fold: Fold) -> AppliedFold:
+#: ``torch._C._storage_Use_Count``: how many tensors use a storage (no
+#: public equivalent); without it no weight is rewritten in place.
+_STORAGE_USERS = getattr(torch._C, '_storage_Use_Count', None)
+
+
+def _seen_only_by(module: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` of ``module`` is referred to by the module
+    alone, and its memory used by no other tensor (no view, no
+    ``state_dict()`` entry): then rewriting it in place cannot be seen.
+
+    Both counts are compared with a control made and counted the same way,
+    not with a constant that depends on the Python version.
+    """
+    if _STORAGE_USERS is None or \
+            not isinstance(module._parameters.get(name), nn.Parameter):
+        return False
+    control = {name: nn.Parameter(torch.empty(0))}
+    if sys.getrefcount(module._parameters[name]) != \
+            sys.getrefcount(control[name]):
+        return False
+    return _STORAGE_USERS(
+        module._parameters[name].untyped_storage()._cdata) == \
+        _STORAGE_USERS(control[name].untyped_storage()._cdata)
+
+
+def apply_fold(model: nn.Module,
+               fold: Fold,
+               in_place: bool = False) -> AppliedFold:
     """Apply one fold to ``model`` in place.
 
     Args:
         model: The model the plan was made for.
         fold: The fold.
+        in_place: Rewrite a weight that nobody else can see in place,
+            instead of giving the layer a new one.  The fold cannot be
+            undone then.
 
     Returns:
-        The applied fold, which can be undone.
+        The applied fold, which can be undone unless ``in_place``.
     """
     applied = AppliedFold(fold)
     norm = _submodule(model, fold.norm)
@@ -136,14 +170,21 @@ def apply_fold(model: nn.Module, fold: Fold) -> AppliedFold:
                 conv_scale, conv_shift = scale[part], shift[part]
             else:
                 conv_scale, conv_shift = scale, shift
+            rewrite = in_place and _seen_only_by(conv, 'weight')
             weight, bias = fold_affine_into_output(
                 conv.weight, conv.bias, conv_scale,
-                conv_shift if target.shift else None, transposed, groups)
-        _set_parameter(conv, 'weight', weight, applied)
+                conv_shift if target.shift else None, transposed, groups,
+                conv.weight.detach() if rewrite else None)
+            if rewrite:
+                weight = None  # already there
+        if weight is not None:
+            _set_parameter(conv, 'weight', weight, applied)
         _set_parameter(conv, 'bias', bias, applied)
     for site in fold.norm_sites:
         _replace_module(model, site, nn.Identity().train(norm.training),
                         applied)
+    if in_place:
+        applied.forget()
     return applied
 
 
@@ -175,12 +216,12 @@ def apply_plan(model: nn.Module,
         folds: The folds to apply, by default the plan's.
         undoable: Keep what each fold replaced so that it can be undone.
             With ``False`` the replaced parameters are let go as soon as
-            each fold is made (their memory then serves the next fold), and
-            the returned folds cannot be undone.
+            each fold is made, a weight nobody else can see is rewritten in
+            place, and the returned folds cannot be undone.
     """
     applied = []
     for fold in plan.folds if folds is None else folds:
-        done = apply_fold(model, fold)
+        done = apply_fold(model, fold, in_place=not undoable)
         if not undoable:
             done.forget()
         applied.append(done)

@@ -173,8 +173,8 @@ def test_blockwise_product_is_the_float64_product(transposed):
     torch.manual_seed(0)
     groups = 4
     # (out, in / groups, k, k), or (in, out / groups, k, k) transposed.
-    weight = torch.randn(128, 96 // groups, 5, 5)
-    channels = 96 if transposed else 128
+    weight = torch.randn(256, 96 // groups, 5, 5)
+    channels = 96 if transposed else 256
     assert weight.numel() > folding._BLOCK_ELEMENTS
     scale = torch.rand(channels, dtype=torch.float64) + 0.5
     got = folding.scale_output_channels(weight, scale, transposed, groups,
@@ -187,12 +187,38 @@ def test_blockwise_product_is_the_float64_product(transposed):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_scaling_in_place_is_the_float64_product(channels_last, dtype):
+    """Written into the weight itself, block by block and in any memory
+    layout, the result is the float64 product rounded once."""
+    from mmfuse import folding
+    torch.manual_seed(0)
+    weight = torch.randn(300, 20, 5, 5).to(dtype)
+    if channels_last:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    assert weight.numel() > folding._BLOCK_ELEMENTS
+    scale = torch.rand(300, dtype=torch.float64) + 0.5
+    expected = (weight.double() * scale.reshape(-1, 1, 1, 1)).to(dtype)
+    new = folding.scale_output_channels(weight, scale, dtype=dtype)
+    assert torch.equal(new, expected)
+    assert new.stride() == weight.stride()
+    storage = weight.data_ptr()
+    got = folding.scale_output_channels(weight, scale, out=weight)
+    assert got is weight and weight.data_ptr() == storage
+    assert torch.equal(weight, expected)
+    assert weight.is_contiguous(memory_format=torch.channels_last) == \
+        channels_last
+    with pytest.raises(ValueError, match='cannot write'):
+        folding.scale_output_channels(weight, scale, out=weight[1:])
+
+
 def test_results_stay_on_the_weights_device():
     """A default device set by the caller does not move folded weights."""
     from mmfuse import folding
-    weight = torch.randn(128, 24, 5, 5)  # more than one block
+    weight = torch.randn(256, 24, 5, 5)  # more than one block
     assert weight.numel() > folding._BLOCK_ELEMENTS
-    scale = torch.rand(128, dtype=torch.float64)
+    scale = torch.rand(256, dtype=torch.float64)
     torch.set_default_device('meta')
     try:
         new_weight, new_bias = fold_affine_into_output(

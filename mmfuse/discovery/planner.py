@@ -21,6 +21,7 @@ from torch import nn
 from ..layers import (conv_fold_problem, conv_in_channels, conv_out_channels,
                       is_norm_layer, norm_channels, norm_fold_problem,
                       pads_with_zeros)
+from ..module_walk import walk_modules
 from ..plain_conv import plain_conv_of
 from ..plan import (CONCAT, POST, PRE, SUM, ConvTarget, Fold, FusionPlan,
                     Skip)
@@ -32,7 +33,7 @@ __all__ = ['module_paths', 'plan_folds']
 def module_paths(model: nn.Module) -> Dict[int, List[str]]:
     """Every dotted path of every module, keyed by ``id(module)``."""
     paths: Dict[int, List[str]] = defaultdict(list)
-    for name, module in model.named_modules(remove_duplicate=False):
+    for name, module in walk_modules(model, remove_duplicate=False):
         paths[id(module)].append(name)
     return paths
 
@@ -224,7 +225,7 @@ class _Planner:
     def run(self) -> FusionPlan:
         norms = []
         seen = set()
-        for module in self.model.modules():
+        for _, module in walk_modules(self.model):
             if id(module) in seen or not is_norm_layer(module):
                 continue
             if any(True for _ in module.children()):

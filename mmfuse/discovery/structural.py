@@ -25,6 +25,7 @@ from torch import fx, nn
 
 from ..layers import (is_conv_layer, is_mmcv_conv_module, is_norm_layer,
                       norm_fold_problem)
+from ..module_walk import walk_modules
 from ..plan import CONCAT, POST, PRE, SUM
 from .fx_tracer import trace_module_forward
 from .occurrence import Evidence, Occurrence
@@ -52,7 +53,7 @@ class _StructuralCollector:
         # modules registered under more than one name.
         self.leaf_layers, self.norms, self.foldable = set(), set(), set()
         seen, self.aliased = set(), set()
-        for _, m in model.named_modules(remove_duplicate=False):
+        for _, m in walk_modules(model, remove_duplicate=False):
             if id(m) in seen:
                 self.aliased.add(id(m))
                 continue
@@ -275,7 +276,7 @@ class _StructuralCollector:
         # linked layer (their uses of it decide whether it is folded in
         # place, copied or left).
         pending = []
-        for module in self.model.modules():
+        for _, module in walk_modules(self.model):
             forward = type(module).forward
             if isinstance(module, nn.Sequential) and \
                     forward is nn.Sequential.forward:
@@ -288,7 +289,10 @@ class _StructuralCollector:
                 if any(id(m) in self.foldable for m in layers):
                     self.traced(module)
                 elif layers:
-                    pending.append(module)
+                    pending.append(
+                        (module,
+                         {id(m)
+                          for _, m in walk_modules(module)}))
         # A module that may call a linked layer (one of its own, or one it
         # reaches inside a child) is traced too, and its trace may link
         # more: repeat until nothing changes.
@@ -298,13 +302,13 @@ class _StructuralCollector:
                 for occ in self.evidence.occurrences
                 if occ.link is not None or occ.input_link is not None
             }
-            ready = [module for module in pending
-                     if any(id(m) in linked for m in module.modules())]
+            ready = [entry for entry in pending
+                     if not entry[1].isdisjoint(linked)]
             if not ready:
                 return self.evidence
-            for module in ready:
-                pending.remove(module)
-                self.traced(module)
+            for entry in ready:
+                pending.remove(entry)
+                self.traced(entry[0])
 
 
 def collect_structural_evidence(model: nn.Module) -> Evidence:

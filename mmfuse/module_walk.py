@@ -1,0 +1,47 @@
+"""Walking a model's module tree, faster than ``nn.Module.named_modules``.
+
+``named_modules`` is a recursive generator: each module is handed up
+through every level above it, which costs 20 ms on HRNet (1,300 modules,
+depth up to 8) when done a few times per fusion.  This walk gives the same
+modules in the same order, with one loop.
+"""
+from typing import List, Tuple
+
+from torch import nn
+
+__all__ = ['walk_modules']
+
+
+def walk_modules(model: nn.Module,
+                 remove_duplicate: bool = True
+                 ) -> List[Tuple[str, nn.Module]]:
+    """``list(model.named_modules(remove_duplicate=...))``, faster.
+
+    Args:
+        model: The root module.
+        remove_duplicate: Give a module registered under several names only
+            at its first path (in pre-order), and skip what lies below its
+            other paths, as ``named_modules`` does.
+
+    Returns:
+        ``(dotted path, module)`` in pre-order, children in registration
+        order; the root has path ``''``.
+    """
+    found: List[Tuple[str, nn.Module]] = []
+    seen = set()
+    stack = [('', model)]
+    while stack:
+        path, module = stack.pop()
+        if remove_duplicate:
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+        found.append((path, module))
+        children = module._modules
+        if not children:
+            continue
+        prefix = f'{path}.' if path else ''
+        stack.extend((prefix + name, child)
+                     for name, child in reversed(children.items())
+                     if child is not None)
+    return found
