@@ -117,6 +117,48 @@ def test_tied_weights_are_not_changed_behind_the_back():
     assert torch.equal(other.weight, before)
 
 
+def _conv_bn_pair():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    randomize_norm_stats(model, seed=3)
+    return model
+
+
+def test_fuse_conv_bn_rewrites_an_unseen_weight_in_place():
+    """The weight nothing else refers to is rewritten where it lies (no
+    new allocation); the result is the same as with a new weight."""
+    model = _conv_bn_pair()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        expected = reference(x)
+    weight_id = id(model[0]._parameters['weight'])
+    address = model[0]._parameters['weight'].data_ptr()
+    mmfuse.fuse_conv_bn(model)
+    assert isinstance(model[1], nn.Identity)
+    assert id(model[0].weight) == weight_id
+    assert model[0].weight.data_ptr() == address
+    with torch.no_grad():
+        assert output_error(expected, model(x))[1] < 1e-5
+
+
+@pytest.mark.parametrize('holder', ['parameter', 'state_dict', 'view'])
+def test_a_weight_seen_elsewhere_is_never_rewritten_in_place(holder):
+    """A reference to the parameter, a ``state_dict()`` taken before, or a
+    view of the weight keeps its values: the fold gets a new weight."""
+    model = _conv_bn_pair()
+    before = model[0].weight.detach().clone()
+    held = {
+        'parameter': lambda: model[0].weight,
+        'state_dict': lambda: model.state_dict()['0.weight'],
+        'view': lambda: model[0].weight.detach()[0],
+    }[holder]()
+    mmfuse.fuse_conv_bn(model)
+    assert isinstance(model[1], nn.Identity)
+    whole = held if holder != 'view' else held.unsqueeze(0)
+    assert torch.equal(whole, before[:whole.shape[0]])
+    assert not torch.equal(model[0].weight[:1], before[:1])
+
+
 def test_verification_undoes_the_folds_it_finds_wrong():
     """A global forward hook doubles one conv's output: invisible to
     discovery, caught by verification, and only that fold is undone."""
