@@ -27,8 +27,8 @@ from ..layers import (is_conv_layer, is_mmcv_conv_module, is_norm_layer,
                       norm_fold_problem)
 from ..module_walk import walk_modules
 from ..plan import CONCAT, POST, PRE, SUM
-from .fx_tracer import trace_module_forward
 from .occurrence import Evidence, Occurrence
+from .trace_cache import TraceCache
 
 __all__ = ['collect_structural_evidence']
 
@@ -49,6 +49,7 @@ class _StructuralCollector:
     def __init__(self, model: nn.Module):
         self.model = model
         self.evidence = Evidence(mode='structural')
+        self.traces = TraceCache(model)
         # ids of: every leaf conv and norm; the norms; the foldable ones;
         # modules registered under more than one name.
         self.leaf_layers, self.norms, self.foldable = set(), set(), set()
@@ -173,7 +174,7 @@ class _StructuralCollector:
 
     def traced(self, module: nn.Module) -> None:
         try:
-            graph = trace_module_forward(module)
+            graph = self.traces.trace(module)
         except Exception as error:  # fx raises many types on Python code
             first = str(error).strip().splitlines()
             detail = first[0][:120] if first else type(error).__name__
