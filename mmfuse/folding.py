@@ -11,14 +11,14 @@ All arithmetic is done in float64 on the parameters' device and the results
 are cast back to the dtype of the weight, so fp16/bf16 models are folded as
 accurately as their dtype allows.
 """
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    'norm_affine', 'fold_affine_into_output', 'fold_affine_into_input',
-    'scale_output_channels'
+    'NormParams', 'norm_affine', 'norm_affines', 'fold_affine_into_output',
+    'fold_affine_into_input', 'scale_output_channels'
 ]
 
 
@@ -36,6 +36,10 @@ def _float64_copy(tensor: Tensor) -> Tensor:
     """A new float64 tensor with the values of ``tensor``, free to change
     in place (never the model's own tensor, even when that is float64)."""
     return tensor.detach().to(dtype=torch.float64, copy=True)
+
+
+#: ``(running_mean, running_var, eps, weight, bias)`` of one norm.
+NormParams = Tuple[Tensor, Tensor, float, Optional[Tensor], Optional[Tensor]]
 
 
 def norm_affine(running_mean: Tensor,
@@ -56,17 +60,76 @@ def norm_affine(running_mean: Tensor,
         ``(scale, shift)`` in float64 such that ``norm(x) == scale * x +
         shift`` channel-wise.
     """
-    if running_mean.shape != running_var.shape or running_mean.dim() != 1:
-        raise ValueError('running_mean and running_var must be 1-D tensors '
-                         f'of one shape, got {tuple(running_mean.shape)} and '
-                         f'{tuple(running_var.shape)}')
-    scale = _float64_copy(running_var).add_(eps).rsqrt_()
-    if weight is not None:
-        scale.mul_(weight.detach())
-    # shift = beta - mean * scale (the product is float64: scale is)
-    shift = torch.mul(running_mean.detach(), scale).neg_()
-    if bias is not None:
-        shift.add_(bias.detach())
+    return norm_affines([(running_mean, running_var, eps, weight, bias)])[0]
+
+
+def norm_affines(norms: Sequence[NormParams]) -> List[Tuple[Tensor, Tensor]]:
+    """:func:`norm_affine` of many norms, computed together: the same
+    float64 values, with a few tensor operations for all the norms of a
+    device instead of a few for each (most norms are small).
+
+    Args:
+        norms: ``(running_mean, running_var, eps, weight, bias)`` of each
+            norm.
+
+    Returns:
+        ``(scale, shift)`` of each norm, in order.
+    """
+    by_device: Dict[torch.device, List[int]] = {}
+    for index, (mean, var, _, _, _) in enumerate(norms):
+        if mean.shape != var.shape or mean.dim() != 1:
+            raise ValueError('running_mean and running_var must be 1-D '
+                             f'tensors of one shape, got {tuple(mean.shape)} '
+                             f'and {tuple(var.shape)}')
+        by_device.setdefault(var.device, []).append(index)
+    affines: List[Tuple[Tensor, Tensor]] = []
+    with torch.no_grad():
+        for device, indices in by_device.items():
+            group = [norms[i] for i in indices]
+            scale, shift = _joined_affine(group, device)
+            sizes = [params[1].numel() for params in group]
+            affines.extend(
+                zip(indices, scale.split(sizes), shift.split(sizes)))
+    affines.sort(key=lambda entry: entry[0])
+    return [(scale, shift) for _, scale, shift in affines]
+
+
+def _joined_affine(group: Sequence[NormParams],
+                   device: torch.device) -> Tuple[Tensor, Tensor]:
+    """``(scale, shift)`` of the norms of ``group``, one after the other."""
+    sizes = [params[1].numel() for params in group]
+
+    def joined(position: int, missing: float) -> Optional[Tensor]:
+        """A new float64 tensor of every norm's entry ``position``
+        (``missing`` where a norm has none); ``None`` if none has."""
+        parts = [params[position] for params in group]
+        if all(part is None for part in parts):
+            return None
+        if any(part is None for part in parts):
+            parts = [
+                torch.full((size, ), missing, dtype=torch.float64,
+                           device=device) if part is None else part
+                for part, size in zip(parts, sizes)
+            ]
+        return torch.cat(parts).to(torch.float64)
+
+    epsilons = {params[2] for params in group}
+    if len(epsilons) == 1:
+        eps: Union[float, Tensor] = epsilons.pop()
+    else:
+        eps = torch.tensor([params[2] for params in group],
+                           dtype=torch.float64,
+                           device=device).repeat_interleave(
+                               torch.tensor(sizes, device=device))
+    scale = joined(1, 1.0).add_(eps).rsqrt_()
+    gamma = joined(3, 1.0)
+    if gamma is not None:
+        scale.mul_(gamma)
+    # shift = beta - mean * scale
+    shift = torch.mul(joined(0, 0.0), scale).neg_()
+    beta = joined(4, 0.0)
+    if beta is not None:
+        shift.add_(beta)
     return scale, shift
 
 

@@ -228,3 +228,34 @@ def test_results_stay_on_the_weights_device():
     assert new_weight.device.type == 'cpu' and new_bias.device.type == 'cpu'
     expected = (weight.double() * scale.reshape(-1, 1, 1, 1)).float()
     assert torch.equal(new_weight, expected)
+
+
+def test_norm_affines_of_many_norms_equal_each_norms_own():
+    """Computed together (mixed eps, dtypes, norms without gamma or beta),
+    the affine maps are bit for bit those of the norms one by one."""
+    from mmfuse.folding import norm_affines
+    generator = torch.Generator().manual_seed(4)
+    norms = []
+    for index in range(12):
+        size = 3 + index
+        dtype = torch.float16 if index % 4 == 1 else torch.float32
+
+        def draw(low=-1.0, high=1.0):
+            return (torch.rand(size, generator=generator) *
+                    (high - low) + low).to(dtype)
+
+        norms.append((draw(), draw(0.1, 2.0), 1e-3 if index % 3 else 1e-5,
+                      draw() if index % 4 else None,
+                      draw() if index % 5 else None))
+    together = norm_affines(norms)
+    assert len(together) == len(norms)
+    for params, (scale, shift) in zip(norms, together):
+        alone_scale, alone_shift = norm_affine(*params)
+        assert scale.dtype == torch.float64
+        assert torch.equal(scale, alone_scale)
+        assert torch.equal(shift, alone_shift)
+        mean, var, eps, gamma, beta = params
+        expected = torch.rsqrt(var.double() + eps)
+        if gamma is not None:
+            expected = expected * gamma.double()
+        assert torch.equal(scale, expected)
