@@ -38,6 +38,8 @@ import torch
 from torch import fx, nn
 from torch.fx import _symbolic_trace as fx_internals
 
+from ..module_walk import walk_modules
+
 __all__ = ['ModuleForwardTracer', 'trace_module_forward']
 
 _CALL = nn.Module.__call__
@@ -237,15 +239,18 @@ def trace_module_forward(root: nn.Module,
                          ) -> fx.Graph:
     """The graph of ``root.forward``, every submodule a ``call_module``.
 
-    The module's attributes are put back afterwards, whatever the traced
-    code stored on it.
+    The attributes of the module and of every module below it are put back
+    afterwards, whatever the traced code stored on them (on itself, or on a
+    child whose method it called).
 
     Raises:
         Whatever tracing raises on code torch.fx cannot trace.
     """
-    saved = dict(root.__dict__)
+    saved = [(module, dict(module.__dict__))
+             for _, module in walk_modules(root)]
     try:
         return ModuleForwardTracer(root).trace(root, concrete_args)
     finally:
-        root.__dict__.clear()
-        root.__dict__.update(saved)
+        for module, attributes in saved:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)

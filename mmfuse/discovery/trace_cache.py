@@ -25,7 +25,7 @@ keep right anyway (folding changes those values), and a trace of it would
 hold for one set of values only.
 """
 from collections import Counter
-from typing import Dict, Hashable, List, Optional, Tuple
+from typing import Any, Dict, Hashable, List, Optional, Set, Tuple
 
 import torch
 from torch import fx, nn
@@ -96,38 +96,68 @@ class ModuleShape:
 class TraceCache:
     """Traces of module forwards for one model, shared by modules alike.
 
-    Only modules of a class that occurs more than once in the model are
-    compared: for the others the comparison would cost time and never
-    save a trace.  The cache holds the modules' attributes: keep it no
-    longer than one discovery run.
+    With the model given, only modules of a class that occurs more than
+    once in it, and with at most ``MAX_COMPARED`` modules in their subtree,
+    are compared: for the others the comparison would cost more time than
+    it can save (a module's graph grows with the calls its forward makes,
+    its shape with its whole subtree).  The cache holds the modules' attributes: keep
+    it no longer than one pass over the model.  The graphs it hands out
+    may be handed out again: copy one before changing it.
 
     Args:
-        model: The model whose modules will be traced.
+        model: The model whose modules will be traced, or ``None`` to
+            compare every module traced.
     """
 
-    def __init__(self, model: nn.Module):
-        counts = Counter(type(m) for _, m in walk_modules(model))
-        self.repeated = {kind for kind, count in counts.items() if count > 1}
+    #: Largest subtree (in modules) of a module compared with others.
+    MAX_COMPARED = 64
+
+    def __init__(self, model: Optional[nn.Module] = None):
+        self.compared: Optional[Set[int]] = None
+        if model is not None:
+            modules = [m for _, m in walk_modules(model)]
+            counts = Counter(type(m) for m in modules)
+            # Subtree sizes, children before their parents.
+            sizes: Dict[int, int] = {}
+            for module in reversed(modules):
+                sizes[id(module)] = 1 + sum(
+                    sizes.get(id(child), 0)
+                    for child in module._modules.values())
+            self.compared = {
+                id(m)
+                for m in modules if counts[type(m)] > 1
+                and sizes[id(m)] <= self.MAX_COMPARED
+            }
         self.traces: Dict[Hashable, List[Tuple[ModuleShape, Optional[
             fx.Graph], Optional[Exception]]]] = {}
 
-    def trace(self, module: nn.Module) -> fx.Graph:
+    def trace(self,
+              module: nn.Module,
+              concrete_args: Optional[Dict[str, Any]] = None) -> fx.Graph:
         """The graph of ``module.forward`` (see ``trace_module_forward``),
         maybe the one traced for a module alike.
+
+        Args:
+            module: The module.
+            concrete_args: Arguments fixed to values; of modules alike
+                (one class) these can only be the forward's defaults, so
+                only their names tell traces apart.
 
         Raises:
             Whatever tracing raised (for the module alike, too).
         """
-        if type(module) not in self.repeated:
-            return trace_module_forward(module)
+        if self.compared is not None and id(module) not in self.compared:
+            return trace_module_forward(module, concrete_args)
         shape = ModuleShape(module)
-        bucket = self.traces.setdefault(shape.key, [])
+        key = (shape.key, tuple(concrete_args or ()))
+        bucket = self.traces.setdefault(key, [])
         for known, graph, error in bucket:
             if known.alike(shape):
                 break
         else:
             try:
-                graph, error = trace_module_forward(module), None
+                graph = trace_module_forward(module, concrete_args)
+                error = None
             except Exception as raised:  # fx raises many types on code
                 graph, error = None, raised
             bucket.append((shape, graph, error))

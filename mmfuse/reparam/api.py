@@ -94,7 +94,7 @@ class _Walker:
         self.model = model
         self.call_deploy_methods = call_deploy_methods
         self.use_registry = use_registry
-        self.merger = GenericMerger()
+        self.merger = GenericMerger(model)
         self.groups: List[_Group] = []
         self.records: List[Dict] = []
 

@@ -32,7 +32,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, fx, nn
 
-from ..discovery.fx_tracer import ModuleForwardTracer
+from ..discovery.fx_tracer import trace_module_forward
+from ..discovery.trace_cache import TraceCache
 from ..layers import (fuses_conv_bn_on_the_fly, is_mmcv_conv_module,
                       is_norm_layer, norm_fold_problem)
 from .branches import (Op, Term, _conv_problem, _pool_problem, build_conv,
@@ -77,7 +78,9 @@ def _resolve(root: nn.Module, target: str) -> Any:
 
 
 def trace_block(module: nn.Module,
-                defaults_fixed: bool) -> Tuple[Optional[_Trace], str]:
+                defaults_fixed: bool,
+                traces: Optional[TraceCache] = None
+                ) -> Tuple[Optional[_Trace], str]:
     """Trace ``module.forward`` with torch.fx, children kept as calls.
 
     Args:
@@ -85,6 +88,8 @@ def trace_block(module: nn.Module,
         defaults_fixed: Whether parameters after the first may be fixed to
             their defaults (the module is then only analysed as called with
             one argument).
+        traces: Traces to share with modules alike; the graph may then be
+            shared too: copy it before changing it.
 
     Returns:
         ``(trace, '')``, or ``(None, reason)``.
@@ -105,12 +110,9 @@ def trace_block(module: nn.Module,
         if param.default is inspect.Parameter.empty:
             return None, 'forward needs more than one input'
         concrete[param.name] = param.default
-    # A traced forward may store proxies on its module or on a child whose
-    # method it calls: put every attribute back whatever happens.
-    saved = [(m, dict(m.__dict__)) for m in module.modules()]
     try:
-        tracer = ModuleForwardTracer(module)
-        graph = tracer.trace(module, concrete_args=concrete or None)
+        graph = traces.trace(module, concrete or None) if traces is not None \
+            else trace_module_forward(module, concrete or None)
         values = {
             node: _resolve(module, node.target)
             for node in graph.nodes if node.op == 'get_attr'
@@ -120,10 +122,6 @@ def trace_block(module: nn.Module,
         detail = first[0][:120] if first else type(error).__name__
         return None, f'torch.fx cannot trace {type(module).__name__}.' \
             f'forward ({detail})'
-    finally:
-        for owner, attributes in saved:
-            owner.__dict__.clear()
-            owner.__dict__.update(attributes)
     placeholders = [n for n in graph.nodes if n.op == 'placeholder']
     return _Trace(graph, values, placeholders[0]), ''
 
@@ -172,12 +170,18 @@ class GenericMerger:
     """Finds and merges the branch sums of blocks, one block at a time.
 
     One merger serves one pass over a model: it caches what it learns about
-    each child (keeping the child alive, so ids are not reused).
+    each child (keeping the child alive, so ids are not reused), and shares
+    traces between blocks alike.
+
+    Args:
+        model: The model of the pass, to share traces only between modules
+            of classes it has more than once; ``None`` compares them all.
     """
 
-    def __init__(self):
+    def __init__(self, model: Optional[nn.Module] = None):
         self._terms: Dict[int, Tuple[nn.Module, Optional[List[Term]]]] = {}
         self.reasons: List[Tuple[str, str]] = []
+        self.traces = TraceCache(model)
 
     # -- what one child computes ------------------------------------------
     def module_terms(self, module: nn.Module) -> Optional[List[Term]]:
@@ -213,7 +217,7 @@ class GenericMerger:
             return self._conv_module_terms(module)
         if type(module).__module__.startswith('torch.nn.'):
             return None
-        trace, _ = trace_block(module, defaults_fixed=True)
+        trace, _ = trace_block(module, True, self.traces)
         if trace is None:
             return None
         exprs = self._expressions(module, trace)
@@ -413,7 +417,7 @@ class GenericMerger:
         if type(block).forward is nn.Sequential.forward or \
                 is_mmcv_conv_module(block) or not forward_may_add(block):
             return None, []  # runs its children one after the other
-        trace, _ = trace_block(block, defaults_fixed=False)
+        trace, _ = trace_block(block, False, self.traces)
         if trace is None:
             return None, []
         exprs = self._expressions(block, trace)
@@ -447,6 +451,7 @@ class GenericMerger:
 
     def _rebuild(self, block: nn.Module, trace: _Trace, merged: List,
                  names: Dict[int, str]) -> BlockRewrite:
+        trace, merged = _copied(trace, merged)
         graph = trace.graph
         taken = {
             n.target
@@ -515,6 +520,29 @@ class GenericMerger:
                                    class_name=f'{type(block).__name__}Deploy')
         new_block.train(block.training)
         return BlockRewrite(new_block, 'graph', [], records, kept)
+
+
+def _copied(trace: _Trace, merged: List) -> Tuple[_Trace, List]:
+    """A copy of ``trace``'s graph (which other blocks alike may share),
+    with ``merged`` (``(node, expr, ...)`` entries) moved onto it."""
+    graph = fx.Graph()
+    nodes: Dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(trace.graph, nodes))
+    expressions: Dict[int, _Expr] = {}
+
+    def moved(expr: _Expr) -> _Expr:
+        if id(expr) not in expressions:
+            expressions[id(expr)] = _Expr(
+                nodes.get(expr.source, expr.source), expr.terms,
+                [nodes[n] for n in expr.nodes],
+                [nodes[n] for n in expr.parts])
+        return expressions[id(expr)]
+
+    copy = _Trace(graph, {nodes[n]: v
+                          for n, v in trace.values.items()},
+                  nodes[trace.input])
+    return copy, [(nodes[node], moved(expr)) + tuple(rest)
+                  for node, expr, *rest in merged]
 
 
 def _is_guard(node: fx.Node) -> bool:
