@@ -221,13 +221,19 @@ def scale_output_channels(weight: Tensor,
         if out is None:
             return _same_layout(scaled.to(dtype or torch.float64), weight)
         return out.copy_(scaled)
+    per_channel = scale64.reshape((-1, ) + (1, ) * (weight.dim() - 1))
+    if weight.dtype == torch.float64:
+        # ``out`` may be ``weight`` itself: an elementwise product may
+        # write over its own input.
+        return torch.mul(weight, per_channel, out=out) if out is not None \
+            else weight * per_channel
+    if weight.device.type != 'cpu' or weight.numel() <= _BLOCK_ELEMENTS:
+        product = _float64_copy(weight).mul_(per_channel)
+        if out is None:
+            return product.to(dtype or torch.float64)
+        return out.copy_(product)
     if out is None:
         out = torch.empty_like(weight, dtype=dtype or torch.float64)
-    per_channel = scale64.reshape((-1, ) + (1, ) * (weight.dim() - 1))
-    if weight.device.type != 'cpu' or weight.dtype == torch.float64:
-        return out.copy_(_float64(weight) * per_channel)
-    if weight.numel() <= _BLOCK_ELEMENTS:
-        return out.copy_(_float64_copy(weight).mul_(per_channel))
     # Output channels are the first dimension whatever the memory layout.
     rows = weight.shape[0]
     step = max(1, _BLOCK_ELEMENTS // (weight.numel() // rows))

@@ -241,8 +241,9 @@ def _branch_tensors(term: Term, geometry: ConvGeometry,
         bias = torch.zeros(channels, dtype=torch.float64, device=device)
     else:
         conv = spatial.module
-        weight = centre_kernel(conv.weight.detach().to(torch.float64),
-                               kernel)
+        # A copy even of a float64 weight: the fold below writes into it.
+        weight = centre_kernel(
+            conv.weight.detach().to(torch.float64, copy=True), kernel)
         bias = torch.zeros(channels, dtype=torch.float64, device=device) \
             if conv.bias is None else conv.bias.detach().to(torch.float64)
     for op in before:
@@ -251,8 +252,10 @@ def _branch_tensors(term: Term, geometry: ConvGeometry,
             factor = factor.detach().to(torch.float64).reshape(())
         weight = weight * factor
     scale, shift = _affine_after(after, channels)
+    # ``weight`` is this function's own: fold into it.
     return fold_affine_into_output(weight, bias, scale.to(device),
-                                   shift.to(device), False, geometry.groups)
+                                   shift.to(device), False, geometry.groups,
+                                   weight_out=weight)
 
 
 def _reference(terms: Sequence[Term]) -> Tensor:
