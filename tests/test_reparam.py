@@ -282,6 +282,26 @@ def test_graph_module_deploy_form_and_round_trip():
         assert torch.equal(fresh(_input(6)), merged(_input(6)))
 
 
+def test_blocks_alike_share_a_trace_and_each_is_rebuilt(monkeypatch):
+    """Three blocks alike are traced once; rebuilding each (which edits a
+    graph) leaves the shared graph as it was for the next."""
+    from mmfuse.discovery import trace_cache
+    traced = []
+    original = trace_cache.trace_module_forward
+
+    def counting(module, *args, **kwargs):
+        traced.append(type(module).__name__)
+        return original(module, *args, **kwargs)
+
+    monkeypatch.setattr(trace_cache, 'trace_module_forward', counting)
+    model = nn.Sequential(*[ResidualAfterSum(6) for _ in range(3)])
+    merged, records, rel = _reparam_and_compare(_prepare(model), _input(6))
+    assert rel <= RTOL
+    assert [r['structure'] for r in _merged(records)] == ['graph'] * 3
+    assert len(_convs(merged)) == 3 and not _norms(merged)
+    assert traced.count('ResidualAfterSum') == 1
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     big=st.sampled_from([3, 5]),
