@@ -179,12 +179,19 @@ def test_blockwise_product_is_the_float64_product(transposed):
     scale = torch.rand(channels, dtype=torch.float64) + 0.5
     got = folding.scale_output_channels(weight, scale, transposed, groups,
                                         torch.float32)
-    # The same through one whole float64 product.
-    view, moved = folding._output_channel_view(weight, transposed, groups)
-    whole = (view.double() * scale.reshape(-1, 1)).float()
-    expected = folding._restore_output_view(whole, tuple(weight.shape),
-                                            moved, transposed)
-    assert torch.equal(got, expected)
+    # The same through one whole float64 product, output channel by
+    # output channel: of a transposed weight, channel g * out / groups + j
+    # is [g * in / groups:(g + 1) * in / groups, j].
+    expected = weight.double().clone()
+    if transposed:
+        rows = weight.shape[0] // groups
+        per_group = weight.shape[1]
+        for channel in range(channels):
+            g, j = divmod(channel, per_group)
+            expected[g * rows:(g + 1) * rows, j] *= scale[channel]
+    else:
+        expected *= scale.reshape(-1, 1, 1, 1)
+    assert torch.equal(got, expected.float())
 
 
 @pytest.mark.parametrize('channels_last', [False, True])
