@@ -36,9 +36,12 @@ def _scratch(elements: int) -> Tensor:
     this thread: fresh memory costs a page fault per page on first use."""
     buffer = getattr(_SCRATCH, 'buffer', None)
     if buffer is None or buffer.numel() < elements:
-        buffer = torch.empty(max(elements, _BLOCK_ELEMENTS),
-                             dtype=torch.float64,
-                             device='cpu')
+        # A normal tensor even when made under ``torch.inference_mode``:
+        # an inference tensor could not be written outside it later.
+        with torch.inference_mode(False):
+            buffer = torch.empty(max(elements, _BLOCK_ELEMENTS),
+                                 dtype=torch.float64,
+                                 device='cpu')
         _SCRATCH.buffer = buffer
     return buffer[:elements]
 
@@ -200,8 +203,9 @@ def scale_output_channels(weight: Tensor,
     On CPU a float32/float16/bfloat16 weight goes through a float64 block
     of rows at a time, in a buffer kept for every block and every call,
     which stays in cache: a mixed-dtype multiply takes about four times as
-    long, and a float64 copy of the whole weight twice as long.  The scales broadcast over the
-    weight as it lies (no permuted copy, also for transposed convs).
+    long, and a float64 copy of the whole weight twice as long.  The
+    scales broadcast over the weight as it lies (no permuted copy, also for
+    transposed convs).
 
     Args:
         weight: A conv, transposed conv or linear weight.
@@ -212,7 +216,8 @@ def scale_output_channels(weight: Tensor,
             ``out``.
         out: Where to write the result, shaped like ``weight``; may be
             ``weight`` itself (each block of rows is read before it is
-            written).  By default a new tensor laid out like ``weight``.
+            written), but no other view of its memory.  By default a new
+            tensor laid out like ``weight``.
 
     Returns:
         The scaled weight, same shape as ``weight`` (``out`` if given).
@@ -226,6 +231,9 @@ def scale_output_channels(weight: Tensor,
     if out is not None and out.shape != weight.shape:
         raise ValueError(f'cannot write a weight of shape '
                          f'{tuple(weight.shape)} into {tuple(out.shape)}')
+    if out is not None and out.data_ptr() == weight.data_ptr() and \
+            out.stride() != weight.stride():
+        raise ValueError('out must be the weight itself or not overlap it')
     segments, factor = _row_factors(_float64(scale), weight, transposed,
                                     groups)
     rows = weight.shape[0]

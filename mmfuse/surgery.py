@@ -9,6 +9,7 @@ module refers to, and whose memory no other tensor uses, is rewritten in
 place, which nobody can tell from a new one and saves allocating it.
 """
 import sys
+import weakref
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -106,24 +107,42 @@ def _set_parameter(module: nn.Module, name: str, value: torch.Tensor,
 _STORAGE_USERS = getattr(torch._C, '_storage_Use_Count', None)
 
 
+def _dense(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is laid out densely (contiguous or channels
+    last), so that no two of its elements share memory."""
+    if tensor.is_contiguous():
+        return True
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    fmt = formats.get(tensor.dim())
+    return fmt is not None and tensor.is_contiguous(memory_format=fmt)
+
+
 def _seen_only_by(module: nn.Module, name: str) -> bool:
     """Whether parameter ``name`` of ``module`` is referred to by the module
-    alone, and its memory used by no other tensor (no view, no
-    ``state_dict()`` entry): then rewriting it in place cannot be seen.
+    alone, and its memory used by no other tensor: then rewriting it in
+    place cannot be seen.
 
-    Both counts are compared with a control made and counted the same way,
-    not with a constant that depends on the Python version.
+    Each of these counts must equal that of a control made and counted the
+    same way (not a constant that depends on the Python or torch version):
+    Python references to the parameter (a user's variable, an optimizer, a
+    ``state_dict(keep_vars=True)``, a tied module), references from C++
+    to its tensor (a ``torch.jit`` trace or script of the model), tensors
+    using its memory (a view, a ``state_dict()`` entry).  A parameter with
+    weak references (which may be looked through later) or with elements
+    sharing memory (an expanded tensor) is not rewritten either.
     """
+    params = module._parameters
     if _STORAGE_USERS is None or \
-            not isinstance(module._parameters.get(name), nn.Parameter):
+            not isinstance(params.get(name), nn.Parameter) or \
+            not hasattr(params[name], '_use_count') or \
+            weakref.getweakrefcount(params[name]) or \
+            not _dense(params[name]):
         return False
     control = {name: nn.Parameter(torch.empty(0))}
-    if sys.getrefcount(module._parameters[name]) != \
-            sys.getrefcount(control[name]):
-        return False
-    return _STORAGE_USERS(
-        module._parameters[name].untyped_storage()._cdata) == \
-        _STORAGE_USERS(control[name].untyped_storage()._cdata)
+    return (sys.getrefcount(params[name]) == sys.getrefcount(control[name])
+            and params[name]._use_count() == control[name]._use_count()
+            and _STORAGE_USERS(params[name].untyped_storage()._cdata) ==
+            _STORAGE_USERS(control[name].untyped_storage()._cdata))
 
 
 def apply_fold(model: nn.Module,
@@ -223,7 +242,7 @@ def apply_plan(model: nn.Module,
             place, and the returned folds cannot be undone.
     """
     applied = []
-    folds = plan.folds if folds is None else folds
+    folds = list(plan.folds if folds is None else folds)
     # The norms' affine maps all at once: a few tensor operations in all
     # rather than a few per norm.
     affines = norm_affines([

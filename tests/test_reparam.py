@@ -892,3 +892,33 @@ def test_fuse_model_option_and_report():
         assert output_error(block(x), merged(x))[1] <= RTOL
     # A second pass finds nothing left to merge.
     assert reparameterize(merged, (x, )) == []
+
+
+class FlaggedSum(nn.Module):
+    """A 3x3 and a 1x1 branch, plus an identity BN branch where the buffer
+    ``with_identity`` is set."""
+
+    def __init__(self, with_identity: bool):
+        super().__init__()
+        self.big = ConvBN(6, 6, 3)
+        self.small = ConvBN(6, 6, 1)
+        self.id = nn.BatchNorm2d(6)
+        self.register_buffer('with_identity', torch.tensor(with_identity))
+
+    def forward(self, x):
+        out = self.big(x) + self.small(x)
+        if self.with_identity:
+            out = out + self.id(x)
+        return out
+
+
+def test_blocks_whose_flags_differ_are_each_merged_from_their_own_trace():
+    """Without example inputs nothing verifies a merge: a block must never
+    be rebuilt from the trace of a block whose flag took the other
+    branch."""
+    model = nn.Sequential(FlaggedSum(True), FlaggedSum(False),
+                          FlaggedSum(True))
+    merged, records, rel = _reparam_and_compare(_prepare(model), _input(6))
+    assert rel <= RTOL
+    assert len(_merged(records)) == 3
+    assert len(_convs(merged)) == 3

@@ -4,6 +4,9 @@ import copy
 import io
 import os
 import socket
+import subprocess
+import sys
+import weakref
 
 import pytest
 import torch
@@ -157,6 +160,78 @@ def test_a_weight_seen_elsewhere_is_never_rewritten_in_place(holder):
     whole = held if holder != 'view' else held.unsqueeze(0)
     assert torch.equal(whole, before[:whole.shape[0]])
     assert not torch.equal(model[0].weight[:1], before[:1])
+
+
+def test_a_traced_copy_of_the_model_keeps_computing_the_same():
+    """``torch.jit.trace`` shares the weight tensor from C++ (no Python
+    reference): it is not rewritten in place, and the traced copy, which
+    still runs its BN, keeps its output."""
+    model = _conv_bn_pair()
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        expected = model(x)
+        traced = torch.jit.trace(model, x)
+    mmfuse.fuse_conv_bn(model)
+    assert isinstance(model[1], nn.Identity)
+    with torch.no_grad():
+        assert torch.equal(traced(x), expected)
+        assert output_error(expected, model(x))[1] < 1e-5
+
+
+def test_a_weakly_referenced_or_expanded_weight_gets_a_new_one():
+    """A weak reference may be looked through later, and an expanded
+    weight has elements sharing memory: neither is rewritten in place."""
+    watched = _conv_bn_pair()
+    before = watched[0].weight.detach().clone()
+    ref = weakref.ref(watched[0].weight)
+    mmfuse.fuse_conv_bn(watched)
+    # The old weight, if still alive, kept its values.
+    assert ref() is not watched[0].weight
+    assert ref() is None or torch.equal(ref(), before)
+    assert not torch.equal(watched[0].weight, before)
+
+    expanded = _conv_bn_pair()
+    expanded[0].weight = nn.Parameter(
+        torch.randn(1, 3, 3, 3).expand(8, 3, 3, 3))
+    reference = copy.deepcopy(expanded)
+    x = torch.randn(2, 3, 10, 10)
+    mmfuse.fuse_conv_bn(expanded)
+    assert isinstance(expanded[1], nn.Identity)
+    with torch.no_grad():
+        assert output_error(reference(x), expanded(x))[1] < 1e-5
+
+
+def test_a_first_fold_in_inference_mode_leaves_later_folds_working():
+    """The float64 scratch block is kept per thread: made under
+    ``torch.inference_mode`` it must still take writes outside it."""
+    script = ('import torch, mmfuse\n'
+              'from torch import nn\n'
+              'def pair():\n'
+              '    return nn.Sequential(nn.Conv2d(3, 8, 3),'
+              ' nn.BatchNorm2d(8)).eval()\n'
+              'with torch.inference_mode():\n'
+              '    mmfuse.fuse_conv_bn(pair())\n'
+              'model = pair()\n'
+              'mmfuse.fuse_conv_bn(model)\n'
+              'assert isinstance(model[1], nn.Identity)\n'
+              'print("ok")\n')
+    result = subprocess.run([sys.executable, '-c', script],
+                            capture_output=True,
+                            text=True,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                                sys.path)),
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == 'ok'
+
+
+def test_apply_plan_takes_any_iterable_of_folds():
+    from mmfuse.surgery import apply_plan
+    model = _conv_bn_pair()
+    plan = mmfuse.discover_folds(model)
+    applied = apply_plan(model, plan, iter(plan.folds))
+    assert len(applied) == 1
+    assert isinstance(model[1], nn.Identity)
 
 
 def test_verification_undoes_the_folds_it_finds_wrong():

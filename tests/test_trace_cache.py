@@ -131,3 +131,64 @@ def test_equal_values_of_other_types_are_not_alike(monkeypatch):
     identity_at(fused, ['0.bn'])
     kept_at(fused, ['1.bn'])
     assert len(calls) == 2
+
+
+class FlagBlock(nn.Module):
+    """conv -> bn where the buffer ``after`` is set, else bn -> conv (a
+    padded conv: that BN must stay)."""
+
+    def __init__(self, after: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.register_buffer('after', torch.tensor(after))
+
+    def forward(self, x):
+        if self.after:
+            return self.bn(self.conv(x))
+        return self.conv(self.bn(x))
+
+
+def test_blocks_whose_flag_buffers_differ_get_their_own_trace(monkeypatch):
+    """The trace of the first block bakes in ``if self.after``: shared
+    with the second it would fold a BN the second applies before its
+    padded conv."""
+    calls = _count_traces(monkeypatch)
+    model = nn.Sequential(FlagBlock(True), FlagBlock(False), FlagBlock(True))
+    fused, _, rel = fuse_and_compare(model, (X, ), traced=False)
+    assert rel < 1e-5
+    identity_at(fused, ['0.bn', '2.bn'])
+    kept_at(fused, ['1.bn'])
+    assert len(calls) == 2
+
+
+def test_scalar_values_and_tied_tensors_tell_modules_apart():
+    """A one-element parameter a forward may read as a number (``float(
+    self.alpha)``), and which parameters are one tensor, are part of the
+    key; the weights and statistics of convs and norms are not."""
+
+    def scaled(alpha):
+        block = Block()
+        block.alpha = nn.Parameter(torch.tensor([alpha]))
+        return block
+
+    assert ModuleShape(scaled(0.5)).key == ModuleShape(scaled(0.5)).key
+    assert ModuleShape(scaled(0.5)).key != ModuleShape(scaled(0.7)).key
+    # Four-channel norms with other statistics, convs with other weights.
+    first, second = Block(), Block()
+    with torch.no_grad():
+        second.bn.running_var.uniform_(0.5, 2.0)
+        second.conv.weight.mul_(2.0)
+    assert ModuleShape(first).key == ModuleShape(second).key
+    tied, untied = nn.Module(), nn.Module()
+    tied.a, tied.b = nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1)
+    untied.a, untied.b = nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1)
+    tied.b.weight = tied.a.weight
+    assert ModuleShape(tied).key != ModuleShape(untied).key
+
+
+def test_a_tensor_whose_values_cannot_be_read_is_not_alike():
+    first, second = Block(), Block()
+    for block in (first, second):
+        block.register_buffer('flag', torch.empty(1, device='meta'))
+    assert ModuleShape(first).key != ModuleShape(second).key

@@ -15,14 +15,20 @@ through their subtrees, in the same order:
   module object;
 * the parameters and buffers have the same names, and each the same type,
   shape, strides, dtype, device, layout and ``requires_grad`` (or both are
-  ``None``);
+  ``None``), and which of them are one tensor (tied);
+* the values of small tensors (at most 16 elements) and of integer and
+  boolean ones (at most 1024) are the same: those are the flags and
+  numbers a forward may read in Python (``if self.flag``,
+  ``float(self.alpha)``), which its trace then holds as constants (the
+  floating point tensors of convs and norms aside: weights and statistics,
+  which fusion is there to change);
 * every other attribute has the same name, the same type, and compares
   equal (``==``; an attribute that cannot be compared counts as different).
 
-Tensor values are left out on purpose: a forward whose Python control flow
-branches on the values of its own parameters is outside what fusion can
-keep right anyway (folding changes those values), and a trace of it would
-hold for one set of values only.
+The values of larger floating point tensors (weights, norm statistics) are
+not compared: a forward that reads them in Python, rather than passing
+them to tensor operations (recorded as ``get_attr`` nodes, read from each
+module), would share a trace made with another module's values.
 """
 from collections import Counter
 from typing import Any, Dict, Hashable, List, Optional, Set, Tuple
@@ -30,6 +36,7 @@ from typing import Any, Dict, Hashable, List, Optional, Set, Tuple
 import torch
 from torch import fx, nn
 
+from ..layers import is_conv_layer, is_norm_layer
 from ..module_walk import walk_modules
 from .fx_tracer import trace_module_forward
 
@@ -39,16 +46,54 @@ __all__ = ['ModuleShape', 'TraceCache']
 _TENSORS_AND_CHILDREN = ('_parameters', '_buffers', '_modules')
 
 
-def _tensor_shapes(tensors: Dict[str, Optional[torch.Tensor]]) -> Hashable:
+#: Tensors of at most this many elements are compared by value too, and
+#: so are integer and boolean tensors of at most ``_MAX_INDEX_VALUES``.
+_MAX_SCALAR_VALUES = 16
+_MAX_INDEX_VALUES = 1024
+
+
+def _values(tensor: torch.Tensor, module: nn.Module) -> Hashable:
+    """The values of a small or an integer tensor of ``module``, which a
+    forward may read as flags or numbers (``if self.flag``,
+    ``float(self.alpha)``), baking them into its trace; ``()`` for other
+    tensors, and for the floating point ones of convs and norms (weights
+    and statistics, which fusion is there to change).  A tensor whose
+    values cannot be read (meta, fake) gets a key equal to no other."""
+    floating = tensor.is_floating_point() or tensor.is_complex()
+    limit = _MAX_SCALAR_VALUES if floating else _MAX_INDEX_VALUES
+    if tensor.numel() > limit or floating and (is_norm_layer(module) or
+                                               is_conv_layer(module)):
+        return ()
+    try:
+        return tuple(tensor.detach().reshape(-1).tolist())
+    except (RuntimeError, NotImplementedError):
+        return (object(), )
+
+
+def _tensor_shapes(tensors: Dict[str, Optional[torch.Tensor]],
+                   module: nn.Module, first_seen: Dict[int, Tuple[int, str]],
+                   index: int) -> Hashable:
     """``(name, type, shape, strides, dtype, device, layout,
-    requires_grad)`` of each tensor (``(name, None)`` for ``None``)."""
+    requires_grad, values)`` of each tensor of ``module`` (``(name,
+    None)`` for ``None``, ``(name, where)`` for a tensor met before in the
+    walk, where ``first_seen`` records the module index and name of each
+    tensor)."""
     if not tensors:
         return ()
-    return tuple(
-        (name, None) if t is None else
-        (name, type(t), t.shape,
-         t.stride() if t.layout is torch.strided else None, t.dtype,
-         t.device, t.layout, t.requires_grad) for name, t in tensors.items())
+    described = []
+    for name, t in tensors.items():
+        if t is None:
+            described.append((name, None))
+            continue
+        where = first_seen.setdefault(id(t), (index, name))
+        if where != (index, name):
+            described.append((name, where))
+            continue
+        described.append(
+            (name, type(t), t.shape,
+             t.stride() if t.layout is torch.strided else None, t.dtype,
+             t.device, t.layout, t.requires_grad, _values(t, module)))
+    return tuple(described)
 
 
 class ModuleShape:
@@ -64,6 +109,7 @@ class ModuleShape:
         key: List[Hashable] = []
         self.attributes: List[Dict] = []
         first_path: Dict[int, int] = {}
+        first_seen: Dict[int, Tuple[int, str]] = {}
         for index, (path, sub) in enumerate(
                 walk_modules(module, remove_duplicate=False)):
             same_as = first_path.setdefault(id(sub), index)
@@ -76,8 +122,10 @@ class ModuleShape:
                 others.pop(name, None)
             key.append((path, type(sub), tuple(others),
                         tuple(map(type, others.values())),
-                        _tensor_shapes(state.get('_parameters')),
-                        _tensor_shapes(state.get('_buffers'))))
+                        _tensor_shapes(state.get('_parameters'), sub,
+                                       first_seen, index),
+                        _tensor_shapes(state.get('_buffers'), sub,
+                                       first_seen, index)))
             self.attributes.append(others)
         self.key = tuple(key)
 
