@@ -148,9 +148,10 @@ class TraceCache:
     once in it, and with at most ``MAX_COMPARED`` modules in their subtree,
     are compared: for the others the comparison would cost more time than
     it can save (a module's graph grows with the calls its forward makes,
-    its shape with its whole subtree).  The cache holds the modules' attributes: keep
-    it no longer than one pass over the model.  The graphs it hands out
-    may be handed out again: copy one before changing it.
+    its shape with its whole subtree).  The cache holds the modules'
+    attributes: keep it no longer than one pass over the model.  The
+    graphs it hands out may be handed out again: copy one before changing
+    it.
 
     Args:
         model: The model whose modules will be traced, or ``None`` to
