@@ -440,3 +440,44 @@ def test_f_conv_weight_used_outside_a_call_stays(direct, traced):
     assert rel < 1e-5
     if not traced:
         kept_at(fused, ['bn'])
+
+
+def _site_by_name_search(caller, module):
+    """The site as ``resolve_site`` defines it: the one name ``module``
+    has below ``caller``, or ``None``."""
+    if caller is None:
+        return None
+    found = [
+        name for name, sub in caller.named_modules(remove_duplicate=False)
+        if sub is module and name
+    ]
+    if len(found) != 1:
+        return None
+    parent, _, attr = found[0].rpartition('.')
+    return caller.get_submodule(parent) if parent else caller, attr
+
+
+def test_call_sites_match_a_search_of_the_callers_names():
+    """The quick way to a call's site (one path in the whole model) gives
+    what searching the caller's names gives, for every caller and module
+    of models with module lists, shared heads and a module registered
+    twice."""
+    from mmfuse.demo import build_demo_model
+    from mmfuse.discovery.traced import TracedForward
+    models = [build_demo_model(), SharedConvHead(4), AliasedConv()]
+    twice = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ModuleList([nn.ReLU()]))
+    twice.add_module('again', twice[1])
+    models.append(twice)
+    checked = 0
+    for model in models:
+        traced = TracedForward(model, ())
+        modules = list(model.modules())
+        for caller in modules + [None]:
+            for module in modules:
+                site = traced.resolve_site(caller, module)
+                expected = _site_by_name_search(caller, module)
+                assert (site is None) == (expected is None)
+                if site is not None:
+                    assert site[0] is expected[0] and site[1] == expected[1]
+                checked += 1
+    assert checked > 100

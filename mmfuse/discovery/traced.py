@@ -11,7 +11,7 @@ new value, and every tensor seen is kept alive until the pass ends so ids
 are not reused.  The model's parameters are never touched; the hooks are
 removed when the pass ends.
 """
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..layers import is_conv_layer, is_norm_layer
+from ..module_walk import walk_modules
 from ..plan import CONCAT, POST, PRE, SUM
 from .occurrence import Evidence, Occurrence, Site
 
@@ -68,6 +69,10 @@ def _tensors_in(tree: Any) -> List[Tensor]:
             found.extend(t for t in tree_flatten(item)[0]
                          if isinstance(t, Tensor))
     return found
+
+
+def _childless(module: nn.Module) -> bool:
+    return all(child is None for child in module._modules.values())
 
 
 def _func_name(func) -> str:
@@ -168,14 +173,24 @@ class TracedForward:
         self.leaf_calls: List[_ModuleCall] = []
         self.site_cache: Dict[Tuple[int, int], Site] = {}
         self.subtrees: Dict[int, List[Tuple[str, nn.Module]]] = {}
+        self.modules = [m for _, m in walk_modules(model)]
         # Conv and norm layers count as leaves even with children (e.g. a
         # parametrized weight): what they compute inside is theirs.
         self.leaves = {
             id(m)
-            for m in model.modules()
-            if next(m.children(), None) is None or is_conv_layer(m)
-            or is_norm_layer(m)
+            for m in self.modules
+            if _childless(m) or is_conv_layer(m) or is_norm_layer(m)
         }
+        # Where each module registered only once in the whole model lies:
+        # its one ``(parent, attr)`` (see ``resolve_site``).
+        self.paths = Counter()
+        self.holders: Dict[int, Tuple[nn.Module, str]] = {}
+        for parent in self.modules:
+            for attr, child in parent._modules.items():
+                if child is not None:
+                    self.holders[id(child)] = (parent, attr)
+        for _, module in walk_modules(model, remove_duplicate=False):
+            self.paths[id(module)] += 1
         self.output = None
 
     # -- bookkeeping -------------------------------------------------------
@@ -229,6 +244,18 @@ class TracedForward:
         ``module``."""
         if caller is None:
             return None
+        if self.paths[id(module)] == 1:
+            # Reached by one path in the whole model (so are the modules on
+            # it): the one name below ``caller`` if that lies on the path.
+            holder = self.holders.get(id(module))
+            if holder is None:  # the model itself
+                return None
+            above = holder[0]
+            while above is not caller:
+                if id(above) not in self.holders:
+                    return None
+                above = self.holders[id(above)][0]
+            return holder
         cache_key = (id(caller), id(module))
         if cache_key in self.site_cache:
             return self.site_cache[cache_key]
@@ -288,7 +315,7 @@ class TracedForward:
         """Run the forward pass, recording; returns the model output."""
         handles = []
         try:
-            for module in self.model.modules():
+            for module in self.modules:
                 handles.append(
                     module.register_forward_pre_hook(
                         self.pre_hook, with_kwargs=True))
