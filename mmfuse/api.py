@@ -16,6 +16,7 @@ from .discovery import (collect_structural_evidence, collect_traced_evidence,
 from .guards import (FusionError, as_input_tuple, check_eval,
                      unwrap_model)
 from .layers import is_norm_layer, norm_fold_problem
+from .module_walk import walk_modules
 from .plan import FusionPlan, Skip
 from .report import FusionReport
 from .surgery import apply_plan, undo_folds
@@ -54,9 +55,10 @@ def discover_folds(model: nn.Module,
 def _count_norms(model: nn.Module) -> Tuple[int, int]:
     norms = foldable = 0
     seen = set()
-    for module in model.modules():
-        if id(module) in seen or not is_norm_layer(module) or \
-                next(module.children(), None) is not None:
+    for _, module in walk_modules(model):
+        if id(module) in seen or any(
+                child is not None for child in module._modules.values()) \
+                or not is_norm_layer(module):
             continue
         seen.add(id(module))
         norms += 1
@@ -107,8 +109,10 @@ def fuse_model(model: nn.Module,
     inputs = None if example_inputs is None else as_input_tuple(
         example_inputs)
     tolerance = None
+    low_precision = False
     if inputs is not None and verify:
         tolerance = default_rtol(model) if rtol is None else rtol
+        low_precision = is_low_precision(model)
     merges = None
     unmerged = None
     if reparameterize:
@@ -144,7 +148,7 @@ def fuse_model(model: nn.Module,
     # A float16/bfloat16 model is also measured against its float32 copy
     # (see OutputCheck), taken before any fold.
     precise = float32_output(model, inputs) \
-        if tolerance is not None and is_low_precision(model) else None
+        if tolerance is not None and low_precision else None
     applied = apply_plan(model, plan)
     if tolerance is not None:
         report.rtol = tolerance

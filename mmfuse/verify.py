@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .module_walk import walk_modules
+
 __all__ = [
     'output_error', 'default_rtol', 'isolate_failures', 'is_low_precision',
     'float32_output', 'OutputCheck'
@@ -73,16 +75,15 @@ def default_rtol(model: nn.Module) -> float:
     1e-4 for float32/float64 models (folding itself measures 1e-7 to 1e-6),
     5e-2 for float16/bfloat16 models, whose rounding dominates.
     """
-    for param in model.parameters():
-        if param.dtype in (torch.float16, torch.bfloat16):
-            return 5e-2
-    return 1e-4
+    return 5e-2 if is_low_precision(model) else 1e-4
 
 
 def is_low_precision(model: nn.Module) -> bool:
     """Whether ``model`` has float16 or bfloat16 parameters."""
-    return any(p.dtype in (torch.float16, torch.bfloat16)
-               for p in model.parameters())
+    low = (torch.float16, torch.bfloat16)
+    return any(param is not None and param.dtype in low
+               for _, module in walk_modules(model)
+               for param in module._parameters.values())
 
 
 def float32_output(model: nn.Module, inputs: Tuple) -> Any:
