@@ -59,11 +59,13 @@ def _values(tensor: torch.Tensor, module: nn.Module) -> Hashable:
     tensors, and for the floating point ones of convs and norms (weights
     and statistics, which fusion is there to change).  A tensor whose
     values cannot be read (meta, fake) gets a key equal to no other."""
-    floating = tensor.is_floating_point() or tensor.is_complex()
-    limit = _MAX_SCALAR_VALUES if floating else _MAX_INDEX_VALUES
-    if tensor.numel() > limit or floating and (is_norm_layer(module) or
-                                               is_conv_layer(module)):
+    size = tensor.numel()
+    if size > _MAX_INDEX_VALUES:  # most weights: no question asked
         return ()
+    if tensor.is_floating_point() or tensor.is_complex():
+        if size > _MAX_SCALAR_VALUES or is_norm_layer(module) or \
+                is_conv_layer(module):
+            return ()
     try:
         return tuple(tensor.detach().reshape(-1).tolist())
     except (RuntimeError, NotImplementedError):
