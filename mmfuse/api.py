@@ -6,13 +6,15 @@ with an example input observes the real forward pass and verifies the fused
 output against the unfused one, undoing any fold that breaks it.
 """
 import time
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .discovery import (collect_structural_evidence, collect_traced_evidence,
                         plan_folds)
+from .discovery.occurrence import Evidence
+from .discovery.traced import TracedForward
 from .guards import (FusionError, as_input_tuple, check_eval,
                      unwrap_model)
 from .layers import is_norm_layer, norm_fold_problem
@@ -114,28 +116,33 @@ def fuse_model(model: nn.Module,
         tolerance = default_rtol(model) if rtol is None else rtol
         low_precision = is_low_precision(model)
     merges = None
-    unmerged = None
-    if reparameterize:
-        from .reparam import merge_blocks
-        merges = merge_blocks(model)
-        if tolerance is not None and merges.groups:
-            unmerged = merges.unmerged_check(inputs, tolerance)
     reference = None
     if inputs is None:
+        if reparameterize:
+            from .reparam import merge_blocks
+            merges = merge_blocks(model)
         evidence = collect_structural_evidence(model)
-    elif unmerged is None:
-        evidence, reference = collect_traced_evidence(model, inputs)
     else:
-        # The traced pass also gives the output with every merge made:
-        # the merges are verified on it, with no forward pass of their
-        # own unless one must be undone.
-        try:
-            evidence, reference = collect_traced_evidence(model, inputs)
-        except Exception:  # a merge broke the forward: verify finds which
-            evidence = reference = None
-        undone = merges.verify(inputs, unmerged,
-                               reference if evidence is not None else None)
-        if undone or evidence is None:
+        from .reparam import has_registered_blocks, merge_blocks
+        evidence = None
+        if reparameterize and has_registered_blocks(model):
+            # Blocks a registry entry merges: merge first, and observe
+            # only the merged model.
+            merges = merge_blocks(model)
+        else:
+            # The model as given, observed once: its data flow, its output
+            # (the reference) and the blocks that may sum branches a merge
+            # can take; only those are traced for the generic merge.
+            observed = TracedForward(model, inputs)
+            reference = observed.run()
+            evidence = observed.evidence()
+            if reparameterize:
+                merges = merge_blocks(model,
+                                      generic_blocks=observed.sum_blocks)
+        if merges is not None and merges.groups:
+            evidence, reference = _observe_merged(model, inputs, merges,
+                                                  reference, tolerance)
+        elif evidence is None:
             evidence, reference = collect_traced_evidence(model, inputs)
     num_norms, num_foldable = _count_norms(model)
     plan = plan_folds(model, evidence, plain_convs)
@@ -180,6 +187,27 @@ def fuse_model(model: nn.Module,
     report.folded = [a.fold for a in applied]
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _observe_merged(model: nn.Module, inputs: Tuple, merges: Any,
+                    unmerged_output: Any, tolerance: Optional[float]
+                    ) -> Tuple[Evidence, Any]:
+    """The data flow and output of ``model`` with its blocks merged, the
+    merges verified against ``unmerged_output`` (``None``: computed with
+    the merges undone) on the same pass, and undone where they change the
+    output by more than ``tolerance``."""
+    if tolerance is None:
+        return collect_traced_evidence(model, inputs)
+    check = merges.unmerged_check(inputs, tolerance, unmerged_output)
+    try:
+        evidence, output = collect_traced_evidence(model, inputs)
+    except Exception:  # a merge broke the forward: verify finds which
+        evidence = output = None
+    undone = merges.verify(inputs, check,
+                           output if evidence is not None else None)
+    if undone or evidence is None:
+        evidence, output = collect_traced_evidence(model, inputs)
+    return evidence, output
 
 
 def fuse_conv_bn(module: nn.Module, *, plain_convs: bool = True) -> nn.Module:

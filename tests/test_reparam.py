@@ -922,3 +922,138 @@ def test_blocks_whose_flags_differ_are_each_merged_from_their_own_trace():
     assert rel <= RTOL
     assert len(_merged(records)) == 3
     assert len(_convs(merged)) == 3
+
+
+class InvertedResidualLike(nn.Module):
+    """``x + bn(conv(relu(bn(conv(x)))))``: the sum's branches start at
+    different values, so there is nothing to merge."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.expand = ConvBN(channels, channels, 1)
+        self.project = ConvBN(channels, channels, 3)
+
+    def forward(self, x):
+        return x + self.project(torch.relu(self.expand(x)))
+
+
+class ScaledLeafBranch(nn.Module):
+    """A branch through a childless module defined outside ``torch.nn``
+    (mmdet's ``Scale``), which the generic merge traces as a scaling."""
+
+    class Scale(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(0.6))
+
+        def forward(self, x):
+            return x * self.scale
+
+    def __init__(self, channels):
+        super().__init__()
+        self.big = ConvBN(channels, channels, 3)
+        self.small = ConvBN(channels, channels, 1)
+        self.scale = self.Scale()
+
+    def forward(self, x):
+        return self.big(x) + self.scale(self.small(x))
+
+
+@pytest.mark.parametrize('block, sums', [
+    (lambda: MobileOneLike(6), True),
+    (lambda: DiverseBranch(6), True),
+    (lambda: AffineMinusInput(6), True),
+    (lambda: PaddleRepVggBlock(6, 6), True),
+    (lambda: ScaledLeafBranch(6), True),
+    (lambda: ResidualAfterSum(6), True),
+    (lambda: InvertedResidualLike(6), False),
+    (lambda: nn.Sequential(ConvBN(6, 6, 3), nn.ReLU()), False),
+], ids=['mobileone_like', 'diverse_branch', 'affine_minus_input',
+        'paddle_repvgg', 'scaled_leaf', 'residual_after_sum',
+        'inverted_residual', 'plain_chain'])
+def test_the_traced_pass_finds_the_blocks_that_sum_branches(block, sums):
+    """In-place sums from ``0``, differences, scalings by a parameter and
+    through a module the merge traces all count; a residual around a
+    non-linear branch does not.  The whole model (the blocks above) is
+    marked with the block."""
+    from mmfuse.discovery.traced import TracedForward
+    model = _prepare(nn.Sequential(ConvBN(6, 6, 1), block()))
+    traced = TracedForward(model, (_input(6), ))
+    traced.run()
+    assert (id(model[1]) in traced.sum_blocks) is sums
+    assert (id(model) in traced.sum_blocks) is sums
+    assert id(model[0]) not in traced.sum_blocks
+
+
+@pytest.mark.parametrize('block', [
+    lambda: MobileOneLike(6), lambda: DiverseBranch(6),
+    lambda: ScaledLeafBranch(6), lambda: ResidualAfterSum(6)
+], ids=['mobileone_like', 'diverse_branch', 'scaled_leaf',
+        'residual_after_sum'])
+def test_fuse_model_merges_what_reparameterize_merges(block):
+    """``fuse_model`` tries the generic merge only in the blocks its traced
+    pass saw summing branches: it merges all that ``reparameterize`` does,
+    verified."""
+    model = _prepare(nn.Sequential(ConvBN(6, 6, 1), block(),
+                                   InvertedResidualLike(6)))
+    x = _input(6)
+    merged = copy.deepcopy(model)
+    expected = [r['module'] for r in _merged(reparameterize(merged))]
+    fused = copy.deepcopy(model)
+    report = mmfuse.fuse_model(fused, (x, ))
+    assert [r['module'] for r in _merged(report.reparameterized)] == \
+        expected == ['1']
+    assert report.max_rel_error <= RTOL
+    with torch.no_grad():
+        assert output_error(model(x), fused(x))[1] <= RTOL
+
+
+def test_fuse_model_without_branch_sums_runs_one_pass_and_no_trace(
+        monkeypatch):
+    from mmfuse.discovery.traced import TracedForward
+    from mmfuse.reparam import generic
+    passes, traces = [], []
+    run, trace_block = TracedForward.run, generic.trace_block
+
+    def counted_run(self):
+        passes.append(self)
+        return run(self)
+
+    def counted_trace(*args, **kwargs):
+        traces.append(args[0])
+        return trace_block(*args, **kwargs)
+
+    monkeypatch.setattr(TracedForward, 'run', counted_run)
+    monkeypatch.setattr(generic, 'trace_block', counted_trace)
+    model = _prepare(nn.Sequential(*[InvertedResidualLike(6)
+                                     for _ in range(3)]))
+    report = mmfuse.fuse_model(model, (_input(6), ))
+    assert len(report.folded) == 6
+    assert len(passes) == 1 and traces == []
+
+
+def test_fuse_model_undoes_a_generic_merge_its_pass_shows_wrong():
+    """A global forward hook doubles one branch: the generic merge cannot
+    see it, the output observed before merging can, so the merge is
+    undone and the output stays right."""
+    model = _prepare(nn.Sequential(ConvBN(6, 6, 1), LargeSmall(6)))
+    x = _input(6)
+    target = model[1].small
+
+    def double(module, args, output):
+        return output * 2 if module is target else output
+
+    handle = nn.modules.module.register_module_forward_hook(double)
+    try:
+        with torch.no_grad():
+            expected = model(x)
+        report = mmfuse.fuse_model(model, (x, ))
+        with torch.no_grad():
+            assert output_error(expected, model(x))[1] <= RTOL
+    finally:
+        handle.remove()
+    records = [r for r in report.reparameterized if r['module'] == '1']
+    assert records and not records[0]['merged']
+    assert 'verification' in records[0]['reason']
+    assert isinstance(model[1], LargeSmall)

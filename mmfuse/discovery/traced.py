@@ -6,13 +6,17 @@ module that consumed it; forward hooks on every module record leaf module
 calls and which parent called them.  Any Python control flow is fine: what
 counts is what actually happened.
 
+It also notes the modules that were seen adding two values linear in one
+earlier value, with a conv on the way (``sum_blocks``): the only ones in
+which re-parameterization can find a sum of branches to merge.
+
 A tensor is identified by ``(id, version)`` so an in-place operation makes a
 new value, and every tensor seen is kept alive until the pass ends so ids
 are not reused.  The model's parameters are never touched; the hooks are
 removed when the pass ends.
 """
 from collections import Counter, defaultdict
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +52,25 @@ _SHAPE_ONLY = {
 }
 _SHAPE_ONLY_OTHER = {'reshape_as', 'view_as', 'expand_as', 'type_as'}
 _ADDS = {'add', '__add__', '__radd__'}
+# Operations a sum of branches is made of: sums and differences, and
+# products with (or quotients by) a constant.
+_ADDITIVE = _ADDS | {
+    'add_', '__iadd__', 'sub', 'sub_', '__sub__', '__rsub__', '__isub__',
+    'rsub', 'subtract'
+}
+_SCALING = {
+    'mul', 'mul_', '__mul__', '__rmul__', '__imul__', 'multiply', 'div',
+    'div_', '__truediv__', '__itruediv__', 'true_divide', 'divide', 'neg',
+    'neg_', '__neg__', 'negative'
+}
+_IN_PLACE_LINEAR = {
+    name
+    for name in _ADDITIVE | _SCALING
+    if name.endswith('_') or name.startswith('__i')
+}
+_LINEAR_LEAVES = (nn.AvgPool2d, nn.Identity, nn.Dropout, nn.Dropout1d,
+                  nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                  nn.FeatureAlphaDropout)
 _ROW_VIEWS = {'flatten', 'reshape', 'view'}
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
 
@@ -69,6 +92,24 @@ def _tensors_in(tree: Any) -> List[Tensor]:
             found.extend(t for t in tree_flatten(item)[0]
                          if isinstance(t, Tensor))
     return found
+
+
+def _version_key(tensor: Tensor) -> Key:
+    """``(id, version)`` of a tensor: a new key after an in-place change."""
+    try:
+        return id(tensor), tensor._version
+    except RuntimeError:  # inference tensors have no version counter
+        return id(tensor), -1
+
+
+def _may_be_linear(module: nn.Module) -> bool:
+    """Whether a leaf module may compute a linear map of its input, as
+    the generic merge sees it: convs, norms, average pools, identities and
+    dropouts of ``torch.nn``, and any module defined elsewhere (which the
+    merge traces)."""
+    return is_conv_layer(module) or is_norm_layer(module) or isinstance(
+        module, _LINEAR_LEAVES) or \
+        not type(module).__module__.startswith('torch.nn.')
 
 
 def _childless(module: nn.Module) -> bool:
@@ -140,16 +181,19 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         tracer = self.tracer
         if tracer.busy or tracer.active_leaf is not None:
-            return out
+            return func(*args, **kwargs)
         name = _func_name(func)
+        # An in-place sum or scaling: its inputs as they were before.
+        before = [_version_key(t) for t in _tensors_in((args, kwargs))] \
+            if name in _IN_PLACE_LINEAR else None
+        out = func(*args, **kwargs)
         if name in _METADATA or name in _SHAPE_ONLY:
             return out
         if name in _SHAPE_ONLY_OTHER and len(args) == 2 and not kwargs:
             args = args[:1]
-        tracer.record_op(name, args, kwargs, out)
+        tracer.record_op(name, args, kwargs, out, before)
         return out
 
 
@@ -191,21 +235,27 @@ class TracedForward:
                     self.holders[id(child)] = (parent, attr)
         for _, module in walk_modules(model, remove_duplicate=False):
             self.paths[id(module)] += 1
+        # ``key -> (source, through_conv)`` for a value that is linear in
+        # an earlier value ``source`` (leaf convs, norms, pools and sums of
+        # such), and whether a conv lies on the way; see ``sum_blocks``.
+        self.linear: Dict[Key, Tuple[Key, bool]] = {}
+        self.sum_blocks: Set[int] = set()
         self.output = None
 
     # -- bookkeeping -------------------------------------------------------
     def key(self, tensor: Tensor) -> Key:
         self.keep.append(tensor)
-        try:
-            version = tensor._version
-        except RuntimeError:  # inference tensors have no version counter
-            version = -1
-        return id(tensor), version
+        return _version_key(tensor)
 
     def keys(self, *trees) -> List[Key]:
         return [self.key(t) for t in _tensors_in(trees)]
 
-    def record_op(self, name: str, args, kwargs, out) -> None:
+    def record_op(self,
+                  name: str,
+                  args,
+                  kwargs,
+                  out,
+                  before: Optional[List[Key]] = None) -> None:
         self.busy = True
         try:
             in_tensors = _tensors_in((args, kwargs))
@@ -235,8 +285,40 @@ class TracedForward:
             for key in outputs:
                 if key not in inputs:
                     self.producer[key] = op
+            self.follow_linear(name, inputs if before is None else before,
+                               outputs)
         finally:
             self.busy = False
+
+    def source(self, key: Key) -> Tuple[Key, bool]:
+        """``(source, through_conv)`` of the value ``key`` (itself if it
+        is not linear in an earlier value)."""
+        return self.linear.get(key, (key, False))
+
+    def follow_linear(self, name: str, inputs: List[Key],
+                      outputs: List[Key]) -> None:
+        """Follow sums and scalings of linear values, and take note of the
+        modules running a sum of two values linear in one source with a
+        conv on the way: a sum re-parameterization may merge.
+
+        A superset of what it can merge is enough: any sum or scaling
+        counts, whatever its constant (a tensor that no recorded call
+        produced, such as a parameter, counts as a constant).
+        """
+        if len(outputs) != 1:
+            return
+        if name in _ADDITIVE and len(inputs) == 2:
+            (left, left_conv), (right, right_conv) = map(self.source, inputs)
+            if left != right:
+                return
+            if left_conv or right_conv:
+                self.sum_blocks.update(id(m) for m in self.stack)
+            self.linear[outputs[0]] = (left, left_conv or right_conv)
+            return
+        if name in _ADDITIVE | _SCALING:
+            varying = [k for k in inputs if k in self.producer]
+            if len(varying) == 1:
+                self.linear[outputs[0]] = self.source(varying[0])
 
     def resolve_site(self, caller: Optional[nn.Module],
                      module: nn.Module) -> Site:
@@ -304,6 +386,11 @@ class TracedForward:
         self.busy = True
         try:
             call.outputs = self.keys(output)
+            if len(call.inputs) == 1 and len(call.outputs) == 1 and \
+                    _may_be_linear(module):
+                source, conv = self.source(call.inputs[0])
+                self.linear[call.outputs[0]] = (
+                    source, conv or is_conv_layer(module))
             for key in call.outputs:
                 self.producer[key] = call
         finally:

@@ -8,7 +8,7 @@ need their own rule get it from :data:`REPARAMETERIZERS`.
 """
 from . import builtins  # noqa: F401  (registers the built-in entries)
 from .api import (DEPLOY_METHODS, Merges, apply_reparam_structure,
-                  merge_blocks, reparameterize)
+                  has_registered_blocks, merge_blocks, reparameterize)
 from .branches import Op, Term, conv_op, merge_terms, norm_op, pool_op
 from .branches import scale_op
 from .generic import GenericMerger
@@ -17,7 +17,8 @@ from .registry import (REPARAMETERIZERS, BranchSum, Reparameterizer,
                        ReparamRefused, find_reparameterizer)
 
 __all__ = [
-    'reparameterize', 'merge_blocks', 'Merges', 'apply_reparam_structure',
+    'reparameterize', 'merge_blocks', 'has_registered_blocks', 'Merges',
+    'apply_reparam_structure',
     'DEPLOY_METHODS',
     'REPARAMETERIZERS', 'Reparameterizer', 'BranchSum', 'ReparamRefused',
     'find_reparameterizer', 'GenericMerger', 'Term', 'Op', 'conv_op',

@@ -16,13 +16,14 @@ loads with no missing or unexpected keys.
 import copy
 import inspect
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
 
 from ..guards import (FusionError, as_input_tuple, check_eval,
                       unwrap_model)
+from ..module_walk import walk_modules
 from ..verify import (OutputCheck, default_rtol, float32_output,
                       is_low_precision, isolate_failures)
 from .branches import build_conv, describe_term, merge_terms
@@ -89,9 +90,13 @@ def _deploy_sequential(block: nn.Module, convs: Dict[str, nn.Conv2d],
 
 class _Walker:
 
-    def __init__(self, model: nn.Module, call_deploy_methods: bool,
-                 use_registry: bool):
+    def __init__(self,
+                 model: nn.Module,
+                 call_deploy_methods: bool,
+                 use_registry: bool,
+                 generic_blocks: Optional[Set[int]] = None):
         self.model = model
+        self.generic_blocks = generic_blocks
         self.call_deploy_methods = call_deploy_methods
         self.use_registry = use_registry
         self.merger = GenericMerger(model)
@@ -181,6 +186,9 @@ class _Walker:
         if not has_conv or module._forward_hooks or \
                 module._forward_pre_hooks:
             return has_conv
+        if self.generic_blocks is not None and \
+                id(module) not in self.generic_blocks:
+            return True
         rewrite, reasons = self.merger.rewrite(module, path)
         for reason in reasons:
             self.left(path, module, 'generic', reason)
@@ -334,16 +342,30 @@ class Merges:
         self.records = records
         self.groups = groups
 
-    def unmerged_check(self, inputs: Tuple, tolerance: float) -> OutputCheck:
+    def unmerged_check(self,
+                       inputs: Tuple,
+                       tolerance: float,
+                       reference: Any = None) -> OutputCheck:
         """The check against the model's output with every merge undone
-        (and its float32 output, for a low-precision model)."""
+        (and its float32 output, for a low-precision model).
+
+        Args:
+            inputs: The example inputs.
+            tolerance: The largest relative error accepted.
+            reference: The output with every merge undone, when the caller
+                has it already (else a forward pass computes it).
+        """
+        low_precision = is_low_precision(self.model)
+        if reference is not None and not low_precision:
+            return OutputCheck(reference, tolerance, None)
         for group in reversed(self.groups):
             group.undo()
         try:
-            with torch.no_grad():
-                reference = self.model(*inputs)
+            if reference is None:
+                with torch.no_grad():
+                    reference = self.model(*inputs)
             precise = float32_output(self.model, inputs) \
-                if is_low_precision(self.model) else None
+                if low_precision else None
         finally:
             for group in self.groups:
                 group.redo()
@@ -405,15 +427,29 @@ class Merges:
         return not passed
 
 
+def has_registered_blocks(model: nn.Module) -> bool:
+    """Whether a :data:`REPARAMETERIZERS` entry applies to a module of
+    ``model`` (which :func:`merge_blocks` then merges, unless refused)."""
+    return any(
+        'forward' not in module.__dict__
+        and find_reparameterizer(module) is not None
+        for _, module in walk_modules(model))
+
+
 def merge_blocks(model: nn.Module,
                  call_deploy_methods: bool = False,
-                 use_registry: bool = True) -> Merges:
+                 use_registry: bool = True,
+                 generic_blocks: Optional[Set[int]] = None) -> Merges:
     """Merge every block of ``model`` that can be, in place, unverified.
 
     See :func:`reparameterize` for the arguments; ``model`` is already
-    unwrapped and in eval mode.
+    unwrapped and in eval mode.  With ``generic_blocks`` (ids of modules)
+    the generic merge tries only those modules (``sum_blocks`` of a
+    :class:`~mmfuse.discovery.traced.TracedForward`: the modules that were
+    seen summing branches of one value); registry entries apply anywhere.
     """
-    walker = _Walker(model, call_deploy_methods, use_registry)
+    walker = _Walker(model, call_deploy_methods, use_registry,
+                     generic_blocks)
     records = walker.run()
     return Merges(model, records, walker.groups)
 
