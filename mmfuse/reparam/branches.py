@@ -298,7 +298,8 @@ def merge_terms(
     pairs = [
         _branch_tensors(term, geometry, reference.device) for term in terms
     ]
-    weight, bias = sum_branches(pairs)
+    # The pairs are this function's own float64 tensors: sum into them.
+    weight, bias = sum_branches(pairs, into_first=True)
     return (geometry, weight.to(reference.dtype),
             bias.to(reference.dtype))
 

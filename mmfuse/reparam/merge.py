@@ -244,12 +244,14 @@ def compose_affine(first: Tuple[Tensor, Tensor],
     return scale1 * scale2, shift1 * scale2 + shift2
 
 
-def sum_branches(
-        branches: Sequence[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+def sum_branches(branches: Sequence[Tuple[Tensor, Tensor]],
+                 into_first: bool = False) -> Tuple[Tensor, Tensor]:
     """Sum ``(weight, bias)`` pairs of one geometry, in float64.
 
     Args:
         branches: Kernels already centred to one size, with their biases.
+        into_first: Add into the first pair, float64 tensors the caller
+            lets go of, rather than into a copy.
 
     Returns:
         ``(weight, bias)`` of the merged conv, float64.
@@ -258,8 +260,12 @@ def sum_branches(
     if len(shapes) != 1:
         raise MergeError(f'kernels of different shapes: {shapes}')
     first_weight, first_bias = branches[0]
-    weight = first_weight.to(torch.float64, copy=True)
-    bias = first_bias.to(torch.float64, copy=True)
+    if into_first and first_weight.dtype == first_bias.dtype == \
+            torch.float64:
+        weight, bias = first_weight, first_bias
+    else:
+        weight = first_weight.to(torch.float64, copy=True)
+        bias = first_bias.to(torch.float64, copy=True)
     for branch_weight, branch_bias in branches[1:]:
         weight += branch_weight
         bias += branch_bias
