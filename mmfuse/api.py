@@ -18,7 +18,7 @@ from .discovery.traced import TracedForward
 from .guards import (FusionError, as_input_tuple, check_eval,
                      unwrap_model)
 from .layers import is_norm_layer, norm_fold_problem
-from .module_walk import walk_modules
+from .module_walk import tree_unchanged, walk_modules
 from .plan import FusionPlan, Skip
 from .report import FusionReport
 from .surgery import apply_plan, undo_folds
@@ -45,13 +45,14 @@ def discover_folds(model: nn.Module,
         The plan: folds to make and norms left, with reasons.
     """
     model = unwrap_model(model)
-    check_eval(model)
-    if example_inputs is None:
-        evidence = collect_structural_evidence(model)
-    else:
-        evidence, _ = collect_traced_evidence(model,
-                                              as_input_tuple(example_inputs))
-    return plan_folds(model, evidence, plain_convs)
+    with tree_unchanged():
+        check_eval(model)
+        if example_inputs is None:
+            evidence = collect_structural_evidence(model)
+        else:
+            evidence, _ = collect_traced_evidence(
+                model, as_input_tuple(example_inputs))
+        return plan_folds(model, evidence, plain_convs)
 
 
 def _count_norms(model: nn.Module) -> Tuple[int, int]:
@@ -121,7 +122,7 @@ def fuse_model(model: nn.Module,
         if reparameterize:
             from .reparam import merge_blocks
             merges = merge_blocks(model)
-        evidence = collect_structural_evidence(model)
+        evidence = None  # read from structure, below
     else:
         from .reparam import has_registered_blocks, merge_blocks
         evidence = None
@@ -144,8 +145,11 @@ def fuse_model(model: nn.Module,
                                                   reference, tolerance)
         elif evidence is None:
             evidence, reference = collect_traced_evidence(model, inputs)
-    num_norms, num_foldable = _count_norms(model)
-    plan = plan_folds(model, evidence, plain_convs)
+    with tree_unchanged():  # discovery walks the model many times
+        if evidence is None:
+            evidence = collect_structural_evidence(model)
+        num_norms, num_foldable = _count_norms(model)
+        plan = plan_folds(model, evidence, plain_convs)
     report = FusionReport(
         mode=evidence.mode,
         left=list(plan.skipped),
@@ -227,7 +231,9 @@ def fuse_conv_bn(module: nn.Module, *, plain_convs: bool = True) -> nn.Module:
         The same ``module``, fused.
     """
     model = unwrap_model(module)
-    check_eval(model)
-    plan = plan_folds(model, collect_structural_evidence(model), plain_convs)
+    with tree_unchanged():  # discovery walks the model many times
+        check_eval(model)
+        plan = plan_folds(model, collect_structural_evidence(model),
+                          plain_convs)
     apply_plan(model, plan, undoable=False)
     return module

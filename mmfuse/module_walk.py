@@ -5,11 +5,28 @@ through every level above it, which costs 20 ms on HRNet (1,300 modules,
 depth up to 8) when done a few times per fusion.  This walk gives the same
 modules in the same order, with one loop.
 """
-from typing import List, Tuple
+import threading
+from contextlib import contextmanager
+from typing import Dict, Hashable, Iterator, List, Tuple
 
 from torch import nn
 
-__all__ = ['walk_modules']
+__all__ = ['walk_modules', 'tree_unchanged']
+
+_MEMO = threading.local()
+
+
+@contextmanager
+def tree_unchanged() -> Iterator[None]:
+    """Within, each walk of one root is made once (per thread): for code
+    that changes no module tree, such as discovery, which walks the model
+    from several places."""
+    previous = getattr(_MEMO, 'walks', None)
+    _MEMO.walks = {} if previous is None else previous
+    try:
+        yield
+    finally:
+        _MEMO.walks = previous
 
 
 def walk_modules(model: nn.Module,
@@ -27,6 +44,12 @@ def walk_modules(model: nn.Module,
         ``(dotted path, module)`` in pre-order, children in registration
         order; the root has path ``''``.
     """
+    memo: Dict[Hashable, Tuple[nn.Module, List]] = getattr(
+        _MEMO, 'walks', None)
+    if memo is not None:
+        known = memo.get((id(model), remove_duplicate))
+        if known is not None and known[0] is model:
+            return list(known[1])
     found: List[Tuple[str, nn.Module]] = []
     seen = set()
     stack = [('', model)]
@@ -44,4 +67,7 @@ def walk_modules(model: nn.Module,
         stack.extend((prefix + name, child)
                      for name, child in reversed(children.items())
                      if child is not None)
+    if memo is not None:
+        memo[(id(model), remove_duplicate)] = (model, found)
+        return list(found)
     return found

@@ -479,3 +479,19 @@ def test_isolate_failures_keeps_nothing_when_the_kept_set_fails():
                                           lambda: 'b' not in state)
     assert (kept, bad, dropped, state) == (['a', 'c'], ['b'], [],
                                            ['a', 'c'])
+
+
+def test_walks_of_an_unchanged_tree_are_made_once_and_handed_out_as_copies():
+    from mmfuse.module_walk import tree_unchanged, walk_modules
+    model = _resnetish()
+    with tree_unchanged():
+        first = walk_modules(model)
+        first.clear()  # a copy: the next caller still gets every module
+        again = walk_modules(model)
+        assert again == walk_modules(model)
+        assert walk_modules(model, remove_duplicate=False) == list(
+            model.named_modules(remove_duplicate=False))
+    assert again == list(model.named_modules())
+    # Outside, a changed tree is walked afresh.
+    model.add_module('extra', nn.ReLU())
+    assert walk_modules(model)[-1][0] == 'extra'

@@ -226,9 +226,10 @@ class _Planner:
         norms = []
         seen = set()
         for _, module in walk_modules(self.model):
-            if id(module) in seen or not is_norm_layer(module):
-                continue
-            if any(True for _ in module.children()):
+            if id(module) in seen or any(
+                    child is not None
+                    for child in module._modules.values()) or \
+                    not is_norm_layer(module):
                 continue
             seen.add(id(module))
             norms.append(module)
