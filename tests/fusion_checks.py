@@ -1,6 +1,7 @@
 """Shared checks: fuse a copy, compare with the unfused model."""
 import copy
-from typing import Iterable, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -42,3 +43,18 @@ def kept_at(model: nn.Module, names: Iterable[str]) -> None:
     for name in names:
         module = model.get_submodule(name)
         assert not isinstance(module, nn.Identity), name
+
+
+@contextmanager
+def doubled_output(target: nn.Module) -> Iterator[None]:
+    """Within, a global forward hook doubles ``target``'s output: a change
+    no discovery can see, which only verification catches."""
+
+    def double(module, args, output):
+        return output * 2 if module is target else output
+
+    handle = nn.modules.module.register_module_forward_hook(double)
+    try:
+        yield
+    finally:
+        handle.remove()

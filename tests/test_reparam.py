@@ -29,6 +29,7 @@ from mmfuse.surgery import apply_plan
 from mmfuse.testing import randomize_norm_stats
 from mmfuse.verify import output_error
 
+from fusion_checks import doubled_output
 from reparam_models import build_reparam_model
 
 RTOL = 1e-5
@@ -1039,20 +1040,12 @@ def test_fuse_model_undoes_a_generic_merge_its_pass_shows_wrong():
     undone and the output stays right."""
     model = _prepare(nn.Sequential(ConvBN(6, 6, 1), LargeSmall(6)))
     x = _input(6)
-    target = model[1].small
-
-    def double(module, args, output):
-        return output * 2 if module is target else output
-
-    handle = nn.modules.module.register_module_forward_hook(double)
-    try:
+    with doubled_output(model[1].small):
         with torch.no_grad():
             expected = model(x)
         report = mmfuse.fuse_model(model, (x, ))
         with torch.no_grad():
             assert output_error(expected, model(x))[1] <= RTOL
-    finally:
-        handle.remove()
     records = [r for r in report.reparameterized if r['module'] == '1']
     assert records and not records[0]['merged']
     assert 'verification' in records[0]['reason']

@@ -18,7 +18,7 @@ from mmfuse.demo import build_demo_model
 from mmfuse.testing import randomize_norm_stats
 from mmfuse.verify import output_error
 
-from fusion_checks import identity_at
+from fusion_checks import doubled_output, identity_at
 
 
 def _resnetish() -> nn.Module:
@@ -238,22 +238,12 @@ def test_verification_undoes_the_folds_it_finds_wrong():
     """A global forward hook doubles one conv's output: invisible to
     discovery, caught by verification, and only that fold is undone."""
     model = _resnetish()
-    with torch.no_grad():
-        reference = model(X)
-    target = model[3]
-
-    def double(module, args, output):
-        return output * 2 if module is target else output
-
-    handle = nn.modules.module.register_module_forward_hook(double)
-    try:
+    with doubled_output(model[3]):
         with torch.no_grad():
             reference = model(X)
         report = mmfuse.fuse_model(model, (X, ))
         with torch.no_grad():
             assert output_error(reference, model(X))[1] < 1e-5
-    finally:
-        handle.remove()
     assert report.folded_names == ['1', '9']
     assert [s.name for s in report.undone] == ['4']
     assert 'verification' in report.undone[0].reason
