@@ -18,7 +18,7 @@ from .discovery.traced import TracedForward
 from .guards import (FusionError, as_input_tuple, check_eval,
                      unwrap_model)
 from .layers import is_norm_layer, norm_fold_problem
-from .module_walk import tree_unchanged, walk_modules
+from .module_walk import has_children, tree_unchanged, walk_modules
 from .plan import FusionPlan, Skip
 from .report import FusionReport
 from .surgery import apply_plan, undo_folds
@@ -59,9 +59,8 @@ def _count_norms(model: nn.Module) -> Tuple[int, int]:
     norms = foldable = 0
     seen = set()
     for _, module in walk_modules(model):
-        if id(module) in seen or any(
-                child is not None for child in module._modules.values()) \
-                or not is_norm_layer(module):
+        if id(module) in seen or has_children(module) or \
+                not is_norm_layer(module):
             continue
         seen.add(id(module))
         norms += 1

@@ -14,6 +14,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from .module_walk import has_children
+
 __all__ = [
     'is_norm_layer', 'norm_fold_problem', 'norm_affine_params',
     'norm_channels', 'is_conv_layer', 'conv_fold_problem', 'conv_geometry',
@@ -123,7 +125,7 @@ def is_norm_layer(module: nn.Module) -> bool:
     # not one.
     return looks_like_norm and \
         not type(module).__module__.startswith('torch.nn.utils') and \
-        next(module.children(), None) is None
+        not has_children(module)
 
 
 def norm_fold_problem(module: nn.Module) -> Optional[str]:

@@ -11,9 +11,15 @@ from typing import Dict, Hashable, Iterator, List, Tuple
 
 from torch import nn
 
-__all__ = ['walk_modules', 'tree_unchanged']
+__all__ = ['walk_modules', 'tree_unchanged', 'has_children']
 
 _MEMO = threading.local()
+
+
+def has_children(module: nn.Module) -> bool:
+    """``next(module.children(), None) is not None``, without a
+    generator."""
+    return any(child is not None for child in module._modules.values())
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from torch import nn
 from ..layers import (conv_fold_problem, conv_in_channels, conv_out_channels,
                       is_norm_layer, norm_channels, norm_fold_problem,
                       pads_with_zeros)
-from ..module_walk import walk_modules
+from ..module_walk import has_children, walk_modules
 from ..plain_conv import plain_conv_of
 from ..plan import (CONCAT, POST, PRE, SUM, ConvTarget, Fold, FusionPlan,
                     Skip)
@@ -226,9 +226,7 @@ class _Planner:
         norms = []
         seen = set()
         for _, module in walk_modules(self.model):
-            if id(module) in seen or any(
-                    child is not None
-                    for child in module._modules.values()) or \
+            if id(module) in seen or has_children(module) or \
                     not is_norm_layer(module):
                 continue
             seen.add(id(module))

@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..layers import is_conv_layer, is_norm_layer
-from ..module_walk import walk_modules
+from ..module_walk import has_children, walk_modules
 from ..plan import CONCAT, POST, PRE, SUM
 from .occurrence import Evidence, Occurrence, Site
 
@@ -110,10 +110,6 @@ def _may_be_linear(module: nn.Module) -> bool:
     return is_conv_layer(module) or is_norm_layer(module) or isinstance(
         module, _LINEAR_LEAVES) or \
         not type(module).__module__.startswith('torch.nn.')
-
-
-def _childless(module: nn.Module) -> bool:
-    return all(child is None for child in module._modules.values())
 
 
 def _func_name(func) -> str:
@@ -223,7 +219,7 @@ class TracedForward:
         self.leaves = {
             id(m)
             for m in self.modules
-            if _childless(m) or is_conv_layer(m) or is_norm_layer(m)
+            if not has_children(m) or is_conv_layer(m) or is_norm_layer(m)
         }
         # Where each module registered only once in the whole model lies:
         # its one ``(parent, attr)`` (see ``resolve_site``).

@@ -36,6 +36,7 @@ from ..discovery.fx_tracer import trace_module_forward
 from ..discovery.trace_cache import TraceCache
 from ..layers import (fuses_conv_bn_on_the_fly, is_mmcv_conv_module,
                       is_norm_layer, norm_fold_problem)
+from ..module_walk import has_children
 from .branches import (Op, Term, _conv_problem, _pool_problem, build_conv,
                        conv_op, describe_term, merge_terms, norm_op, pool_op,
                        scale_op)
@@ -200,7 +201,7 @@ class GenericMerger:
             return None
         if isinstance(module, nn.Conv2d):
             return None if _conv_problem(module) else [Term([conv_op(module)])]
-        if is_norm_layer(module) and next(module.children(), None) is None:
+        if is_norm_layer(module) and not has_children(module):
             if norm_fold_problem(module):
                 return None
             return [Term([norm_op(module)])]
