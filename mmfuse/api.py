@@ -20,6 +20,7 @@ from .guards import (FusionError, as_input_tuple, check_eval,
 from .layers import is_norm_layer, norm_fold_problem
 from .module_walk import has_children, tree_unchanged, walk_modules
 from .plan import FusionPlan, Skip
+from .reparam import Merges, has_registered_blocks, merge_blocks
 from .report import FusionReport
 from .surgery import apply_plan, undo_folds
 from .verify import (OutputCheck, default_rtol, float32_output,
@@ -119,11 +120,9 @@ def fuse_model(model: nn.Module,
     reference = None
     if inputs is None:
         if reparameterize:
-            from .reparam import merge_blocks
             merges = merge_blocks(model)
         evidence = None  # read from structure, below
     else:
-        from .reparam import has_registered_blocks, merge_blocks
         evidence = None
         if reparameterize and has_registered_blocks(model):
             # Blocks a registry entry merges: merge first, and observe
@@ -192,7 +191,7 @@ def fuse_model(model: nn.Module,
     return report
 
 
-def _observe_merged(model: nn.Module, inputs: Tuple, merges: Any,
+def _observe_merged(model: nn.Module, inputs: Tuple, merges: Merges,
                     unmerged_output: Any, tolerance: Optional[float]
                     ) -> Tuple[Evidence, Any]:
     """The data flow and output of ``model`` with its blocks merged, the

@@ -19,7 +19,7 @@ from torch import Tensor
 
 __all__ = [
     'NormParams', 'norm_affine', 'norm_affines', 'fold_affine_into_output',
-    'fold_affine_into_input', 'scale_output_channels'
+    'fold_affine_into_input', 'scale_output_channels', 'dense_format'
 ]
 
 
@@ -152,16 +152,24 @@ def _joined_affine(group: Sequence[NormParams],
     return scale, shift
 
 
+def dense_format(tensor: Tensor) -> Optional[torch.memory_format]:
+    """The memory format in which ``tensor`` is laid out densely
+    (contiguous, or channels last for 4-D and 5-D tensors), or ``None``
+    for a strided view (whose elements may also share memory)."""
+    if tensor.is_contiguous():
+        return torch.contiguous_format
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(
+        tensor.dim())
+    if fmt is not None and tensor.is_contiguous(memory_format=fmt):
+        return fmt
+    return None
+
+
 def _same_layout(new: Tensor, like: Tensor) -> Tensor:
     """``new`` laid out in memory like ``like`` (contiguous or channels
     last): a strided weight would slow every convolution after the fold."""
-    if like.dim() < 4 or like.is_contiguous():
-        return new.contiguous()
-    for fmt in (torch.channels_last, torch.channels_last_3d):
-        dims = 4 if fmt is torch.channels_last else 5
-        if like.dim() == dims and like.is_contiguous(memory_format=fmt):
-            return new.contiguous(memory_format=fmt)
-    return new.contiguous()
+    return new.contiguous(
+        memory_format=dense_format(like) or torch.contiguous_format)
 
 
 def _row_factors(scale64: Tensor, weight: Tensor, transposed: bool,

@@ -15,8 +15,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .folding import (fold_affine_into_input, fold_affine_into_output,
-                      norm_affine, norm_affines)
+from .folding import (dense_format, fold_affine_into_input,
+                      fold_affine_into_output, norm_affine, norm_affines)
 from .layers import (CONV_BN_ON_THE_FLY, conv_geometry, conv_out_channels,
                      norm_affine_params)
 from .plain_conv import plain_conv_of
@@ -107,16 +107,6 @@ def _set_parameter(module: nn.Module, name: str, value: torch.Tensor,
 _STORAGE_USERS = getattr(torch._C, '_storage_Use_Count', None)
 
 
-def _dense(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is laid out densely (contiguous or channels
-    last), so that no two of its elements share memory."""
-    if tensor.is_contiguous():
-        return True
-    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
-    fmt = formats.get(tensor.dim())
-    return fmt is not None and tensor.is_contiguous(memory_format=fmt)
-
-
 def _seen_only_by(module: nn.Module, name: str) -> bool:
     """Whether parameter ``name`` of ``module`` is referred to by the module
     alone, and its memory used by no other tensor: then rewriting it in
@@ -136,7 +126,7 @@ def _seen_only_by(module: nn.Module, name: str) -> bool:
             not isinstance(params.get(name), nn.Parameter) or \
             not hasattr(params[name], '_use_count') or \
             weakref.getweakrefcount(params[name]) or \
-            not _dense(params[name]):
+            dense_format(params[name]) is None:
         return False
     control = {name: nn.Parameter(torch.empty(0))}
     return (sys.getrefcount(params[name]) == sys.getrefcount(control[name])

@@ -1029,9 +1029,13 @@ def test_fuse_model_without_branch_sums_runs_one_pass_and_no_trace(
     monkeypatch.setattr(generic, 'trace_block', counted_trace)
     model = _prepare(nn.Sequential(*[InvertedResidualLike(6)
                                      for _ in range(3)]))
-    report = mmfuse.fuse_model(model, (_input(6), ))
-    assert len(report.folded) == 6
+    fused = copy.deepcopy(model)
+    x = _input(6)
+    report = mmfuse.fuse_model(fused, (x, ))
+    assert len(report.folded) == 6 and not _norms(fused)
     assert len(passes) == 1 and traces == []
+    with torch.no_grad():
+        assert output_error(model(x), fused(x))[1] <= RTOL
 
 
 def test_fuse_model_undoes_a_generic_merge_its_pass_shows_wrong():

@@ -204,16 +204,24 @@ def test_a_weakly_referenced_or_expanded_weight_gets_a_new_one():
 def test_a_first_fold_in_inference_mode_leaves_later_folds_working():
     """The float64 scratch block is kept per thread: made under
     ``torch.inference_mode`` it must still take writes outside it."""
-    script = ('import torch, mmfuse\n'
+    script = ('import copy, torch, mmfuse\n'
               'from torch import nn\n'
+              'from mmfuse.testing import randomize_norm_stats\n'
+              'from mmfuse.verify import output_error\n'
               'def pair():\n'
-              '    return nn.Sequential(nn.Conv2d(3, 8, 3),'
+              '    model = nn.Sequential(nn.Conv2d(3, 8, 3),'
               ' nn.BatchNorm2d(8)).eval()\n'
+              '    randomize_norm_stats(model, seed=3)\n'
+              '    return model\n'
               'with torch.inference_mode():\n'
               '    mmfuse.fuse_conv_bn(pair())\n'
               'model = pair()\n'
+              'reference = copy.deepcopy(model)\n'
               'mmfuse.fuse_conv_bn(model)\n'
               'assert isinstance(model[1], nn.Identity)\n'
+              'x = torch.randn(2, 3, 10, 10)\n'
+              'with torch.no_grad():\n'
+              '    assert output_error(reference(x), model(x))[1] < 1e-5\n'
               'print("ok")\n')
     result = subprocess.run([sys.executable, '-c', script],
                             capture_output=True,
@@ -228,10 +236,14 @@ def test_a_first_fold_in_inference_mode_leaves_later_folds_working():
 def test_apply_plan_takes_any_iterable_of_folds():
     from mmfuse.surgery import apply_plan
     model = _conv_bn_pair()
+    reference = copy.deepcopy(model)
     plan = mmfuse.discover_folds(model)
     applied = apply_plan(model, plan, iter(plan.folds))
     assert len(applied) == 1
     assert isinstance(model[1], nn.Identity)
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        assert output_error(reference(x), model(x))[1] < 1e-5
 
 
 def test_verification_undoes_the_folds_it_finds_wrong():

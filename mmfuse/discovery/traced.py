@@ -107,9 +107,9 @@ def _may_be_linear(module: nn.Module) -> bool:
     the generic merge sees it: convs, norms, average pools, identities and
     dropouts of ``torch.nn``, and any module defined elsewhere (which the
     merge traces)."""
-    return is_conv_layer(module) or is_norm_layer(module) or isinstance(
-        module, _LINEAR_LEAVES) or \
-        not type(module).__module__.startswith('torch.nn.')
+    return isinstance(module, _LINEAR_LEAVES) or is_conv_layer(module) or \
+        not type(module).__module__.startswith('torch.nn.') or \
+        is_norm_layer(module)
 
 
 def _func_name(func) -> str:

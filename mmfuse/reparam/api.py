@@ -152,7 +152,7 @@ class _Walker:
             return True
         if 'forward' in module.__dict__:
             return self.visit_children(module, path)
-        found = find_reparameterizer(module) if self.use_registry else None
+        found = _registry_entry(module) if self.use_registry else None
         if found is not None:
             name, entry = found
             try:
@@ -427,12 +427,20 @@ class Merges:
         return not passed
 
 
+def _registry_entry(module: nn.Module):
+    """``(name, entry)`` of the :data:`REPARAMETERIZERS` entry that
+    converts ``module``, or ``None`` (always for a module whose forward is
+    replaced on the instance: the entry describes its class's)."""
+    if 'forward' in module.__dict__:
+        return None
+    return find_reparameterizer(module)
+
+
 def has_registered_blocks(model: nn.Module) -> bool:
     """Whether a :data:`REPARAMETERIZERS` entry applies to a module of
     ``model`` (which :func:`merge_blocks` then merges, unless refused)."""
     return any(
-        'forward' not in module.__dict__
-        and find_reparameterizer(module) is not None
+        _registry_entry(module) is not None
         for _, module in walk_modules(model))
 
 
