@@ -7,6 +7,7 @@ from torch import nn
 import mmfuse
 from mmfuse.demo import (ActThenNorm, Bottleneck, ConcatNorm, SharedConvHead,
                          SumNorm, build_demo_model)
+from mmfuse.testing import randomize_norm_stats
 
 from fusion_checks import fuse_and_compare, identity_at, kept_at
 
@@ -481,3 +482,73 @@ def test_call_sites_match_a_search_of_the_callers_names():
                     assert site[0] is expected[0] and site[1] == expected[1]
                 checked += 1
     assert checked > 100
+
+
+class KeywordUse(nn.Module):
+    """A conv output that a leaf also gets as a keyword argument (which
+    a global forward pre-hook does not see)."""
+
+    def __init__(self, inplace_act: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.inplace_act = inplace_act
+        self.act = nn.ReLU(inplace=True)
+        self.side = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.inplace_act:
+            self.act(input=y)  # bn sees relu(conv(x))
+            return self.bn(y)
+        return self.bn(y) + self.side(input=y)
+
+
+@pytest.mark.parametrize('inplace_act', [False, True])
+def test_f_conv_output_given_to_a_leaf_by_keyword_stays(inplace_act):
+    model = randomize_norm_stats(KeywordUse(inplace_act).eval())
+    plan = mmfuse.discover_folds(model, (X, ))
+    assert [f.norm for f in plan.folds] == []
+    fused, report, rel = fuse_and_compare(model, (X, ), True)
+    assert rel < 1e-5
+    kept_at(fused, ['bn'])
+    assert report.undone == []
+
+
+def test_a_conv_called_with_its_input_by_keyword_folds():
+
+    class KeywordInput(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return self.bn(input=self.conv(input=x))
+
+    fused, report, rel = fuse_and_compare(KeywordInput(), (X, ), True)
+    assert rel < 1e-5
+    identity_at(fused, ['bn'])
+    assert [f.norm for f in report.folded] == ['bn']
+
+
+def test_f_conv_output_used_by_a_module_outside_the_model_stays():
+
+    class Unregistered(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 1)
+            self.bn = nn.BatchNorm2d(8)
+            self.hidden = [nn.Conv2d(8, 8, 1).eval()]  # not a submodule
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + self.hidden[0](y)
+
+    model = randomize_norm_stats(Unregistered().eval())
+    assert mmfuse.discover_folds(model, (X, )).folds == []
+    fused, report, rel = fuse_and_compare(model, (X, ), True)
+    assert rel < 1e-5
+    kept_at(fused, ['bn'])

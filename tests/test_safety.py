@@ -497,3 +497,35 @@ def test_walks_of_an_unchanged_tree_are_made_once_and_handed_out_as_copies():
     # Outside, a changed tree is walked afresh.
     model.add_module('extra', nn.ReLU())
     assert walk_modules(model)[-1][0] == 'extra'
+
+
+def test_a_forward_that_raises_in_a_leaf_leaves_no_hook_or_mode():
+
+    class Fails(nn.Module):
+
+        def forward(self, x):
+            raise ValueError('a leaf failed')
+
+    class Model(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+            self.fails = Fails()
+
+        def forward(self, x):
+            return self.fails(self.bn(self.conv(x)))
+
+    model = Model().eval()
+    modes = torch._C._len_torch_function_stack()
+    with pytest.raises(ValueError, match='a leaf failed'):
+        mmfuse.fuse_model(model, (torch.randn(1, 3, 4, 4), ))
+    assert torch._C._len_torch_function_stack() == modes
+    assert not nn.modules.module._global_forward_hooks
+    assert not nn.modules.module._global_forward_pre_hooks
+    assert isinstance(model.bn, nn.BatchNorm2d)
+    # The model still runs, recorded by nothing.
+    model.fails = nn.Identity()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 4, 4))

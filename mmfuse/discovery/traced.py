@@ -2,9 +2,11 @@
 
 The model runs once under a ``TorchFunctionMode`` that records, for every
 tensor, which module call produced it and every operation outside a leaf
-module that consumed it; forward hooks on every module record leaf module
-calls and which parent called them.  Any Python control flow is fine: what
-counts is what actually happened.
+module that consumed it; global forward hooks, for the model's modules,
+record leaf module calls and which parent called them.  Any Python control
+flow is fine: what counts is what actually happened.  While a leaf runs the
+mode is taken off the stack (what a leaf does inside is its own), so its
+operations cost nothing extra.
 
 It also notes the modules that were seen adding two values linear in one
 earlier value, with a conv on the way (``sum_blocks``): the only ones in
@@ -20,6 +22,8 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import (register_module_forward_hook,
+                                     register_module_forward_pre_hook)
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -74,10 +78,25 @@ _LINEAR_LEAVES = (nn.AvgPool2d, nn.Identity, nn.Dropout, nn.Dropout1d,
 _ROW_VIEWS = {'flatten', 'reshape', 'view'}
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
 
+# The torch function mode stack (private torch API, in torch.overrides'
+# own use); without it the recorder stays on the stack during leaves.
+_POP_MODE = getattr(torch._C, '_pop_torch_function_stack', None)
+_PUSH_MODE = getattr(torch._C, '_push_on_torch_function_stack', None)
+_len_modes = getattr(torch._C, '_len_torch_function_stack', None)
+_mode_at = getattr(torch._C, '_get_function_stack_at', None)
+if None in (_PUSH_MODE, _len_modes, _mode_at):
+    _POP_MODE = None
+
 
 def _tensors_in(tree: Any) -> List[Tensor]:
     """Every tensor in ``tree``, in ``tree_flatten`` order (lists, tuples
     and dicts walked here; other containers by ``tree_flatten``)."""
+    # The common cases first: a tensor, a tuple of one tensor.
+    if isinstance(tree, Tensor):
+        return [tree]
+    if type(tree) is tuple and len(tree) == 1 and \
+            isinstance(tree[0], Tensor):
+        return [tree[0]]
     found: List[Tensor] = []
     pending = [tree]
     while pending:
@@ -208,12 +227,18 @@ class TracedForward:
         self.active_leaf: Optional[_ModuleCall] = None
         self.stack: List[nn.Module] = []
         self.keep: List[Tensor] = []
+        # The last key recorded of each tensor, by ``id``.
+        self.last: Dict[int, Key] = {}
         self.producer: Dict[Key, Any] = {}
         self.consumers: Dict[Key, List[Any]] = defaultdict(list)
         self.leaf_calls: List[_ModuleCall] = []
         self.site_cache: Dict[Tuple[int, int], Site] = {}
         self.subtrees: Dict[int, List[Tuple[str, nn.Module]]] = {}
         self.modules = [m for _, m in walk_modules(model)]
+        self.members = {id(m) for m in self.modules}
+        # The recorder while it is taken off the mode stack for a leaf.
+        self.recorder: Optional[_Recorder] = None
+        self.paused = False
         # Conv and norm layers count as leaves even with children (e.g. a
         # parametrized weight): what they compute inside is theirs.
         self.leaves = {
@@ -241,10 +266,11 @@ class TracedForward:
     # -- bookkeeping -------------------------------------------------------
     def key(self, tensor: Tensor) -> Key:
         self.keep.append(tensor)
-        return _version_key(tensor)
+        key = self.last[id(tensor)] = _version_key(tensor)
+        return key
 
-    def keys(self, *trees) -> List[Key]:
-        return [self.key(t) for t in _tensors_in(trees)]
+    def keys(self, tree) -> List[Key]:
+        return [self.key(t) for t in _tensors_in(tree)]
 
     def record_op(self,
                   name: str,
@@ -254,7 +280,9 @@ class TracedForward:
                   before: Optional[List[Key]] = None) -> None:
         self.busy = True
         try:
-            in_tensors = _tensors_in((args, kwargs))
+            in_tensors = _tensors_in(args)
+            if kwargs:
+                in_tensors += _tensors_in(kwargs)
             if not in_tensors:
                 return
             out_tensors = _tensors_in(out)
@@ -353,20 +381,23 @@ class TracedForward:
         return site
 
     # -- hooks -------------------------------------------------------------
-    def pre_hook(self, module: nn.Module, args, kwargs) -> None:
+    def pre_hook(self, module: nn.Module, args) -> None:
+        """Called before every module call in the process (a global hook,
+        which sees no keyword arguments: ``post_hook`` reads those)."""
+        if id(module) not in self.members:  # not the model's
+            return
         caller = self.stack[-1] if self.stack else None
         self.stack.append(module)
-        if self.active_leaf is not None:
+        if self.active_leaf is not None or id(module) not in self.leaves:
             return
-        if id(module) not in self.leaves:
-            return
+        self.pause_recording()
         self.busy = True
         try:
             call = _ModuleCall(module, self.resolve_site(caller, module),
-                               self.keys(args, kwargs))
+                               self.keys(args))
             if isinstance(module, nn.Linear):
                 call.channels_dim_ok = all(
-                    t.dim() == 2 for t in _tensors_in((args, kwargs)))
+                    t.dim() == 2 for t in _tensors_in(args))
             for key in call.inputs:
                 self.consumers[key].append(call)
             self.active_leaf = call
@@ -375,12 +406,17 @@ class TracedForward:
             self.busy = False
 
     def post_hook(self, module: nn.Module, args, kwargs, output) -> None:
+        """Called after every module call in the process."""
+        if id(module) not in self.members:
+            return
         self.stack.pop()
         call = self.active_leaf
         if call is None or call.module is not module:
             return
         self.busy = True
         try:
+            if kwargs:
+                self.add_keyword_inputs(call, kwargs)
             call.outputs = self.keys(output)
             if len(call.inputs) == 1 and len(call.outputs) == 1 and \
                     _may_be_linear(module):
@@ -392,21 +428,52 @@ class TracedForward:
         finally:
             self.busy = False
             self.active_leaf = None
+            self.resume_recording()
+
+    def add_keyword_inputs(self, call: _ModuleCall, kwargs: Dict) -> None:
+        """Record the tensors a leaf got as keyword arguments, seen only
+        after the call: as the last value of each recorded before the call
+        (which it may have changed in place since) and as it is now."""
+        tensors = _tensors_in(kwargs)
+        for tensor in tensors:
+            before = self.last.get(id(tensor))
+            for key in (before, self.key(tensor)):
+                if key is not None and key not in call.inputs:
+                    call.inputs.append(key)
+                    self.consumers[key].append(call)
+        if isinstance(call.module, nn.Linear):
+            call.channels_dim_ok = call.channels_dim_ok and all(
+                t.dim() == 2 for t in tensors)
+
+    def pause_recording(self) -> None:
+        """Take the recorder off the mode stack while a leaf runs, if it is
+        on top (else its calls are passed through as they come)."""
+        if _POP_MODE is not None and _len_modes() and \
+                _mode_at(_len_modes() - 1) is self.recorder:
+            _POP_MODE()
+            self.paused = True
+
+    def resume_recording(self) -> None:
+        """Put the recorder back on the mode stack after a leaf."""
+        if self.paused:
+            _PUSH_MODE(self.recorder)
+            self.paused = False
 
     # -- the pass ----------------------------------------------------------
     def run(self) -> Any:
         """Run the forward pass, recording; returns the model output."""
         handles = []
+        self.recorder = _Recorder(self)
         try:
-            for module in self.modules:
-                handles.append(
-                    module.register_forward_pre_hook(
-                        self.pre_hook, with_kwargs=True))
-                handles.append(
-                    module.register_forward_hook(
-                        self.post_hook, with_kwargs=True))
-            with torch.no_grad(), _Recorder(self):
-                self.output = self.model(*self.example_inputs)
+            handles.append(register_module_forward_pre_hook(self.pre_hook))
+            handles.append(
+                register_module_forward_hook(
+                    self.post_hook, with_kwargs=True))
+            with torch.no_grad(), self.recorder:
+                try:
+                    self.output = self.model(*self.example_inputs)
+                finally:  # a leaf that raised left the recorder off
+                    self.resume_recording()
         finally:
             for handle in handles:
                 handle.remove()
