@@ -12,7 +12,8 @@ are cast back to the dtype of the weight, so fp16/bf16 models are folded as
 accurately as their dtype allows.
 """
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, List, Optional, Sequence,
+                    Tuple, Union)
 
 import torch
 from torch import Tensor
@@ -199,6 +200,56 @@ def _row_factors(scale64: Tensor, weight: Tensor, transposed: bool,
             lambda start, stop: per_group[start // rows_per_group])
 
 
+def _in_float64_rows(weight: Tensor, out: Tensor,
+                     segments: Sequence[Tuple[int, int]],
+                     work: Callable[[Tensor, int, int], None]) -> None:
+    """Run ``work(rows, start, stop)`` on float64 values of rows
+    ``start:stop`` of ``weight`` (changing ``rows`` in place), for blocks of
+    rows within each segment, and write the changed rows into ``out`` in
+    its dtype.
+
+    On CPU a float32/float16/bfloat16 weight goes through a float64 block
+    of rows at a time, in a buffer kept for every block and every call,
+    which stays in cache: a mixed-dtype multiply takes about four times as
+    long, and a float64 copy of the whole weight twice as long.  Elsewhere
+    (and for a float64 weight) the work is done on one float64 copy.
+    ``out`` may be ``weight`` itself: each block is read before it is
+    written.
+    """
+    if weight.device.type != 'cpu' or weight.dtype == torch.float64:
+        rows64 = _float64_copy(weight)
+        for first, last in segments:
+            work(rows64[first:last], first, last)
+        out.copy_(rows64)
+        return
+    rows = weight.shape[0]
+    if not weight.numel():
+        return
+    per_row = weight.numel() // rows
+    step = max(1, _BLOCK_ELEMENTS // per_row)
+    block = _scratch(min(step, rows) * per_row).view(
+        (min(step, rows), ) + tuple(weight.shape[1:]))
+    for first, last in segments:
+        for start in range(first, last, step):
+            stop = min(start + step, last)
+            part = block if stop - start == len(block) else \
+                block[:stop - start]
+            part.copy_(weight[start:stop])
+            work(part, start, stop)
+            out[start:stop].copy_(part)
+
+
+def _check_out(weight: Tensor, out: Optional[Tensor]) -> None:
+    """``out`` must be shaped like ``weight``, and be ``weight`` itself or
+    not overlap it."""
+    if out is not None and out.shape != weight.shape:
+        raise ValueError(f'cannot write a weight of shape '
+                         f'{tuple(weight.shape)} into {tuple(out.shape)}')
+    if out is not None and out.data_ptr() == weight.data_ptr() and \
+            out.stride() != weight.stride():
+        raise ValueError('out must be the weight itself or not overlap it')
+
+
 def scale_output_channels(weight: Tensor,
                           scale: Tensor,
                           transposed: bool = False,
@@ -207,13 +258,9 @@ def scale_output_channels(weight: Tensor,
                           out: Optional[Tensor] = None) -> Tensor:
     """Multiply output channel ``o`` of ``weight`` by ``scale[o]``.
 
-    The products are computed in float64 and rounded once to ``dtype``.
-    On CPU a float32/float16/bfloat16 weight goes through a float64 block
-    of rows at a time, in a buffer kept for every block and every call,
-    which stays in cache: a mixed-dtype multiply takes about four times as
-    long, and a float64 copy of the whole weight twice as long.  The
-    scales broadcast over the weight as it lies (no permuted copy, also for
-    transposed convs).
+    The products are computed in float64 and rounded once to ``dtype``,
+    a block of rows at a time on CPU.  The scales broadcast over the weight
+    as it lies (no permuted copy, also for transposed convs).
 
     Args:
         weight: A conv, transposed conv or linear weight.
@@ -223,9 +270,8 @@ def scale_output_channels(weight: Tensor,
         dtype: The result's dtype; float64 by default.  Ignored with
             ``out``.
         out: Where to write the result, shaped like ``weight``; may be
-            ``weight`` itself (each block of rows is read before it is
-            written), but no other view of its memory.  By default a new
-            tensor laid out like ``weight``.
+            ``weight`` itself, but no other view of its memory.  By default
+            a new tensor laid out like ``weight``.
 
     Returns:
         The scaled weight, same shape as ``weight`` (``out`` if given).
@@ -236,45 +282,13 @@ def scale_output_channels(weight: Tensor,
                                      and weight.shape[0] % groups):
         raise ValueError(f'cannot scale {channels} output channels by '
                          f'{scale.numel()} norm channels')
-    if out is not None and out.shape != weight.shape:
-        raise ValueError(f'cannot write a weight of shape '
-                         f'{tuple(weight.shape)} into {tuple(out.shape)}')
-    if out is not None and out.data_ptr() == weight.data_ptr() and \
-            out.stride() != weight.stride():
-        raise ValueError('out must be the weight itself or not overlap it')
+    _check_out(weight, out)
     segments, factor = _row_factors(_float64(scale), weight, transposed,
                                     groups)
-    rows = weight.shape[0]
-    if weight.dtype == torch.float64:
-        # ``out`` may be ``weight`` itself: an elementwise product may
-        # write over its own input.
-        target = torch.empty_like(weight) if out is None else out
-        for start, stop in segments:
-            torch.mul(weight[start:stop], factor(start, stop),
-                      out=target[start:stop])
-        return target if out is not None else target.to(dtype or
-                                                         torch.float64)
-    if weight.device.type != 'cpu':
-        product = _float64_copy(weight)
-        for start, stop in segments:
-            product[start:stop].mul_(factor(start, stop))
-        return out.copy_(product) if out is not None else product.to(
-            dtype or torch.float64)
     if out is None:
         out = torch.empty_like(weight, dtype=dtype or torch.float64)
-    if not weight.numel():
-        return out
-    per_row = weight.numel() // rows
-    step = max(1, _BLOCK_ELEMENTS // per_row)
-    block = _scratch(min(step, rows) * per_row).view(
-        (min(step, rows), ) + tuple(weight.shape[1:]))
-    for first, last in segments:
-        for start in range(first, last, step):
-            stop = min(start + step, last)
-            part = block if stop - start == len(block) else \
-                block[:stop - start]
-            part.copy_(weight[start:stop]).mul_(factor(start, stop))
-            out[start:stop].copy_(part)
+    _in_float64_rows(weight, out, segments,
+                     lambda rows, start, stop: rows.mul_(factor(start, stop)))
     return out
 
 
@@ -321,9 +335,13 @@ def fold_affine_into_output(weight: Tensor,
     return new_weight, new_bias.to(weight.dtype, copy=True)
 
 
-def fold_affine_into_input(weight: Tensor, bias: Optional[Tensor],
-                           scale: Tensor, shift: Tensor,
-                           groups: int = 1) -> Tuple[Tensor, Tensor]:
+def fold_affine_into_input(weight: Tensor,
+                           bias: Optional[Tensor],
+                           scale: Tensor,
+                           shift: Tensor,
+                           groups: int = 1,
+                           weight_out: Optional[Tensor] = None
+                           ) -> Tuple[Tensor, Tensor]:
     """Fold ``layer(scale * x + shift)`` into a conv or linear layer.
 
     Exact only when the layer sees no zero padding: a padded zero of the
@@ -336,26 +354,48 @@ def fold_affine_into_input(weight: Tensor, bias: Optional[Tensor],
         scale: Per-input-channel scale, shape ``(in_channels,)``.
         shift: Per-input-channel shift, shape ``(in_channels,)``.
         groups: The conv's groups.
+        weight_out: Where to write the new weight (``weight`` itself to
+            fold in place); a new tensor laid out like ``weight`` by
+            default.
 
     Returns:
         ``(weight, bias)`` cast back to ``weight``'s dtype and device.
     """
+    weight = weight.detach()
     out_channels, in_per_group = weight.shape[:2]
     if scale.numel() != in_per_group * groups:
         raise ValueError(f'cannot fold {scale.numel()} norm channels into '
                          f'{in_per_group * groups} input channels')
-    w64 = _float64(weight)
-    kernel_dims = [1] * (weight.dim() - 2)
+    _check_out(weight, weight_out)
+    scale64, shift64 = _float64(scale), _float64(shift)
+    if groups == 1:
+        # Every row meets every input channel.
+        scales, shifts = scale64, shift64
+    else:
+        # The input channel of weight[o, c] is (o // out_per_group) *
+        # in_per_group + c: the values per weight entry, (out, in / groups).
+        def per_entry(values: Tensor) -> Tensor:
+            return values.reshape(groups, 1, in_per_group).expand(
+                groups, out_channels // groups,
+                in_per_group).reshape(out_channels, in_per_group)
 
-    def per_weight_entry(values: Tensor) -> Tensor:
-        # Input channel of weight[o, c] is (o // out_per_group) *
-        # in_per_group + c.
-        values = values.to(w64).reshape(groups, 1, in_per_group)
-        values = values.expand(groups, out_channels // groups, in_per_group)
-        return values.reshape(out_channels, in_per_group, *kernel_dims)
+        scales, shifts = per_entry(scale64), per_entry(shift64)
+    tail = (1, ) * (weight.dim() - 2)
+    # added[o] = sum over c and the kernel of weight[o, c, ...] * shift[c]
+    added = torch.empty(out_channels, dtype=torch.float64,
+                        device=weight.device)
 
-    new_weight = w64 * per_weight_entry(scale)
-    added = (w64 * per_weight_entry(shift)).reshape(out_channels, -1).sum(1)
-    new_bias = added if bias is None else _float64(bias) + added
-    return (_same_layout(new_weight.to(weight.dtype), weight),
-            new_bias.to(weight.dtype))
+    def fold(rows: Tensor, start: int, stop: int) -> None:
+        row_scales = scales if groups == 1 else scales[start:stop]
+        row_shifts = shifts if groups == 1 else shifts[start:stop]
+        sums = rows.reshape(stop - start, in_per_group, -1).sum(2)
+        torch.sum(sums.mul_(row_shifts), 1, out=added[start:stop])
+        rows.mul_(row_scales.reshape(row_scales.shape + tail))
+
+    new_weight = torch.empty_like(weight) if weight_out is None else \
+        weight_out
+    _in_float64_rows(weight, new_weight, [(0, out_channels)], fold)
+    new_bias = added if bias is None else added.add_(bias.detach())
+    if weight_out is None:
+        new_weight = _same_layout(new_weight, weight)
+    return new_weight, new_bias.to(weight.dtype)

@@ -170,25 +170,26 @@ def apply_fold(model: nn.Module,
             shared = conv
             conv = _copy_module(shared)
             _replace_module(model, target.name, conv, applied)
+        rewrite = in_place and _seen_only_by(conv, 'weight')
+        weight_out = conv.weight.detach() if rewrite else None
+        transposed, groups = conv_geometry(conv)
         if fold.kind == PRE:
-            _, groups = conv_geometry(conv)
             weight, bias = fold_affine_into_input(conv.weight, conv.bias,
-                                                  scale, shift, groups)
+                                                  scale, shift, groups,
+                                                  weight_out)
         else:
-            transposed, groups = conv_geometry(conv)
             if fold.kind == CONCAT:
                 part = slice(target.offset,
                              target.offset + conv_out_channels(conv))
                 conv_scale, conv_shift = scale[part], shift[part]
             else:
                 conv_scale, conv_shift = scale, shift
-            rewrite = in_place and _seen_only_by(conv, 'weight')
             weight, bias = fold_affine_into_output(
                 conv.weight, conv.bias, conv_scale,
                 conv_shift if target.shift else None, transposed, groups,
-                conv.weight.detach() if rewrite else None)
-            if rewrite:
-                weight = None  # already there
+                weight_out)
+        if rewrite:
+            weight = None  # already there
         if weight is not None:
             _set_parameter(conv, 'weight', weight, applied)
         _set_parameter(conv, 'bias', bias, applied)

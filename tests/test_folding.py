@@ -194,6 +194,38 @@ def test_blockwise_product_is_the_float64_product(transposed):
     assert torch.equal(got, expected.float())
 
 
+@pytest.mark.parametrize('groups', [1, 4])
+@pytest.mark.parametrize('in_place', [False, True])
+def test_blockwise_fold_into_input_is_the_float64_product(groups, in_place):
+    """A weight larger than one block takes a norm before it block by
+    block: the weight is the float64 product rounded once, bit for bit,
+    and the bias the float64 sum rounded once."""
+    from mmfuse import folding
+    torch.manual_seed(0)
+    weight = torch.randn(256, 96 // groups, 5, 5)
+    assert weight.numel() > folding._BLOCK_ELEMENTS
+    bias = torch.randn(256)
+    scale = torch.rand(96, dtype=torch.float64) + 0.5
+    shift = torch.randn(96, dtype=torch.float64)
+
+    def per_entry(values):  # input channel of weight[o, c]
+        return values.reshape(groups, 1, -1, 1, 1).expand(
+            groups, 256 // groups, 96 // groups, 1, 1).reshape(
+                256, 96 // groups, 1, 1)
+
+    expected_weight = (weight.double() * per_entry(scale)).float()
+    expected_bias = (bias.double() + (weight.double() * per_entry(shift))
+                     .sum((1, 2, 3))).float()
+    storage = weight.data_ptr()
+    got_weight, got_bias = fold_affine_into_input(
+        weight, bias, scale, shift, groups, weight if in_place else None)
+    assert torch.equal(got_weight, expected_weight)
+    torch.testing.assert_close(got_bias, expected_bias, rtol=1e-6, atol=0)
+    assert (got_weight.data_ptr() == storage) == in_place
+    if not in_place:
+        assert not torch.equal(weight, expected_weight)
+
+
 @pytest.mark.parametrize('channels_last', [False, True])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_scaling_in_place_is_the_float64_product(channels_last, dtype):

@@ -126,22 +126,37 @@ def _conv_bn_pair():
     return model
 
 
-def test_fuse_conv_bn_rewrites_an_unseen_weight_in_place():
+@pytest.mark.parametrize('norm_first', [False, True])
+def test_fuse_conv_bn_rewrites_an_unseen_weight_in_place(norm_first):
     """The weight nothing else refers to is rewritten where it lies (no
-    new allocation); the result is the same as with a new weight."""
+    new allocation); the result is the same as with a new weight.  So is
+    the weight of a conv after its norm (no padding: exact)."""
     model = _conv_bn_pair()
+    conv, norm = 0, 1
+    if norm_first:
+        model = randomize_norm_stats(
+            nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 8, 3)).eval(), 3)
+        conv, norm = 1, 0
     reference = copy.deepcopy(model)
     x = torch.randn(2, 3, 10, 10)
     with torch.no_grad():
         expected = reference(x)
-    weight_id = id(model[0]._parameters['weight'])
-    address = model[0]._parameters['weight'].data_ptr()
+    weight_id = id(model[conv]._parameters['weight'])
+    address = model[conv]._parameters['weight'].data_ptr()
     mmfuse.fuse_conv_bn(model)
-    assert isinstance(model[1], nn.Identity)
-    assert id(model[0].weight) == weight_id
-    assert model[0].weight.data_ptr() == address
+    assert isinstance(model[norm], nn.Identity)
+    assert id(model[conv].weight) == weight_id
+    assert model[conv].weight.data_ptr() == address
     with torch.no_grad():
         assert output_error(expected, model(x))[1] < 1e-5
+    # A view of the weight held elsewhere: a new weight, the view kept.
+    held = _conv_bn_pair() if not norm_first else copy.deepcopy(reference)
+    view = held[conv].weight.detach()[0]
+    before = view.clone()
+    mmfuse.fuse_conv_bn(held)
+    assert isinstance(held[norm], nn.Identity)
+    assert torch.equal(view, before)
+    assert held[conv].weight.data_ptr() != view.data_ptr()
 
 
 @pytest.mark.parametrize('holder', ['parameter', 'state_dict', 'view'])
