@@ -108,14 +108,20 @@ def fuse_model(model: nn.Module,
     """
     start = time.perf_counter()
     model = unwrap_model(model)
-    check_eval(model)
     inputs = None if example_inputs is None else as_input_tuple(
         example_inputs)
     tolerance = None
     low_precision = False
-    if inputs is not None and verify:
-        tolerance = default_rtol(model) if rtol is None else rtol
-        low_precision = is_low_precision(model)
+    observed = None
+    with tree_unchanged():  # the checks below walk the model each
+        check_eval(model)
+        if inputs is not None and verify:
+            low_precision = is_low_precision(model)
+            tolerance = default_rtol(low_precision) if rtol is None \
+                else rtol
+        registered = reparameterize and has_registered_blocks(model)
+        if inputs is not None and not registered:
+            observed = TracedForward(model, inputs)
     merges = None
     reference = None
     if inputs is None:
@@ -124,7 +130,7 @@ def fuse_model(model: nn.Module,
         evidence = None  # read from structure, below
     else:
         evidence = None
-        if reparameterize and has_registered_blocks(model):
+        if registered:
             # Blocks a registry entry merges: merge first, and observe
             # only the merged model.
             merges = merge_blocks(model)
@@ -132,7 +138,6 @@ def fuse_model(model: nn.Module,
             # The model as given, observed once: its data flow, its output
             # (the reference) and the blocks that may sum branches a merge
             # can take; only those are traced for the generic merge.
-            observed = TracedForward(model, inputs)
             reference = observed.run()
             evidence = observed.evidence()
             if reparameterize:
