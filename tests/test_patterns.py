@@ -1,4 +1,6 @@
 """The real patterns naive fusion gets wrong (core issue, section 4)."""
+import copy
+
 import pytest
 import torch
 from mmcv.cnn import ConvModule
@@ -8,6 +10,7 @@ import mmfuse
 from mmfuse.demo import (ActThenNorm, Bottleneck, ConcatNorm, SharedConvHead,
                          SumNorm, build_demo_model)
 from mmfuse.testing import randomize_norm_stats
+from mmfuse.verify import output_error
 
 from fusion_checks import fuse_and_compare, identity_at, kept_at
 
@@ -340,6 +343,28 @@ def test_a_conv_between_two_norms_absorbs_both_where_exact(padding, traced):
     if report is not None:
         assert sorted(report.folded_names) == (['2'] if padding else
                                                ['0', '2'])
+
+
+@pytest.mark.parametrize('in_place', [False, True])
+def test_folds_into_one_conv_in_either_order(in_place):
+    """Two folds into one small conv, applied in either order: the second
+    sees the conv as the first left it (small layers are folded together
+    at the end of a plan, unless a later fold reaches them first)."""
+    from mmfuse.plan import FusionPlan
+    from mmfuse.surgery import apply_plan
+    model = randomize_norm_stats(
+        nn.Sequential(nn.BatchNorm2d(8), nn.Conv2d(8, 6, 3),
+                      nn.BatchNorm2d(6)).eval())
+    with torch.no_grad():
+        expected = model(X)
+    plan = mmfuse.discover_folds(model)
+    assert sorted(f.norm for f in plan.folds) == ['0', '2']
+    for folds in (plan.folds, plan.folds[::-1]):
+        fused = copy.deepcopy(model)
+        apply_plan(fused, FusionPlan(list(folds)), undoable=not in_place)
+        identity_at(fused, ['0', '2'])
+        with torch.no_grad():
+            assert output_error(expected, fused(X))[1] < 1e-5
 
 
 class PoolNormThenConvModule(nn.Module):
