@@ -126,6 +126,8 @@ def _joined_affine(group: Sequence[NormParams],
         parts = [params[position] for params in group]
         if all(part is None for part in parts):
             return None
+        if len(parts) == 1:  # one norm: a float64 copy is enough
+            return parts[0].detach().to(torch.float64, copy=True)
         if any(part is None for part in parts):
             parts = [
                 torch.full((size, ), missing, dtype=torch.float64,
@@ -212,11 +214,18 @@ def _in_float64_rows(weight: Tensor, out: Tensor,
     On CPU a float32/float16/bfloat16 weight goes through a float64 block
     of rows at a time, in a buffer kept for every block and every call,
     which stays in cache: a mixed-dtype multiply takes about four times as
-    long, and a float64 copy of the whole weight twice as long.  Elsewhere
-    (and for a float64 weight) the work is done on one float64 copy.
-    ``out`` may be ``weight`` itself: each block is read before it is
-    written.
+    long, and a float64 copy of the whole weight twice as long.  A float64
+    ``out`` takes the work where it lies (after a copy of ``weight``
+    unless it is ``weight``); elsewhere the work is done on one float64
+    copy.  ``out`` may be ``weight`` itself: each block is read before it
+    is written.
     """
+    if weight.dtype == out.dtype == torch.float64:
+        if out.data_ptr() != weight.data_ptr():
+            out.copy_(weight)
+        for first, last in segments:
+            work(out[first:last], first, last)
+        return
     if weight.device.type != 'cpu' or weight.dtype == torch.float64:
         rows64 = _float64_copy(weight)
         for first, last in segments:

@@ -16,12 +16,12 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ..folding import fold_affine_into_output, norm_affine
+from ..folding import fold_affine_into_output, norm_affines
 from ..layers import (conv_fold_problem, norm_affine_params, norm_channels,
                       norm_fold_problem)
 from .merge import (BranchGeometry, ConvGeometry, MergeError,
-                    avg_pool_kernel, centre_kernel, compose_affine,
-                    identity_kernel, merge_geometry, sum_branches)
+                    avg_pool_kernel, compose_affine, identity_kernel,
+                    merge_geometry, sum_branches)
 
 __all__ = ['Op', 'Term', 'conv_op', 'norm_op', 'pool_op', 'scale_op',
            'merge_terms', 'describe_term', 'build_conv']
@@ -204,15 +204,15 @@ def _branch_geometry(term: Term) -> BranchGeometry:
                           module.padding_mode)
 
 
-def _affine_after(ops: Sequence[Op],
-                  channels: int) -> Tuple[Tensor, Tensor]:
-    """The per-channel ``(scale, shift)`` of the ops after the spatial op.
-    """
-    scale = torch.ones(channels, dtype=torch.float64)
-    shift = torch.zeros(channels, dtype=torch.float64)
+def _affine_after(ops: Sequence[Op], channels: int,
+                  norms: Dict[int, Tuple[Tensor, Tensor]]
+                  ) -> Tuple[Tensor, Tensor]:
+    """The per-channel ``(scale, shift)`` of the ops after the spatial op
+    (``norms``: the ``norm_affine`` of each norm op, by ``id``)."""
+    affine = None
     for op in ops:
         if op.kind == NORM:
-            step = norm_affine(*norm_affine_params(op.module))
+            step = norms[id(op)]
             if not op.shift:
                 step = (step[0], torch.zeros_like(step[1]))
         else:
@@ -220,38 +220,50 @@ def _affine_after(ops: Sequence[Op],
             if factor is None:
                 raise MergeError(problem)
             step = (factor, torch.zeros(channels, dtype=torch.float64))
-        scale, shift = compose_affine((scale, shift),
-                                      (step[0].cpu(), step[1].cpu()))
-    return scale, shift
+        step = (step[0].cpu(), step[1].cpu())
+        affine = step if affine is None else compose_affine(affine, step)
+    if affine is None:
+        return (torch.ones(channels, dtype=torch.float64),
+                torch.zeros(channels, dtype=torch.float64))
+    return affine
+
+
+def _norm_affines(terms: Sequence[Term]) -> Dict[int, Tuple[Tensor, Tensor]]:
+    """``norm_affine`` of every norm op of ``terms``, by ``id``, computed
+    together."""
+    ops = [op for term in terms for op in term.ops if op.kind == NORM]
+    affines = norm_affines([norm_affine_params(op.module) for op in ops])
+    return {id(op): affine for op, affine in zip(ops, affines)}
 
 
 def _branch_tensors(term: Term, geometry: ConvGeometry,
-                    device: torch.device) -> Tuple[Tensor, Tensor]:
-    """``(weight, bias)`` of one branch at the merged geometry, float64."""
+                    device: torch.device,
+                    norms: Dict[int, Tuple[Tensor, Tensor]]
+                    ) -> Tuple[Tensor, Tensor]:
+    """``(weight, bias)`` of one branch, float64, its kernel at its own
+    size (centred in the merged one by the sum)."""
     before, spatial, after = _split(term)
     channels = geometry.out_channels
-    kernel = geometry.kernel_size
     if spatial is None:
-        weight = identity_kernel(channels, geometry.groups, kernel, device)
+        weight = identity_kernel(channels, geometry.groups, (1, 1), device)
         bias = torch.zeros(channels, dtype=torch.float64, device=device)
     elif spatial.kind == POOL:
-        weight = avg_pool_kernel(channels, geometry.groups,
-                                 _pair(spatial.module.kernel_size), kernel,
+        window = _pair(spatial.module.kernel_size)
+        weight = avg_pool_kernel(channels, geometry.groups, window, window,
                                  device)
         bias = torch.zeros(channels, dtype=torch.float64, device=device)
     else:
         conv = spatial.module
         # A copy even of a float64 weight: the fold below writes into it.
-        weight = centre_kernel(
-            conv.weight.detach().to(torch.float64, copy=True), kernel)
+        weight = conv.weight.detach().to(torch.float64, copy=True)
         bias = torch.zeros(channels, dtype=torch.float64, device=device) \
             if conv.bias is None else conv.bias.detach().to(torch.float64)
     for op in before:
         factor = op.value
         if isinstance(factor, Tensor):
             factor = factor.detach().to(torch.float64).reshape(())
-        weight = weight * factor
-    scale, shift = _affine_after(after, channels)
+        weight.mul_(factor)
+    scale, shift = _affine_after(after, channels, norms)
     # ``weight`` is this function's own: fold into it.
     return fold_affine_into_output(weight, bias, scale.to(device),
                                    shift.to(device), False, geometry.groups,
@@ -295,13 +307,25 @@ def merge_terms(
                 # A multiplication would promote the branch to its dtype.
                 raise MergeError(f'a {op.value.dtype} factor on a '
                                  f'{reference.dtype} branch')
+    norms = _norm_affines(terms)
     pairs = [
-        _branch_tensors(term, geometry, reference.device) for term in terms
+        _branch_tensors(term, geometry, reference.device, norms)
+        for term in terms
     ]
     # The pairs are this function's own float64 tensors: sum into them.
-    weight, bias = sum_branches(pairs, into_first=True)
+    weight, bias = sum_branches(pairs, into_first=True,
+                                kernel_size=geometry.kernel_size)
     return (geometry, weight.to(reference.dtype),
             bias.to(reference.dtype))
+
+
+class _ValuesGiven(nn.Conv2d):
+    """An ``nn.Conv2d`` being built for values given at once: its
+    parameters are not initialised (``build_conv`` makes it a plain
+    ``nn.Conv2d`` before it is seen)."""
+
+    def reset_parameters(self) -> None:
+        pass
 
 
 def build_conv(geometry: ConvGeometry,
@@ -317,7 +341,7 @@ def build_conv(geometry: ConvGeometry,
         bias: Its bias, taken as it is.
         like: Dtype and device for a conv without values.
     """
-    conv = nn.Conv2d(
+    conv = (nn.Conv2d if weight is None else _ValuesGiven)(
         geometry.in_channels,
         geometry.out_channels,
         geometry.kernel_size,
@@ -330,6 +354,7 @@ def build_conv(geometry: ConvGeometry,
         # With values given, nothing to initialise: build it empty.
         device='meta' if weight is not None else None)
     if weight is not None:
+        conv.__class__ = nn.Conv2d
         # The values are fresh tensors made for this conv: no copy.
         conv.weight = nn.Parameter(weight.detach())
         conv.bias = nn.Parameter(bias.detach())

@@ -164,6 +164,17 @@ def merge_geometry(branches: Sequence[BranchGeometry]) -> ConvGeometry:
                         groups, mode)
 
 
+def _centre(size: Sequence[int], kernel_size: Pair) -> Tuple[slice, slice]:
+    """Where a ``size`` kernel lies centred in a ``kernel_size`` one."""
+    height, width = size
+    extra_h, extra_w = kernel_size[0] - height, kernel_size[1] - width
+    if extra_h < 0 or extra_w < 0 or extra_h % 2 or extra_w % 2:
+        raise MergeError(f'a {height}x{width} kernel cannot be centred in '
+                         f'{kernel_size[0]}x{kernel_size[1]}')
+    top, left = extra_h // 2, extra_w // 2
+    return slice(top, top + height), slice(left, left + width)
+
+
 def centre_kernel(weight: Tensor, kernel_size: Pair) -> Tensor:
     """Zero-pad a ``(out, in / groups, kh, kw)`` kernel to ``kernel_size``,
     centred.
@@ -174,18 +185,14 @@ def centre_kernel(weight: Tensor, kernel_size: Pair) -> Tensor:
             kernel's and differs from it by an even number.
 
     Returns:
-        The padded kernel, same dtype.
+        The padded kernel, same dtype (``weight`` itself if it has that
+        size already).
     """
-    height, width = weight.shape[-2:]
-    extra_h, extra_w = kernel_size[0] - height, kernel_size[1] - width
-    if extra_h < 0 or extra_w < 0 or extra_h % 2 or extra_w % 2:
-        raise MergeError(f'a {height}x{width} kernel cannot be centred in '
-                         f'{kernel_size[0]}x{kernel_size[1]}')
-    if not extra_h and not extra_w:
+    rows, columns = _centre(weight.shape[-2:], kernel_size)
+    if tuple(weight.shape[-2:]) == tuple(kernel_size):
         return weight
     padded = weight.new_zeros(*weight.shape[:-2], *kernel_size)
-    top, left = extra_h // 2, extra_w // 2
-    padded[..., top:top + height, left:left + width] = weight
+    padded[..., rows, columns] = weight
     return padded
 
 
@@ -245,28 +252,44 @@ def compose_affine(first: Tuple[Tensor, Tensor],
 
 
 def sum_branches(branches: Sequence[Tuple[Tensor, Tensor]],
-                 into_first: bool = False) -> Tuple[Tensor, Tensor]:
-    """Sum ``(weight, bias)`` pairs of one geometry, in float64.
+                 into_first: bool = False,
+                 kernel_size: Optional[Pair] = None) -> Tuple[Tensor, Tensor]:
+    """Sum ``(weight, bias)`` pairs of one geometry, in float64, in order.
 
     Args:
-        branches: Kernels already centred to one size, with their biases.
+        branches: Kernels of one size (or, with ``kernel_size``, each to
+            be centred in it), with their biases.
         into_first: Add into the first pair, float64 tensors the caller
             lets go of, rather than into a copy.
+        kernel_size: The merged kernel size: each smaller kernel is added
+            into its centre (the same sum as of zero-padded kernels,
+            without making them).
 
     Returns:
         ``(weight, bias)`` of the merged conv, float64.
     """
-    shapes = sorted({tuple(w.shape) for w, _ in branches})
-    if len(shapes) != 1:
-        raise MergeError(f'kernels of different shapes: {shapes}')
+    if kernel_size is None:
+        shapes = sorted({tuple(w.shape) for w, _ in branches})
+        if len(shapes) != 1:
+            raise MergeError(f'kernels of different shapes: {shapes}')
+        kernel_size = tuple(branches[0][0].shape[-2:])
+    heads = sorted({tuple(w.shape[:-2]) for w, _ in branches})
+    if len(heads) != 1:
+        raise MergeError(f'kernels of different channels: {heads}')
     first_weight, first_bias = branches[0]
-    if into_first and first_weight.dtype == first_bias.dtype == \
-            torch.float64:
-        weight, bias = first_weight, first_bias
+    padded = centre_kernel(first_weight, kernel_size)
+    if padded is not first_weight:  # a new float64 tensor of its own
+        weight = padded.to(torch.float64)
+    elif into_first and first_weight.dtype == torch.float64:
+        weight = first_weight
     else:
         weight = first_weight.to(torch.float64, copy=True)
+    if into_first and first_bias.dtype == torch.float64:
+        bias = first_bias
+    else:
         bias = first_bias.to(torch.float64, copy=True)
     for branch_weight, branch_bias in branches[1:]:
-        weight += branch_weight
+        rows, columns = _centre(branch_weight.shape[-2:], kernel_size)
+        weight[..., rows, columns] += branch_weight
         bias += branch_bias
     return weight, bias
