@@ -140,7 +140,7 @@ def fuse_model(model: nn.Module,
             # can take; only those are traced for the generic merge.
             reference = observed.run()
             evidence = observed.evidence()
-            if reparameterize:
+            if reparameterize and observed.sum_blocks:
                 merges = merge_blocks(model,
                                       generic_blocks=observed.sum_blocks)
         if merges is not None and merges.groups:

@@ -369,26 +369,23 @@ def fold_affines_into_outputs(
         if not weight.dim() or weight.shape[0] != scale.numel():
             raise ValueError(f'cannot scale {tuple(weight.shape)} by '
                              f'{scale.numel()} norm channels')
-    groups: Dict[Tuple[torch.dtype, torch.device], List[int]] = {}
+    # Layers of one dtype, device and row length: their rows are stacked
+    # into one matrix, each row scaled by its output channel's factor.
+    groups: Dict[Tuple[torch.dtype, torch.device, int], List[int]] = {}
     for index, weight in enumerate(weights):
-        groups.setdefault((weight.dtype, weight.device), []).append(index)
+        row = weight[0].numel() if weight.shape[0] else 0
+        groups.setdefault((weight.dtype, weight.device, row),
+                          []).append(index)
     results: List[Any] = [None] * len(weights)
     with torch.no_grad():
-        for (dtype, device), indices in groups.items():
+        for (dtype, device, row), indices in groups.items():
             layers = [weights[i].detach() for i in indices]
             rows = [layer.shape[0] for layer in layers]
-            sizes = [layer.numel() for layer in layers]
             scale = torch.cat([_float64(scales[i]) for i in indices])
-            # Each weight element's factor: its row's scale.
-            per_row = torch.tensor([n // r if r else 0
-                                    for n, r in zip(sizes, rows)],
-                                   device=device).repeat_interleave(
-                                       torch.tensor(rows, device=device))
-            factor = scale.repeat_interleave(per_row,
-                                             output_size=sum(sizes))
-            products = torch.cat([layer.reshape(-1) for layer in layers
-                                  ]).to(torch.float64).mul_(factor)
-            new_weights = products.to(dtype).split(sizes)
+            products = torch.cat([
+                layer.reshape(-1, row) for layer in layers
+            ]).to(torch.float64).mul_(scale.reshape(-1, 1))
+            new_weights = products.to(dtype).split(rows)
 
             def joined(values: List[Optional[Tensor]]) -> Tensor:
                 return torch.cat([

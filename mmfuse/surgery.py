@@ -160,7 +160,7 @@ class _SmallFolds:
         weight = conv._parameters.get('weight')
         return isinstance(weight, torch.Tensor) and \
             weight.device.type == 'cpu' and \
-            weight.numel() <= _SMALL_WEIGHT
+            0 < weight.numel() <= _SMALL_WEIGHT
 
     def waits_for(self, conv: nn.Module) -> bool:
         return id(conv) in self.waiting or \
