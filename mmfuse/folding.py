@@ -20,8 +20,7 @@ from torch import Tensor
 
 __all__ = [
     'NormParams', 'norm_affine', 'norm_affines', 'fold_affine_into_output',
-    'fold_affines_into_outputs', 'fold_affine_into_input',
-    'scale_output_channels', 'dense_format'
+    'fold_affine_into_input', 'scale_output_channels', 'dense_format'
 ]
 
 
@@ -343,65 +342,6 @@ def fold_affine_into_output(weight: Tensor,
     # A copy even where the dtype is the same: the bias must not share
     # memory with ``shift`` (a slice of one norm's shift, for a concat).
     return new_weight, new_bias.to(weight.dtype, copy=True)
-
-
-def fold_affines_into_outputs(
-        weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
-        scales: Sequence[Tensor], shifts: Sequence[Optional[Tensor]]
-) -> List[Tuple[Tensor, Tensor]]:
-    """:func:`fold_affine_into_output` of many non-transposed layers, with
-    a few tensor operations for all the layers of one dtype and device
-    rather than a few for each: the same float64 products and sums, for
-    models with many small layers.
-
-    Args:
-        weights: Conv or linear weights, ``(out, ...)``.
-        biases: Their biases (``None`` for none).
-        scales: Per-output-channel scales, ``(out, )`` each.
-        shifts: Per-output-channel shifts, or ``None`` for no shift.
-
-    Returns:
-        ``(weight, bias)`` of each layer in its weight's dtype: views of
-        results shared by the layers (the caller copies them where they
-        go), the weight shaped like the layer's and contiguous.
-    """
-    for weight, scale in zip(weights, scales):
-        if not weight.dim() or weight.shape[0] != scale.numel():
-            raise ValueError(f'cannot scale {tuple(weight.shape)} by '
-                             f'{scale.numel()} norm channels')
-    # Layers of one dtype, device and row length: their rows are stacked
-    # into one matrix, each row scaled by its output channel's factor.
-    groups: Dict[Tuple[torch.dtype, torch.device, int], List[int]] = {}
-    for index, weight in enumerate(weights):
-        row = weight[0].numel() if weight.shape[0] else 0
-        groups.setdefault((weight.dtype, weight.device, row),
-                          []).append(index)
-    results: List[Any] = [None] * len(weights)
-    with torch.no_grad():
-        for (dtype, device, row), indices in groups.items():
-            layers = [weights[i].detach() for i in indices]
-            rows = [layer.shape[0] for layer in layers]
-            scale = torch.cat([_float64(scales[i]) for i in indices])
-            products = torch.cat([
-                layer.reshape(-1, row) for layer in layers
-            ]).to(torch.float64).mul_(scale.reshape(-1, 1))
-            new_weights = products.to(dtype).split(rows)
-
-            def joined(values: List[Optional[Tensor]]) -> Tensor:
-                return torch.cat([
-                    torch.zeros(r, dtype=torch.float64, device=device)
-                    if v is None else v.detach().to(torch.float64)
-                    for v, r in zip(values, rows)
-                ])
-
-            # bias * scale + shift, as one fold computes it.
-            bias = joined([biases[i] for i in indices]).mul_(scale).add_(
-                joined([shifts[i] for i in indices]))
-            new_biases = bias.to(dtype).split(rows)
-            for j, index in enumerate(indices):
-                results[index] = (new_weights[j].view(layers[j].shape),
-                                  new_biases[j])
-    return results
 
 
 def fold_affine_into_input(weight: Tensor,

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from .folding import (dense_format, fold_affine_into_input,
-                      fold_affine_into_output, fold_affines_into_outputs,
-                      norm_affine, norm_affines)
+                      fold_affine_into_output, norm_affine, norm_affines)
 from .layers import (CONV_BN_ON_THE_FLY, conv_geometry, conv_out_channels,
                      norm_affine_params)
 from .plain_conv import plain_conv_of
@@ -136,62 +135,6 @@ def _seen_only_by(module: nn.Module, name: str) -> bool:
             _STORAGE_USERS(control[name].untyped_storage()._cdata))
 
 
-#: Weights of at most this many elements are folded together with the
-#: others of a plan (:class:`_SmallFolds`): for them the Python and
-#: dispatch work of a fold costs more than its arithmetic.
-_SMALL_WEIGHT = 1 << 15
-
-
-class _SmallFolds:
-    """Output folds into small CPU layers, made together at ``flush``.
-
-    A layer waits here until the plan ends or a later fold reaches it
-    (or its weight), which first flushes: each fold still sees the layer
-    as the folds before it left it.
-    """
-
-    def __init__(self):
-        self.entries: List[Tuple[AppliedFold, nn.Module, bool, torch.Tensor,
-                                 Optional[torch.Tensor]]] = []
-        self.waiting: set = set()
-
-    @staticmethod
-    def takes(conv: nn.Module) -> bool:
-        weight = conv._parameters.get('weight')
-        return isinstance(weight, torch.Tensor) and \
-            weight.device.type == 'cpu' and \
-            0 < weight.numel() <= _SMALL_WEIGHT
-
-    def waits_for(self, conv: nn.Module) -> bool:
-        return id(conv) in self.waiting or \
-            id(conv._parameters.get('weight')) in self.waiting
-
-    def add(self, applied: AppliedFold, conv: nn.Module, rewrite: bool,
-            scale: torch.Tensor, shift: Optional[torch.Tensor]) -> None:
-        self.entries.append((applied, conv, rewrite, scale, shift))
-        self.waiting.update((id(conv), id(conv._parameters['weight'])))
-
-    def flush(self) -> None:
-        if not self.entries:
-            return
-        entries, self.entries = self.entries, []
-        self.waiting.clear()
-        results = fold_affines_into_outputs(
-            [conv.weight for _, conv, _, _, _ in entries],
-            [conv.bias for _, conv, _, _, _ in entries],
-            [scale for _, _, _, scale, _ in entries],
-            [shift for _, _, _, _, shift in entries])
-        for (applied, conv, rewrite, _, _), (weight, bias) in zip(
-                entries, results):
-            old = conv.weight.detach()
-            if rewrite:
-                old.copy_(weight)
-            else:
-                _set_parameter(conv, 'weight',
-                               torch.empty_like(old).copy_(weight), applied)
-            _set_parameter(conv, 'bias', bias.clone(), applied)
-
-
 def apply_fold(model: nn.Module,
                fold: Fold,
                in_place: bool = False,
@@ -210,27 +153,12 @@ def apply_fold(model: nn.Module,
     Returns:
         The applied fold, which can be undone unless ``in_place``.
     """
-    small = _SmallFolds()
-    applied = _apply_fold(model, fold, in_place, affine, small)
-    small.flush()
-    if in_place:
-        applied.forget()
-    return applied
-
-
-def _apply_fold(model: nn.Module, fold: Fold, in_place: bool,
-                affine: Optional[Tuple[torch.Tensor, torch.Tensor]],
-                small: _SmallFolds) -> AppliedFold:
-    """:func:`apply_fold`, leaving the output folds of small layers to
-    ``small``."""
     applied = AppliedFold(fold)
     norm = _submodule(model, fold.norm)
     scale, shift = affine if affine is not None else norm_affine(
         *norm_affine_params(norm))
     for target in fold.convs:
         conv = _submodule(model, target.name)
-        if small.waits_for(conv):
-            small.flush()
         if target.plain:
             plain = plain_conv_of(conv)
             if plain is None:
@@ -258,9 +186,6 @@ def _apply_fold(model: nn.Module, fold: Fold, in_place: bool,
                 conv_scale, conv_shift = scale, shift
             if not target.shift:
                 conv_shift = None
-            if not transposed and small.takes(conv):
-                small.add(applied, conv, rewrite, conv_scale, conv_shift)
-                continue
             weight, bias = fold_affine_into_output(
                 conv.weight, conv.bias, conv_scale, conv_shift, transposed,
                 groups, weight_out)
@@ -273,6 +198,8 @@ def _apply_fold(model: nn.Module, fold: Fold, in_place: bool,
         identity = nn.Identity()
         identity.training = norm.training
         _replace_module(model, site, identity, applied)
+    if in_place:
+        applied.forget()
     return applied
 
 
@@ -309,19 +236,14 @@ def apply_plan(model: nn.Module,
     """
     applied = []
     folds = list(plan.folds if folds is None else folds)
-    # The norms' affine maps all at once, and the folds into small layers
-    # together: a few tensor operations in all rather than a few per fold.
+    # The norms' affine maps all at once: a few tensor operations in all
+    # rather than a few per norm.
     affines = norm_affines([
         norm_affine_params(_submodule(model, fold.norm)) for fold in folds
     ])
-    small = _SmallFolds()
     for fold, affine in zip(folds, affines):
         applied.append(
-            _apply_fold(model, fold, not undoable, affine, small))
-    small.flush()
-    if not undoable:
-        for done in applied:
-            done.forget()
+            apply_fold(model, fold, in_place=not undoable, affine=affine))
     return applied
 
 

@@ -194,41 +194,6 @@ def test_blockwise_product_is_the_float64_product(transposed):
     assert torch.equal(got, expected.float())
 
 
-def test_folds_made_together_are_the_folds_made_one_by_one():
-    """``fold_affines_into_outputs`` gives each layer, bit for bit, what
-    ``fold_affine_into_output`` gives it alone: convs and linear layers,
-    with and without bias and shift, channels last, mixed dtypes."""
-    from mmfuse.folding import fold_affines_into_outputs
-    torch.manual_seed(0)
-    weights = [
-        torch.randn(8, 3, 3, 3),
-        torch.randn(16, 1, 3, 3),  # depthwise
-        torch.randn(5, 7),  # linear
-        torch.randn(6, 4, 1, 1).contiguous(
-            memory_format=torch.channels_last),
-        torch.randn(4, 2, 3).to(torch.bfloat16),
-        torch.randn(3, 3, 3, 3).double(),
-    ]
-    biases = [None, torch.randn(16), torch.randn(5), None,
-              torch.randn(4).to(torch.bfloat16), torch.randn(3).double()]
-    scales = [torch.rand(w.shape[0], dtype=torch.float64) + 0.5
-              for w in weights]
-    shifts = [torch.randn(w.shape[0], dtype=torch.float64) for w in weights]
-    shifts[3] = None  # a later branch of a normalised sum
-    before = [w.clone() for w in weights]
-    together = fold_affines_into_outputs(weights, biases, scales, shifts)
-    for i, (weight, bias) in enumerate(together):
-        alone_weight, alone_bias = fold_affine_into_output(
-            weights[i], biases[i], scales[i], shifts[i])
-        assert weight.dtype == alone_weight.dtype == weights[i].dtype
-        assert torch.equal(weight, alone_weight), i
-        assert torch.equal(bias, alone_bias), i
-        assert torch.equal(weights[i], before[i])  # inputs unchanged
-    with pytest.raises(ValueError, match='cannot scale'):
-        fold_affines_into_outputs([torch.ones(4, 2)], [None],
-                                  [torch.ones(3)], [None])
-
-
 @pytest.mark.parametrize('groups', [1, 4])
 @pytest.mark.parametrize('in_place', [False, True])
 def test_blockwise_fold_into_input_is_the_float64_product(groups, in_place):

@@ -347,9 +347,8 @@ def test_a_conv_between_two_norms_absorbs_both_where_exact(padding, traced):
 
 @pytest.mark.parametrize('in_place', [False, True])
 def test_folds_into_one_conv_in_either_order(in_place):
-    """Two folds into one small conv, applied in either order: the second
-    sees the conv as the first left it (small layers are folded together
-    at the end of a plan, unless a later fold reaches them first)."""
+    """Two folds into one conv, applied in either order, undoably or in
+    place: the second reads what the first wrote."""
     from mmfuse.plan import FusionPlan
     from mmfuse.surgery import apply_plan
     model = randomize_norm_stats(
