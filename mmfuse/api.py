@@ -12,13 +12,12 @@ import torch
 from torch import nn
 
 from .discovery import (collect_structural_evidence, collect_traced_evidence,
-                        plan_folds)
+                        plan_and_count, plan_folds)
 from .discovery.occurrence import Evidence
 from .discovery.traced import TracedForward
 from .guards import (FusionError, as_input_tuple, check_eval,
                      unwrap_model)
-from .layers import is_norm_layer, norm_fold_problem
-from .module_walk import has_children, tree_unchanged, walk_modules
+from .module_walk import tree_unchanged
 from .plan import FusionPlan, Skip
 from .reparam import Merges, has_registered_blocks, merge_blocks
 from .report import FusionReport
@@ -54,19 +53,6 @@ def discover_folds(model: nn.Module,
             evidence, _ = collect_traced_evidence(
                 model, as_input_tuple(example_inputs))
         return plan_folds(model, evidence, plain_convs)
-
-
-def _count_norms(model: nn.Module) -> Tuple[int, int]:
-    norms = foldable = 0
-    seen = set()
-    for _, module in walk_modules(model):
-        if id(module) in seen or has_children(module) or \
-                not is_norm_layer(module):
-            continue
-        seen.add(id(module))
-        norms += 1
-        foldable += norm_fold_problem(module) is None
-    return norms, foldable
 
 
 def fuse_model(model: nn.Module,
@@ -140,6 +126,7 @@ def fuse_model(model: nn.Module,
             # can take; only those are traced for the generic merge.
             reference = observed.run()
             evidence = observed.evidence()
+            observed.let_go()
             if reparameterize and observed.sum_blocks:
                 merges = merge_blocks(model,
                                       generic_blocks=observed.sum_blocks)
@@ -151,8 +138,8 @@ def fuse_model(model: nn.Module,
     with tree_unchanged():  # discovery walks the model many times
         if evidence is None:
             evidence = collect_structural_evidence(model)
-        num_norms, num_foldable = _count_norms(model)
-        plan = plan_folds(model, evidence, plain_convs)
+        plan, num_norms, num_foldable = plan_and_count(
+            model, evidence, plain_convs)
     report = FusionReport(
         mode=evidence.mode,
         left=list(plan.skipped),

@@ -27,7 +27,7 @@ from ..plan import (CONCAT, POST, PRE, SUM, ConvTarget, Fold, FusionPlan,
                     Skip)
 from .occurrence import Evidence, Link, Occurrence, Site
 
-__all__ = ['module_paths', 'plan_folds']
+__all__ = ['module_paths', 'plan_folds', 'plan_and_count']
 
 
 def module_paths(model: nn.Module) -> Dict[int, List[str]]:
@@ -68,6 +68,9 @@ class _Planner:
         # Of those, the ones whose fold replaces the conv (a copy, a plain
         # conv): nothing else may fold into it.
         self.replaced: Set[Tuple[str, str]] = set()
+        # Norm layers of the model (each module once), and of those the
+        # foldable ones.
+        self.num_norms = self.num_foldable = 0
 
     # -- helpers -----------------------------------------------------------
     def name(self, module: nn.Module) -> str:
@@ -146,6 +149,7 @@ class _Planner:
         if problem:
             self.skip(name, problem)
             return
+        self.num_foldable += 1
         calls = self.calls[id(norm)]
         if not calls:
             self.skip(name, self.why_no_call(norm))
@@ -231,6 +235,7 @@ class _Planner:
                 continue
             seen.add(id(module))
             norms.append(module)
+        self.num_norms = len(norms)
         # Norms after a conv first: they win a conv over norms before it.
 
         def priority(norm: nn.Module) -> int:
@@ -260,3 +265,13 @@ def plan_folds(model: nn.Module,
             part, once turned into a plain conv with identical output.
     """
     return _Planner(model, evidence, plain_convs).run()
+
+
+def plan_and_count(model: nn.Module,
+                   evidence: Evidence,
+                   plain_convs: bool = True) -> Tuple[FusionPlan, int, int]:
+    """:func:`plan_folds`, with the number of norm layers in ``model``
+    (each module once) and how many of them are foldable."""
+    planner = _Planner(model, evidence, plain_convs)
+    plan = planner.run()
+    return plan, planner.num_norms, planner.num_foldable

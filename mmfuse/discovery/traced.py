@@ -478,10 +478,18 @@ class TracedForward:
             for handle in handles:
                 handle.remove()
             self.active_leaf = None
+            self.recorder = None  # it refers back to this pass
             self.stack.clear()
         for key in self.keys(self.output):
             self.consumers[key].append(_Output())
         return self.output
+
+    def let_go(self) -> None:
+        """Let go of every tensor the pass kept (all the model's
+        intermediate values) once the evidence is read: the memory the
+        folds allocate next can reuse theirs."""
+        self.keep.clear()
+        self.last.clear()
 
     # -- evidence ----------------------------------------------------------
     def only_consumer(self, key: Key, consumer) -> Optional[str]:
