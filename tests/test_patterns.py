@@ -576,3 +576,38 @@ def test_f_conv_output_used_by_a_module_outside_the_model_stays():
     fused, report, rel = fuse_and_compare(model, (X, ), True)
     assert rel < 1e-5
     kept_at(fused, ['bn'])
+
+
+def test_f_a_use_after_a_caught_error_in_a_leaf_is_seen():
+    """A leaf that raises, caught by the model, which goes on: what runs
+    after is recorded (the conv output used again keeps its norm)."""
+
+    class Fails(nn.Module):
+
+        def forward(self, x):
+            raise ValueError('not this time')
+
+    class CatchesAndGoesOn(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 1)
+            self.bn = nn.BatchNorm2d(8)
+            self.fails = Fails()
+
+        def forward(self, x):
+            y = self.conv(x)
+            z = self.bn(y)
+            try:
+                self.fails(z)
+            except ValueError:
+                pass
+            return z + y
+
+    model = randomize_norm_stats(CatchesAndGoesOn().eval())
+    plan = mmfuse.discover_folds(model, (X, ))
+    assert plan.folds == []
+    assert 'also used by operation' in plan.skipped[0].reason
+    fused, report, rel = fuse_and_compare(model, (X, ), True)
+    assert rel < 1e-5 and report.undone == []
+    kept_at(fused, ['bn'])

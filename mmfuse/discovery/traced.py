@@ -405,10 +405,14 @@ class TracedForward:
         finally:
             self.busy = False
 
-    def post_hook(self, module: nn.Module, args, kwargs, output) -> None:
-        """Called after every module call in the process."""
+    def post_hook(self, module: nn.Module, args, *rest) -> None:
+        """Called after every module call in the process, with ``(kwargs,
+        output)``; also after a call that raised, with ``(None, )`` (torch
+        passes no keyword arguments then), so that a model that catches
+        the error goes on being recorded."""
         if id(module) not in self.members:
             return
+        kwargs, output = rest if len(rest) == 2 else ({}, rest[0])
         self.stack.pop()
         call = self.active_leaf
         if call is None or call.module is not module:
@@ -468,11 +472,11 @@ class TracedForward:
             handles.append(register_module_forward_pre_hook(self.pre_hook))
             handles.append(
                 register_module_forward_hook(
-                    self.post_hook, with_kwargs=True))
+                    self.post_hook, with_kwargs=True, always_call=True))
             with torch.no_grad(), self.recorder:
                 try:
                     self.output = self.model(*self.example_inputs)
-                finally:  # a leaf that raised left the recorder off
+                finally:  # in case a leaf's post hook did not run
                     self.resume_recording()
         finally:
             for handle in handles:
