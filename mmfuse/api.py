@@ -103,9 +103,9 @@ def fuse_model(model: nn.Module,
         check_eval(model)
         if inputs is not None and verify:
             low_precision = is_low_precision(model)
-            tolerance = default_rtol(low_precision) if rtol is None \
-                else rtol
-        registered = reparameterize and has_registered_blocks(model)
+            tolerance = default_rtol(model) if rtol is None else rtol
+        registered = inputs is not None and reparameterize and \
+            has_registered_blocks(model)
         if inputs is not None and not registered:
             observed = TracedForward(model, inputs)
     merges = None

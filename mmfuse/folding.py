@@ -391,7 +391,7 @@ def fold_affine_into_input(weight: Tensor,
         scales, shifts = per_entry(scale64), per_entry(shift64)
     tail = (1, ) * (weight.dim() - 2)
     # added[o] = sum over c and the kernel of weight[o, c, ...] * shift[c]
-    added = torch.empty(out_channels, dtype=torch.float64,
+    added = torch.zeros(out_channels, dtype=torch.float64,
                         device=weight.device)
 
     def fold(rows: Tensor, start: int, stop: int) -> None:

@@ -14,8 +14,7 @@ already is.
 """
 import copy
 import math
-from typing import (Any, Callable, List, Optional, Sequence, Tuple, TypeVar,
-                    Union)
+from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -70,18 +69,13 @@ def output_error(reference: Any, output: Any) -> Tuple[float, float]:
     return max_abs, max_rel
 
 
-def default_rtol(model: Union[nn.Module, bool]) -> float:
+def default_rtol(model: nn.Module) -> float:
     """Relative error above which a fold counts as broken.
 
     1e-4 for float32/float64 models (folding itself measures 1e-7 to 1e-6),
     5e-2 for float16/bfloat16 models, whose rounding dominates.
-
-    Args:
-        model: The model, or whether it is of low precision (see
-            :func:`is_low_precision`).
     """
-    low = model if isinstance(model, bool) else is_low_precision(model)
-    return 5e-2 if low else 1e-4
+    return 5e-2 if is_low_precision(model) else 1e-4
 
 
 def is_low_precision(model: nn.Module) -> bool:

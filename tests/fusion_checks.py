@@ -58,3 +58,33 @@ def doubled_output(target: nn.Module) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+class RaisingLeaf(nn.Module):
+    """A leaf whose forward always raises ``ValueError('leaf failed')``."""
+
+    def forward(self, x):
+        raise ValueError('leaf failed')
+
+
+class RaisesAfterNorm(nn.Module):
+    """conv -> bn -> a leaf that raises; with ``catch``, the error is
+    caught and the conv output is used again after it (``bn(y) + y``)."""
+
+    def __init__(self, catch: bool):
+        super().__init__()
+        self.catch = catch
+        self.conv = nn.Conv2d(8, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fails = RaisingLeaf()
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.bn(y)
+        if not self.catch:
+            return self.fails(z)
+        try:
+            self.fails(z)
+        except ValueError:
+            pass
+        return z + y

@@ -12,7 +12,8 @@ from mmfuse.demo import (ActThenNorm, Bottleneck, ConcatNorm, SharedConvHead,
 from mmfuse.testing import randomize_norm_stats
 from mmfuse.verify import output_error
 
-from fusion_checks import fuse_and_compare, identity_at, kept_at
+from fusion_checks import (RaisesAfterNorm, fuse_and_compare, identity_at,
+                           kept_at)
 
 X = torch.randn(2, 8, 12, 12, generator=torch.Generator().manual_seed(1))
 
@@ -523,8 +524,10 @@ class KeywordUse(nn.Module):
     def forward(self, x):
         y = self.conv(x)
         if self.inplace_act:
-            self.act(input=y)  # bn sees relu(conv(x))
-            return self.bn(y)
+            z = self.bn(y)
+            # Changes y in place: the value bn read is the one before.
+            self.act(input=y)
+            return z + y
         return self.bn(y) + self.side(input=y)
 
 
@@ -581,30 +584,7 @@ def test_f_conv_output_used_by_a_module_outside_the_model_stays():
 def test_f_a_use_after_a_caught_error_in_a_leaf_is_seen():
     """A leaf that raises, caught by the model, which goes on: what runs
     after is recorded (the conv output used again keeps its norm)."""
-
-    class Fails(nn.Module):
-
-        def forward(self, x):
-            raise ValueError('not this time')
-
-    class CatchesAndGoesOn(nn.Module):
-
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(8, 8, 1)
-            self.bn = nn.BatchNorm2d(8)
-            self.fails = Fails()
-
-        def forward(self, x):
-            y = self.conv(x)
-            z = self.bn(y)
-            try:
-                self.fails(z)
-            except ValueError:
-                pass
-            return z + y
-
-    model = randomize_norm_stats(CatchesAndGoesOn().eval())
+    model = randomize_norm_stats(RaisesAfterNorm(catch=True).eval())
     plan = mmfuse.discover_folds(model, (X, ))
     assert plan.folds == []
     assert 'also used by operation' in plan.skipped[0].reason
