@@ -15,8 +15,12 @@ always float32 here), four ways to fuse are compared on a fresh copy each:
 For each: batch norms folded out of those foldable (batch norms with running
 statistics in the unfused model, counted once per module), the largest
 relative output error against the unfused model (or the crash), and the
-time the call takes (median of ``--repeats`` calls, each on a fresh
-copy).  Latency of the unfused model, the ``fuse_model`` one and the
+time the call takes: after one untimed round, ``--repeats`` rounds of one
+unfused forward and one call of each method on a fresh copy, each timed
+with the garbage collector off (as ``timeit`` does); the time is the
+median over rounds, and the ratios (``fuse_model`` in forward passes,
+``fuse_conv_bn`` against mmcv) are medians of the ratios within each
+round, so that both sides of a ratio see the same load.  Latency of the unfused model, the ``fuse_model`` one and the
 *no-norm bound* (every foldable norm replaced by ``nn.Identity``: not the
 same function, only the speed a perfect fusion could reach) is measured
 in one process, interleaved (one forward of each per round), as the median
@@ -36,6 +40,7 @@ Usage::
 import argparse
 import copy
 import datetime
+import gc
 import os
 import platform
 import statistics
@@ -64,6 +69,8 @@ class MethodResult:
     seconds: Optional[float] = None
     failure: str = ''
     model: Optional[nn.Module] = None
+    # Each timed call, in rounds.
+    times: List[float] = field(default_factory=list)
 
 
 @dataclass
@@ -73,6 +80,21 @@ class ModelResult:
     foldable: int
     methods: Dict[str, MethodResult] = field(default_factory=dict)
     latency_ms: Dict[str, float] = field(default_factory=dict)
+    # The unfused forward timed in each round of ``run_methods``.
+    forward_s: List[float] = field(default_factory=list)
+
+    def paired(self, method: str, other: Optional[str] = None
+               ) -> Optional[float]:
+        """Median over rounds of ``method``'s time over ``other``'s (the
+        unfused forward's by default), or ``None``."""
+        mine = self.methods[method]
+        theirs = self.forward_s if other is None else \
+            self.methods[other].times
+        if mine.seconds is None or not theirs or \
+                len(theirs) != len(mine.times) or \
+                (other is not None and self.methods[other].seconds is None):
+            return None
+        return statistics.median(a / b for a, b in zip(mine.times, theirs))
 
 
 def count_batch_norms(model: nn.Module) -> int:
@@ -133,39 +155,71 @@ FUSERS: Dict[str, Callable[[nn.Module, Tuple], nn.Module]] = {
 }
 
 
-def run_method(method: str, model: nn.Module, inputs: Tuple, reference: Any,
-               foldable: int, repeats: int) -> MethodResult:
-    """Fuse copies of ``model`` with ``method`` (``repeats`` times, each on
-    a fresh copy; the time is the median) and check the last output."""
-    result = MethodResult()
-    if method == 'torch.fx':
-        problem = fx_trace_problem(model)
-        if problem:
-            result.failure = problem
-            return result
-    seconds = []
-    for _ in range(repeats):
-        work = copy.deepcopy(model)
-        start = time.perf_counter()
-        try:
-            fused = FUSERS[method](work, inputs)
-        except Exception as error:  # any crash of a fuser is a result here
-            result.failure = (f'crash: {type(error).__name__}: '
-                              f'{str(error)[:100]}')
-            return result
-        seconds.append(time.perf_counter() - start)
-    result.seconds = statistics.median(seconds)
-    result.folded = foldable - count_batch_norms(fused)
+def timed(call: Callable[[], Any]) -> Tuple[float, Any]:
+    """``(seconds, value)`` of ``call()``, with the garbage collector run
+    before and off during the call, as ``timeit`` does: a collection of
+    the whole heap (hundreds of ms with several models alive) would
+    otherwise land in whichever call happens to cross its threshold."""
+    gc.collect()
+    gc.disable()
     try:
-        with torch.no_grad():
-            output = fused(*inputs)
-    except Exception as error:  # a fused model that no longer runs
-        result.failure = (f'crash in forward: {type(error).__name__}: '
-                          f'{str(error)[:100]}')
-        return result
-    result.rel_error = output_error(reference, output)[1]
-    result.model = fused
-    return result
+        start = time.perf_counter()
+        value = call()
+        return time.perf_counter() - start, value
+    finally:
+        gc.enable()
+
+
+def run_methods(model: nn.Module, inputs: Tuple, reference: Any,
+                foldable: int, repeats: int,
+                result: 'ModelResult') -> None:
+    """Fuse fresh copies of ``model`` with every method, interleaved.
+
+    One untimed round, then ``repeats`` rounds, each of one forward of the
+    unfused model and one call of each method on a fresh copy: the
+    ratios of a round (to the forward, to mmcv's call) compare times taken
+    moments apart, which the load on a shared machine moves far less than
+    times taken minutes apart.  The last fused copy of each method is
+    checked.
+    """
+    methods = {name: MethodResult() for name in METHODS}
+    problem = fx_trace_problem(model)
+    if problem:
+        methods['torch.fx'].failure = problem
+    live = [name for name in METHODS if not methods[name].failure]
+    with torch.no_grad():
+        for index in range(1 + repeats):
+            seconds, _ = timed(lambda: model(*inputs))
+            if index:
+                result.forward_s.append(seconds)
+            for name in list(live):
+                work = copy.deepcopy(model)
+                try:
+                    seconds, fused = timed(
+                        lambda: FUSERS[name](work, inputs))
+                except Exception as error:  # a crash of a fuser: a result
+                    methods[name].failure = (
+                        f'crash: {type(error).__name__}: '
+                        f'{str(error)[:100]}')
+                    live.remove(name)
+                    continue
+                if index:
+                    methods[name].times.append(seconds)
+                methods[name].model = fused
+    for name in live:
+        res = methods[name]
+        res.seconds = statistics.median(res.times)
+        res.folded = foldable - count_batch_norms(res.model)
+        try:
+            with torch.no_grad():
+                output = res.model(*inputs)
+        except Exception as error:  # a fused model that no longer runs
+            res.failure = (f'crash in forward: {type(error).__name__}: '
+                           f'{str(error)[:100]}')
+            res.model = None
+            continue
+        res.rel_error = output_error(reference, output)[1]
+    result.methods = methods
 
 
 def measure_latency(variants: Dict[str, nn.Module], inputs: Tuple,
@@ -193,10 +247,7 @@ def bench_model(name: str, rounds: int, warmup: int,
     with torch.no_grad():
         reference = model(*inputs)
     result = ModelResult(name, count_batch_norms(model))
-    for method in METHODS:
-        result.methods[method] = run_method(method, model, inputs,
-                                            reference, result.foldable,
-                                            repeats)
+    run_methods(model, inputs, reference, result.foldable, repeats, result)
     variants = {'unfused': model}
     fused = result.methods['fuse_model'].model
     if fused is not None:
@@ -253,7 +304,11 @@ def time_cell(result: ModelResult, method: str) -> str:
 def ratio(numerator: Optional[float], denominator: Optional[float]) -> str:
     if numerator is None or not denominator:
         return '-'
-    return f'{numerator / denominator:.1f}x'
+    return times(numerator / denominator)
+
+
+def times(value: Optional[float]) -> str:
+    return '-' if value is None else f'{value:.1f}x'
 
 
 def print_tables(results: List[ModelResult], corrupt: float) -> None:
@@ -277,13 +332,11 @@ def print_tables(results: List[ModelResult], corrupt: float) -> None:
     print('|---|---|---|---|---|---|---|---|---|')
     for result in results:
         lat = result.latency_ms
-        forward_s = lat['unfused'] / 1e3
-        fm = result.methods['fuse_model'].seconds
-        fc = result.methods['fuse_conv_bn'].seconds
-        mc = result.methods['mmcv'].seconds
+        in_forwards = times(result.paired('fuse_model'))
+        vs_mmcv = times(result.paired('fuse_conv_bn', 'mmcv'))
         cells = [
-            f'{time_cell(result, "fuse_model")} ({ratio(fm, forward_s)})',
-            f'{time_cell(result, "fuse_conv_bn")} ({ratio(fc, mc)})',
+            f'{time_cell(result, "fuse_model")} ({in_forwards})',
+            f'{time_cell(result, "fuse_conv_bn")} ({vs_mmcv})',
             time_cell(result, 'mmcv'),
             time_cell(result, 'torch.fx'),
             ms(lat['unfused']),
@@ -320,13 +373,11 @@ def print_tables(results: List[ModelResult], corrupt: float) -> None:
           f'{statistics.median(speedups):.2f}x (no-norm bound: '
           f'{statistics.median(bounds):.2f}x).')
     in_forwards = [
-        r.methods['fuse_model'].seconds * 1e3 / r.latency_ms['unfused']
-        for r in results if r.methods['fuse_model'].seconds is not None
+        v for v in (r.paired('fuse_model') for r in results) if v is not None
     ]
     vs_mmcv = [
-        r.methods['fuse_conv_bn'].seconds / r.methods['mmcv'].seconds
-        for r in results if r.methods['fuse_conv_bn'].seconds is not None
-        and r.methods['mmcv'].seconds
+        v for v in (r.paired('fuse_conv_bn', 'mmcv') for r in results)
+        if v is not None
     ]
     if in_forwards:
         print(f'`fuse_model` time in forward passes: median '
@@ -370,9 +421,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument(
         '--repeats',
         type=int,
-        default=3,
-        help='fusions timed per method and model, each on a fresh copy '
-        '(the median is reported)')
+        default=5,
+        help='timed rounds per model (after an untimed one), each of one '
+        'forward and one fusion per method on a fresh copy (medians are '
+        'reported)')
     parser.add_argument(
         '--corrupt',
         type=float,
@@ -392,7 +444,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             bench_model(name, args.rounds, args.warmup, args.repeats))
     print(f'Measured {datetime.date.today().isoformat()} on {machine()}; '
           f'latency = median of {args.rounds} interleaved rounds, batch '
-          f'1, float32.\n')
+          f'1, float32; time to fuse = median of {args.repeats} '
+          'interleaved rounds after an untimed one, garbage collector '
+          'off.\n')
     print_tables(results, args.corrupt)
 
 

@@ -128,11 +128,26 @@ def _seen_only_by(module: nn.Module, name: str) -> bool:
             weakref.getweakrefcount(params[name]) or \
             dense_format(params[name]) is None:
         return False
-    control = {name: nn.Parameter(torch.empty(0))}
-    return (sys.getrefcount(params[name]) == sys.getrefcount(control[name])
-            and params[name]._use_count() == control[name]._use_count()
-            and _STORAGE_USERS(params[name].untyped_storage()._cdata) ==
-            _STORAGE_USERS(control[name].untyped_storage()._cdata))
+    return (sys.getrefcount(params[name]),
+            params[name]._use_count(),
+            _STORAGE_USERS(params[name].untyped_storage()._cdata)) == \
+        _control_counts()
+
+
+_CONTROL_COUNTS: List[Tuple[int, int, int]] = []
+
+
+def _control_counts() -> Tuple[int, int, int]:
+    """The counts :func:`_seen_only_by` compares, of a parameter that
+    only a module's ``_parameters`` refers to: made and counted the same
+    way once per process."""
+    if not _CONTROL_COUNTS:
+        params = {'weight': nn.Parameter(torch.empty(0))}
+        _CONTROL_COUNTS.append(
+            (sys.getrefcount(params['weight']),
+             params['weight']._use_count(),
+             _STORAGE_USERS(params['weight'].untyped_storage()._cdata)))
+    return _CONTROL_COUNTS[0]
 
 
 def apply_fold(model: nn.Module,
@@ -196,7 +211,8 @@ def apply_fold(model: nn.Module,
         _set_parameter(conv, 'bias', bias, applied)
     for site in fold.norm_sites:
         identity = nn.Identity()
-        identity.training = norm.training
+        # What ``nn.Module.__setattr__`` would do, without its checks.
+        identity.__dict__['training'] = norm.training
         _replace_module(model, site, identity, applied)
     if in_place:
         applied.forget()

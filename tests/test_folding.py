@@ -165,8 +165,16 @@ def test_float64_inputs_are_never_changed():
         assert torch.equal(old, new)
 
 
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 16384 float64 elements, so that the weights of the tests
+    below span several (whatever the block size in use)."""
+    from mmfuse import folding
+    monkeypatch.setattr(folding, '_BLOCK_ELEMENTS', 1 << 14)
+
+
 @pytest.mark.parametrize('transposed', [False, True])
-def test_blockwise_product_is_the_float64_product(transposed):
+def test_blockwise_product_is_the_float64_product(transposed, small_blocks):
     """A weight larger than one block is scaled block by block on CPU: the
     result must be the float64 product rounded once, bit for bit."""
     from mmfuse import folding
@@ -196,7 +204,8 @@ def test_blockwise_product_is_the_float64_product(transposed):
 
 @pytest.mark.parametrize('groups', [1, 4])
 @pytest.mark.parametrize('in_place', [False, True])
-def test_blockwise_fold_into_input_is_the_float64_product(groups, in_place):
+def test_blockwise_fold_into_input_is_the_float64_product(groups, in_place,
+                                                          small_blocks):
     """A weight larger than one block takes a norm before it block by
     block: the weight is the float64 product rounded once, bit for bit,
     and the bias the float64 sum rounded once."""
@@ -228,7 +237,8 @@ def test_blockwise_fold_into_input_is_the_float64_product(groups, in_place):
 
 @pytest.mark.parametrize('channels_last', [False, True])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_scaling_in_place_is_the_float64_product(channels_last, dtype):
+def test_scaling_in_place_is_the_float64_product(channels_last, dtype,
+                                                 small_blocks):
     """Written into the weight itself, block by block and in any memory
     layout, the result is the float64 product rounded once."""
     from mmfuse import folding
@@ -252,7 +262,7 @@ def test_scaling_in_place_is_the_float64_product(channels_last, dtype):
         folding.scale_output_channels(weight, scale, out=weight[1:])
 
 
-def test_results_stay_on_the_weights_device():
+def test_results_stay_on_the_weights_device(small_blocks):
     """A default device set by the caller does not move folded weights."""
     from mmfuse import folding
     weight = torch.randn(256, 24, 5, 5)  # more than one block

@@ -121,14 +121,26 @@ def _version_key(tensor: Tensor) -> Key:
         return id(tensor), -1
 
 
+#: :func:`_may_be_linear` of leaf modules by class (it depends on the
+#: class alone for a module without children).
+_LINEAR_BY_CLASS: Dict[type, bool] = {}
+
+
 def _may_be_linear(module: nn.Module) -> bool:
     """Whether a leaf module may compute a linear map of its input, as
     the generic merge sees it: convs, norms, average pools, identities and
     dropouts of ``torch.nn``, and any module defined elsewhere (which the
     merge traces)."""
-    return isinstance(module, _LINEAR_LEAVES) or is_conv_layer(module) or \
+    known = _LINEAR_BY_CLASS.get(type(module))
+    if known is not None:
+        return known
+    linear = isinstance(module, _LINEAR_LEAVES) or \
+        is_conv_layer(module) or \
         not type(module).__module__.startswith('torch.nn.') or \
         is_norm_layer(module)
+    if not has_children(module):
+        _LINEAR_BY_CLASS[type(module)] = linear
+    return linear
 
 
 def _func_name(func) -> str:
