@@ -20,11 +20,12 @@ unfused forward and one call of each method on a fresh copy, each timed
 with the garbage collector off (as ``timeit`` does); the time is the
 median over rounds, and the ratios (``fuse_model`` in forward passes,
 ``fuse_conv_bn`` against mmcv) are medians of the ratios within each
-round, so that both sides of a ratio see the same load.  Latency of the unfused model, the ``fuse_model`` one and the
-*no-norm bound* (every foldable norm replaced by ``nn.Identity``: not the
-same function, only the speed a perfect fusion could reach) is measured
-in one process, interleaved (one forward of each per round), as the median
-of ``--rounds`` rounds, with ``torch.set_num_threads(--threads)``
+round, so that both sides of a ratio see the same load.  Latency of the
+unfused model, the ``fuse_model`` one and the *no-norm bound* (every
+foldable norm replaced by ``nn.Identity``: not the same function, only
+the speed a perfect fusion could reach) is measured in one process,
+interleaved (one forward of each per round), as the median of
+``--rounds`` rounds, with ``torch.set_num_threads(--threads)``
 (1 by default: on a 2-core machine shared with other work, two intra-op
 threads wait on each other and the numbers scatter far more).
 

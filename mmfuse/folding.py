@@ -20,7 +20,8 @@ from torch import Tensor
 
 __all__ = [
     'NormParams', 'norm_affine', 'norm_affines', 'fold_affine_into_output',
-    'fold_affine_into_input', 'scale_output_channels', 'dense_format'
+    'fold_affine_into_input', 'fold_affine_into_bias', 'in_float64_rows',
+    'scale_output_channels', 'dense_format'
 ]
 
 
@@ -221,9 +222,9 @@ def _row_factors(scale64: Tensor, weight: Tensor, transposed: bool,
             lambda start, stop: per_group[start // rows_per_group])
 
 
-def _in_float64_rows(weight: Tensor, out: Tensor,
-                     segments: Sequence[Tuple[int, int]],
-                     work: Callable[[Tensor, int, int], None]) -> None:
+def in_float64_rows(weight: Tensor, out: Tensor,
+                    segments: Sequence[Tuple[int, int]],
+                    work: Callable[[Tensor, int, int], None]) -> None:
     """Run ``work(rows, start, stop)`` on float64 values of rows
     ``start:stop`` of ``weight`` (changing ``rows`` in place), for blocks of
     rows within each segment, and write the changed rows into ``out`` in
@@ -321,9 +322,30 @@ def scale_output_channels(weight: Tensor,
                                     groups)
     if out is None:
         out = torch.empty_like(weight, dtype=dtype or torch.float64)
-    _in_float64_rows(weight, out, segments,
-                     lambda rows, start, stop: rows.mul_(factor(start, stop)))
+    in_float64_rows(weight, out, segments,
+                    lambda rows, start, stop: rows.mul_(factor(start, stop)))
     return out
+
+
+def fold_affine_into_bias(bias: Optional[Tensor], scale: Tensor,
+                          shift: Optional[Tensor]) -> Tensor:
+    """The bias of ``scale * layer(x) + shift``: ``bias * scale + shift``
+    in float64 (maybe ``shift`` itself, or a view of it: copy it before
+    changing it).
+
+    Args:
+        bias: The layer's bias, or ``None`` for none.
+        scale: Per-output-channel scale, shape ``(out_channels,)``.
+        shift: Per-output-channel shift, or ``None`` for none.
+    """
+    if bias is None:
+        return torch.zeros_like(_float64(scale)) if shift is None else \
+            _float64(shift)
+    # The product of a bias and the float64 scale is float64.
+    new_bias = torch.mul(bias.detach(), _float64(scale))
+    if shift is not None:
+        new_bias.add_(shift)
+    return new_bias
 
 
 def fold_affine_into_output(weight: Tensor,
@@ -352,16 +374,7 @@ def fold_affine_into_output(weight: Tensor,
     """
     new_weight = scale_output_channels(weight, scale, transposed, groups,
                                        weight.dtype, weight_out)
-    scale64 = _float64(scale)
-    if bias is None:
-        new_bias = torch.zeros_like(scale64) if shift is None else \
-            _float64(shift)
-    else:
-        # bias * scale (+ shift), in float64 (the product of a bias and
-        # the float64 scale is float64).
-        new_bias = torch.mul(bias.detach(), scale64)
-        if shift is not None:
-            new_bias.add_(shift)
+    new_bias = fold_affine_into_bias(bias, scale, shift)
     if weight_out is None:
         new_weight = _same_layout(new_weight, weight)
     # A copy even where the dtype is the same: the bias must not share
@@ -428,7 +441,7 @@ def fold_affine_into_input(weight: Tensor,
 
     new_weight = torch.empty_like(weight) if weight_out is None else \
         weight_out
-    _in_float64_rows(weight, new_weight, [(0, out_channels)], fold)
+    in_float64_rows(weight, new_weight, [(0, out_channels)], fold)
     new_bias = added if bias is None else added.add_(bias.detach())
     if weight_out is None:
         new_weight = _same_layout(new_weight, weight)

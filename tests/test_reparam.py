@@ -20,8 +20,8 @@ from torch import nn
 import mmfuse
 from mmfuse.reparam import (REPARAMETERIZERS, BranchSum, ConvGeometry,
                             MergeError, Reparameterizer, Term,
-                            apply_reparam_structure, conv_op, norm_op,
-                            reparameterize)
+                            apply_reparam_structure, conv_op, merge_terms,
+                            norm_op, reparameterize)
 from mmfuse.reparam.merge import (BranchGeometry, avg_pool_kernel,
                                   centre_kernel, identity_kernel,
                                   merge_geometry)
@@ -530,6 +530,64 @@ def test_centre_kernel():
     assert not padded[:, :, border].any()  # zeros everywhere else
     with pytest.raises(MergeError):
         centre_kernel(kernel, (2, 3))
+
+
+@pytest.mark.parametrize('big_first', [True, False])
+def test_merged_kernel_is_the_float64_sum_block_by_block(monkeypatch,
+                                                         big_first):
+    """A merged kernel is made a block of output channels at a time: it
+    must be the float64 sum of the folded branches (a smaller kernel
+    added into the centre, a constant before a conv, a scale after a
+    norm, an identity) rounded once, bit for bit, whichever branch comes
+    first; the bias is the float64 sum of the folded biases."""
+    from mmfuse import folding
+    from mmfuse.folding import norm_affine
+    from mmfuse.reparam import scale_op
+    monkeypatch.setattr(folding, '_BLOCK_ELEMENTS', 1 << 10)
+    torch.manual_seed(0)
+    big = nn.Conv2d(64, 64, 3, padding=1, bias=True)
+    small = nn.Conv2d(64, 64, 1, bias=False)
+    norms = [nn.BatchNorm2d(64) for _ in range(3)]
+    for norm in norms:
+        randomize_norm_stats(norm)
+        norm.eval()
+    big_term = Term([conv_op(big), norm_op(norms[0])])
+    small_term = Term([scale_op(0.7), conv_op(small), norm_op(norms[1]),
+                       scale_op(torch.tensor([-1.3]), 'alpha')])
+    identity_term = Term([norm_op(norms[2])])
+    terms = [big_term, small_term, identity_term]
+    if not big_first:
+        terms = [small_term, big_term, identity_term]
+    assert big.weight.numel() > folding._BLOCK_ELEMENTS
+    _, weight, bias = merge_terms(terms)
+
+    affines = [
+        norm_affine(n.running_mean, n.running_var, n.eps, n.weight, n.bias)
+        for n in norms
+    ]
+    alpha = torch.tensor(-1.3).double()  # the float32 factor, widened
+    column = (-1, 1, 1, 1)
+    big64 = big.weight.double() * affines[0][0].reshape(column)
+    small64 = small.weight.double() * 0.7 * (
+        affines[1][0] * alpha).reshape(column)
+    ident64 = identity_kernel(64, 1, (1, 1)) * affines[2][0].reshape(column)
+    biases = [big.bias.double() * affines[0][0] + affines[0][1],
+              affines[1][1] * alpha, affines[2][1]]
+    if big_first:
+        expected = big64.clone()
+        expected[..., 1:2, 1:2] += small64
+    else:
+        expected = torch.zeros(64, 64, 3, 3, dtype=torch.float64)
+        expected[..., 1:2, 1:2] += small64
+        expected += big64
+        biases[:2] = biases[1::-1]
+    expected[..., 1:2, 1:2] += ident64
+    assert torch.equal(weight, expected.float())
+    expected_bias = torch.zeros(64, dtype=torch.float64)
+    for part in biases:
+        expected_bias += part
+    assert torch.equal(bias, expected_bias.float())
+    assert big.weight.dtype == torch.float32  # the layers are untouched
 
 
 def _conv_geometry(kernel, stride=1, padding=0, dilation=1, groups=1,

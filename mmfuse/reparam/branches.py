@@ -11,17 +11,18 @@ every layer with the same rules as the core folding
 :mod:`mmfuse.folding`.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import (Dict, List, NamedTuple, Optional, Sequence, Tuple,
+                    Union)
 
 import torch
 from torch import Tensor, nn
 
-from ..folding import fold_affine_into_output, norm_affines
+from ..folding import fold_affine_into_bias, in_float64_rows, norm_affines
 from ..layers import (conv_fold_problem, norm_affine_params, norm_channels,
                       norm_fold_problem)
 from .merge import (BranchGeometry, ConvGeometry, MergeError,
-                    avg_pool_kernel, compose_affine, identity_kernel,
-                    merge_geometry, sum_branches)
+                    avg_pool_kernel, centre_slices, compose_affine,
+                    identity_kernel, merge_geometry)
 
 __all__ = ['Op', 'Term', 'conv_op', 'norm_op', 'pool_op', 'scale_op',
            'merge_terms', 'describe_term', 'build_conv']
@@ -236,38 +237,88 @@ def _norm_affines(terms: Sequence[Term]) -> Dict[int, Tuple[Tensor, Tensor]]:
     return {id(op): affine for op, affine in zip(ops, affines)}
 
 
-def _branch_tensors(term: Term, geometry: ConvGeometry,
-                    device: torch.device,
-                    norms: Dict[int, Tuple[Tensor, Tensor]]
-                    ) -> Tuple[Tensor, Tensor]:
-    """``(weight, bias)`` of one branch, float64, its kernel at its own
-    size (centred in the merged one by the sum)."""
+class _Branch(NamedTuple):
+    """One branch of a sum, ready to merge: its output is ``scale * conv(x,
+    kernel * factors) + bias`` per output channel."""
+    #: The conv's weight as it is, or a float64 identity or pool kernel;
+    #: at its own size (centred in the merged kernel by the sum).
+    kernel: Tensor
+    #: Constants the branch multiplies its input by, before the conv.
+    factors: List[Union[float, Tensor]]
+    #: Per-output-channel scale after the conv, float64.
+    scale: Tensor
+    #: The folded bias, float64.
+    bias: Tensor
+
+
+def _branch(term: Term, geometry: ConvGeometry, device: torch.device,
+            norms: Dict[int, Tuple[Tensor, Tensor]]) -> _Branch:
+    """One branch, its norms and scales folded into a per-channel affine
+    map (``norms``: the ``norm_affine`` of each norm op, by ``id``)."""
     before, spatial, after = _split(term)
     channels = geometry.out_channels
+    bias: Optional[Tensor] = None
     if spatial is None:
-        weight = identity_kernel(channels, geometry.groups, (1, 1), device)
-        bias = torch.zeros(channels, dtype=torch.float64, device=device)
+        kernel = identity_kernel(channels, geometry.groups, (1, 1), device)
     elif spatial.kind == POOL:
         window = _pair(spatial.module.kernel_size)
-        weight = avg_pool_kernel(channels, geometry.groups, window, window,
+        kernel = avg_pool_kernel(channels, geometry.groups, window, window,
                                  device)
-        bias = torch.zeros(channels, dtype=torch.float64, device=device)
     else:
-        conv = spatial.module
-        # A copy even of a float64 weight: the fold below writes into it.
-        weight = conv.weight.detach().to(torch.float64, copy=True)
-        bias = torch.zeros(channels, dtype=torch.float64, device=device) \
-            if conv.bias is None else conv.bias.detach().to(torch.float64)
-    for op in before:
-        factor = op.value
-        if isinstance(factor, Tensor):
-            factor = factor.detach().to(torch.float64).reshape(())
-        weight.mul_(factor)
+        kernel = spatial.module.weight.detach()
+        bias = spatial.module.bias
+    factors = [
+        op.value.detach().to(torch.float64).reshape(())
+        if isinstance(op.value, Tensor) else op.value for op in before
+    ]
     scale, shift = _affine_after(after, channels, norms)
-    # ``weight`` is this function's own: fold into it.
-    return fold_affine_into_output(weight, bias, scale.to(device),
-                                   shift.to(device), False, geometry.groups,
-                                   weight_out=weight)
+    scale, shift = scale.to(device), shift.to(device)
+    return _Branch(kernel, factors, scale,
+                   fold_affine_into_bias(bias, scale, shift))
+
+
+def _merged_weight(branches: Sequence[_Branch], kernel_size: Tuple[int, int],
+                   dtype: torch.dtype) -> Tensor:
+    """The sum of the branches' kernels, each times its factors and
+    scales, in float64, rounded once to ``dtype``.
+
+    The products and the sum are made a block of output channels at a
+    time (:func:`~mmfuse.folding.in_float64_rows`), starting from the
+    first branch's kernel when it has the merged size (from zeros
+    otherwise), each branch added in order: the same float64 operations
+    as merging whole float64 copies, without making them.
+    """
+    heads = sorted({tuple(b.kernel.shape[:-2]) for b in branches})
+    if len(heads) != 1:
+        raise MergeError(f'kernels of different channels: {heads}')
+    first = branches[0]
+    if tuple(first.kernel.shape[-2:]) == tuple(kernel_size):
+        start_from, added = first.kernel, branches[1:]
+    else:
+        start_from = first.kernel.new_zeros(*heads[0], *kernel_size,
+                                            dtype=torch.float64)
+        first, added = None, branches
+    tail = (1, ) * (start_from.dim() - 1)
+
+    def merge_rows(rows: Tensor, start: int, stop: int) -> None:
+        """``rows`` holds the float64 values of rows ``start:stop`` of
+        ``start_from``: make them the merged kernel's."""
+        if first is not None:
+            for factor in first.factors:
+                rows.mul_(factor)
+            rows.mul_(first.scale[start:stop].reshape((-1, ) + tail))
+        for branch in added:
+            part = branch.kernel[start:stop].to(torch.float64, copy=True)
+            for factor in branch.factors:
+                part.mul_(factor)
+            part.mul_(branch.scale[start:stop].reshape((-1, ) + tail))
+            rows_at, columns_at = centre_slices(part.shape[-2:], kernel_size)
+            rows[..., rows_at, columns_at] += part
+
+    weight = torch.empty(start_from.shape, dtype=dtype,
+                         device=start_from.device)
+    in_float64_rows(start_from, weight, [(0, len(weight))], merge_rows)
+    return weight
 
 
 def _reference(terms: Sequence[Term]) -> Tensor:
@@ -308,15 +359,15 @@ def merge_terms(
                 raise MergeError(f'a {op.value.dtype} factor on a '
                                  f'{reference.dtype} branch')
     norms = _norm_affines(terms)
-    pairs = [
-        _branch_tensors(term, geometry, reference.device, norms)
-        for term in terms
+    branches = [
+        _branch(term, geometry, reference.device, norms) for term in terms
     ]
-    # The pairs are this function's own float64 tensors: sum into them.
-    weight, bias = sum_branches(pairs, into_first=True,
-                                kernel_size=geometry.kernel_size)
-    return (geometry, weight.to(reference.dtype),
-            bias.to(reference.dtype))
+    weight = _merged_weight(branches, geometry.kernel_size,
+                            reference.dtype)
+    bias = torch.zeros_like(branches[0].bias)
+    for branch in branches:
+        bias += branch.bias
+    return geometry, weight, bias.to(reference.dtype)
 
 
 class _ValuesGiven(nn.Conv2d):

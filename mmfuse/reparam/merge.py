@@ -12,7 +12,8 @@ diagonal.
 
 Nothing here knows about modules: this file only checks geometry and builds
 kernels.  Folding a norm into a kernel goes through :mod:`mmfuse.folding`.
-All tensors are built and summed in float64.
+All tensors are built in float64; :func:`mmfuse.reparam.branches.merge_terms`
+sums them, a block of output channels at a time.
 """
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Sequence, Tuple
@@ -22,7 +23,7 @@ from torch import Tensor
 
 __all__ = [
     'MergeError', 'ConvGeometry', 'BranchGeometry', 'merge_geometry',
-    'centre_kernel', 'identity_kernel', 'avg_pool_kernel', 'sum_branches',
+    'centre_kernel', 'centre_slices', 'identity_kernel', 'avg_pool_kernel',
     'compose_affine'
 ]
 
@@ -164,7 +165,8 @@ def merge_geometry(branches: Sequence[BranchGeometry]) -> ConvGeometry:
                         groups, mode)
 
 
-def _centre(size: Sequence[int], kernel_size: Pair) -> Tuple[slice, slice]:
+def centre_slices(size: Sequence[int],
+                  kernel_size: Pair) -> Tuple[slice, slice]:
     """Where a ``size`` kernel lies centred in a ``kernel_size`` one."""
     height, width = size
     extra_h, extra_w = kernel_size[0] - height, kernel_size[1] - width
@@ -188,7 +190,7 @@ def centre_kernel(weight: Tensor, kernel_size: Pair) -> Tensor:
         The padded kernel, same dtype (``weight`` itself if it has that
         size already).
     """
-    rows, columns = _centre(weight.shape[-2:], kernel_size)
+    rows, columns = centre_slices(weight.shape[-2:], kernel_size)
     if tuple(weight.shape[-2:]) == tuple(kernel_size):
         return weight
     padded = weight.new_zeros(*weight.shape[:-2], *kernel_size)
@@ -249,47 +251,3 @@ def compose_affine(first: Tuple[Tensor, Tensor],
     scale1, shift1 = (t.to(torch.float64) for t in first)
     scale2, shift2 = (t.to(torch.float64) for t in then)
     return scale1 * scale2, shift1 * scale2 + shift2
-
-
-def sum_branches(branches: Sequence[Tuple[Tensor, Tensor]],
-                 into_first: bool = False,
-                 kernel_size: Optional[Pair] = None) -> Tuple[Tensor, Tensor]:
-    """Sum ``(weight, bias)`` pairs of one geometry, in float64, in order.
-
-    Args:
-        branches: Kernels of one size (or, with ``kernel_size``, each to
-            be centred in it), with their biases.
-        into_first: Add into the first pair, float64 tensors the caller
-            lets go of, rather than into a copy.
-        kernel_size: The merged kernel size: each smaller kernel is added
-            into its centre (the same sum as of zero-padded kernels,
-            without making them).
-
-    Returns:
-        ``(weight, bias)`` of the merged conv, float64.
-    """
-    if kernel_size is None:
-        shapes = sorted({tuple(w.shape) for w, _ in branches})
-        if len(shapes) != 1:
-            raise MergeError(f'kernels of different shapes: {shapes}')
-        kernel_size = tuple(branches[0][0].shape[-2:])
-    heads = sorted({tuple(w.shape[:-2]) for w, _ in branches})
-    if len(heads) != 1:
-        raise MergeError(f'kernels of different channels: {heads}')
-    first_weight, first_bias = branches[0]
-    padded = centre_kernel(first_weight, kernel_size)
-    if padded is not first_weight:  # a new float64 tensor of its own
-        weight = padded.to(torch.float64)
-    elif into_first and first_weight.dtype == torch.float64:
-        weight = first_weight
-    else:
-        weight = first_weight.to(torch.float64, copy=True)
-    if into_first and first_bias.dtype == torch.float64:
-        bias = first_bias
-    else:
-        bias = first_bias.to(torch.float64, copy=True)
-    for branch_weight, branch_bias in branches[1:]:
-        rows, columns = _centre(branch_weight.shape[-2:], kernel_size)
-        weight[..., rows, columns] += branch_weight
-        bias += branch_bias
-    return weight, bias
