@@ -1096,6 +1096,41 @@ def test_fuse_model_without_branch_sums_runs_one_pass_and_no_trace(
         assert output_error(model(x), fused(x))[1] <= RTOL
 
 
+@pytest.mark.parametrize('kind', ['nothing_to_fold', 'all_merged',
+                                  'some_folded'])
+def test_verification_runs_a_pass_only_after_a_fold(kind):
+    """The verification pass runs the model only when a fold changed it:
+    otherwise the last traced pass already ran the model as it stands (a
+    model with no batch norm; a block whose norms were all merged, whose
+    merges the traced pass of the merged model checked).  The report is
+    verified either way."""
+    blocks = {
+        'nothing_to_fold': lambda: nn.Sequential(
+            nn.Conv2d(6, 6, 3, padding=1), nn.GroupNorm(2, 6), nn.ReLU()),
+        'all_merged': lambda: nn.Sequential(MobileOneLike(6)),
+        'some_folded': lambda: nn.Sequential(MobileOneLike(6),
+                                             ConvBN(6, 6, 1)),
+    }
+    model = _prepare(blocks[kind]())
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    x = _input(6)
+    with torch.no_grad():
+        expected = model(x)
+    calls.clear()
+    report = mmfuse.fuse_model(model, (x, ))
+    # The traced pass, and after a merge the traced pass of the merged
+    # model; the verification pass only where a norm was folded.
+    merged = 0 if kind == 'nothing_to_fold' else 1
+    folded = 1 if kind == 'some_folded' else 0
+    assert len(report.folded) == folded
+    assert len(calls) == 1 + merged + folded
+    assert report.verified and report.max_rel_error <= RTOL
+    assert (report.max_rel_error == 0) == (not folded)
+    with torch.no_grad():
+        assert output_error(expected, model(x))[1] <= RTOL
+
+
 def test_fuse_model_undoes_a_generic_merge_its_pass_shows_wrong():
     """A global forward hook doubles one branch: the generic merge cannot
     see it, the output observed before merging can, so the merge is
