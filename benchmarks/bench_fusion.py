@@ -157,10 +157,18 @@ FUSERS: Dict[str, Callable[[nn.Module, Tuple], nn.Module]] = {
 
 
 def timed(call: Callable[[], Any]) -> Tuple[float, Any]:
-    """``(seconds, value)`` of ``call()``, with the garbage collector run
-    before and off during the call, as ``timeit`` does: a collection of
-    the whole heap (hundreds of ms with several models alive) would
-    otherwise land in whichever call happens to cross its threshold."""
+    """Time one call, as ``timeit`` does: the garbage collector runs
+    before and is off during the call (a collection of the whole heap,
+    hundreds of ms with several models alive, would otherwise land in
+    whichever call happens to cross its threshold).
+
+    Args:
+        call: What to time.
+
+    Returns:
+        ``(seconds, call())``.
+    """
+    was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
@@ -168,12 +176,12 @@ def timed(call: Callable[[], Any]) -> Tuple[float, Any]:
         value = call()
         return time.perf_counter() - start, value
     finally:
-        gc.enable()
+        if was_enabled:
+            gc.enable()
 
 
 def run_methods(model: nn.Module, inputs: Tuple, reference: Any,
-                foldable: int, repeats: int,
-                result: 'ModelResult') -> None:
+                repeats: int, result: ModelResult) -> None:
     """Fuse fresh copies of ``model`` with every method, interleaved.
 
     One untimed round, then ``repeats`` rounds, each of one forward of the
@@ -182,35 +190,41 @@ def run_methods(model: nn.Module, inputs: Tuple, reference: Any,
     moments apart, which the load on a shared machine moves far less than
     times taken minutes apart.  The last fused copy of each method is
     checked.
+
+    Args:
+        model: The unfused model.
+        inputs: Its example inputs.
+        reference: Its output.
+        repeats: Timed rounds.
+        result: Where the forward times and each method's result go.
     """
     methods = {name: MethodResult() for name in METHODS}
     problem = fx_trace_problem(model)
     if problem:
         methods['torch.fx'].failure = problem
     live = [name for name in METHODS if not methods[name].failure]
-    with torch.no_grad():
-        for index in range(1 + repeats):
+    for index in range(1 + repeats):
+        with torch.no_grad():
             seconds, _ = timed(lambda: model(*inputs))
+        if index:
+            result.forward_s.append(seconds)
+        for name in list(live):
+            work = copy.deepcopy(model)
+            try:
+                seconds, fused = timed(lambda: FUSERS[name](work, inputs))
+            except Exception as error:  # a crash of a fuser: a result
+                methods[name].failure = (f'crash: {type(error).__name__}: '
+                                         f'{str(error)[:100]}')
+                methods[name].model = None
+                live.remove(name)
+                continue
             if index:
-                result.forward_s.append(seconds)
-            for name in list(live):
-                work = copy.deepcopy(model)
-                try:
-                    seconds, fused = timed(
-                        lambda: FUSERS[name](work, inputs))
-                except Exception as error:  # a crash of a fuser: a result
-                    methods[name].failure = (
-                        f'crash: {type(error).__name__}: '
-                        f'{str(error)[:100]}')
-                    live.remove(name)
-                    continue
-                if index:
-                    methods[name].times.append(seconds)
-                methods[name].model = fused
+                methods[name].times.append(seconds)
+            methods[name].model = fused
     for name in live:
         res = methods[name]
         res.seconds = statistics.median(res.times)
-        res.folded = foldable - count_batch_norms(res.model)
+        res.folded = result.foldable - count_batch_norms(res.model)
         try:
             with torch.no_grad():
                 output = res.model(*inputs)
@@ -248,7 +262,7 @@ def bench_model(name: str, rounds: int, warmup: int,
     with torch.no_grad():
         reference = model(*inputs)
     result = ModelResult(name, count_batch_norms(model))
-    run_methods(model, inputs, reference, result.foldable, repeats, result)
+    run_methods(model, inputs, reference, repeats, result)
     variants = {'unfused': model}
     fused = result.methods['fuse_model'].model
     if fused is not None:
@@ -303,12 +317,14 @@ def time_cell(result: ModelResult, method: str) -> str:
 
 
 def ratio(numerator: Optional[float], denominator: Optional[float]) -> str:
+    """``numerator / denominator`` as a table cell (``-`` if unknown)."""
     if numerator is None or not denominator:
         return '-'
-    return times(numerator / denominator)
+    return times_cell(numerator / denominator)
 
 
-def times(value: Optional[float]) -> str:
+def times_cell(value: Optional[float]) -> str:
+    """A ratio as a table cell, ``1.5x`` (``-`` if unknown)."""
     return '-' if value is None else f'{value:.1f}x'
 
 
@@ -333,8 +349,8 @@ def print_tables(results: List[ModelResult], corrupt: float) -> None:
     print('|---|---|---|---|---|---|---|---|---|')
     for result in results:
         lat = result.latency_ms
-        in_forwards = times(result.paired('fuse_model'))
-        vs_mmcv = times(result.paired('fuse_conv_bn', 'mmcv'))
+        in_forwards = times_cell(result.paired('fuse_model'))
+        vs_mmcv = times_cell(result.paired('fuse_conv_bn', 'mmcv'))
         cells = [
             f'{time_cell(result, "fuse_model")} ({in_forwards})',
             f'{time_cell(result, "fuse_conv_bn")} ({vs_mmcv})',
@@ -432,6 +448,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         default=1e-3,
         help='relative output error that counts as corrupted')
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error('--repeats must be at least 1')
     torch.set_num_threads(args.threads)
     names = real_models.MODEL_NAMES if args.models == 'all' else \
         [n.strip() for n in args.models.split(',') if n.strip()]

@@ -225,10 +225,8 @@ def _row_factors(scale64: Tensor, weight: Tensor, transposed: bool,
 def in_float64_rows(weight: Tensor, out: Tensor,
                     segments: Sequence[Tuple[int, int]],
                     work: Callable[[Tensor, int, int], None]) -> None:
-    """Run ``work(rows, start, stop)`` on float64 values of rows
-    ``start:stop`` of ``weight`` (changing ``rows`` in place), for blocks of
-    rows within each segment, and write the changed rows into ``out`` in
-    its dtype.
+    """Run ``work`` on the float64 values of ``weight``, a block of rows
+    at a time, and write the changed rows into ``out`` in its dtype.
 
     On CPU a float32/float16/bfloat16 weight goes through a float64 block
     of rows at a time, in a buffer kept for every block and every call,
@@ -236,8 +234,18 @@ def in_float64_rows(weight: Tensor, out: Tensor,
     long, and a float64 copy of the whole weight twice as long.  A float64
     ``out`` takes the work where it lies (after a copy of ``weight``
     unless it is ``weight``); elsewhere the work is done on one float64
-    copy.  ``out`` may be ``weight`` itself: each block is read before it
-    is written.
+    copy.  ``work`` may call this function again (a nested call works in
+    a buffer of its own).
+
+    Args:
+        weight: A tensor whose rows (dim 0) are worked on; not changed
+            unless it is ``out``.
+        out: Shaped like ``weight``; may be ``weight`` itself (each block
+            is read before it is written).
+        segments: ``(first, last)`` ranges of rows; a block never spans
+            two (see ``_row_factors``).
+        work: ``work(rows, start, stop)`` changes ``rows``, the float64
+            values of rows ``start:stop``, in place.
     """
     if weight.dtype == out.dtype == torch.float64:
         if out.data_ptr() != weight.data_ptr():
@@ -255,23 +263,30 @@ def in_float64_rows(weight: Tensor, out: Tensor,
     if not weight.numel():
         return
     step = max(1, _BLOCK_ELEMENTS * rows // weight.numel())
-    if step >= rows:  # one block: no slices (most layers)
-        block = _scratch(tuple(weight.shape))
-        block.copy_(weight)
+    shape = tuple(weight.shape) if step >= rows else \
+        (step, ) + tuple(weight.shape[1:])
+    nested = getattr(_SCRATCH, 'in_use', False)
+    block = torch.empty(shape, dtype=torch.float64) if nested else \
+        _scratch(shape)
+    _SCRATCH.in_use = True
+    try:
+        if step >= rows:  # one block: no slices (most layers)
+            block.copy_(weight)
+            for first, last in segments:
+                work(block if last - first == rows else block[first:last],
+                     first, last)
+            out.copy_(block)
+            return
         for first, last in segments:
-            work(block if last - first == rows else block[first:last],
-                 first, last)
-        out.copy_(block)
-        return
-    block = _scratch((step, ) + tuple(weight.shape[1:]))
-    for first, last in segments:
-        for start in range(first, last, step):
-            stop = min(start + step, last)
-            part = block if stop - start == len(block) else \
-                block[:stop - start]
-            part.copy_(weight[start:stop])
-            work(part, start, stop)
-            out[start:stop].copy_(part)
+            for start in range(first, last, step):
+                stop = min(start + step, last)
+                part = block if stop - start == len(block) else \
+                    block[:stop - start]
+                part.copy_(weight[start:stop])
+                work(part, start, stop)
+                out[start:stop].copy_(part)
+    finally:
+        _SCRATCH.in_use = nested
 
 
 def _check_out(weight: Tensor, out: Optional[Tensor]) -> None:
@@ -329,14 +344,16 @@ def scale_output_channels(weight: Tensor,
 
 def fold_affine_into_bias(bias: Optional[Tensor], scale: Tensor,
                           shift: Optional[Tensor]) -> Tensor:
-    """The bias of ``scale * layer(x) + shift``: ``bias * scale + shift``
-    in float64 (maybe ``shift`` itself, or a view of it: copy it before
-    changing it).
+    """The bias of ``scale * layer(x) + shift``.
 
     Args:
         bias: The layer's bias, or ``None`` for none.
         scale: Per-output-channel scale, shape ``(out_channels,)``.
         shift: Per-output-channel shift, or ``None`` for none.
+
+    Returns:
+        ``bias * scale + shift`` in float64: maybe ``shift`` itself, or a
+        view of it (copy it before changing it).
     """
     if bias is None:
         return torch.zeros_like(_float64(scale)) if shift is None else \

@@ -128,26 +128,11 @@ def _seen_only_by(module: nn.Module, name: str) -> bool:
             weakref.getweakrefcount(params[name]) or \
             dense_format(params[name]) is None:
         return False
-    return (sys.getrefcount(params[name]),
-            params[name]._use_count(),
-            _STORAGE_USERS(params[name].untyped_storage()._cdata)) == \
-        _control_counts()
-
-
-_CONTROL_COUNTS: List[Tuple[int, int, int]] = []
-
-
-def _control_counts() -> Tuple[int, int, int]:
-    """The counts :func:`_seen_only_by` compares, of a parameter that
-    only a module's ``_parameters`` refers to: made and counted the same
-    way once per process."""
-    if not _CONTROL_COUNTS:
-        params = {'weight': nn.Parameter(torch.empty(0))}
-        _CONTROL_COUNTS.append(
-            (sys.getrefcount(params['weight']),
-             params['weight']._use_count(),
-             _STORAGE_USERS(params['weight'].untyped_storage()._cdata)))
-    return _CONTROL_COUNTS[0]
+    control = {name: nn.Parameter(torch.empty(0))}
+    return (sys.getrefcount(params[name]) == sys.getrefcount(control[name])
+            and params[name]._use_count() == control[name]._use_count()
+            and _STORAGE_USERS(params[name].untyped_storage()._cdata) ==
+            _STORAGE_USERS(control[name].untyped_storage()._cdata))
 
 
 def apply_fold(model: nn.Module,

@@ -262,6 +262,32 @@ def test_scaling_in_place_is_the_float64_product(channels_last, dtype,
         folding.scale_output_channels(weight, scale, out=weight[1:])
 
 
+def test_float64_rows_nested_and_larger_than_the_buffer(small_blocks):
+    """A row longer than a block grows the kept buffer; a call made from
+    inside the work of another works in a buffer of its own, so that
+    neither overwrites the other's block."""
+    from mmfuse import folding
+    torch.manual_seed(0)
+    outer = torch.randn(3, 40000)  # a row of more than one block
+    inner = torch.randn(4, 5)
+    assert outer[0].numel() > folding._BLOCK_ELEMENTS
+    inner_out = torch.empty_like(inner)
+    outer_out = torch.empty_like(outer)
+
+    def inner_work(rows, start, stop):
+        rows.mul_(3.0)
+
+    def outer_work(rows, start, stop):
+        folding.in_float64_rows(inner, inner_out, [(0, 4)], inner_work)
+        rows.add_(1.0)
+
+    folding.in_float64_rows(outer, outer_out, [(0, 3)], outer_work)
+    assert torch.equal(outer_out, (outer.double() + 1.0).float())
+    assert torch.equal(inner_out, (inner.double() * 3.0).float())
+    assert folding._SCRATCH.buffer.numel() >= outer[0].numel()
+    assert not folding._SCRATCH.in_use
+
+
 def test_results_stay_on_the_weights_device(small_blocks):
     """A default device set by the caller does not move folded weights."""
     from mmfuse import folding

@@ -17,6 +17,7 @@ new value, and every tensor seen is kept alive until the pass ends so ids
 are not reused.  The model's parameters are never touched; the hooks are
 removed when the pass ends.
 """
+import weakref
 from collections import Counter, defaultdict
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -122,8 +123,10 @@ def _version_key(tensor: Tensor) -> Key:
 
 
 #: :func:`_may_be_linear` of leaf modules by class (it depends on the
-#: class alone for a module without children).
-_LINEAR_BY_CLASS: Dict[type, bool] = {}
+#: class alone for a module without children); classes made at run time
+#: are let go.
+_LINEAR_BY_CLASS: 'weakref.WeakKeyDictionary[type, bool]' = \
+    weakref.WeakKeyDictionary()
 
 
 def _may_be_linear(module: nn.Module) -> bool:

@@ -285,8 +285,18 @@ def _merged_weight(branches: Sequence[_Branch], kernel_size: Tuple[int, int],
     The products and the sum are made a block of output channels at a
     time (:func:`~mmfuse.folding.in_float64_rows`), starting from the
     first branch's kernel when it has the merged size (from zeros
-    otherwise), each branch added in order: the same float64 operations
+    otherwise, as a zero-padded copy of it would: only the sign of a zero
+    may differ), each branch added in order: the same float64 operations
     as merging whole float64 copies, without making them.
+
+    Args:
+        branches: The branches, their kernels of one ``(out, in /
+            groups)``.
+        kernel_size: The merged kernel's size.
+        dtype: The merged kernel's dtype.
+
+    Returns:
+        The merged kernel, a new tensor on the kernels' device.
     """
     heads = sorted({tuple(b.kernel.shape[:-2]) for b in branches})
     if len(heads) != 1:
