@@ -235,6 +235,21 @@ def test_blockwise_fold_into_input_is_the_float64_product(groups, in_place,
         assert not torch.equal(weight, expected_weight)
 
 
+def test_fold_into_input_of_an_empty_weight_gives_a_zero_bias():
+    """A conv that reads no input channels (a weight with no elements)
+    adds nothing of a norm's shift: its bias comes out as zeros, not as
+    whatever memory the sum started from."""
+    for _ in range(3):  # fresh allocations that may reuse dirty memory
+        garbage = torch.full((64, ), float('nan'), dtype=torch.float64)
+        del garbage
+        weight = torch.empty(64, 0, 3, 3)
+        new_weight, new_bias = fold_affine_into_input(
+            weight, None, torch.ones(0, dtype=torch.float64),
+            torch.ones(0, dtype=torch.float64))
+        assert new_weight.shape == (64, 0, 3, 3)
+        assert torch.equal(new_bias, torch.zeros(64))
+
+
 @pytest.mark.parametrize('channels_last', [False, True])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_scaling_in_place_is_the_float64_product(channels_last, dtype,
