@@ -303,6 +303,19 @@ def test_float64_rows_nested_and_larger_than_the_buffer(small_blocks):
     assert not folding._SCRATCH.in_use
 
 
+def test_scratch_views_are_kept_per_shape_and_bounded():
+    """The float64 scratch buffer hands out one view per shape, all on
+    its memory, and keeps at most ``_MAX_SCRATCH_VIEWS`` of them."""
+    from mmfuse import folding
+    first = folding._scratch((2, 3))
+    assert folding._scratch((2, 3)) is first
+    for rows in range(1, folding._MAX_SCRATCH_VIEWS + 5):
+        view = folding._scratch((rows, 1))
+        assert view.shape == (rows, 1) and view.dtype == torch.float64
+        assert view.data_ptr() == folding._SCRATCH.buffer.data_ptr()
+    assert len(folding._SCRATCH.views) <= folding._MAX_SCRATCH_VIEWS
+
+
 def test_results_stay_on_the_weights_device(small_blocks):
     """A default device set by the caller does not move folded weights."""
     from mmfuse import folding

@@ -568,8 +568,8 @@ def test_merged_kernel_is_the_float64_sum_block_by_block(monkeypatch,
     alpha = torch.tensor(-1.3).double()  # the float32 factor, widened
     column = (-1, 1, 1, 1)
     big64 = big.weight.double() * affines[0][0].reshape(column)
-    small64 = small.weight.double() * 0.7 * (
-        affines[1][0] * alpha).reshape(column)
+    small64 = small.weight.double() * (
+        affines[1][0] * alpha).reshape(column) * 0.7
     ident64 = identity_kernel(64, 1, (1, 1)) * affines[2][0].reshape(column)
     biases = [big.bias.double() * affines[0][0] + affines[0][1],
               affines[1][1] * alpha, affines[2][1]]

@@ -17,7 +17,8 @@ from typing import (Dict, List, NamedTuple, Optional, Sequence, Tuple,
 import torch
 from torch import Tensor, nn
 
-from ..folding import fold_affine_into_bias, in_float64_rows, norm_affines
+from ..folding import (fold_affine_into_bias, in_float64_rows, norm_affines,
+                       scale_output_channels)
 from ..layers import (conv_fold_problem, norm_affine_params, norm_channels,
                       norm_fold_problem)
 from .merge import (BranchGeometry, ConvGeometry, MergeError,
@@ -282,12 +283,12 @@ def _merged_weight(branches: Sequence[_Branch], kernel_size: Tuple[int, int],
     """The sum of the branches' kernels, each times its factors and
     scales, in float64, rounded once to ``dtype``.
 
-    The products and the sum are made a block of output channels at a
-    time (:func:`~mmfuse.folding.in_float64_rows`), starting from the
-    first branch's kernel when it has the merged size (from zeros
-    otherwise, as a zero-padded copy of it would: only the sign of a zero
-    may differ), each branch added in order: the same float64 operations
-    as merging whole float64 copies, without making them.
+    The sum is made a block of output channels at a time
+    (:func:`~mmfuse.folding.in_float64_rows`), starting from the first
+    branch's kernel when it has the merged size (from zeros otherwise),
+    each branch added in order, its channels scaled by
+    :func:`~mmfuse.folding.scale_output_channels` (the one copy of that
+    product): no float64 copy of a whole branch is made.
 
     Args:
         branches: The branches, their kernels of one ``(out, in /
@@ -308,7 +309,6 @@ def _merged_weight(branches: Sequence[_Branch], kernel_size: Tuple[int, int],
         start_from = first.kernel.new_zeros(*heads[0], *kernel_size,
                                             dtype=torch.float64)
         first, added = None, branches
-    tail = (1, ) * (start_from.dim() - 1)
 
     def merge_rows(rows: Tensor, start: int, stop: int) -> None:
         """``rows`` holds the float64 values of rows ``start:stop`` of
@@ -316,12 +316,12 @@ def _merged_weight(branches: Sequence[_Branch], kernel_size: Tuple[int, int],
         if first is not None:
             for factor in first.factors:
                 rows.mul_(factor)
-            rows.mul_(first.scale[start:stop].reshape((-1, ) + tail))
+            scale_output_channels(rows, first.scale[start:stop], out=rows)
         for branch in added:
-            part = branch.kernel[start:stop].to(torch.float64, copy=True)
+            part = scale_output_channels(branch.kernel[start:stop],
+                                         branch.scale[start:stop])
             for factor in branch.factors:
                 part.mul_(factor)
-            part.mul_(branch.scale[start:stop].reshape((-1, ) + tail))
             rows_at, columns_at = centre_slices(part.shape[-2:], kernel_size)
             rows[..., rows_at, columns_at] += part
 
