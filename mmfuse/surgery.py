@@ -196,8 +196,7 @@ def apply_fold(model: nn.Module,
         _set_parameter(conv, 'bias', bias, applied)
     for site in fold.norm_sites:
         identity = nn.Identity()
-        # What ``nn.Module.__setattr__`` would do, without its checks.
-        identity.__dict__['training'] = norm.training
+        identity.training = norm.training
         _replace_module(model, site, identity, applied)
     if in_place:
         applied.forget()

@@ -17,7 +17,6 @@ new value, and every tensor seen is kept alive until the pass ends so ids
 are not reused.  The model's parameters are never touched; the hooks are
 removed when the pass ends.
 """
-import weakref
 from collections import Counter, defaultdict
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -122,28 +121,14 @@ def _version_key(tensor: Tensor) -> Key:
         return id(tensor), -1
 
 
-#: :func:`_may_be_linear` of leaf modules by class (it depends on the
-#: class alone for a module without children); classes made at run time
-#: are let go.
-_LINEAR_BY_CLASS: 'weakref.WeakKeyDictionary[type, bool]' = \
-    weakref.WeakKeyDictionary()
-
-
 def _may_be_linear(module: nn.Module) -> bool:
     """Whether a leaf module may compute a linear map of its input, as
     the generic merge sees it: convs, norms, average pools, identities and
     dropouts of ``torch.nn``, and any module defined elsewhere (which the
     merge traces)."""
-    known = _LINEAR_BY_CLASS.get(type(module))
-    if known is not None:
-        return known
-    linear = isinstance(module, _LINEAR_LEAVES) or \
-        is_conv_layer(module) or \
+    return isinstance(module, _LINEAR_LEAVES) or is_conv_layer(module) or \
         not type(module).__module__.startswith('torch.nn.') or \
         is_norm_layer(module)
-    if not has_children(module):
-        _LINEAR_BY_CLASS[type(module)] = linear
-    return linear
 
 
 def _func_name(func) -> str:

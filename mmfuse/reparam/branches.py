@@ -302,13 +302,15 @@ def _merged_weight(branches: Sequence[_Branch], kernel_size: Tuple[int, int],
     heads = sorted({tuple(b.kernel.shape[:-2]) for b in branches})
     if len(heads) != 1:
         raise MergeError(f'kernels of different channels: {heads}')
-    first = branches[0]
+    shape = heads[0] + tuple(kernel_size)
+    device = branches[0].kernel.device
+    first: Optional[_Branch] = branches[0]
     if tuple(first.kernel.shape[-2:]) == tuple(kernel_size):
         start_from, added = first.kernel, branches[1:]
-    else:
-        start_from = first.kernel.new_zeros(*heads[0], *kernel_size,
-                                            dtype=torch.float64)
+        weight = torch.empty(shape, dtype=dtype, device=device)
+    else:  # the sum starts from zeros, written where it will be
         first, added = None, branches
+        weight = start_from = torch.zeros(shape, dtype=dtype, device=device)
 
     def merge_rows(rows: Tensor, start: int, stop: int) -> None:
         """``rows`` holds the float64 values of rows ``start:stop`` of
@@ -325,8 +327,6 @@ def _merged_weight(branches: Sequence[_Branch], kernel_size: Tuple[int, int],
             rows_at, columns_at = centre_slices(part.shape[-2:], kernel_size)
             rows[..., rows_at, columns_at] += part
 
-    weight = torch.empty(start_from.shape, dtype=dtype,
-                         device=start_from.device)
     in_float64_rows(start_from, weight, [(0, len(weight))], merge_rows)
     return weight
 
