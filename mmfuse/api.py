@@ -22,8 +22,7 @@ from .plan import FusionPlan, Skip
 from .reparam import Merges, has_registered_blocks, merge_blocks
 from .report import FusionReport
 from .surgery import apply_plan, undo_folds
-from .verify import (OutputCheck, default_rtol, float32_output,
-                     is_low_precision, isolate_failures)
+from .verify import OutputCheck, default_rtol, isolate_failures
 
 __all__ = ['FusionError', 'fuse_model', 'fuse_conv_bn', 'discover_folds',
            'unwrap_model']
@@ -76,10 +75,12 @@ def fuse_model(model: nn.Module,
             ``example_inputs``) and undo the folds responsible for an error
             above ``rtol``.
         rtol: Largest relative output error accepted; by default 1e-4 for
-            float32 models and 5e-2 for float16/bfloat16 models.  Those are
-            also measured against a float32 copy of the unfused model, and
-            a fold that leaves the output at most twice as far from it as
-            the unfused model is kept (:class:`mmfuse.verify.OutputCheck`).
+            float32 models and 5e-2 for float16/bfloat16 models.  Where the
+            fused output is off by more, the unfused model is measured
+            once in a wider dtype (float64 for a float32 model, float32
+            for a float16/bfloat16 one), and a fold that leaves the output
+            at most twice as far from that as the unfused model is kept
+            (:class:`mmfuse.verify.OutputCheck`).
         plain_convs: A conv that transforms its weight in forward (weight
             standardization, spectral or weight norm, parametrizations) is
             first replaced by a plain conv with the effective weight, where
@@ -97,12 +98,10 @@ def fuse_model(model: nn.Module,
     inputs = None if example_inputs is None else as_input_tuple(
         example_inputs)
     tolerance = None
-    low_precision = False
     observed = None
     with tree_unchanged():  # the checks below walk the model each
         check_eval(model)
         if inputs is not None and verify:
-            low_precision = is_low_precision(model)
             tolerance = default_rtol(model) if rtol is None else rtol
         registered = inputs is not None and reparameterize and \
             has_registered_blocks(model)
@@ -146,14 +145,10 @@ def fuse_model(model: nn.Module,
         num_norms=num_norms,
         num_foldable=num_foldable,
         reparameterized=[] if merges is None else merges.records)
-    # A float16/bfloat16 model is also measured against its float32 copy
-    # (see OutputCheck), taken before any fold.
-    precise = float32_output(model, inputs) \
-        if tolerance is not None and low_precision else None
     applied = apply_plan(model, plan)
     if tolerance is not None:
         report.rtol = tolerance
-        check = OutputCheck(reference, tolerance, precise)
+        check = OutputCheck(reference, tolerance)
 
         def passes() -> bool:
             with torch.no_grad():
@@ -164,10 +159,19 @@ def fuse_model(model: nn.Module,
         # forward pass would give the same output.
         if not (passes() if applied else check(reference)):
             undo_folds(applied)
-            applied, bad, dropped = isolate_failures(
-                plan.folds,
-                lambda folds: apply_plan(model, FusionPlan(), folds),
-                undo_folds, passes)
+            # The unfused model's own rounding may be what failed: measure
+            # it once in a wider dtype (see OutputCheck).  If the fused
+            # output passes then, every fold stands (made again: the same
+            # weights); else keep the folds that stay acceptable.
+            check.add_precise(model, inputs)
+            bad, dropped = [], []
+            if check.precise is not None and check.recheck():
+                applied = apply_plan(model, plan)
+            else:
+                applied, bad, dropped = isolate_failures(
+                    plan.folds,
+                    lambda folds: apply_plan(model, FusionPlan(), folds),
+                    undo_folds, passes)
             for fold in bad:
                 report.undone.append(
                     Skip(fold.norm, 'undone: verification found the output '
@@ -179,8 +183,9 @@ def fuse_model(model: nn.Module,
         report.verified = True
         report.max_abs_error = check.abs_error
         report.max_rel_error = check.rel_error
-        report.float32_rel_error = check.precise_error
-        report.unfused_float32_rel_error = check.own_error
+        report.yardstick = check.yardstick
+        report.precise_rel_error = check.precise_error
+        report.unfused_precise_rel_error = check.own_error
     report.folded = [a.fold for a in applied]
     report.seconds = time.perf_counter() - start
     return report

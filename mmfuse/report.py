@@ -24,11 +24,15 @@ class FusionReport:
         max_abs_error: Largest absolute output error, when verified.
         max_rel_error: Largest relative output error, when verified.
         rtol: The tolerance verification used.
-        float32_rel_error: For a float16/bfloat16 model, the fused
-            output's relative error against a float32 copy of the unfused
-            model.
-        unfused_float32_rel_error: The unfused model's own error against
-            that float32 copy: what its dtype costs without any fold.
+        yardstick: The dtype of the wider copy of the unfused model the
+            output was also measured against (``'float64'`` for a float32
+            model, ``'float32'`` for a float16/bfloat16 one), or why none
+            was used (``'none: ...'``); ``None`` when the output was within
+            ``rtol`` at once and no copy was needed.
+        precise_rel_error: The fused output's relative error against that
+            copy.
+        unfused_precise_rel_error: The unfused model's own error against
+            that copy: what its dtype costs without any fold.
         seconds: Wall time of the whole fusion.
         reparameterized: One dict per multi-branch block considered by
             :func:`mmfuse.reparam.reparameterize` before folding (merged
@@ -44,8 +48,9 @@ class FusionReport:
     max_abs_error: Optional[float] = None
     max_rel_error: Optional[float] = None
     rtol: Optional[float] = None
-    float32_rel_error: Optional[float] = None
-    unfused_float32_rel_error: Optional[float] = None
+    yardstick: Optional[str] = None
+    precise_rel_error: Optional[float] = None
+    unfused_precise_rel_error: Optional[float] = None
     seconds: float = 0.0
     reparameterized: List[Dict] = field(default_factory=list)
 
@@ -76,9 +81,12 @@ class FusionReport:
         if self.verified:
             line += (f'; max abs error {self.max_abs_error:.3g}, max rel '
                      f'error {self.max_rel_error:.3g}')
-            if self.float32_rel_error is not None:
-                line += (f' (against float32: {self.float32_rel_error:.3g}'
-                         f', unfused {self.unfused_float32_rel_error:.3g})')
+            if self.precise_rel_error is not None:
+                line += (f' (against {self.yardstick}: '
+                         f'{self.precise_rel_error:.3g}, unfused '
+                         f'{self.unfused_precise_rel_error:.3g})')
+            elif self.yardstick is not None:
+                line += f' (wider yardstick {self.yardstick})'
         else:
             line += '; not verified'
         return line

@@ -60,6 +60,21 @@ def doubled_output(target: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
+class CoarseRounding(nn.Module):
+    """``(x + offset) - offset``: float32 rounds ``x`` to a grid of
+    ``2**-9`` at the default offset, float64 keeps it (the rounding a
+    float32 model's ops may amplify, as deformable convs do).  Outputs that
+    differ by a float32 rounding before it may differ by a grid step
+    after it."""
+
+    def __init__(self, offset: float = 3e4):
+        super().__init__()
+        self.offset = offset
+
+    def forward(self, x):
+        return (x + self.offset) - self.offset
+
+
 class RaisingLeaf(nn.Module):
     """A leaf whose forward always raises ``ValueError('leaf failed')``."""
 

@@ -29,7 +29,7 @@ from mmfuse.surgery import apply_plan
 from mmfuse.testing import randomize_norm_stats
 from mmfuse.verify import output_error
 
-from fusion_checks import doubled_output
+from fusion_checks import CoarseRounding, doubled_output
 from reparam_models import build_reparam_model
 
 RTOL = 1e-5
@@ -1147,3 +1147,23 @@ def test_fuse_model_undoes_a_generic_merge_its_pass_shows_wrong():
     assert records and not records[0]['merged']
     assert 'verification' in records[0]['reason']
     assert isinstance(model[1], LargeSmall)
+
+
+def test_merges_in_a_noisy_float32_model_are_judged_against_float64():
+    """Rounding to a coarse grid after each block: merged sums cross grid
+    points, by more than the rtol asked for, yet stay as close to the
+    float64 output as the unmerged model; every merge stands, verified
+    against float64."""
+    blocks = [PaddleRepVggBlock(8, 8), CoarseRounding(),
+              PaddleRepVggBlock(8, 8), CoarseRounding(),
+              PaddleRepVggBlock(8, 8)]
+    model = _prepare(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), *blocks))
+    x = _input(8, size=32)
+    merged, records, rel = _reparam_and_compare(model, x, rtol=RTOL,
+                                                example_inputs=(x, ))
+    assert rel > RTOL  # the premise: the plain check alone fails
+    assert len(_merged(records)) == 3 and len(records) == 3
+    for record in records:
+        assert record['verified_against'] == 'float64'
+        assert record['verified_precise_rel_error'] <= 1e-3
+    assert not _norms(merged)

@@ -32,6 +32,7 @@ from .trace_cache import TraceCache
 
 __all__ = ['collect_structural_evidence']
 
+
 def _is_leaf_layer(module: nn.Module) -> bool:
     return is_conv_layer(module) or (is_norm_layer(module) and not any(
         True for _ in module.children()))

@@ -24,8 +24,7 @@ from torch import nn
 from ..guards import (FusionError, as_input_tuple, check_eval,
                       unwrap_model)
 from ..module_walk import walk_modules
-from ..verify import (OutputCheck, default_rtol, float32_output,
-                      is_low_precision, isolate_failures)
+from ..verify import OutputCheck, default_rtol, isolate_failures
 from .branches import build_conv, describe_term, merge_terms
 from .generic import BlockRewrite, GenericMerger
 from .merge import ConvGeometry, MergeError
@@ -346,8 +345,7 @@ class Merges:
                        inputs: Tuple,
                        tolerance: float,
                        reference: Any = None) -> OutputCheck:
-        """The check against the model's output with every merge undone
-        (and its float32 output, for a low-precision model).
+        """The check against the model's output with every merge undone.
 
         Args:
             inputs: The example inputs.
@@ -355,28 +353,23 @@ class Merges:
             reference: The output with every merge undone, when the caller
                 has it already (else a forward pass computes it).
         """
-        low_precision = is_low_precision(self.model)
-        if reference is not None and not low_precision:
-            return OutputCheck(reference, tolerance, None)
-        for group in reversed(self.groups):
-            group.undo()
-        try:
-            if reference is None:
+        if reference is None:
+            for group in reversed(self.groups):
+                group.undo()
+            try:
                 with torch.no_grad():
                     reference = self.model(*inputs)
-            precise = float32_output(self.model, inputs) \
-                if low_precision else None
-        finally:
-            for group in self.groups:
-                group.redo()
-        return OutputCheck(reference, tolerance, precise)
+            finally:
+                for group in self.groups:
+                    group.redo()
+        return OutputCheck(reference, tolerance)
 
     def _passes(self, inputs: Tuple, check: OutputCheck) -> bool:
         try:
             with torch.no_grad():
                 output = self.model(*inputs)
         except Exception:  # a merge broke the forward: it counts as wrong
-            check.abs_error = check.rel_error = float('inf')
+            check.no_output()
             return False
         return check(output)
 
@@ -400,31 +393,49 @@ class Merges:
         if not passed:
             for group in reversed(self.groups):
                 group.undo()
-
-            def redo(groups: List[_Group]) -> List[_Group]:
-                for group in groups:
+            # The unmerged model's own rounding may be what failed (see
+            # OutputCheck): measure it once in a wider dtype.  If the
+            # merged output passes then, every merge stands.
+            check.add_precise(self.model, inputs)
+            if check.precise is not None and check.recheck():
+                for group in self.groups:
                     group.redo()
-                return groups
-
-            def undo(groups: List[_Group]) -> None:
-                for group in reversed(groups):
-                    group.undo()
-
-            _, bad, dropped = isolate_failures(
-                self.groups, redo, undo, lambda: self._passes(inputs, check))
-            failed = ('undone: verification found the output '
-                      f'{check.failure()} with it')
-            unreproducible = ('undone: the output could not be reproduced, '
-                              'merged or not')
-            for groups, reason in ((bad, failed), (dropped, unreproducible)):
-                for group in groups:
-                    for record in group.records:
-                        record['merged'] = False
-                        record['reason'] = reason
+                passed = True
+            else:
+                self._isolate(inputs, check)
         for record in self.records:
             if record['merged']:
                 record['verified_rel_error'] = check.rel_error
+                if check.precise is not None:
+                    record['verified_against'] = check.yardstick
+                    record['verified_precise_rel_error'] = \
+                        check.precise_error
         return not passed
+
+    def _isolate(self, inputs: Tuple, check: OutputCheck) -> None:
+        """With every merge undone, redo those that keep the output
+        acceptable to ``check``; record why the others stay undone."""
+
+        def redo(groups: List[_Group]) -> List[_Group]:
+            for group in groups:
+                group.redo()
+            return groups
+
+        def undo(groups: List[_Group]) -> None:
+            for group in reversed(groups):
+                group.undo()
+
+        _, bad, dropped = isolate_failures(
+            self.groups, redo, undo, lambda: self._passes(inputs, check))
+        failed = ('undone: verification found the output '
+                  f'{check.failure()} with it')
+        unreproducible = ('undone: the output could not be reproduced, '
+                          'merged or not')
+        for groups, reason in ((bad, failed), (dropped, unreproducible)):
+            for group in groups:
+                for record in group.records:
+                    record['merged'] = False
+                    record['reason'] = reason
 
 
 def _registry_entry(module: nn.Module):

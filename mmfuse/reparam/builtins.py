@@ -33,6 +33,7 @@ __all__ = [
     'MMPoseRepVGGBlock'
 ]
 
+
 def _no_hooks(module: nn.Module, what: str) -> None:
     if module._forward_hooks or module._forward_pre_hooks:
         raise ReparamRefused(f'{what} has forward hooks')
