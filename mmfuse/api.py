@@ -80,7 +80,11 @@ def fuse_model(model: nn.Module,
             once in a wider dtype (float64 for a float32 model, float32
             for a float16/bfloat16 one), and a fold that leaves the output
             at most twice as far from that as the unfused model is kept
-            (:class:`mmfuse.verify.OutputCheck`).
+            (:class:`mmfuse.verify.OutputCheck`), each output tensor
+            judged on its own.  Hooks registered on the model's modules
+            run in every forward pass fuse_model makes, including that of
+            the wider copy (which shares the model's tensors and holds its
+            modules' in the wider dtype while they run).
         plain_convs: A conv that transforms its weight in forward (weight
             standardization, spectral or weight norm, parametrizations) is
             first replaced by a plain conv with the effective weight, where
@@ -109,6 +113,7 @@ def fuse_model(model: nn.Module,
             observed = TracedForward(model, inputs)
     merges = None
     reference = None
+    merge_check = None
     if inputs is None:
         if reparameterize:
             merges = merge_blocks(model)
@@ -130,8 +135,8 @@ def fuse_model(model: nn.Module,
                 merges = merge_blocks(model,
                                       generic_blocks=observed.sum_blocks)
         if merges is not None and merges.groups:
-            evidence, reference = _observe_merged(model, inputs, merges,
-                                                  reference, tolerance)
+            evidence, reference, merge_check = _observe_merged(
+                model, inputs, merges, reference, tolerance)
         elif evidence is None:
             evidence, reference = collect_traced_evidence(model, inputs)
     with tree_unchanged():  # discovery walks the model many times
@@ -149,6 +154,10 @@ def fuse_model(model: nn.Module,
     if tolerance is not None:
         report.rtol = tolerance
         check = OutputCheck(reference, tolerance)
+        if merge_check is not None:
+            # Folds are judged from the unmerged model's wider output,
+            # where the merges' check measured one.
+            check.share_precise(merge_check)
 
         def passes() -> bool:
             with torch.no_grad():
@@ -167,11 +176,11 @@ def fuse_model(model: nn.Module,
             bad, dropped = [], []
             if check.precise is not None and check.recheck():
                 applied = apply_plan(model, plan)
-            else:
+            else:  # all the folds together fail this check: bisect
                 applied, bad, dropped = isolate_failures(
                     plan.folds,
                     lambda folds: apply_plan(model, FusionPlan(), folds),
-                    undo_folds, passes)
+                    undo_folds, passes, all_fail=True)
             for fold in bad:
                 report.undone.append(
                     Skip(fold.norm, 'undone: verification found the output '
@@ -179,7 +188,7 @@ def fuse_model(model: nn.Module,
             for kept in dropped:
                 report.undone.append(
                     Skip(kept.fold.norm, 'undone: the output could not be '
-                         'reproduced within rtol, fused or not'))
+                         'reproduced, fused or not'))
         report.verified = True
         report.max_abs_error = check.abs_error
         report.max_rel_error = check.rel_error
@@ -193,13 +202,14 @@ def fuse_model(model: nn.Module,
 
 def _observe_merged(model: nn.Module, inputs: Tuple, merges: Merges,
                     unmerged_output: Any, tolerance: Optional[float]
-                    ) -> Tuple[Evidence, Any]:
+                    ) -> Tuple[Evidence, Any, Optional[OutputCheck]]:
     """The data flow and output of ``model`` with its blocks merged, the
     merges verified against ``unmerged_output`` (``None``: computed with
-    the merges undone) on the same pass, and undone where they change the
-    output by more than ``tolerance``."""
+    the merges undone) on the same pass, and undone where they fail the
+    check; and the check (``None`` when not verifying)."""
     if tolerance is None:
-        return collect_traced_evidence(model, inputs)
+        evidence, output = collect_traced_evidence(model, inputs)
+        return evidence, output, None
     check = merges.unmerged_check(inputs, tolerance, unmerged_output)
     try:
         evidence, output = collect_traced_evidence(model, inputs)
@@ -209,7 +219,7 @@ def _observe_merged(model: nn.Module, inputs: Tuple, merges: Merges,
                            output if evidence is not None else None)
     if undone or evidence is None:
         evidence, output = collect_traced_evidence(model, inputs)
-    return evidence, output
+    return evidence, output, check
 
 
 def fuse_conv_bn(module: nn.Module, *, plain_convs: bool = True) -> nn.Module:

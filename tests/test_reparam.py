@@ -1167,3 +1167,40 @@ def test_merges_in_a_noisy_float32_model_are_judged_against_float64():
         assert record['verified_against'] == 'float64'
         assert record['verified_precise_rel_error'] <= 1e-3
     assert not _norms(merged)
+
+
+def test_folds_after_merges_are_judged_from_the_unmerged_float64_output(
+        monkeypatch):
+    """fuse_model on the noisy model with a conv+BN in front: the merges'
+    check measures the unmerged model in float64 once, and the folds are
+    judged against that same output (no second float64 pass)."""
+    import mmfuse.verify as verify
+    calls = []
+    upcast = verify.upcast_output
+
+    def counted(model, inputs, dtype):
+        calls.append(dtype)
+        return upcast(model, inputs, dtype)
+
+    monkeypatch.setattr(verify, 'upcast_output', counted)
+    blocks = [PaddleRepVggBlock(8, 8), CoarseRounding(),
+              PaddleRepVggBlock(8, 8), CoarseRounding(),
+              PaddleRepVggBlock(8, 8)]
+    model = _prepare(nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+        CoarseRounding(), *blocks))
+    x = _input(8, size=32)
+    reference = copy.deepcopy(model)
+    report = mmfuse.fuse_model(model, (x, ), rtol=RTOL)
+    assert calls == [torch.float64]
+    merged = [r for r in report.reparameterized if r['merged']]
+    assert len(merged) == 3
+    assert all(r['verified_against'] == 'float64' for r in merged)
+    assert report.folded_names == ['1'] and not report.undone
+    assert report.yardstick == 'float64'
+    assert report.precise_rel_error <= 2 * report.unfused_precise_rel_error
+    with torch.no_grad():
+        wide = copy.deepcopy(reference).double()(x.double())
+        # Measured from the unmerged, unfused model's float64 output.
+        assert output_error(wide, model(x))[1] == pytest.approx(
+            report.precise_rel_error, rel=1e-6)

@@ -456,6 +456,128 @@ def test_a_copy_that_computes_otherwise_is_no_yardstick():
     assert 'wider yardstick none' in report.summary()
 
 
+class _NoisyAndClean(nn.Module):
+    """Two outputs: one through coarse rounding (noisy in float32), one
+    through a plain conv+BN (float32 rounding only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.noisy = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
+            CoarseRounding(), nn.Conv2d(8, 8, 3, padding=1),
+            nn.BatchNorm2d(8))
+        self.clean = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),
+                                   nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        return self.noisy(x), self.clean(x)
+
+
+@contextlib.contextmanager
+def _shifted_where_marked(shift: float) -> Iterator[None]:
+    """Within, a global forward hook adds ``shift`` to the output of every
+    module with a ``shifted`` attribute (a deep copy too)."""
+
+    def add(module, args, output):
+        return output + shift if getattr(module, 'shifted', False) \
+            else output
+
+    handle = nn.modules.module.register_module_forward_hook(add)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def test_each_output_is_judged_against_its_own_rounding():
+    """The noisy output's float32 rounding buys no slack for the clean
+    one: a fold that moves the clean output by 3e-4 (relative; its own
+    rounding is 1e-7) is undone, the noisy output's folds stay."""
+    torch.manual_seed(0)
+    model = randomize_norm_stats(_NoisyAndClean().eval(), seed=0)
+    model.clean[0].shifted = True  # its fold is wrong, unseen by discovery
+    with _shifted_where_marked(0.002):
+        with torch.no_grad():
+            reference = model(X_LARGE)
+        report = mmfuse.fuse_model(model, (X_LARGE, ))
+        with torch.no_grad():
+            output = model(X_LARGE)
+    assert report.yardstick == 'float64'
+    # The premise: the noisy output's own error allows more than the
+    # wrong fold's.
+    assert 2 * report.unfused_precise_rel_error > 4e-4
+    assert report.folded_names == ['noisy.1', 'noisy.4']
+    assert [s.name for s in report.undone] == ['clean.1']
+    assert output_error(reference[1], output[1])[1] < 1e-6
+
+
+def test_a_low_precision_copy_that_computes_otherwise_is_no_yardstick():
+    """bfloat16: the float32 copy that misses a hook keyed to the model's
+    module lands too far from the model's output to be a yardstick (it
+    would let the wrong fold through), so the wrong fold is undone."""
+    torch.manual_seed(0)
+    model = randomize_norm_stats(nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 8, 3, padding=1), nn.BatchNorm2d(8)).eval(), seed=0)
+    model.to(torch.bfloat16)
+    x = X_LARGE.to(torch.bfloat16)
+    with doubled_output(model[3]):
+        with torch.no_grad():
+            reference = model(x)
+        report = mmfuse.fuse_model(model, (x, ))
+        with torch.no_grad():
+            assert output_error(reference, model(x))[1] <= report.rtol
+    assert report.yardstick.startswith('none: the float32 copy is ')
+    assert '4' in [s.name for s in report.undone]
+
+
+class _Tied(nn.Module):
+    """A conv called twice, a BN, a buffer, a parameter shared by two
+    modules, and a leaf that raises when asked to."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.other = nn.Conv2d(3, 3, 3, padding=1)
+        self.other.weight = self.conv.weight
+        self.register_buffer('offset', torch.full((1, 3, 1, 1), 0.5))
+        self.fail = False
+
+    def forward(self, x):
+        y = self.bn(self.conv(self.conv(x))) + self.offset
+        if self.fail:
+            return self.other(y.float())  # float64 input, float64 weight
+        return self.other(y)
+
+
+def test_upcast_output_leaves_the_model_as_it_was():
+    from mmfuse.verify import upcast_output
+    model = randomize_norm_stats(_Tied().eval(), seed=0)
+    x = torch.randn(2, 3, 8, 8)
+    before = {name: (t, t.dtype) for name, t in
+              list(model.named_parameters()) + list(model.named_buffers())}
+    hooks = (dict(nn.modules.module._global_forward_pre_hooks),
+             dict(nn.modules.module._global_forward_hooks))
+    with torch.no_grad():
+        expected = model(x).double()
+    wide = upcast_output(model, (x, ), torch.float64)
+    assert wide.dtype == torch.float64
+    assert output_error(wide, expected)[1] < 1e-5
+    model.fail = True  # the copy's forward raises half way
+    with pytest.raises(RuntimeError):
+        upcast_output(model, (x, ), torch.float64)
+    after = {name: (t, t.dtype) for name, t in
+             list(model.named_parameters()) + list(model.named_buffers())}
+    assert after.keys() == before.keys()
+    for name, (tensor, dtype) in before.items():
+        assert after[name][0] is tensor and after[name][1] == dtype, name
+    assert model.other.weight is model.conv.weight
+    assert (dict(nn.modules.module._global_forward_pre_hooks),
+            dict(nn.modules.module._global_forward_hooks)) == hooks
+
+
 class _Float32Only(nn.Module):
     """Convolves with a float32 kernel made in forward: a float64 input
     fails there."""
@@ -602,6 +724,17 @@ def test_isolate_failures_keeps_nothing_when_the_kept_set_fails():
                                           lambda: 'b' not in state)
     assert (kept, bad, dropped, state) == (['a', 'c'], ['b'], [],
                                            ['a', 'c'])
+    # Told that all fail together, the search starts from the halves.
+    state.clear()
+    calls = []
+    kept, bad, dropped = isolate_failures(
+        ['a', 'b', 'c'], apply, undo,
+        lambda: calls.append(list(state)) or 'b' not in state,
+        all_fail=True)
+    assert (kept, bad, dropped) == (['a', 'c'], ['b'], [])
+    assert calls == [['a'], ['a', 'b', 'c'], ['a', 'b'], ['a', 'c']]
+    assert isolate_failures(['a'], apply, undo, lambda: True,
+                            all_fail=True)[1] == ['a']
     # A set that passes as a whole is checked once: no check repeats the
     # last one on the same state.
     calls = []

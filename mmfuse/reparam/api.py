@@ -296,8 +296,10 @@ def reparameterize(model: nn.Module,
             object itself is never replaced, only modules under it.
         example_inputs: Positional arguments for ``model(*example_inputs)``;
             when given (and ``verify``), the output is compared before and
-            after, and merges that change it by more than ``rtol`` are
-            undone.
+            after, and merges that fail the check are undone: off by more
+            than ``rtol`` and, where the unmerged model is measured in a
+            wider dtype, more than twice as far from that as the unmerged
+            model (:class:`mmfuse.verify.OutputCheck`).
         call_deploy_methods: Also run a block's own ``switch_to_deploy``,
             ``reparameterize`` or ``fuse`` method (the first it has that
             needs no argument) where neither an entry nor the generic merge
@@ -314,8 +316,12 @@ def reparameterize(model: nn.Module,
         (class path), ``rule`` (``'generic'``, an entry name or
         ``'method:<name>'``), ``merged`` and, when merged, ``structure``,
         ``layers`` and ``convs`` (geometry and branches of each merged
-        conv), else ``reason``.  Pass the merged ones to
-        :func:`apply_reparam_structure` to rebuild the structure.
+        conv), else ``reason``.  Verified merges also have
+        ``verified_rel_error`` (the merged output's relative error) and,
+        when judged against a wider copy, ``verified_against`` (its dtype)
+        and ``verified_precise_rel_error`` (the error against it).  Pass
+        the merged ones to :func:`apply_reparam_structure` to rebuild the
+        structure.
     """
     model = unwrap_model(model)
     check_eval(model, 're-parameterizing')
@@ -413,8 +419,9 @@ class Merges:
         return not passed
 
     def _isolate(self, inputs: Tuple, check: OutputCheck) -> None:
-        """With every merge undone, redo those that keep the output
-        acceptable to ``check``; record why the others stay undone."""
+        """With every merge undone (all of them together fail
+        ``check``), redo those that keep the output acceptable to it;
+        record why the others stay undone."""
 
         def redo(groups: List[_Group]) -> List[_Group]:
             for group in groups:
@@ -426,7 +433,8 @@ class Merges:
                 group.undo()
 
         _, bad, dropped = isolate_failures(
-            self.groups, redo, undo, lambda: self._passes(inputs, check))
+            self.groups, redo, undo, lambda: self._passes(inputs, check),
+            all_fail=True)
         failed = ('undone: verification found the output '
                   f'{check.failure()} with it')
         unreproducible = ('undone: the output could not be reproduced, '
