@@ -1,7 +1,8 @@
 """Shared checks: fuse a copy, compare with the unfused model."""
 import copy
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Optional, Sequence, Tuple
+from typing import (Any, Callable, Iterable, Iterator, Optional, Sequence,
+                    Tuple)
 
 import torch
 from torch import nn
@@ -73,6 +74,24 @@ class CoarseRounding(nn.Module):
 
     def forward(self, x):
         return (x + self.offset) - self.offset
+
+
+@contextmanager
+def changed_where_marked(marker: str,
+                         change: Callable[[Any], Any]) -> Iterator[None]:
+    """Within, a global forward hook applies ``change`` to the output of
+    every module that has a true attribute ``marker``: a change discovery
+    cannot see, and one a deep copy of the model makes too (unlike
+    :func:`doubled_output`, keyed to one module object)."""
+
+    def hook(module, args, output):
+        return change(output) if getattr(module, marker, False) else output
+
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class RaisingLeaf(nn.Module):

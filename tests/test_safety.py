@@ -1,6 +1,5 @@
 """Safety: training mode, wrappers, idempotence, undo, and what a fused
 model can still do (core issue, sections 5 and 6)."""
-import contextlib
 import copy
 import io
 import os
@@ -8,7 +7,6 @@ import socket
 import subprocess
 import sys
 import weakref
-from typing import Iterator
 
 import pytest
 import torch
@@ -20,8 +18,8 @@ from mmfuse.demo import build_demo_model
 from mmfuse.testing import randomize_norm_stats
 from mmfuse.verify import output_error
 
-from fusion_checks import (CoarseRounding, RaisesAfterNorm, doubled_output,
-                           identity_at)
+from fusion_checks import (CoarseRounding, RaisesAfterNorm,
+                           changed_where_marked, doubled_output, identity_at)
 
 
 def _resnetish() -> nn.Module:
@@ -404,24 +402,12 @@ def test_float32_rounding_noise_is_judged_against_float64():
     assert report.folded_names == ['1', '4', '7'] and not report.undone
     assert report.precise_rel_error <= 2 * report.unfused_precise_rel_error
     assert 'against float64' in report.summary()
-    assert all(p.dtype == torch.float32 for p in model.parameters())
-    with torch.no_grad():  # the float64 copy is not left behind
+    # The float64 copy left nothing behind on the model.
+    assert all(t.dtype == torch.float32
+               for t in list(model.parameters()) + list(model.buffers())
+               if t.is_floating_point())
+    with torch.no_grad():
         assert output_error(reference(X_LARGE), model(X_LARGE))[1] < 1e-2
-
-
-@contextlib.contextmanager
-def _doubled_where_marked() -> Iterator[None]:
-    """Within, a global forward hook doubles the output of every module
-    with a ``doubled`` attribute: a deep copy doubles too."""
-
-    def double(module, args, output):
-        return output * 2 if getattr(module, 'doubled', False) else output
-
-    handle = nn.modules.module.register_module_forward_hook(double)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def test_float64_yardstick_still_catches_a_wrong_fold():
@@ -430,7 +416,7 @@ def test_float64_yardstick_still_catches_a_wrong_fold():
     though the float64 yardstick is in use."""
     model = _coarse_chain()
     model[3].doubled = True
-    with _doubled_where_marked():
+    with changed_where_marked('doubled', lambda output: output * 2):
         with torch.no_grad():
             reference = model(X_LARGE)
         report = mmfuse.fuse_model(model, (X_LARGE, ))
@@ -473,22 +459,6 @@ class _NoisyAndClean(nn.Module):
         return self.noisy(x), self.clean(x)
 
 
-@contextlib.contextmanager
-def _shifted_where_marked(shift: float) -> Iterator[None]:
-    """Within, a global forward hook adds ``shift`` to the output of every
-    module with a ``shifted`` attribute (a deep copy too)."""
-
-    def add(module, args, output):
-        return output + shift if getattr(module, 'shifted', False) \
-            else output
-
-    handle = nn.modules.module.register_module_forward_hook(add)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def test_each_output_is_judged_against_its_own_rounding():
     """The noisy output's float32 rounding buys no slack for the clean
     one: a fold that moves the clean output by 3e-4 (relative; its own
@@ -496,7 +466,7 @@ def test_each_output_is_judged_against_its_own_rounding():
     torch.manual_seed(0)
     model = randomize_norm_stats(_NoisyAndClean().eval(), seed=0)
     model.clean[0].shifted = True  # its fold is wrong, unseen by discovery
-    with _shifted_where_marked(0.002):
+    with changed_where_marked('shifted', lambda output: output + 0.002):
         with torch.no_grad():
             reference = model(X_LARGE)
         report = mmfuse.fuse_model(model, (X_LARGE, ))
