@@ -27,8 +27,9 @@ class FusionReport:
         yardstick: The dtype of the wider copy of the unfused model the
             output was also measured against (``'float64'`` for a float32
             model, ``'float32'`` for a float16/bfloat16 one), or why none
-            was used (``'none: ...'``); ``None`` when the output was within
-            ``rtol`` at once and no copy was needed.
+            was used (``'none: ...'``); ``None`` when no copy was
+            measured (the output was within ``rtol`` at once, and no merge
+            before the folds needed one).
         precise_rel_error: The fused output's relative error against that
             copy.
         unfused_precise_rel_error: The unfused model's own error against

@@ -136,7 +136,10 @@ def upcast_output(model: nn.Module, inputs: Tuple, dtype: torch.dtype) -> Any:
     time reuses freed memory, where casting the whole model at once would
     take fresh memory for all of it (0.3 s on a ResNet-50 detector here,
     against 11 ms).  Code that reads another module's parameters outside
-    that module's forward sees them in their own dtype.
+    that module's forward sees them in their own dtype.  A module whose
+    forward raises keeps its cast tensors, in the copy only, which is let
+    go; a module the copy shares with ``model`` (a custom
+    ``__deepcopy__``) is never cast.
     """
     tensors = {
         id(tensor): tensor
@@ -182,9 +185,6 @@ def upcast_output(model: nn.Module, inputs: Tuple, dtype: torch.dtype) -> Any:
     finally:
         pre.remove()
         post.remove()
-        for swapped in own.values():  # modules whose forward raised
-            for table, name, tensor in swapped:
-                table[name] = tensor
 
 
 class OutputCheck:
@@ -243,7 +243,9 @@ class OutputCheck:
         self.yardstick: Optional[str] = None
         self._own_errors: List[float] = []
         if precise is not None:
-            self._set_precise(precise, _dtype_name(precise), math.inf)
+            name = _dtype_name(precise)
+            self._set_precise(precise, name,
+                              self.OWN_LIMITS.get(name, math.inf))
 
     def add_precise(self, model: nn.Module, inputs: Tuple) -> None:
         """Measure ``model``, which must be the unchanged model, in the
@@ -269,24 +271,35 @@ class OutputCheck:
         self._set_precise(precise, name, self.OWN_LIMITS[name])
 
     def share_precise(self, other: 'OutputCheck') -> None:
-        """Judge against ``other``'s wider output (when it has one): for a
-        model changed further after ``other`` checked it, so that every
-        change is measured from the first unchanged model's."""
-        if other.precise is not None:
+        """Take ``other``'s wider output, or its reason for having none,
+        when it measured one: for a model changed further after ``other``
+        checked it, so that every change is measured from the first
+        unchanged model's, and a copy that failed is not made again."""
+        if other.yardstick is not None:
             self.precise = other.precise
             self._own_errors = other._own_errors
             self.own_error = other.own_error
             self.yardstick = other.yardstick
 
     def _set_precise(self, precise: Any, name: str, limit: float) -> None:
-        """Use ``precise`` where each tensor of the unchanged output is a
-        finite distance of at most ``limit`` from it: an unchanged output
-        that overflows (or has NaNs) in its dtype says nothing about a
-        fold."""
-        errors = leaf_errors(precise, self.reference)
-        own = [math.inf] if errors is None else [e[1] for e in errors]
+        """Use ``precise`` where each tensor of the unchanged output is at
+        most ``limit`` from it, measured both ways, so that a place where
+        either is not finite and the other is counts as infinitely far: an
+        unchanged output that overflows in its dtype says nothing about a
+        fold, and a copy that is NaN where the model is not would hide
+        any error of the fold there."""
+        forward = leaf_errors(precise, self.reference)
+        backward = leaf_errors(self.reference, precise)
+        if forward is None or backward is None or \
+                len(forward) != len(backward):
+            self.own_error = math.inf
+            self.yardstick = (f'none: the {name} copy\'s output differs '
+                              'from the model\'s in structure, shape, '
+                              'integer values or NaNs')
+            return
+        own = [max(f[1], b[1]) for f, b in zip(forward, backward)]
         self.own_error = max(own, default=0.0)
-        if all(math.isfinite(e) for e in own) and self.own_error <= limit:
+        if self.own_error <= limit:
             self.precise = precise
             self._own_errors = own
             self.yardstick = name
@@ -307,6 +320,8 @@ class OutputCheck:
         if self.precise is None:
             return self.rel_error <= self.tolerance
         precise = leaf_errors(self.precise, output)
+        if precise is not None and len(precise) != len(errors):
+            precise = None
         self.precise_error = float('inf') if precise is None else \
             max((e[1] for e in precise), default=0.0)
         if self.rel_error <= self.tolerance:
@@ -328,13 +343,14 @@ class OutputCheck:
         :meth:`no_output`."""
         return self.last_output is not None and self(self.last_output)
 
-    def failure(self) -> str:
-        """What an output that fails this check is, in words."""
-        what = f'off by more than rtol={self.tolerance:g}'
-        if self.precise is not None:
-            what += (f' and more than {self.MARGIN:g} times as far from '
-                     f'the {self.yardstick} output as the unfused model')
-        return what
+    def failure(self, unchanged: str = 'unfused') -> str:
+        """What an output that fails this check is, in words
+        (``unchanged``: what the model was before the change)."""
+        if self.precise is None:
+            return f'off by more than rtol={self.tolerance:g}'
+        return (f'off by more than rtol={self.tolerance:g} in a tensor '
+                f'that is also more than {self.MARGIN:g} times as far from '
+                f'the {self.yardstick} output as the {unchanged} model\'s')
 
 
 def _dtype_name(output: Any) -> str:

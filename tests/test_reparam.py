@@ -7,8 +7,10 @@ The built-in entries are checked against the real classes' own
 ``switch_to_deploy``, on blocks and on whole models built from shipped
 configs.
 """
+import contextlib
 import copy
 import json
+from typing import Iterator
 
 import pytest
 import torch
@@ -668,17 +670,27 @@ def test_user_entry_and_exact_class_lookup():
         REPARAMETERIZERS._module_dict.pop('OpaqueBlockRule')
 
 
-def test_wrong_entry_is_undone_by_verification():
+@contextlib.contextmanager
+def _wrong_rule_registered() -> Iterator[None]:
+    """Within, a registry entry ``WrongRule`` converts ``OpaqueBlock``
+    wrongly: it forgets the 1x1 branch."""
 
     @REPARAMETERIZERS.register_module()
     class WrongRule(Reparameterizer):
         targets = (OpaqueBlock, )
 
-        def branches(self, block):  # forgets the 1x1 branch
+        def branches(self, block):
             return BranchSum(
                 [Term([conv_op(block.a.conv), norm_op(block.a.bn)])], ['act'])
 
     try:
+        yield
+    finally:
+        REPARAMETERIZERS._module_dict.pop('WrongRule')
+
+
+def test_wrong_entry_is_undone_by_verification():
+    with _wrong_rule_registered():
         model = _prepare(nn.Sequential(OpaqueBlock(), RepBlock(8, 8)))
         x = _input(8)
         merged, records, rel = _reparam_and_compare(model, x,
@@ -688,8 +700,6 @@ def test_wrong_entry_is_undone_by_verification():
         assert not wrong['merged'] and 'undone' in wrong['reason']
         assert isinstance(merged[0], OpaqueBlock)
         assert isinstance(merged[1], nn.Sequential)
-    finally:
-        REPARAMETERIZERS._module_dict.pop('WrongRule')
 
 
 class DeployMethodBlock(OpaqueBlock):
@@ -1204,3 +1214,24 @@ def test_folds_after_merges_are_judged_from_the_unmerged_float64_output(
         # Measured from the unmerged, unfused model's float64 output.
         assert output_error(wide, model(x))[1] == pytest.approx(
             report.precise_rel_error, rel=1e-6)
+
+
+def test_a_wrong_merge_is_undone_though_judged_against_float64():
+    """A registry entry that forgets a branch, in the noisy model: the
+    float64 yardstick lets the exact merges stand and still finds the
+    wrong one."""
+    with _wrong_rule_registered():
+        model = _prepare(nn.Sequential(
+            PaddleRepVggBlock(8, 8), CoarseRounding(), OpaqueBlock(),
+            CoarseRounding(), PaddleRepVggBlock(8, 8)))
+        x = _input(8, size=32)
+        merged, records, rel = _reparam_and_compare(model, x, rtol=RTOL,
+                                                    example_inputs=(x, ))
+    wrong = [r for r in records if r['rule'] == 'WrongRule'][0]
+    assert not wrong['merged']
+    assert 'float64 output as the unmerged model' in wrong['reason']
+    kept = _merged(records)
+    assert len(kept) == 2
+    assert all(r['verified_against'] == 'float64' for r in kept)
+    assert isinstance(merged[2], OpaqueBlock)
+    assert rel <= 1e-3

@@ -502,6 +502,80 @@ def test_a_low_precision_copy_that_computes_otherwise_is_no_yardstick():
     assert '4' in [s.name for s in report.undone]
 
 
+class _RootOfPositive(nn.Module):
+    """Two outputs: a conv+BN, and the spatial mean of the square root of
+    another conv+BN made positive by a hook on ``pos`` (the test's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),
+                               nn.BatchNorm2d(8))
+        self.b = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),
+                               nn.BatchNorm2d(8))
+        self.pos = nn.Identity()
+
+    def forward(self, x):
+        root = torch.sqrt(self.pos(self.b(x)))
+        return self.a(x), root.mean(dim=(2, 3))
+
+
+def test_a_copy_that_is_nan_where_the_model_is_not_is_no_yardstick():
+    """The float64 copy misses the hook keyed to the model's ``pos``, so
+    its square roots are NaN where the model's are finite: were those
+    places left out, the copy would pass any output there, and the wrong
+    fold of ``b.1`` with it."""
+    torch.manual_seed(0)
+    model = randomize_norm_stats(_RootOfPositive().eval(), seed=0)
+    target = model.pos
+    model.b[0].doubled = True  # its fold is wrong, unseen by discovery
+
+    def positive(module, args, output):
+        return output.abs() + 1 if module is target else output
+
+    handle = nn.modules.module.register_module_forward_hook(positive)
+    try:
+        with changed_where_marked('doubled', lambda output: output * 2):
+            with torch.no_grad():
+                reference = model(X_LARGE)
+            report = mmfuse.fuse_model(model, (X_LARGE, ))
+            with torch.no_grad():
+                output = model(X_LARGE)
+    finally:
+        handle.remove()
+    assert report.yardstick.startswith('none: the float64 copy')
+    assert [s.name for s in report.undone] == ['b.1']
+    assert report.folded_names == ['a.1']
+    assert output_error(reference, output)[1] <= report.rtol
+
+
+class _SpyScale(nn.Module):
+    """Multiplies by a parameter and notes the dtype it saw it in; a deep
+    copy of it is itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5))
+        self.seen = []
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def forward(self, x):
+        self.seen.append(self.scale.dtype)
+        return x * self.scale
+
+
+def test_upcast_output_never_casts_a_module_it_shares_with_the_model():
+    from mmfuse.verify import upcast_output
+    spy = _SpyScale()
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), spy).eval()
+    wide = upcast_output(model, (torch.randn(1, 3, 4, 4), ),
+                         torch.float64)
+    assert wide.dtype == torch.float64  # x * scale promotes
+    assert spy.seen == [torch.float32]
+    assert model[1] is spy and spy.scale.dtype == torch.float32
+
+
 class _Tied(nn.Module):
     """A conv called twice, a BN, a buffer, a parameter shared by two
     modules, and a leaf that raises when asked to."""

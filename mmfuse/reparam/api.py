@@ -318,8 +318,9 @@ def reparameterize(model: nn.Module,
         ``layers`` and ``convs`` (geometry and branches of each merged
         conv), else ``reason``.  Verified merges also have
         ``verified_rel_error`` (the merged output's relative error) and,
-        when judged against a wider copy, ``verified_against`` (its dtype)
-        and ``verified_precise_rel_error`` (the error against it).  Pass
+        where a wider copy was measured, ``verified_against`` (its dtype,
+        or why it was not used) and, when used,
+        ``verified_precise_rel_error`` (the error against it).  Pass
         the merged ones to :func:`apply_reparam_structure` to rebuild the
         structure.
     """
@@ -412,8 +413,9 @@ class Merges:
         for record in self.records:
             if record['merged']:
                 record['verified_rel_error'] = check.rel_error
-                if check.precise is not None:
+                if check.yardstick is not None:
                     record['verified_against'] = check.yardstick
+                if check.precise is not None:
                     record['verified_precise_rel_error'] = \
                         check.precise_error
         return not passed
@@ -436,7 +438,7 @@ class Merges:
             self.groups, redo, undo, lambda: self._passes(inputs, check),
             all_fail=True)
         failed = ('undone: verification found the output '
-                  f'{check.failure()} with it')
+                  f'{check.failure("unmerged")} with it')
         unreproducible = ('undone: the output could not be reproduced, '
                           'merged or not')
         for groups, reason in ((bad, failed), (dropped, unreproducible)):
