@@ -222,7 +222,7 @@ class OutputCheck:
     #: objects) or the model is too unstable for any comparison, and
     #: ``MARGIN`` times it would let a wrong fold through.  Float32 rounding
     #: amplified by deformable convs measures 3.5e-4; bfloat16 rounding
-    #: through 24 conv layers, 0.1.
+    #: through 24 conv layers (``tests/test_safety.py``), 0.16.
     OWN_LIMITS = {'float64': 1e-3, 'float32': 0.25}
 
     def __init__(self, reference: Any, tolerance: float,
