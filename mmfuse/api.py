@@ -172,15 +172,14 @@ def fuse_model(model: nn.Module,
             # it once in a wider dtype (see OutputCheck).  If the fused
             # output passes then, every fold stands (made again: the same
             # weights); else keep the folds that stay acceptable.
-            check.add_precise(model, inputs)
             bad, dropped = [], []
-            if check.precise is not None and check.recheck():
+            if check.passes_wider(model, inputs):
                 applied = apply_plan(model, plan)
             else:  # all the folds together fail this check: bisect
                 applied, bad, dropped = isolate_failures(
                     plan.folds,
                     lambda folds: apply_plan(model, FusionPlan(), folds),
-                    undo_folds, passes, all_fail=True)
+                    undo_folds, passes)
             for fold in bad:
                 report.undone.append(
                     Skip(fold.norm, 'undone: verification found the output '

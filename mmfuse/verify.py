@@ -337,11 +337,14 @@ class OutputCheck:
         self.last_output = self.precise_error = None
         self.abs_error = self.rel_error = float('inf')
 
-    def recheck(self) -> bool:
-        """Check the output checked last once more: after
-        :meth:`add_precise`, it may pass where it failed.  ``False`` after
-        :meth:`no_output`."""
-        return self.last_output is not None and self(self.last_output)
+    def passes_wider(self, model: nn.Module, inputs: Tuple) -> bool:
+        """After a failed check, with ``model`` changed back to the
+        unchanged model: measure it in a wider dtype (:meth:`add_precise`)
+        and judge the output that failed once more; whether it passes
+        now (never after :meth:`no_output`)."""
+        self.add_precise(model, inputs)
+        return self.precise is not None and \
+            self.last_output is not None and self(self.last_output)
 
     def failure(self, unchanged: str = 'unfused') -> str:
         """What an output that fails this check is, in words
@@ -364,15 +367,13 @@ def _dtype_name(output: Any) -> str:
 def isolate_failures(
         items: Sequence[Item], apply: Callable[[List[Item]], List[Applied]],
         undo: Callable[[List[Applied]], None],
-        passes: Callable[[], bool],
-        all_fail: bool = False
+        passes: Callable[[], bool]
 ) -> Tuple[List[Applied], List[Item], List[Applied]]:
-    """Apply as many ``items`` as keep ``passes()`` true.
+    """Apply as many ``items`` as keep ``passes()`` true, given that all of
+    them together fail it (the caller has just checked that).
 
     Starts from a state where none is applied and bisects, so one bad item
-    among ``n`` costs about ``2 log2(n)`` checks (with ``all_fail``, the
-    caller's word that all of them together fail, the first check, of all
-    of them, is skipped).  The search may end on a
+    among ``n`` costs about ``2 log2(n)`` checks.  The search may end on a
     set that fails as a whole (an output that is not reproducible, so one
     check disagrees with the last): what it kept is checked once more
     (unless the last check was of it, and passed), and undone if even that
@@ -393,30 +394,24 @@ def isolate_failures(
     # Whether the last check was of the state as it is now, and passed.
     checked = [False]
 
-    def search(candidates: List[Item]) -> None:
-        applied = apply(candidates)
-        checked[0] = passes()
-        if checked[0]:
-            kept.extend(applied)
+    def bisect(failing: List[Item]) -> None:
+        """None of ``failing`` is applied; all of them together fail."""
+        if len(failing) == 1:
+            bad.append(failing[0])
             return
-        undo(applied)
-        if len(candidates) == 1:
-            bad.append(candidates[0])
-            return
-        middle = len(candidates) // 2
-        search(candidates[:middle])
-        search(candidates[middle:])
+        middle = len(failing) // 2
+        for half in (failing[:middle], failing[middle:]):
+            applied = apply(half)
+            checked[0] = passes()
+            if checked[0]:
+                kept.extend(applied)
+            else:
+                undo(applied)
+                bisect(half)
 
     dropped: List[Applied] = []
-    candidates = list(items)
-    if all_fail and len(candidates) == 1:
-        bad.extend(candidates)
-    elif all_fail and candidates:
-        middle = len(candidates) // 2
-        search(candidates[:middle])
-        search(candidates[middle:])
-    elif candidates:
-        search(candidates)
+    if items:
+        bisect(list(items))
     if not (checked[0] or passes()):
         undo(kept)
         dropped, kept = kept, []
