@@ -6,7 +6,7 @@ linear layer) whose parameters a fold may rewrite?*  Every refusal comes with
 a reason that ends up in the :class:`~mmfuse.FusionReport`.  Nothing here
 mutates a module.
 """
-from typing import Callable, Optional, Set, Tuple
+from typing import Callable, Dict, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -64,9 +64,21 @@ _AFFINE_NORM_QUALNAMES = {
 }
 
 
+#: :func:`_qualname` of each function asked about (forwards of classes).
+_QUALNAMES: Dict[Callable, str] = {}
+
+
 def _qualname(func: Callable) -> str:
-    return f'{getattr(func, "__module__", "")}.' \
-           f'{getattr(func, "__qualname__", "")}'
+    """``module.qualname`` of ``func``, made once per function."""
+    try:
+        return _QUALNAMES[func]
+    except KeyError:
+        name = _QUALNAMES[func] = f'{getattr(func, "__module__", "")}.' \
+            f'{getattr(func, "__qualname__", "")}'
+        return name
+    except TypeError:  # an unhashable callable
+        return f'{getattr(func, "__module__", "")}.' \
+               f'{getattr(func, "__qualname__", "")}'
 
 
 def is_mmcv_conv_module(module: nn.Module) -> bool:
@@ -103,29 +115,43 @@ def _is_mmcv_sync_bn(module: nn.Module) -> bool:
             and cls.__module__.startswith('mmcv.ops'))
 
 
+#: ``(is a norm, may be a frozen BN, is named like a norm)`` of each
+#: class asked about: what :func:`is_norm_layer` can tell from the class.
+_NORM_CLASSES: Dict[type, Tuple[bool, bool, bool]] = {}
+
+
+def _norm_class(cls: type) -> Tuple[bool, bool, bool]:
+    known = _NORM_CLASSES.get(cls)
+    if known is not None:
+        return known
+    rms_norm = getattr(nn, 'RMSNorm', None)
+    norm = issubclass(cls, (_BatchNorm, nn.GroupNorm, nn.LayerNorm,
+                            _InstanceNorm, nn.LocalResponseNorm)) or (
+                                cls.__name__ == 'SyncBatchNorm'
+                                and cls.__module__.startswith('mmcv.ops')
+                            ) or (rms_norm is not None
+                                  and issubclass(cls, rms_norm))
+    name = cls.__name__
+    # torch.nn.utils' weight-norm/spectral-norm parametrizations are named
+    # like norms but normalise a weight, not the data.
+    named = (name.endswith('Norm') or name.endswith('BN') or any(
+        tag in name for tag in ('Norm1d', 'Norm2d', 'Norm3d'))) and \
+        not cls.__module__.startswith('torch.nn.utils')
+    known = _NORM_CLASSES[cls] = (norm, name.startswith('FrozenBatchNorm'),
+                                  named)
+    return known
+
+
 def is_norm_layer(module: nn.Module) -> bool:
     """Whether ``module`` is a normalisation layer of any kind.
 
     Used to list every norm in the report, foldable or not.
     """
-    if isinstance(module, (_BatchNorm, nn.GroupNorm, nn.LayerNorm,
-                           _InstanceNorm, nn.LocalResponseNorm)):
+    norm, frozen, named = _norm_class(type(module))
+    if norm or (frozen and _is_frozen_bn(module)):
         return True
-    if _is_frozen_bn(module) or _is_mmcv_sync_bn(module):
-        return True
-    rms_norm = getattr(nn, 'RMSNorm', None)
-    if rms_norm is not None and isinstance(module, rms_norm):
-        return True
-    name = type(module).__name__
-    looks_like_norm = name.endswith('Norm') or name.endswith('BN') or any(
-        tag in name for tag in ('Norm1d', 'Norm2d', 'Norm3d'))
-    # torch.nn.utils' weight-norm/spectral-norm parametrizations are named
-    # like norms but normalise a weight, not the data.
-    # ... and a container named like a norm (a block ending in 'Norm') is
-    # not one.
-    return looks_like_norm and \
-        not type(module).__module__.startswith('torch.nn.utils') and \
-        not has_children(module)
+    # A container named like a norm (a block ending in 'Norm') is not one.
+    return named and not has_children(module)
 
 
 def norm_fold_problem(module: nn.Module) -> Optional[str]:
@@ -218,9 +244,24 @@ def is_conv_layer(module: nn.Module) -> bool:
 def _has_member(module: nn.Module, name: str) -> bool:
     """``hasattr(module, name)`` for a parameter, buffer, submodule or
     instance attribute, without the cost of a failed lookup."""
-    return any(name in members for members in (
-        module.__dict__, module._parameters, module._buffers,
-        module._modules))
+    return name in module.__dict__ or name in module._parameters or \
+        name in module._buffers or name in module._modules
+
+
+#: What each conv class asked about does to its weight ('' for nothing).
+_WEIGHT_TRANSFORMS: Dict[type, str] = {}
+
+
+def _weight_transform(cls: type) -> str:
+    """How ``cls`` (or a class it derives from) transforms its weight in
+    forward, by :data:`_WEIGHT_TRANSFORMING_CONVS`; ``''`` for not."""
+    known = _WEIGHT_TRANSFORMS.get(cls)
+    if known is None:
+        known = next((_WEIGHT_TRANSFORMING_CONVS[base.__name__]
+                      for base in cls.__mro__
+                      if base.__name__ in _WEIGHT_TRANSFORMING_CONVS), '')
+        _WEIGHT_TRANSFORMS[cls] = known
+    return known
 
 
 def conv_fold_problem(module: nn.Module) -> Optional[str]:
@@ -228,14 +269,17 @@ def conv_fold_problem(module: nn.Module) -> Optional[str]:
     name = type(module).__name__
     if not is_conv_layer(module):
         return f'{name} is not a convolution or linear layer'
-    for cls in type(module).__mro__:
-        if cls.__name__ in _WEIGHT_TRANSFORMING_CONVS:
-            return f'{name} {_WEIGHT_TRANSFORMING_CONVS[cls.__name__]}'
+    transforms = _weight_transform(type(module))
+    if transforms:
+        return f'{name} {transforms}'
     if _has_member(module, 'weight_orig'):
         return f'{name} has spectral norm: its weight is recomputed in forward'
     if _has_member(module, 'weight_g') and _has_member(module, 'weight_v'):
         return f'{name} has weight norm: its weight is recomputed in forward'
-    if torch.nn.utils.parametrize.is_parametrized(module):
+    # (No ``parametrizations`` submodule: not parametrized, and asking
+    # torch costs a failed attribute lookup.)
+    if _has_member(module, 'parametrizations') and \
+            torch.nn.utils.parametrize.is_parametrized(module):
         return f'{name} has a parametrized weight'
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and \
             module.has_uninitialized_params():

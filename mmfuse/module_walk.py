@@ -11,7 +11,7 @@ from typing import Dict, Hashable, Iterator, List, Tuple
 
 from torch import nn
 
-__all__ = ['walk_modules', 'tree_unchanged', 'has_children']
+__all__ = ['walk_modules', 'tree_unchanged', 'has_children', 'find_submodule']
 
 _MEMO = threading.local()
 
@@ -20,6 +20,25 @@ def has_children(module: nn.Module) -> bool:
     """``next(module.children(), None) is not None``, without a
     generator."""
     return any(child is not None for child in module._modules.values())
+
+
+def find_submodule(root: nn.Module, path: str) -> nn.Module:
+    """The module registered at dotted ``path`` below ``root`` (``root``
+    for ``''``): ``root.get_submodule(path)`` by the registered names
+    alone, without its checks at every step.
+
+    Raises:
+        AttributeError: Nothing is registered at ``path``.
+    """
+    module = root
+    if path:
+        for name in path.split('.'):
+            child = module._modules.get(name)
+            if child is None:
+                raise AttributeError(f'{type(module).__name__} has no '
+                                     f'submodule {name!r} (in {path!r})')
+            module = child
+    return module
 
 
 @contextmanager
@@ -56,6 +75,16 @@ def walk_modules(model: nn.Module,
         known = memo.get((id(model), remove_duplicate))
         if known is not None and known[0] is model:
             return list(known[1])
+        if remove_duplicate:
+            # The first time each module comes in the walk with every
+            # path: a module's other paths come after its first, and so
+            # do the paths below them, which ``named_modules`` skips.
+            seen = set()
+            found = [(path, module) for path, module in walk_modules(
+                model, remove_duplicate=False)
+                     if id(module) not in seen and not seen.add(id(module))]
+            memo[(id(model), True)] = (model, found)
+            return list(found)
     found: List[Tuple[str, nn.Module]] = []
     seen = set()
     stack = [('', model)]

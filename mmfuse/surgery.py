@@ -9,8 +9,9 @@ module refers to, and whose memory no other tensor uses, is rewritten in
 place, which nobody can tell from a new one and saves allocating it.
 """
 import sys
+import threading
 import weakref
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from .folding import (dense_format, fold_affine_into_input,
                       fold_affine_into_output, norm_affine, norm_affines)
 from .layers import (CONV_BN_ON_THE_FLY, conv_geometry, conv_out_channels,
                      norm_affine_params)
+from .module_walk import find_submodule
 from .plain_conv import plain_conv_of
 from .plan import CONCAT, PRE, Fold, FusionPlan
 
@@ -53,20 +55,10 @@ def _split(name: str):
     return parent, attr
 
 
-def _submodule(model: nn.Module, name: str) -> nn.Module:
-    """``model.get_submodule(name)`` for a path of a plan made on this
-    model, without its per-step checks."""
-    module = model
-    if name:
-        for part in name.split('.'):
-            module = module._modules[part]
-    return module
-
-
 def _replace_module(model: nn.Module, name: str, new: nn.Module,
                     applied: AppliedFold) -> nn.Module:
     parent_name, attr = _split(name)
-    parent = _submodule(model, parent_name)
+    parent = find_submodule(model, parent_name)
     old = parent._modules[attr]
     parent._modules[attr] = new
     applied.remember(lambda: parent._modules.__setitem__(attr, old))
@@ -107,6 +99,24 @@ def _set_parameter(module: nn.Module, name: str, value: torch.Tensor,
 _STORAGE_USERS = getattr(torch._C, '_storage_Use_Count', None)
 
 
+_CONTROLS = threading.local()
+
+
+def _control(name: str) -> Dict[str, nn.Parameter]:
+    """``{name: parameter}``, a parameter that only this dict refers to
+    and no other tensor shares memory with, kept for the next call of this
+    thread (making one costs as much as the rest of the test)."""
+    controls = getattr(_CONTROLS, 'by_name', None)
+    if controls is None:
+        controls = _CONTROLS.by_name = {}
+    control = controls.get(name)
+    if control is None:
+        # A normal tensor even under ``torch.inference_mode``.
+        with torch.inference_mode(False):
+            control = controls[name] = {name: nn.Parameter(torch.empty(0))}
+    return control
+
+
 def _seen_only_by(module: nn.Module, name: str) -> bool:
     """Whether parameter ``name`` of ``module`` is referred to by the module
     alone, and its memory used by no other tensor: then rewriting it in
@@ -128,7 +138,7 @@ def _seen_only_by(module: nn.Module, name: str) -> bool:
             weakref.getweakrefcount(params[name]) or \
             dense_format(params[name]) is None:
         return False
-    control = {name: nn.Parameter(torch.empty(0))}
+    control = _control(name)
     return (sys.getrefcount(params[name]) == sys.getrefcount(control[name])
             and params[name]._use_count() == control[name]._use_count()
             and _STORAGE_USERS(params[name].untyped_storage()._cdata) ==
@@ -154,11 +164,11 @@ def apply_fold(model: nn.Module,
         The applied fold, which can be undone unless ``in_place``.
     """
     applied = AppliedFold(fold)
-    norm = _submodule(model, fold.norm)
+    norm = find_submodule(model, fold.norm)
     scale, shift = affine if affine is not None else norm_affine(
         *norm_affine_params(norm))
     for target in fold.convs:
-        conv = _submodule(model, target.name)
+        conv = find_submodule(model, target.name)
         if target.plain:
             plain = plain_conv_of(conv)
             if plain is None:
@@ -196,7 +206,9 @@ def apply_fold(model: nn.Module,
         _set_parameter(conv, 'bias', bias, applied)
     for site in fold.norm_sites:
         identity = nn.Identity()
-        identity.training = norm.training
+        # (What ``Module.__setattr__`` does with a bool, without its
+        # checks.)
+        object.__setattr__(identity, 'training', norm.training)
         _replace_module(model, site, identity, applied)
     if in_place:
         applied.forget()
@@ -239,7 +251,7 @@ def apply_plan(model: nn.Module,
     # The norms' affine maps all at once: a few tensor operations in all
     # rather than a few per norm.
     affines = norm_affines([
-        norm_affine_params(_submodule(model, fold.norm)) for fold in folds
+        norm_affine_params(find_submodule(model, fold.norm)) for fold in folds
     ])
     for fold, affine in zip(folds, affines):
         applied.append(

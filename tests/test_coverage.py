@@ -321,3 +321,33 @@ def test_levit_linear_batchnorm_with_reshape_as():
                                      True)
     assert rel < 1e-5
     identity_at(fused, ['bn'])
+
+
+def test_what_is_known_of_a_class_follows_changes_to_it():
+    """Kinds of layer are remembered per class and per forward function:
+    a forward replaced after a fusion is judged afresh, and what depends
+    on the instance (children, buffers) is asked of each instance."""
+    from mmfuse.layers import is_norm_layer, norm_fold_problem
+
+    class PatchedBN(nn.BatchNorm2d):
+        pass
+
+    def make():
+        return nn.Sequential(nn.Conv2d(4, 4, 3), PatchedBN(4)).eval()
+
+    assert norm_fold_problem(make()[1]) is None
+    fused, _, rel = fuse_and_compare(make(), (_input(2), ), traced=False)
+    identity_at(fused, ['1'])
+    PatchedBN.forward = lambda self, x: torch.relu(
+        nn.BatchNorm2d.forward(self, x))
+    assert 'overrides forward' in norm_fold_problem(make()[1])
+    fused, _, rel = fuse_and_compare(make(), (_input(2), ), traced=False)
+    assert rel < 1e-5
+    kept_at(fused, ['1'])
+
+    class ChannelNorm(nn.Module):
+        """Named like a norm: one when a leaf, a container otherwise."""
+
+    leaf, container = ChannelNorm(), ChannelNorm()
+    container.inner = nn.ReLU()
+    assert is_norm_layer(leaf) and not is_norm_layer(container)

@@ -792,6 +792,48 @@ def test_walks_of_an_unchanged_tree_are_made_once_and_handed_out_as_copies():
     assert walk_modules(model)[-1][0] == 'extra'
 
 
+def test_walks_with_shared_modules_match_named_modules_in_either_order():
+    """Within ``tree_unchanged`` the walk without duplicates is taken from
+    the one with them: a module (and all below it) registered again under
+    another path, deeper or shallower, comes only at its first path."""
+    from mmfuse.module_walk import tree_unchanged, walk_modules
+    inner = nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU())
+    middle = nn.Sequential(inner, nn.Linear(1, 1), inner)
+    model = nn.Sequential(middle, inner, nn.Sequential(middle, inner))
+    model.extra = inner[0]
+
+    def ids(walk):
+        return [(path, id(module)) for path, module in walk]
+
+    expected = {
+        flag: ids(model.named_modules(remove_duplicate=flag))
+        for flag in (True, False)
+    }
+    assert len(expected[True]) < len(expected[False])
+    for order in ((True, False), (False, True)):
+        with tree_unchanged():
+            for flag in order + order:
+                assert ids(walk_modules(model, flag)) == expected[flag]
+        for flag in order:
+            assert ids(walk_modules(model, flag)) == expected[flag]
+
+
+def test_find_submodule_goes_by_registered_names():
+    from mmfuse.module_walk import find_submodule
+    model = _resnetish()
+    for path, module in model.named_modules():
+        assert find_submodule(model, path) is module
+    with pytest.raises(AttributeError, match="'layer1.nope'"):
+        find_submodule(model, 'layer1.nope')
+    # A module that is only a property (mmcv's ConvModule.norm) is not at
+    # a registered path.
+    from mmcv.cnn import ConvModule
+    block = ConvModule(4, 4, 3, norm_cfg=dict(type='BN'))
+    assert find_submodule(block, 'bn') is block.norm
+    with pytest.raises(AttributeError, match="'norm'"):
+        find_submodule(block, 'norm')
+
+
 def test_a_forward_that_raises_in_a_leaf_leaves_no_hook_or_mode():
     model = RaisesAfterNorm(catch=False).eval()
     x = torch.randn(1, 8, 4, 4)

@@ -21,7 +21,7 @@ from torch import nn
 from ..layers import (conv_fold_problem, conv_in_channels, conv_out_channels,
                       is_norm_layer, norm_channels, norm_fold_problem,
                       pads_with_zeros)
-from ..module_walk import has_children, walk_modules
+from ..module_walk import find_submodule, has_children, walk_modules
 from ..plain_conv import plain_conv_of
 from ..plan import (CONCAT, POST, PRE, SUM, ConvTarget, Fold, FusionPlan,
                     Skip)
@@ -81,7 +81,7 @@ class _Planner:
             parent = path
             while parent:
                 parent = parent.rpartition('.')[0]
-                holder = self.model.get_submodule(parent)
+                holder = find_submodule(self.model, parent)
                 if id(holder) in self.unproven:
                     return self.unproven[id(holder)]
         if self.evidence.mode == 'traced':

@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from ..layers import (is_conv_layer, is_mmcv_conv_module, is_norm_layer,
                       norm_fold_problem)
-from ..module_walk import walk_modules
+from ..module_walk import find_submodule, walk_modules
 from ..plan import CONCAT, POST, PRE, SUM
 from .occurrence import Evidence, Occurrence
 from .trace_cache import TraceCache
@@ -41,7 +41,7 @@ def _is_leaf_layer(module: nn.Module) -> bool:
 def _resolve(root: nn.Module, target: str) -> Tuple[nn.Module, str]:
     """``(holder, attr)`` of the submodule at ``target`` under ``root``."""
     parent, _, attr = target.rpartition('.')
-    holder = root.get_submodule(parent) if parent else root
+    holder = find_submodule(root, parent)
     return holder, attr
 
 
@@ -165,7 +165,7 @@ class _StructuralCollector:
         if not owner_path:
             return
         try:
-            owner = root.get_submodule(owner_path)
+            owner = find_submodule(root, owner_path)
         except AttributeError:
             return  # not a submodule's tensor (a constant of the trace)
         if self.is_leaf(owner) and (name in owner._parameters
@@ -190,7 +190,7 @@ class _StructuralCollector:
                 continue
             if node.op != 'call_module':
                 continue
-            target = module.get_submodule(node.target)
+            target = find_submodule(module, node.target)
             if not self.is_leaf(target):
                 continue
             occs[node] = self.call_occurrence(module, node.target, target)

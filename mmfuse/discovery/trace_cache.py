@@ -52,21 +52,30 @@ _MAX_SCALAR_VALUES = 16
 _MAX_INDEX_VALUES = 1024
 
 
-def _values(tensor: torch.Tensor, module: nn.Module) -> Hashable:
+def _values(tensor: torch.Tensor, dtype: torch.dtype,
+            module: nn.Module) -> Hashable:
     """The values of a small or an integer tensor of ``module``, which a
     forward may read as flags or numbers (``if self.flag``,
     ``float(self.alpha)``), baking them into its trace; ``()`` for other
     tensors, and for the floating point ones of convs and norms (weights
     and statistics, which fusion is there to change).  A tensor whose
-    values cannot be read (meta, fake) gets a key equal to no other."""
+    values cannot be read (meta, fake) gets a key equal to no other.
+
+    Args:
+        tensor: The tensor.
+        dtype: Its dtype (already read by the caller).
+        module: The module that holds it.
+    """
     size = tensor.numel()
     if size > _MAX_INDEX_VALUES:  # most weights: no question asked
         return ()
-    if tensor.is_floating_point() or tensor.is_complex():
+    if dtype.is_floating_point or dtype.is_complex:
         if size > _MAX_SCALAR_VALUES or is_norm_layer(module) or \
                 is_conv_layer(module):
             return ()
     try:
+        if size == 1:  # a flag, a count (a norm's num_batches_tracked)
+            return (tensor.item(), )
         return tuple(tensor.detach().reshape(-1).tolist())
     except (RuntimeError, NotImplementedError):
         return (object(), )
@@ -91,10 +100,11 @@ def _tensor_shapes(tensors: Dict[str, Optional[torch.Tensor]],
         if where != (index, name):
             described.append((name, where))
             continue
+        layout, dtype = t.layout, t.dtype
         described.append(
             (name, type(t), t.shape,
-             t.stride() if t.layout is torch.strided else None, t.dtype,
-             t.device, t.layout, t.requires_grad, _values(t, module)))
+             t.stride() if layout is torch.strided else None, dtype,
+             t.device, layout, t.requires_grad, _values(t, dtype, module)))
     return tuple(described)
 
 

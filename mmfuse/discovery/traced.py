@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..layers import is_conv_layer, is_norm_layer
-from ..module_walk import has_children, walk_modules
+from ..module_walk import find_submodule, has_children, walk_modules
 from ..plan import CONCAT, POST, PRE, SUM
 from .occurrence import Evidence, Occurrence, Site
 
@@ -376,7 +376,7 @@ class TracedForward:
         site: Site = None
         if len(found) == 1:
             parent, _, attr = found[0].rpartition('.')
-            site = (caller.get_submodule(parent) if parent else caller, attr)
+            site = (find_submodule(caller, parent), attr)
         self.site_cache[cache_key] = site
         return site
 
