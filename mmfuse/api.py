@@ -17,7 +17,8 @@ from .discovery.occurrence import Evidence
 from .discovery.traced import TracedForward
 from .guards import (FusionError, as_input_tuple, check_eval,
                      unwrap_model)
-from .module_walk import tree_unchanged
+from .layers import is_norm_layer, norm_fold_problem
+from .module_walk import tree_unchanged, unique_modules
 from .plan import FusionPlan, Skip
 from .reparam import Merges, has_registered_blocks, merge_blocks
 from .report import FusionReport
@@ -238,9 +239,28 @@ def fuse_conv_bn(module: nn.Module, *, plain_convs: bool = True) -> nn.Module:
         The same ``module``, fused.
     """
     model = unwrap_model(module)
+    if _nothing_to_fold(model):
+        return module
     with tree_unchanged():  # discovery walks the model many times
         check_eval(model)
         plan = plan_folds(model, collect_structural_evidence(model),
                           plain_convs)
     apply_plan(model, plan, undoable=False)
     return module
+
+
+def _nothing_to_fold(model: nn.Module) -> bool:
+    """Whether ``model`` has no norm that a fold could take (ConvNeXt,
+    transformers): then there is nothing to discover.  Looks no further
+    than the first such norm.
+
+    Raises:
+        FusionError: A module met on the way is in training mode (see
+            :func:`check_eval`).
+    """
+    for module in unique_modules(model):
+        if module.training:
+            check_eval(model)  # raises, naming the first such module
+        if is_norm_layer(module) and norm_fold_problem(module) is None:
+            return False
+    return True

@@ -11,7 +11,10 @@ from typing import Dict, Hashable, Iterator, List, Tuple
 
 from torch import nn
 
-__all__ = ['walk_modules', 'tree_unchanged', 'has_children', 'find_submodule']
+__all__ = [
+    'walk_modules', 'tree_unchanged', 'has_children', 'find_submodule',
+    'unique_modules'
+]
 
 _MEMO = threading.local()
 
@@ -20,6 +23,21 @@ def has_children(module: nn.Module) -> bool:
     """``next(module.children(), None) is not None``, without a
     generator."""
     return any(child is not None for child in module._modules.values())
+
+
+def unique_modules(model: nn.Module) -> Iterator[nn.Module]:
+    """Every module of the tree once (``model`` first), in no promised
+    order and without paths: the cheapest walk, for a question about
+    each module."""
+    seen = {id(model)}
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        yield module
+        for child in module._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                stack.append(child)
 
 
 def find_submodule(root: nn.Module, path: str) -> nn.Module:

@@ -19,7 +19,8 @@ from mmfuse.testing import randomize_norm_stats
 from mmfuse.verify import output_error
 
 from fusion_checks import (CoarseRounding, RaisesAfterNorm,
-                           changed_where_marked, doubled_output, identity_at)
+                           changed_where_marked, doubled_output, identity_at,
+                           kept_at)
 
 
 def _resnetish() -> nn.Module:
@@ -46,6 +47,33 @@ def test_training_mode_is_refused_with_the_module_name(with_inputs):
         mmfuse.fuse_conv_bn(model)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_model_without_foldable_norms_is_left_as_it_is_or_refused():
+    """``fuse_conv_bn`` looks no further on a model with no norm a fold
+    can take (GroupNorm, LayerNorm, a BN with batch statistics), and
+    still refuses one in training mode, naming the module."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4),
+                          nn.Conv2d(4, 4, 1),
+                          nn.BatchNorm2d(4, track_running_stats=False),
+                          nn.Sequential(nn.Conv2d(4, 4, 1),
+                                        nn.LayerNorm(14))).eval()
+    modules = list(model.modules())
+    before = copy.deepcopy(model.state_dict())
+    assert mmfuse.fuse_conv_bn(model) is model
+    assert list(model.modules()) == modules
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    model[4][1].train()
+    with pytest.raises(mmfuse.FusionError, match="'4.1'.*LayerNorm"):
+        mmfuse.fuse_conv_bn(model)
+    # A foldable norm anywhere: the usual discovery.
+    model[4][1].eval()
+    model.add_module('5', nn.Conv2d(4, 4, 1))
+    model.add_module('6', nn.BatchNorm2d(4))
+    mmfuse.fuse_conv_bn(model.eval())
+    identity_at(model, ['6'])
+    kept_at(model, ['1', '3'])
 
 
 def test_data_parallel_is_unwrapped():
