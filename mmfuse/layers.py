@@ -69,16 +69,19 @@ _QUALNAMES: Dict[Callable, str] = {}
 
 
 def _qualname(func: Callable) -> str:
-    """``module.qualname`` of ``func``, made once per function."""
+    """``module.qualname`` of ``func``, made once per function (each time
+    for an unhashable callable)."""
     try:
         return _QUALNAMES[func]
-    except KeyError:
-        name = _QUALNAMES[func] = f'{getattr(func, "__module__", "")}.' \
-            f'{getattr(func, "__qualname__", "")}'
-        return name
-    except TypeError:  # an unhashable callable
-        return f'{getattr(func, "__module__", "")}.' \
-               f'{getattr(func, "__qualname__", "")}'
+    except (KeyError, TypeError):
+        pass
+    name = f'{getattr(func, "__module__", "")}.' \
+           f'{getattr(func, "__qualname__", "")}'
+    try:
+        _QUALNAMES[func] = name
+    except TypeError:
+        pass
+    return name
 
 
 def is_mmcv_conv_module(module: nn.Module) -> bool:
@@ -109,8 +112,8 @@ def _is_frozen_bn(module: nn.Module) -> bool:
                               'running_var')))
 
 
-def _is_mmcv_sync_bn(module: nn.Module) -> bool:
-    cls = type(module)
+def _is_mmcv_sync_bn(cls: type) -> bool:
+    """Whether ``cls`` is mmcv's ``SyncBatchNorm``."""
     return (cls.__name__ == 'SyncBatchNorm'
             and cls.__module__.startswith('mmcv.ops'))
 
@@ -126,10 +129,8 @@ def _norm_class(cls: type) -> Tuple[bool, bool, bool]:
         return known
     rms_norm = getattr(nn, 'RMSNorm', None)
     norm = issubclass(cls, (_BatchNorm, nn.GroupNorm, nn.LayerNorm,
-                            _InstanceNorm, nn.LocalResponseNorm)) or (
-                                cls.__name__ == 'SyncBatchNorm'
-                                and cls.__module__.startswith('mmcv.ops')
-                            ) or (rms_norm is not None
+                            _InstanceNorm, nn.LocalResponseNorm)) or \
+        _is_mmcv_sync_bn(cls) or (rms_norm is not None
                                   and issubclass(cls, rms_norm))
     name = cls.__name__
     # torch.nn.utils' weight-norm/spectral-norm parametrizations are named
@@ -172,7 +173,7 @@ def norm_fold_problem(module: nn.Module) -> Optional[str]:
             return (f'{name} uses running statistics only in some '
                     'configurations; not folded')
         return f'{name} normalises with per-sample statistics'
-    is_bn = isinstance(module, _BatchNorm) or _is_mmcv_sync_bn(module)
+    is_bn = isinstance(module, _BatchNorm) or _is_mmcv_sync_bn(type(module))
     if not is_bn and not _is_frozen_bn(module):
         return f'{name} is not a batch norm with stored statistics'
     forward = type(module).forward

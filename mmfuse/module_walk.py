@@ -97,10 +97,12 @@ def walk_modules(model: nn.Module,
             # The first time each module comes in the walk with every
             # path: a module's other paths come after its first, and so
             # do the paths below them, which ``named_modules`` skips.
+            found = []
             seen = set()
-            found = [(path, module) for path, module in walk_modules(
-                model, remove_duplicate=False)
-                     if id(module) not in seen and not seen.add(id(module))]
+            for path, module in walk_modules(model, remove_duplicate=False):
+                if id(module) not in seen:
+                    seen.add(id(module))
+                    found.append((path, module))
             memo[(id(model), True)] = (model, found)
             return list(found)
     found: List[Tuple[str, nn.Module]] = []
