@@ -1235,3 +1235,43 @@ def test_a_wrong_merge_is_undone_though_judged_against_float64():
     assert all(r['verified_against'] == 'float64' for r in kept)
     assert isinstance(merged[2], OpaqueBlock)
     assert rel <= 1e-3
+
+
+def test_registry_blocks_merge_from_branches_read_before_the_walk():
+    """``merge_blocks`` reads every registry block's branches and computes
+    all their norms' affine maps together before it walks: each merged
+    conv must be bit for bit what ``merge_terms`` makes of that block
+    alone, and a block whose branches cannot merge (a norm with batch
+    statistics) is left with the reason it gives alone."""
+    from mmpretrain.models.backbones.repvgg import RepVGGBlock
+
+    from mmfuse.reparam import merge_blocks
+    from mmfuse.reparam.registry import find_reparameterizer
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        RepVGGBlock(8, 8), RepVGGBlock(8, 16, stride=2, groups=2),
+        RepVGGBlock(16, 16), RepVGGBlock(16, 16)).eval()
+    randomize_norm_stats(model)
+    norm = model[2].branch_1x1.norm
+    norm.track_running_stats = False
+    norm.running_mean = norm.running_var = None
+    alone = []
+    for block in copy.deepcopy(model):
+        terms = find_reparameterizer(block)[1].branches(block).terms
+        try:
+            alone.append(merge_terms(terms))
+        except MergeError as error:
+            alone.append(str(error))
+    x = _input(8)
+    with torch.no_grad():
+        expected = model(x)
+    records = merge_blocks(model).records
+    assert [r['merged'] for r in records] == [True, True, False, True]
+    assert records[2]['reason'] == alone[2]
+    for index in (0, 1, 3):
+        conv = model[index][0]
+        _, weight, bias = alone[index]
+        assert torch.equal(conv.weight, weight)
+        assert torch.equal(conv.bias, bias)
+    with torch.no_grad():
+        assert output_error(expected, model(x))[1] < 1e-5

@@ -21,11 +21,13 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import nn
 
+from ..folding import norm_affines
 from ..guards import (FusionError, as_input_tuple, check_eval,
                       unwrap_model)
+from ..layers import norm_affine_params, norm_fold_problem
 from ..module_walk import walk_modules
 from ..verify import OutputCheck, default_rtol, isolate_failures
-from .branches import build_conv, describe_term, merge_terms
+from .branches import build_conv, describe_term, merge_terms, norm_ops
 from .generic import BlockRewrite, GenericMerger
 from .merge import ConvGeometry, MergeError
 from .registry import ReparamRefused, class_path, find_reparameterizer
@@ -101,6 +103,10 @@ class _Walker:
         self.merger = GenericMerger(model)
         self.groups: List[_Group] = []
         self.records: List[Dict] = []
+        # What the registry entry of each block gave (its branches, or why
+        # it refused), and the norms' affine maps, made before the walk.
+        self.branches: Dict[int, Any] = {}
+        self.affines: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- bookkeeping -------------------------------------------------------
     def replace(self, parent: nn.Module, attr: str, path: str,
@@ -131,10 +137,38 @@ class _Walker:
 
     # -- the walk ----------------------------------------------------------
     def run(self) -> List[Dict]:
+        if self.use_registry:
+            self.read_registry_blocks()
         self.visit_children(self.model, '')
         if self.call_deploy_methods:
             self.deploy_methods(self.model, '')
         return self.records
+
+    def read_registry_blocks(self) -> None:
+        """Read the branches of every block a registry entry converts, and
+        compute the affine maps of all their foldable norms together: a
+        few tensor operations for the model rather than a few for each
+        block.  The walk then merges each block from what was read here:
+        a block is visited before anything below it changes, and merging
+        changes no norm."""
+        norms: Dict[int, nn.Module] = {}
+        for _, module in walk_modules(self.model):
+            found = _registry_entry(module)
+            if found is None:
+                continue
+            try:
+                terms = found[1].branches(module)
+            except (ReparamRefused, MergeError) as refusal:
+                self.branches[id(module)] = refusal
+                continue
+            self.branches[id(module)] = terms
+            for op in norm_ops(terms.terms):
+                if norm_fold_problem(op.module) is None:
+                    norms.setdefault(id(op.module), op.module)
+        self.affines = dict(
+            zip(norms,
+                norm_affines([norm_affine_params(m)
+                              for m in norms.values()])))
 
     def visit_children(self, module: nn.Module, path: str) -> bool:
         has_conv = False
@@ -155,8 +189,13 @@ class _Walker:
         if found is not None:
             name, entry = found
             try:
-                terms = entry.branches(module)
-                geometry, weight, bias = merge_terms(terms.terms)
+                terms = self.branches.pop(id(module), None)
+                if terms is None:
+                    terms = entry.branches(module)
+                elif isinstance(terms, Exception):
+                    raise terms  # the entry's refusal, read before
+                geometry, weight, bias = merge_terms(
+                    terms.terms, self.affines)
             except (ReparamRefused, MergeError) as error:
                 self.left(path, module, name, str(error))
                 return self.visit_children(module, path)

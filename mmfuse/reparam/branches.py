@@ -26,7 +26,7 @@ from .merge import (BranchGeometry, ConvGeometry, MergeError,
                     identity_kernel, merge_geometry)
 
 __all__ = ['Op', 'Term', 'conv_op', 'norm_op', 'pool_op', 'scale_op',
-           'merge_terms', 'describe_term', 'build_conv']
+           'merge_terms', 'describe_term', 'build_conv', 'norm_ops']
 
 CONV, POOL, NORM, SCALE = 'conv', 'pool', 'norm', 'scale'
 
@@ -230,12 +230,30 @@ def _affine_after(ops: Sequence[Op], channels: int,
     return affine
 
 
-def _norm_affines(terms: Sequence[Term]) -> Dict[int, Tuple[Tensor, Tensor]]:
-    """``norm_affine`` of every norm op of ``terms``, by ``id``, computed
-    together."""
-    ops = [op for term in terms for op in term.ops if op.kind == NORM]
-    affines = norm_affines([norm_affine_params(op.module) for op in ops])
-    return {id(op): affine for op, affine in zip(ops, affines)}
+def norm_ops(terms: Sequence[Term]) -> List[Op]:
+    """The norm ops of ``terms``, in order."""
+    return [op for term in terms for op in term.ops if op.kind == NORM]
+
+
+def _norm_affines(
+    terms: Sequence[Term],
+    known: Optional[Dict[int, Tuple[Tensor, Tensor]]] = None
+) -> Dict[int, Tuple[Tensor, Tensor]]:
+    """``norm_affine`` of every norm op of ``terms``, by ``id`` of the op:
+    from ``known`` (by ``id`` of the norm module) where it has the norm,
+    the others computed together."""
+    known = known or {}
+    ops = norm_ops(terms)
+    missing = [op for op in ops if id(op.module) not in known]
+    affines = dict(
+        zip(map(id, missing),
+            norm_affines([norm_affine_params(op.module)
+                          for op in missing])))
+    return {
+        id(op): known[id(op.module)]
+        if id(op.module) in known else affines[id(op)]
+        for op in ops
+    }
 
 
 class _Branch(NamedTuple):
@@ -344,11 +362,16 @@ def _reference(terms: Sequence[Term]) -> Tensor:
 
 
 def merge_terms(
-        terms: Sequence[Term]) -> Tuple[ConvGeometry, Tensor, Tensor]:
+    terms: Sequence[Term],
+    affines: Optional[Dict[int, Tuple[Tensor, Tensor]]] = None
+) -> Tuple[ConvGeometry, Tensor, Tensor]:
     """The one convolution a sum of ``terms`` is.
 
     Args:
         terms: The branches, each read from the same input.
+        affines: ``norm_affine`` of norm modules, by ``id``, computed
+            beforehand (for many blocks at once); the norms not in it are
+            computed here.
 
     Returns:
         ``(geometry, weight, bias)``; weight and bias in the dtype and on
@@ -368,7 +391,7 @@ def merge_terms(
                 # A multiplication would promote the branch to its dtype.
                 raise MergeError(f'a {op.value.dtype} factor on a '
                                  f'{reference.dtype} branch')
-    norms = _norm_affines(terms)
+    norms = _norm_affines(terms, affines)
     branches = [
         _branch(term, geometry, reference.device, norms) for term in terms
     ]
