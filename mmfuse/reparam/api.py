@@ -104,9 +104,11 @@ class _Walker:
         self.groups: List[_Group] = []
         self.records: List[Dict] = []
         # What the registry entry of each block gave (its branches, or why
-        # it refused), and the norms' affine maps, made before the walk.
+        # it refused), and the norms' affine maps by id, made before the
+        # walk; the norms are held so that no id is reused meanwhile.
         self.branches: Dict[int, Any] = {}
         self.affines: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.affine_norms: List[nn.Module] = []
 
     # -- bookkeeping -------------------------------------------------------
     def replace(self, parent: nn.Module, attr: str, path: str,
@@ -165,10 +167,11 @@ class _Walker:
             for op in norm_ops(terms.terms):
                 if norm_fold_problem(op.module) is None:
                     norms.setdefault(id(op.module), op.module)
+        self.affine_norms = list(norms.values())
         self.affines = dict(
             zip(norms,
                 norm_affines([norm_affine_params(m)
-                              for m in norms.values()])))
+                              for m in self.affine_norms])))
 
     def visit_children(self, module: nn.Module, path: str) -> bool:
         has_conv = False
