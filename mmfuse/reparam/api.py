@@ -403,14 +403,12 @@ class Merges:
                 has it already (else a forward pass computes it).
         """
         if reference is None:
-            for group in reversed(self.groups):
-                group.undo()
+            _undo(self.groups)
             try:
                 with torch.no_grad():
                     reference = self.model(*inputs)
             finally:
-                for group in self.groups:
-                    group.redo()
+                _redo(self.groups)
         return OutputCheck(reference, tolerance)
 
     def _passes(self, inputs: Tuple, check: OutputCheck) -> bool:
@@ -440,14 +438,12 @@ class Merges:
         passed = self._passes(inputs, check) if output is None else \
             check(output)
         if not passed:
-            for group in reversed(self.groups):
-                group.undo()
+            _undo(self.groups)
             # The unmerged model's own rounding may be what failed (see
             # OutputCheck): measure it once in a wider dtype.  If the
             # merged output passes then, every merge stands.
             if check.passes_wider(self.model, inputs):
-                for group in self.groups:
-                    group.redo()
+                _redo(self.groups)
                 passed = True
             else:
                 self._isolate(inputs, check)
@@ -465,18 +461,8 @@ class Merges:
         """With every merge undone (all of them together fail
         ``check``), redo those that keep the output acceptable to it;
         record why the others stay undone."""
-
-        def redo(groups: List[_Group]) -> List[_Group]:
-            for group in groups:
-                group.redo()
-            return groups
-
-        def undo(groups: List[_Group]) -> None:
-            for group in reversed(groups):
-                group.undo()
-
         _, bad, dropped = isolate_failures(
-            self.groups, redo, undo, lambda: self._passes(inputs, check))
+            self.groups, _redo, _undo, lambda: self._passes(inputs, check))
         failed = ('undone: verification found the output '
                   f'{check.failure("unmerged")} with it')
         unreproducible = ('undone: the output could not be reproduced, '
@@ -486,6 +472,19 @@ class Merges:
                 for record in group.records:
                     record['merged'] = False
                     record['reason'] = reason
+
+
+def _redo(groups: List[_Group]) -> List[_Group]:
+    """Make the replacements of ``groups`` again, in order."""
+    for group in groups:
+        group.redo()
+    return groups
+
+
+def _undo(groups: List[_Group]) -> None:
+    """Undo the replacements of ``groups``, last first."""
+    for group in reversed(groups):
+        group.undo()
 
 
 def _registry_entry(module: nn.Module):
