@@ -19,7 +19,12 @@ class _StockLeafTracer(fx.Tracer):
 
 
 def _calls(graph: fx.Graph):
-    return [(n.op, str(n.target), tuple(str(a) for a in n.args))
+    """Each node's kind, target and arguments, a node argument told by
+    its position in the graph (names may differ)."""
+    position = {node: index for index, node in enumerate(graph.nodes)}
+    return [(n.op, str(n.target),
+             fx.node.map_arg(n.args, lambda a: position[a]),
+             fx.node.map_arg(n.kwargs, lambda a: position[a]))
             for n in graph.nodes]
 
 
@@ -50,6 +55,20 @@ class Deep(nn.Module):
         return self.block.bn1(self.block.conv1(x))
 
 
+class Keywords(nn.Module):
+    """Operations with keyword arguments, a method call, a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = torch.cat([y, y.flip(1)], dim=1)
+        return self.bn(y).sum(dim=1, keepdim=True) * 0.5
+
+
 class Outside(nn.Module):
 
     def __init__(self, other: nn.Module):
@@ -70,7 +89,7 @@ class CatchesRefusal(Outside):
             return self.conv(x)
 
 
-@pytest.mark.parametrize('make', [Block, Deep])
+@pytest.mark.parametrize('make', [Block, Deep, Keywords])
 def test_same_graph_as_torch_fx(make):
     module = make().eval()
     ours = ModuleForwardTracer(module).trace(module)

@@ -101,9 +101,21 @@ class ModuleForwardTracer(fx.Tracer):
                     type_expr: Any = None) -> fx.Node:
         # Without the module-scope and stack-trace metadata that
         # ``TracerBase.create_node`` records: these graphs are read, never
-        # run or exported.
-        return self.graph.create_node(kind, target, args, kwargs, name,
+        # run or exported.  For the same reason an operation's node is
+        # named 'op', 'op_1', ... rather than after its target, and gets
+        # its arguments after it is made: ``Graph.create_node`` scans
+        # them for symbolic sizes to warn about (none come out of this
+        # trace), which took a fifth of the time of a trace.
+        if kind not in _OPERATIONS:
+            return self.graph.create_node(kind, target, args, kwargs, name,
+                                          type_expr)
+        node = self.graph.create_node(kind, target, None, None, name or 'op',
                                       type_expr)
+        if args:
+            node.args = args
+        if kwargs:
+            node.kwargs = kwargs
+        return node
 
     def trace(self,
               root: nn.Module,
@@ -201,6 +213,8 @@ _PLAIN_ARGUMENTS = frozenset({
     torch.layout, torch.memory_format
 })
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+#: Node kinds that are operations (named 'op...' in these graphs).
+_OPERATIONS = frozenset({'call_module', 'call_function', 'call_method'})
 
 
 class _CallRefused(Exception):
