@@ -276,3 +276,29 @@ def test_deformable_convs_in_float32_are_judged_against_float64() -> None:
                  for t in inputs)
     _, fused_error = output_error(_run(exact, wide), _run(model, inputs))
     assert fused_error == pytest.approx(report.precise_rel_error, rel=1e-6)
+
+
+def test_densenet_layers_fold_without_an_input() -> None:
+    """mmpretrain's DenseLayer takes a list of feature maps (``assert
+    isinstance(x, list)``): structure-only discovery traces it with a list
+    of unknown length, as its DenseBlock passes one at every call, and
+    folds each layer's second norm into its first conv (as mmcv does, and
+    as the traced forward finds); the first normalises a concat.  (Before,
+    the failed trace left all 116 unproven.)"""
+    model, inputs = real_models.build('densenet121')
+    reference = _run(model, inputs)
+    plan = discover_folds(copy.deepcopy(model))
+    layers = [p for p, m in model.named_modules()
+              if type(m).__name__ == 'DenseLayer']
+    assert len(layers) == 58
+    # Each layer's second norm, and the stem's (a Sequential).
+    assert sorted(f.norm for f in plan.folds) == sorted(
+        [f'{p}.norm2' for p in layers] + ['backbone.stem.1'])
+    left = {s.name: s.reason for s in plan.skipped}
+    assert all(left[f'{p}.norm1'] == 'input comes from cat, not a conv'
+               for p in layers)
+    fused = fuse_conv_bn(copy.deepcopy(model))
+    _, rel_err = output_error(reference, _run(fused, inputs))
+    assert rel_err <= RTOL
+    traced = fuse_model(copy.deepcopy(model), inputs, reparameterize=False)
+    assert set(traced.folded_names) >= {f.norm for f in plan.folds}

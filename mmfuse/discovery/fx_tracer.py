@@ -29,10 +29,19 @@ their values (as with a ``getattr`` override that returns ``attr_val``),
 and functions registered with ``torch.fx.wrap`` are traced through rather
 than kept as calls.  Where this torch lacks the slot, or a submodule
 overrides ``__call__``, the stock ``Tracer.trace`` runs instead.
+
+A forward that takes a list of tensors (DenseNet's ``DenseLayer``:
+``assert isinstance(x, list)``, then ``torch.cat(x, 1)``) can be traced
+with that argument a *symbolic list* (``list_args``): a list whose length
+and items no Python code may read (see :class:`_SymbolicList`), so that the
+graph holds for a list of any length.
 """
 import inspect
+import os
+import sys
+import sysconfig
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Collection, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import fx, nn
@@ -69,11 +78,14 @@ class ModuleForwardTracer(fx.Tracer):
         root: The module whose forward is traced.
     """
 
-    def __init__(self, root: nn.Module):
+    def __init__(self, root: nn.Module, list_args: Collection[str] = ()):
         # No autowrapping of ``math`` functions: it patches every global of
         # the traced code on each trace.
         super().__init__(autowrap_modules=(), autowrap_functions=())
         self.root_module = root
+        self.list_args = frozenset(list_args)
+        # What the forward tried to read of a symbolic list.
+        self.list_reads: List[str] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return m is not self.root_module
@@ -86,7 +98,7 @@ class ModuleForwardTracer(fx.Tracer):
         # argument for a parameter, buffer, module or constant before it
         # gets to a proxy or a number.
         kind = type(a)
-        if kind is fx.Proxy:
+        if kind is fx.Proxy or kind is _SymbolicList:
             return a.node
         if kind in _PLAIN_ARGUMENTS:
             return a
@@ -117,10 +129,31 @@ class ModuleForwardTracer(fx.Tracer):
             node.kwargs = kwargs
         return node
 
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        fn, args = super().create_args_for_root(root_fn, is_module,
+                                                concrete_args)
+        if not self.list_args:
+            return fn, args
+        # One placeholder per parameter: only then is each argument the
+        # parameter of its position.
+        params = list(inspect.signature(root_fn).parameters.values())
+        if concrete_args or len(params) != len(args) or any(
+                p.kind is not p.POSITIONAL_OR_KEYWORD for p in params):
+            raise fx.proxy.TraceError(
+                'list arguments need a forward of plain parameters')
+        args = list(args)
+        for index, param in enumerate(params):
+            if param.name in self.list_args:
+                args[index] = _SymbolicList(args[index], self.list_reads)
+        return fn, tuple(args)
+
     def trace(self,
               root: nn.Module,
               concrete_args: Optional[Dict[str, Any]] = None) -> fx.Graph:
         if not _HAS_CALL_SLOT or isinstance(root, fx.GraphModule):
+            if self.list_args:
+                raise fx.proxy.TraceError('list arguments need the module '
+                                          'call slot')
             return super().trace(root, concrete_args)
         # Most forwards call only their children (or the entries of a
         # ModuleList/ModuleDict/Sequential child): intercept those, and
@@ -145,6 +178,9 @@ class ModuleForwardTracer(fx.Tracer):
         """The graph, or ``None`` when the forward called a module other
         than ``submodules``."""
         if any(type(m).__call__ is not _CALL for _, m in submodules):
+            if self.list_args:
+                raise fx.proxy.TraceError('list arguments need the module '
+                                          'call slot')
             return super().trace(root, concrete_args)
         self.root = root
         self.root_module_name = root._get_name()
@@ -168,7 +204,12 @@ class ModuleForwardTracer(fx.Tracer):
         handle = nn.modules.module.register_module_forward_pre_hook(
             lambda module, args: _refuse_call(module, refused, thread))
         was_tracing = _set_fx_tracing(True)
+        self.list_reads.clear()
+        codes: Set[Any] = set()
+        watching = False
         try:
+            if self.list_args:
+                watching = _watch_code(codes)
             # Functions registered with ``torch.fx.wrap`` are traced
             # through, not kept as calls: the graph then shows what they
             # compute (or the trace fails), and wrapping them all costs
@@ -183,6 +224,8 @@ class ModuleForwardTracer(fx.Tracer):
         except _CallRefused:
             return None
         finally:
+            if watching:
+                sys.settrace(None)
             _set_fx_tracing(was_tracing)
             handle.remove()
             for module, old in saved:
@@ -192,7 +235,14 @@ class ModuleForwardTracer(fx.Tracer):
                     module.__dict__['_compiled_call_impl'] = old
             self.submodule_paths = None
         # The forward may have caught the refusal and gone on another way.
-        return None if refused else self.graph
+        if refused:
+            return None
+        if self.list_reads:  # read a symbolic list, then went on
+            raise fx.proxy.TraceError(
+                f'the forward reads a list argument ({self.list_reads[0]})')
+        if watching:
+            _check_no_type_reads(codes)
+        return self.graph
 
     def _intercept(self, module: nn.Module):
         # Every intercepted module is a leaf: one ``call_module`` node
@@ -249,22 +299,148 @@ def _callable_children(root: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 
 def trace_module_forward(root: nn.Module,
-                         concrete_args: Optional[Dict[str, Any]] = None
-                         ) -> fx.Graph:
+                         concrete_args: Optional[Dict[str, Any]] = None,
+                         list_args: Collection[str] = ()) -> fx.Graph:
     """The graph of ``root.forward``, every submodule a ``call_module``.
 
     The attributes of the module and of every module below it are put back
     afterwards, whatever the traced code stored on them (on itself, or on a
     child whose method it called).
 
+    Args:
+        root: The module.
+        concrete_args: Parameters fixed to values.
+        list_args: Parameters traced as lists of unknown length and items
+            (:class:`_SymbolicList`): the graph holds for calls that pass
+            a list there, and only for those.
+
     Raises:
-        Whatever tracing raises on code torch.fx cannot trace.
+        Whatever tracing raises on code torch.fx cannot trace;
+        ``torch.fx.proxy.TraceError`` where the forward reads a list
+        argument's length or items in Python, or where code it runs
+        (outside torch, mmfuse and Python's library) may read the type of
+        a value (``type``: the symbolic list's is not ``list``), or a
+        tracer (debugger, coverage) is on (the code run is seen through
+        ``sys.settrace``).
     """
     saved = [(module, dict(module.__dict__))
              for _, module in walk_modules(root)]
     try:
-        return ModuleForwardTracer(root).trace(root, concrete_args)
+        tracer = ModuleForwardTracer(root, list_args)
+        return tracer.trace(root, concrete_args)
     finally:
         for module, attributes in saved:
             module.__dict__.clear()
             module.__dict__.update(attributes)
+
+
+def _refusing(name: str):
+    """A method of :class:`_SymbolicList` that fails the trace."""
+
+    def refuse(self, *args, **kwargs):
+        self._mmfuse_reads.append(name)
+        raise fx.proxy.TraceError(
+            f'a list argument of unknown length is read ({name})')
+
+    refuse.__name__ = name
+    return refuse
+
+
+class _SymbolicList(list, fx.Proxy):
+    """A forward's list argument in a trace: its length and items unknown.
+
+    To ``isinstance`` and ``__class__`` it is a list, as are the lists the
+    forward is called with; to a torch function that takes it
+    (``torch.cat(xs, 1)``) it is one traced value, the placeholder (what
+    torch's argument parser finds in it is that placeholder's proxy, which
+    sends the call to the tracer).  Whatever would read its length or
+    items in Python (``len``, ``bool``, iteration, indexing, ``in``,
+    comparisons, printing, ``xs + [y]``, ``[y] + xs``), change it, copy it,
+    call it or use it as a tensor fails the trace, and is remembered in
+    ``reads`` in case the forward catches the error and goes on.  (What
+    it has of a proxy, ``node`` and ``tracer``, a list has not.)
+
+    Args:
+        proxy: The placeholder's proxy.
+        reads: Where the names of refused reads go.
+    """
+
+    def __init__(self, proxy: fx.Proxy, reads: List[str]):
+        list.__init__(self, (proxy, ))
+        fx.Proxy.__init__(self, proxy.node, proxy.tracer)
+        self._mmfuse_reads = reads
+
+    @property  # type: ignore[override]
+    def __class__(self):
+        return list
+
+    def __getattr__(self, name: str):
+        # Only for names neither a list nor this class has: a list has no
+        # such attribute (a proxy would make one up).
+        raise AttributeError(f"'list' object has no attribute '{name}'")
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_LIST_READS = {
+    '__len__', '__iter__', '__reversed__', '__getitem__', '__setitem__',
+    '__delitem__', '__contains__', '__bool__', '__call__', '__repr__',
+    '__str__', '__format__', '__reduce__', '__reduce_ex__', '__copy__',
+    '__deepcopy__', '__getstate__', '__setstate__', '__iadd__', '__imul__',
+    '__radd__', '__rmul__', 'append', 'extend', 'insert', 'pop', 'remove',
+    'clear', 'sort', 'reverse', 'copy', 'index', 'count', 'keys'
+}
+# A proxy's operators (``xs + [y]``, ``xs == ys``, ``-xs``, ...).
+_LIST_READS.update(f'__{name}__' for name in fx.graph.magic_methods)
+_LIST_READS.update(f'__r{name}__'
+                   for name in fx.graph.reflectable_magic_methods)
+_LIST_READS.update(f'__{name}__'
+                   for name in getattr(fx.graph, 'inplace_methods', ()))
+for _name in sorted(_LIST_READS):
+    setattr(_SymbolicList, _name, _refusing(_name))
+del _name
+
+#: Source folders whose code a trace runs on its own behalf (fx, modules'
+#: calls, torch functions, ``inspect`` for the signature), and Python's
+#: own library: not the model's code.
+_OWN_CODE = tuple(
+    os.path.dirname(os.path.abspath(package.__file__)) + os.sep
+    for package in (torch, sys.modules[__name__.split('.')[0]])) + (
+        os.path.abspath(sysconfig.get_paths()['stdlib']) + os.sep, )
+
+
+def _watch_code(codes: Set[Any]) -> bool:
+    """Collect the code objects of the Python functions called from here
+    on (until ``sys.settrace(None)``) into ``codes``; returns ``True``.
+
+    Raises:
+        torch.fx.proxy.TraceError: A tracer (a debugger, coverage) is on
+            (and is left on).
+    """
+    if sys.gettrace() is not None:
+        raise fx.proxy.TraceError('a tracer is on: cannot watch the code '
+                                  'a list argument meets')
+
+    def watch(frame, event, arg):
+        codes.add(frame.f_code)  # called for 'call' events only
+        # No tracing within the function.
+
+    sys.settrace(watch)
+    return True
+
+
+def _check_no_type_reads(codes: Set[Any]) -> None:
+    """Fail where code other than torch's and mmfuse's that ran in the
+    trace may read a value's type (``type(xs) is list``): a symbolic
+    list's is not ``list``, as the real argument's is.
+
+    Raises:
+        torch.fx.proxy.TraceError: With the function named.
+    """
+    for code in codes:
+        filename = code.co_filename
+        if 'type' in code.co_names and not filename.startswith('<frozen ') \
+                and not os.path.abspath(filename).startswith(_OWN_CODE):
+            raise fx.proxy.TraceError(
+                f'{code.co_name} (in {code.co_filename}) may read the type '
+                'of a list argument')

@@ -7,7 +7,11 @@ Three kinds of structure count as proof, and registration order never does:
 * mmcv's ``ConvModule`` (with the stock forward): ``order`` says whether the
   norm runs right after or right before the conv;
 * any other module whose own forward torch.fx can trace with every submodule
-  kept as a leaf: the graph shows which call consumes which output.
+  kept as a leaf: the graph shows which call consumes which output.  A
+  forward that takes a list of tensors (DenseNet's layers) and fails a
+  plain trace is traced with that argument a list of unknown length,
+  where the trace of the module holding it shows a list passed at every
+  call (``traced_with_lists``).
 
 Only modules that call a foldable norm are traced, and then the modules
 with layers of their own that hold a linked conv or norm anywhere below
@@ -17,6 +21,7 @@ traced at all.  A module registered under several names gets no call
 site from a trace (the graph cannot tell which name was called).  The
 model is never mutated.
 """
+import inspect
 import operator
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -45,12 +50,29 @@ def _resolve(root: nn.Module, target: str) -> Tuple[nn.Module, str]:
     return holder, attr
 
 
+def _reads_a_proxy(error: Exception) -> bool:
+    """Whether a failed trace tried to iterate over a traced value or
+    take its ``len``: a list argument of unknown length would fail the
+    same way (multi-level heads, ``for x in feats``), so tracing with one
+    (and first the caller, to see what it passes) is not tried."""
+    message = str(error)
+    return (isinstance(error, fx.proxy.TraceError)
+            and 'cannot be iterated' in message) or (
+                isinstance(error, RuntimeError)
+                and "'len' is not supported" in message)
+
+
 class _StructuralCollector:
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.evidence = Evidence(mode='structural')
         self.traces = TraceCache(model)
+        # Path of each module (made when first needed), and the graphs of
+        # the callers of modules traced with list arguments (``None``
+        # where the trace failed).
+        self.paths: Optional[Dict[int, str]] = None
+        self.caller_graphs: Dict[int, Optional[fx.Graph]] = {}
         # ids of: every leaf conv and norm; the norms; the foldable ones;
         # modules registered under more than one name.
         self.leaf_layers, self.norms, self.foldable = set(), set(), set()
@@ -177,12 +199,15 @@ class _StructuralCollector:
         try:
             graph = self.traces.trace(module)
         except Exception as error:  # fx raises many types on Python code
-            first = str(error).strip().splitlines()
-            detail = first[0][:120] if first else type(error).__name__
-            self.evidence.unproven.append(
-                (module, f'data flow not proven: torch.fx cannot trace '
-                 f'{type(module).__name__}.forward ({detail})'))
-            return
+            graph = None if _reads_a_proxy(error) else \
+                self.traced_with_lists(module)
+            if graph is None:
+                first = str(error).strip().splitlines()
+                detail = first[0][:120] if first else type(error).__name__
+                self.evidence.unproven.append(
+                    (module, f'data flow not proven: torch.fx cannot trace '
+                     f'{type(module).__name__}.forward ({detail})'))
+                return
         occs: Dict[fx.Node, Occurrence] = {}
         for node in graph.nodes:
             if node.op == 'get_attr':
@@ -260,6 +285,68 @@ class _StructuralCollector:
                     len(part.users) != 1:
                 return None
         return list(parts)
+
+    def traced_with_lists(self, module: nn.Module) -> Optional[fx.Graph]:
+        """The graph of ``module.forward`` traced with the arguments its
+        caller passes as lists taken as lists of unknown length (see
+        ``trace_module_forward``), or ``None``.
+
+        The caller is the module that holds ``module`` (through module
+        containers): its own trace shows what each of its calls of
+        ``module`` passes.  Only where every call passes a list at a
+        position, and nothing but positional arguments, is the parameter
+        there taken as a list; a module registered under several names is
+        not tried (its calls cannot be told apart).  As for leaf layers
+        (see the module docstring), calls from modules other than the one
+        holding ``module`` are assumed not to happen.
+        """
+        if id(module) in self.aliased:
+            return None
+        if self.paths is None:
+            self.paths = {id(m): p for p, m in walk_modules(self.model)}
+        path = self.paths.get(id(module))
+        if not path:
+            return None
+        caller_path = path
+        while True:
+            caller_path = caller_path.rpartition('.')[0]
+            caller = find_submodule(self.model, caller_path)
+            if not isinstance(caller, (nn.ModuleList, nn.ModuleDict)) or \
+                    not caller_path:
+                break
+        if isinstance(caller, (nn.ModuleList, nn.ModuleDict)):
+            return None
+        target = path[len(caller_path) + 1:] if caller_path else path
+        if id(caller) not in self.caller_graphs:
+            try:
+                self.caller_graphs[id(caller)] = self.traces.trace(caller)
+            except Exception:  # fx raises many types on Python code
+                self.caller_graphs[id(caller)] = None
+        caller_graph = self.caller_graphs[id(caller)]
+        if caller_graph is None:
+            return None
+        calls = [
+            node for node in caller_graph.nodes
+            if node.op == 'call_module' and node.target == target
+        ]
+        if not calls or any(node.kwargs for node in calls) or \
+                len({len(node.args) for node in calls}) != 1:
+            return None
+        try:
+            params = list(
+                inspect.signature(type(module).forward).parameters)[1:]
+        except (TypeError, ValueError):  # no signature to read
+            return None
+        lists = frozenset(
+            params[index] for index in range(len(calls[0].args))
+            if index < len(params) and all(
+                isinstance(node.args[index], list) for node in calls))
+        if not lists:
+            return None
+        try:
+            return self.traces.trace(module, list_args=lists)
+        except Exception:  # fx raises many types on Python code
+            return None
 
     @staticmethod
     def _describe(source) -> str:

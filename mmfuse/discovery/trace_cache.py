@@ -31,7 +31,8 @@ them to tensor operations (recorded as ``get_attr`` nodes, read from each
 module), would share a trace made with another module's values.
 """
 from collections import Counter
-from typing import Any, Dict, Hashable, List, Optional, Set, Tuple
+from typing import (Any, Dict, FrozenSet, Hashable, List, Optional, Set,
+                    Tuple)
 
 import torch
 from torch import fx, nn
@@ -194,7 +195,8 @@ class TraceCache:
 
     def trace(self,
               module: nn.Module,
-              concrete_args: Optional[Dict[str, Any]] = None) -> fx.Graph:
+              concrete_args: Optional[Dict[str, Any]] = None,
+              list_args: FrozenSet[str] = frozenset()) -> fx.Graph:
         """The graph of ``module.forward`` (see ``trace_module_forward``),
         maybe the one traced for a module alike.
 
@@ -203,21 +205,23 @@ class TraceCache:
             concrete_args: Arguments fixed to values; of modules alike
                 (one class) these can only be the forward's defaults, so
                 only their names tell traces apart.
+            list_args: Parameters traced as lists of unknown length.
 
         Raises:
             Whatever tracing raised (for the module alike, too).
         """
         if self.compared is not None and id(module) not in self.compared:
-            return trace_module_forward(module, concrete_args)
+            return trace_module_forward(module, concrete_args, list_args)
         shape = ModuleShape(module)
-        key = (shape.key, tuple(concrete_args or ()))
+        key = (shape.key, tuple(concrete_args or ()), list_args)
         bucket = self.traces.setdefault(key, [])
         for known, graph, error in bucket:
             if known.alike(shape):
                 break
         else:
             try:
-                graph = trace_module_forward(module, concrete_args)
+                graph = trace_module_forward(module, concrete_args,
+                                             list_args)
                 error = None
             except Exception as raised:  # fx raises many types on code
                 graph, error = None, raised
