@@ -1,8 +1,11 @@
 """The module-forward tracer against torch.fx's own, and its guarantees."""
+import collections.abc
+
 import pytest
 import torch
 from torch import fx, nn
 
+from fusion_checks import fuse_and_compare
 from mmfuse.discovery.fx_tracer import ModuleForwardTracer
 from mmfuse.reparam.code_scan import forward_may_add
 
@@ -234,3 +237,65 @@ def test_other_threads_run_their_modules_during_a_trace():
     assert [n.target for n in graph.nodes if n.op == 'call_module'] == \
         ['conv']
     assert len(results) == 1 and results[0].shape == (1, 3, 2, 2)
+
+
+class _TypeTest(nn.Module):
+    """Traced, a proxy is no tensor and would lead the forward the second
+    way, where the norm folds; run, the input is a tensor and the conv's
+    output also skips the norm, so folding it would change the output."""
+
+    def __init__(self, test):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+        self.test = test
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.test(x, y):
+            return self.bn(y) + y
+        return self.bn(y)
+
+
+_TYPE_TESTS = {
+    'input is a tensor': lambda x, y: isinstance(x, torch.Tensor),
+    'output is a tensor': lambda x, y: isinstance(y, torch.Tensor),
+    'not a tuple': lambda x, y: not isinstance(y, (tuple, list)),
+    'an abstract class': lambda x, y: not isinstance(
+        y, collections.abc.Sequence),
+}
+
+
+@pytest.mark.parametrize('test', list(_TYPE_TESTS.values()),
+                         ids=list(_TYPE_TESTS))
+def test_a_forward_that_tests_a_traced_type_is_not_traced(test):
+    module = _TypeTest(test).eval()
+    with pytest.raises(fx.proxy.TraceError, match='tests the type'):
+        ModuleForwardTracer(module).trace(module)
+    fused, _, rel = fuse_and_compare(_TypeTest(test), (torch.randn(
+        1, 3, 4, 4), ), traced=False)
+    assert rel < 1e-5
+    assert isinstance(fused.bn, nn.BatchNorm2d)
+    # With the data flow observed, the norm is rightly left too.
+    fused, report, rel = fuse_and_compare(_TypeTest(test), (torch.randn(
+        1, 3, 4, 4), ), traced=True)
+    assert rel < 1e-5 and not report.folded
+
+
+def test_types_torch_tests_on_its_own_behalf_do_not_count():
+    # Every operation below makes torch.fx test the types of traced values
+    # (arguments, parameters, dtypes) on its own behalf.
+    class Busy(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x * self.conv.weight.sum() + 1))
+            return torch.cat([y, y.flip(1)], dim=1).sum(
+                dim=(2, 3), keepdim=True).to(x.dtype)
+
+    module = Busy().eval()
+    assert ModuleForwardTracer(module).trace(module) is not None

@@ -30,6 +30,14 @@ and functions registered with ``torch.fx.wrap`` are traced through rather
 than kept as calls.  Where this torch lacks the slot, or a submodule
 overrides ``__call__``, the stock ``Tracer.trace`` runs instead.
 
+A traced value is neither a tensor nor a list to ``isinstance``, whatever
+it stands for: a forward whose own code tests the type of one
+(``isinstance(x, torch.Tensor)``, ``isinstance(out, tuple)``) would be
+traced down a way it may not take when run, so such a test fails the
+trace (see :class:`_TracedValue`; no forward of the real models this is
+tested on makes one).  ``type(x) is ...`` cannot be seen that way: it
+stays an assumption, as with torch.fx.
+
 A forward that takes a list of tensors (DenseNet's ``DenseLayer``:
 ``assert isinstance(x, list)``, then ``torch.cat(x, 1)``) can be traced
 with that argument a *symbolic list* (``list_args``): a list whose length
@@ -84,8 +92,13 @@ class ModuleForwardTracer(fx.Tracer):
         super().__init__(autowrap_modules=(), autowrap_functions=())
         self.root_module = root
         self.list_args = frozenset(list_args)
-        # What the forward tried to read of a symbolic list.
+        # What the forward tried to read of a symbolic list, and where it
+        # tested the type of a traced value.
         self.list_reads: List[str] = []
+        self.type_tests: List[str] = []
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _TracedValue(node, self)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return m is not self.root_module
@@ -98,7 +111,7 @@ class ModuleForwardTracer(fx.Tracer):
         # argument for a parameter, buffer, module or constant before it
         # gets to a proxy or a number.
         kind = type(a)
-        if kind is fx.Proxy or kind is _SymbolicList:
+        if kind is _TracedValue or kind is _SymbolicList:
             return a.node
         if kind in _PLAIN_ARGUMENTS:
             return a
@@ -205,6 +218,7 @@ class ModuleForwardTracer(fx.Tracer):
             lambda module, args: _refuse_call(module, refused, thread))
         was_tracing = _set_fx_tracing(True)
         self.list_reads.clear()
+        self.type_tests.clear()
         codes: Set[Any] = set()
         watching = False
         try:
@@ -240,6 +254,9 @@ class ModuleForwardTracer(fx.Tracer):
         if self.list_reads:  # read a symbolic list, then went on
             raise fx.proxy.TraceError(
                 f'the forward reads a list argument ({self.list_reads[0]})')
+        if self.type_tests:
+            raise fx.proxy.TraceError('the forward tests the type of a '
+                                      f'traced value ({self.type_tests[0]})')
         if watching:
             _check_no_type_reads(codes)
         return self.graph
@@ -334,6 +351,56 @@ def trace_module_forward(root: nn.Module,
             module.__dict__.update(attributes)
 
 
+#: Source folders whose code a trace runs on its own behalf (fx, modules'
+#: calls, torch functions), and Python's own library (``inspect`` for the
+#: signature, ``abc`` for ``isinstance``): not the model's code.
+_LIBRARY_CODE = tuple(
+    os.path.dirname(os.path.abspath(package.__file__)) + os.sep
+    for package in (torch, sys.modules[__name__.split('.')[0]]))
+_STANDARD_LIBRARY = (os.path.abspath(sysconfig.get_paths()['stdlib']) +
+                     os.sep, '<frozen ')
+_OWN_CODE = _LIBRARY_CODE + _STANDARD_LIBRARY
+
+
+def _model_code(frame: Any) -> Optional[Any]:
+    """The frame of the model's code that made ``frame``'s call, looking
+    through Python's library (``abc.__instancecheck__``), or ``None``
+    where torch or mmfuse made it."""
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_OWN_CODE):
+            filename = os.path.abspath(filename)
+        if filename.startswith(_LIBRARY_CODE):
+            return None
+        if not filename.startswith(_STANDARD_LIBRARY):
+            return frame
+        frame = frame.f_back
+    return None
+
+
+class _TracedValue(fx.Proxy):
+    """A value in a module-forward trace: a proxy that remembers where the
+    model's code tests its type.
+
+    ``isinstance(x, cls)`` reads ``x.__class__`` when ``type(x)`` is not
+    a subclass of ``cls`` (``torch.Tensor``, ``tuple``, an ABC): the model's
+    code asking that of a traced value would take the way a proxy leads
+    it, not the one the value it stands for would (a tensor is a
+    ``torch.Tensor``, a proxy is not).  Where the model's code asks (not
+    torch's or mmfuse's, on their own behalf), the place is recorded and
+    the trace fails when done.
+    """
+
+    @property  # type: ignore[override]
+    def __class__(self):
+        frame = _model_code(sys._getframe(1))
+        if frame is not None:
+            self.tracer.type_tests.append(
+                f'{frame.f_code.co_name} in {frame.f_code.co_filename}, '
+                f'line {frame.f_lineno}')
+        return type(self)
+
+
 def _refusing(name: str):
     """A method of :class:`_SymbolicList` that fails the trace."""
 
@@ -346,7 +413,7 @@ def _refusing(name: str):
     return refuse
 
 
-class _SymbolicList(list, fx.Proxy):
+class _SymbolicList(list, _TracedValue):
     """A forward's list argument in a trace: its length and items unknown.
 
     To ``isinstance`` and ``__class__`` it is a list, as are the lists the
@@ -367,7 +434,7 @@ class _SymbolicList(list, fx.Proxy):
 
     def __init__(self, proxy: fx.Proxy, reads: List[str]):
         list.__init__(self, (proxy, ))
-        fx.Proxy.__init__(self, proxy.node, proxy.tracer)
+        _TracedValue.__init__(self, proxy.node, proxy.tracer)
         self._mmfuse_reads = reads
 
     @property  # type: ignore[override]
@@ -400,14 +467,6 @@ for _name in sorted(_LIST_READS):
     setattr(_SymbolicList, _name, _refusing(_name))
 del _name
 
-#: Source folders whose code a trace runs on its own behalf (fx, modules'
-#: calls, torch functions, ``inspect`` for the signature), and Python's
-#: own library: not the model's code.
-_OWN_CODE = tuple(
-    os.path.dirname(os.path.abspath(package.__file__)) + os.sep
-    for package in (torch, sys.modules[__name__.split('.')[0]])) + (
-        os.path.abspath(sysconfig.get_paths()['stdlib']) + os.sep, )
-
 
 def _watch_code(codes: Set[Any]) -> bool:
     """Collect the code objects of the Python functions called from here
@@ -439,7 +498,7 @@ def _check_no_type_reads(codes: Set[Any]) -> None:
     """
     for code in codes:
         filename = code.co_filename
-        if 'type' in code.co_names and not filename.startswith('<frozen ') \
+        if 'type' in code.co_names and not filename.startswith(_OWN_CODE) \
                 and not os.path.abspath(filename).startswith(_OWN_CODE):
             raise fx.proxy.TraceError(
                 f'{code.co_name} (in {code.co_filename}) may read the type '
