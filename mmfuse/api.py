@@ -6,20 +6,20 @@ with an example input observes the real forward pass and verifies the fused
 output against the unfused one, undoing any fold that breaks it.
 """
 import time
-from typing import Any, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .discovery import (collect_structural_evidence, collect_traced_evidence,
                         plan_and_count, plan_folds)
-from .discovery.occurrence import Evidence
+from .discovery.occurrence import Evidence, Occurrence
 from .discovery.traced import TracedForward
 from .guards import (FusionError, as_input_tuple, check_eval,
                      unwrap_model)
-from .layers import is_norm_layer, norm_fold_problem
+from .layers import is_conv_layer, is_norm_layer, norm_fold_problem
 from .module_walk import tree_unchanged, unique_modules
-from .plan import FusionPlan, Skip
+from .plan import POST, FusionPlan, Skip
 from .reparam import Merges, has_registered_blocks, merge_blocks
 from .report import FusionReport
 from .surgery import apply_plan, undo_folds
@@ -91,9 +91,15 @@ def fuse_model(model: nn.Module,
             first replaced by a plain conv with the effective weight, where
             that gives identical outputs, and then takes part in folds.
         reparameterize: First merge multi-branch blocks (RepVGG-style sums
-            of conv+BN branches) into single convs with
-            :func:`mmfuse.reparam.reparameterize` (verified the same way);
-            its records go to ``report.reparameterized``.
+            of conv+BN branches) into single convs as
+            :func:`mmfuse.reparam.reparameterize` does; its records go to
+            ``report.reparameterized``.  With an example input the model is
+            traced once, as given: the data flow the merges leave alone is
+            the one observed, and the merged blocks' own (a merged conv,
+            then what ran after the sum) is that of the ``nn.Sequential``
+            that holds them.  Merges and folds are verified together, in
+            one pass; only when that fails are the merges judged alone
+            (those that fail undone) and then the folds.
 
     Returns:
         A :class:`FusionReport`.
@@ -110,36 +116,32 @@ def fuse_model(model: nn.Module,
             tolerance = default_rtol(model) if rtol is None else rtol
         registered = inputs is not None and reparameterize and \
             has_registered_blocks(model)
-        if inputs is not None and not registered:
+        if inputs is not None:
             observed = TracedForward(model, inputs)
     merges = None
     reference = None
-    merge_check = None
+    unmerged_evidence = None
     if inputs is None:
         if reparameterize:
             merges = merge_blocks(model)
         evidence = None  # read from structure, below
     else:
-        evidence = None
-        if registered:
-            # Blocks a registry entry merges: merge first, and observe
-            # only the merged model.
-            merges = merge_blocks(model)
-        else:
-            # The model as given, observed once: its data flow, its output
-            # (the reference) and the blocks that may sum branches a merge
-            # can take; only those are traced for the generic merge.
-            reference = observed.run()
-            evidence = observed.evidence()
-            observed.let_go()
-            if reparameterize and observed.sum_blocks:
-                merges = merge_blocks(model,
-                                      generic_blocks=observed.sum_blocks)
-        if merges is not None and merges.groups:
-            evidence, reference, merge_check = _observe_merged(
-                model, inputs, merges, reference, tolerance)
-        elif evidence is None:
-            evidence, reference = collect_traced_evidence(model, inputs)
+        # The model as given, observed once: its data flow, its output
+        # (the reference) and the blocks that may sum branches a merge
+        # can take; only those are traced for the generic merge, registry
+        # entries apply anywhere.  The merged model is not observed
+        # again: the flow the merges leave alone is the one observed.
+        reference = observed.run()
+        evidence = observed.evidence()
+        observed.let_go()
+        if reparameterize and (registered or observed.sum_blocks):
+            merges = merge_blocks(model,
+                                  generic_blocks=observed.sum_blocks)
+            if merges.groups:
+                unmerged_evidence = evidence
+                after_blocks = observed.norms_after_blocks()
+                evidence = _evidence_after_merges(unmerged_evidence, merges,
+                                                  after_blocks)
     with tree_unchanged():  # discovery walks the model many times
         if evidence is None:
             evidence = collect_structural_evidence(model)
@@ -155,24 +157,44 @@ def fuse_model(model: nn.Module,
     if tolerance is not None:
         report.rtol = tolerance
         check = OutputCheck(reference, tolerance)
-        if merge_check is not None:
-            # Folds are judged from the unmerged model's wider output,
-            # where the merges' check measured one.
-            check.share_precise(merge_check)
 
         def passes() -> bool:
             with torch.no_grad():
                 return check(model(*inputs))
 
-        # With nothing folded the model is the one whose output the
+        # With nothing changed the model is the one whose output the
         # reference is (the traced pass ran it as it stands): another
         # forward pass would give the same output.
-        if not (passes() if applied else check(reference)):
+        changed = bool(applied) or unmerged_evidence is not None
+        passed = passes() if changed else check(reference)
+        if not passed and unmerged_evidence is not None:
+            # Merges and folds together fail: judge the merges alone
+            # (undoing those that fail), then the folds on what stands.
+            undo_folds(applied)
+            if merges.verify(inputs, check):
+                with tree_unchanged():
+                    plan, num_norms, num_foldable = plan_and_count(
+                        model,
+                        _evidence_after_merges(unmerged_evidence, merges,
+                                               after_blocks),
+                        plain_convs)
+                report.left = list(plan.skipped)
+                report.num_norms, report.num_foldable = num_norms, \
+                    num_foldable
+            applied = apply_plan(model, plan)
+            passed = passes() if applied else True
+        elif unmerged_evidence is not None:
+            merges.record_check(check)
+        if not passed:
             undo_folds(applied)
             # The unfused model's own rounding may be what failed: measure
-            # it once in a wider dtype (see OutputCheck).  If the fused
-            # output passes then, every fold stands (made again: the same
-            # weights); else keep the folds that stay acceptable.
+            # it once in a wider dtype (see OutputCheck), unmerged where
+            # merges stand (every change judged from the model as given).
+            # If the fused output passes then, every fold stands (made
+            # again: the same weights); else keep the folds that stay
+            # acceptable.
+            if unmerged_evidence is not None:
+                merges.measure_unmerged(check, inputs)
             bad, dropped = [], []
             if check.passes_wider(model, inputs):
                 applied = apply_plan(model, plan)
@@ -200,26 +222,37 @@ def fuse_model(model: nn.Module,
     return report
 
 
-def _observe_merged(model: nn.Module, inputs: Tuple, merges: Merges,
-                    unmerged_output: Any, tolerance: Optional[float]
-                    ) -> Tuple[Evidence, Any, Optional[OutputCheck]]:
-    """The data flow and output of ``model`` with its blocks merged, the
-    merges verified against ``unmerged_output`` (``None``: computed with
-    the merges undone) on the same pass, and undone where they fail the
-    check; and the check (``None`` when not verifying)."""
-    if tolerance is None:
-        evidence, output = collect_traced_evidence(model, inputs)
-        return evidence, output, None
-    check = merges.unmerged_check(inputs, tolerance, unmerged_output)
-    try:
-        evidence, output = collect_traced_evidence(model, inputs)
-    except Exception:  # a merge broke the forward: verify finds which
-        evidence = output = None
-    undone = merges.verify(inputs, check,
-                           output if evidence is not None else None)
-    if undone or evidence is None:
-        evidence, output = collect_traced_evidence(model, inputs)
-    return evidence, output, check
+def _evidence_after_merges(unmerged: Evidence, merges: Merges,
+                           after_blocks: Dict[int, Occurrence]) -> Evidence:
+    """The data flow of the model with the merges that stand now, from
+    that observed before any.
+
+    Without the calls of the layers of the blocks merged; the flow of
+    what stays of them (an activation after the sum) is read from the
+    ``nn.Sequential`` that holds it now, with the merged conv.  A block
+    replaced by its merged conv alone feeds what the block fed: a norm
+    that alone consumed the block's output (``after_blocks``, by the
+    block's ``id``) now consumes that conv's.
+    """
+    replaced, replacements = merges.standing()
+    copies: Dict[int, Occurrence] = {}
+    evidence = unmerged.without(
+        replaced, 'its input came from a block since re-parameterized',
+        copies)
+    with tree_unchanged():
+        for module in replacements:
+            evidence.extend(collect_structural_evidence(module))
+    for parent, attr, old, new in merges.standing_steps():
+        after = after_blocks.get(id(old))
+        norm = None if after is None else copies.get(id(after))
+        if norm is None or norm.link is not None or \
+                not is_conv_layer(new):
+            continue
+        conv = Occurrence(new, (parent, attr))
+        evidence.occurrences.append(conv)
+        norm.reason = None
+        evidence.link(POST, norm, [conv], 'traced')
+    return evidence
 
 
 def fuse_conv_bn(module: nn.Module, *, plain_convs: bool = True) -> nn.Module:

@@ -1109,11 +1109,11 @@ def test_fuse_model_without_branch_sums_runs_one_pass_and_no_trace(
 @pytest.mark.parametrize('kind', ['nothing_to_fold', 'all_merged',
                                   'some_folded'])
 def test_verification_runs_a_pass_only_after_a_fold(kind):
-    """The verification pass runs the model only when a fold changed it:
-    otherwise the last traced pass already ran the model as it stands (a
-    model with no batch norm; a block whose norms were all merged, whose
-    merges the traced pass of the merged model checked).  The report is
-    verified either way."""
+    """One traced pass of the model as given, and one verification pass
+    only when a merge or a fold changed it: otherwise the traced pass
+    already ran the model as it stands (a model with no batch norm).  The
+    merged model is not traced again.  The report is verified either
+    way."""
     blocks = {
         'nothing_to_fold': lambda: nn.Sequential(
             nn.Conv2d(6, 6, 3, padding=1), nn.GroupNorm(2, 6), nn.ReLU()),
@@ -1129,14 +1129,17 @@ def test_verification_runs_a_pass_only_after_a_fold(kind):
         expected = model(x)
     calls.clear()
     report = mmfuse.fuse_model(model, (x, ))
-    # The traced pass, and after a merge the traced pass of the merged
-    # model; the verification pass only where a norm was folded.
-    merged = 0 if kind == 'nothing_to_fold' else 1
-    folded = 1 if kind == 'some_folded' else 0
-    assert len(report.folded) == folded
-    assert len(calls) == 1 + merged + folded
+    # The traced pass; the verification pass where a block was merged or
+    # a norm folded.
+    changed = kind != 'nothing_to_fold'
+    assert len(report.folded) == (kind == 'some_folded')
+    assert len(calls) == 1 + changed
     assert report.verified and report.max_rel_error <= RTOL
-    assert (report.max_rel_error == 0) == (not folded)
+    assert (report.max_rel_error == 0) == (not changed)
+    merged = [r for r in report.reparameterized if r['merged']]
+    assert len(merged) == changed
+    assert all(r['verified_rel_error'] == report.max_rel_error
+               for r in merged)
     with torch.no_grad():
         assert output_error(expected, model(x))[1] <= RTOL
 
@@ -1275,3 +1278,76 @@ def test_registry_blocks_merge_from_branches_read_before_the_walk():
         assert torch.equal(conv.bias, bias)
     with torch.no_grad():
         assert output_error(expected, model(x))[1] < 1e-5
+
+
+def test_fuse_model_judges_merges_alone_when_merges_and_folds_fail():
+    """The one pass that judges merges and folds together fails (a wrong
+    registry entry): the merges are judged alone, the wrong one undone,
+    and the norms inside the block it gave back (which the traced pass
+    of the model as given observed) are folded after all, with the norm
+    after the blocks; every other merge stands."""
+    with _wrong_rule_registered():
+        model = _prepare(nn.Sequential(OpaqueBlock(), RepBlock(8, 8),
+                                       ConvBN(8, 8, 1)))
+        x = _input(8)
+        with torch.no_grad():
+            expected = model(x)
+        report = mmfuse.fuse_model(model, (x, ))
+    by_rule = {r['rule']: r for r in report.reparameterized}
+    assert sorted(by_rule) == ['WrongRule', 'generic']
+    assert not by_rule['WrongRule']['merged']
+    assert 'undone' in by_rule['WrongRule']['reason']
+    assert by_rule['generic']['merged']
+    assert by_rule['generic']['verified_rel_error'] <= RTOL
+    assert isinstance(model[0], OpaqueBlock)
+    assert isinstance(model[1], (nn.Sequential, nn.Conv2d))
+    assert sorted(report.folded_names) == ['0.a.bn', '0.b.bn', '2.bn']
+    assert not report.undone and report.verified
+    assert not _norms(model)
+    with torch.no_grad():
+        assert output_error(expected, model(x))[1] <= RTOL
+
+
+class _SumNoActivation(nn.Module):
+    """Two conv+BN branches summed, nothing after: merged, the block is
+    its conv alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = ConvBN(8, 8, 3)
+        self.b = ConvBN(8, 8, 1)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+@pytest.mark.parametrize('shared', [False, True])
+def test_a_norm_right_after_a_merged_block_folds_into_its_conv(shared):
+    """The traced pass saw the norm consume the block's sum alone; the
+    block merged into one conv, that conv's output is what the norm
+    consumes.  Where the sum also feeds a residual, the norm stays."""
+
+    class Model(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.block = _SumNoActivation()
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            y = self.block(x)
+            return self.bn(y) + y if shared else self.bn(y)
+
+    model = _prepare(Model())
+    x = _input(8)
+    with torch.no_grad():
+        expected = model(x)
+    report = mmfuse.fuse_model(model, (x, ))
+    assert [r['merged'] for r in report.reparameterized] == [True]
+    assert isinstance(model.block, nn.Conv2d)
+    assert report.folded_names == ([] if shared else ['bn'])
+    assert isinstance(model.bn, nn.BatchNorm2d if shared else nn.Identity)
+    if shared:
+        assert 'also used' in {s.name: s.reason for s in report.left}['bn']
+    with torch.no_grad():
+        assert output_error(expected, model(x))[1] <= RTOL

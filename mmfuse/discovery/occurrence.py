@@ -8,7 +8,7 @@ that output; or, for :data:`~mmfuse.plan.PRE`, that the norm's output feeds
 exactly one conv and nothing else.
 """
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Collection, Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -89,3 +89,45 @@ class Evidence:
             else:
                 conv.link = link
         return link
+
+    def without(self,
+                modules: Collection[int],
+                reason: str,
+                copies: Optional[Dict[int, Occurrence]] = None
+                ) -> 'Evidence':
+        """A copy without the calls of ``modules`` (ids) and what is
+        unproven about them: for a model in which they no longer run as
+        observed.  A call linked with one of them loses the link (a norm
+        call gets ``reason``); ``self`` is not changed.
+
+        Args:
+            modules: ids of the modules whose calls go.
+            reason: Why a norm call lost its link.
+            copies: Filled with the copy of each call kept, by the
+                original's ``id``.
+        """
+        copies = {} if copies is None else copies
+        for occ in self.occurrences:
+            if id(occ.module) not in modules:
+                copies[id(occ)] = Occurrence(occ.module, occ.site,
+                                             reason=occ.reason)
+        kept = Evidence(
+            self.mode, list(copies.values()),
+            [(m, r) for m, r in self.unproven if id(m) not in modules])
+        for occ in self.occurrences:
+            link = occ.link
+            norm = copies.get(id(occ))
+            if norm is None or link is None or link.norm is not occ:
+                continue
+            convs = [copies.get(id(conv)) for conv in link.convs]
+            if any(conv is None for conv in convs):
+                norm.reason = reason
+                continue
+            kept.link(link.kind, norm, convs, link.evidence)
+        return kept
+
+    def extend(self, other: 'Evidence') -> None:
+        """Add ``other``'s calls and unproven modules (of modules that
+        ``self`` has no calls of)."""
+        self.occurrences.extend(other.occurrences)
+        self.unproven.extend(other.unproven)

@@ -411,6 +411,61 @@ class Merges:
                 _redo(self.groups)
         return OutputCheck(reference, tolerance)
 
+    def standing_steps(
+            self) -> List[Tuple[nn.Module, str, nn.Module, nn.Module]]:
+        """``(parent, attr, block, replacement)`` of each replacement
+        made now (not undone)."""
+        return [(parent, attr, old, new) for group in self.groups
+                for parent, attr, old, new in group.steps
+                if parent._modules.get(attr) is new]
+
+    def standing(self) -> Tuple[Set[int], List[nn.Module]]:
+        """What the merges standing now changed: the ids of every module
+        under a block they replaced (whether or not it lives on in the
+        replacement, as an activation does), and the replacements, the
+        outermost ones (a merged conv, or a Sequential of it and the
+        layers after the sum)."""
+        replaced: Set[int] = set()
+        replacements: List[nn.Module] = []
+        for _, _, old, new in self.standing_steps():
+            replaced.update(id(m) for _, m in walk_modules(old))
+            replacements.append(new)
+        inner = {
+            id(m)
+            for new in replacements for _, m in walk_modules(new)
+            if m is not new
+        }
+        return replaced, [m for m in replacements if id(m) not in inner]
+
+    def measure_unmerged(self, check: OutputCheck, inputs: Tuple) -> None:
+        """Have ``check`` measure the model in a wider dtype with every
+        merge undone (:meth:`OutputCheck.add_precise`; once), so that
+        what changes after the merges is judged from the model as it was
+        given; the merges standing are made again."""
+        standing = [
+            group for group in self.groups
+            if all(parent._modules.get(attr) is new
+                   for parent, attr, _, new in group.steps)
+        ]  # groups stand or fall whole
+        _undo(standing)
+        try:
+            check.add_precise(self.model, inputs)
+        finally:
+            _redo(standing)
+
+    def record_check(self, check: OutputCheck) -> None:
+        """Record on each standing merge the check it passed: of the
+        output with it (and whatever else changed since the check's
+        reference) against the unmerged model's."""
+        for record in self.records:
+            if record['merged']:
+                record['verified_rel_error'] = check.rel_error
+                if check.yardstick is not None:
+                    record['verified_against'] = check.yardstick
+                if check.precise is not None:
+                    record['verified_precise_rel_error'] = \
+                        check.precise_error
+
     def _passes(self, inputs: Tuple, check: OutputCheck) -> bool:
         try:
             with torch.no_grad():
@@ -447,14 +502,7 @@ class Merges:
                 passed = True
             else:
                 self._isolate(inputs, check)
-        for record in self.records:
-            if record['merged']:
-                record['verified_rel_error'] = check.rel_error
-                if check.yardstick is not None:
-                    record['verified_against'] = check.yardstick
-                if check.precise is not None:
-                    record['verified_precise_rel_error'] = \
-                        check.precise_error
+        self.record_check(check)
         return not passed
 
     def _isolate(self, inputs: Tuple, check: OutputCheck) -> None:
