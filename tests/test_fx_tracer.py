@@ -263,6 +263,8 @@ _TYPE_TESTS = {
     'not a tuple': lambda x, y: not isinstance(y, (tuple, list)),
     'an abstract class': lambda x, y: not isinstance(
         y, collections.abc.Sequence),
+    'a shape is a tuple': lambda x, y: isinstance(x.shape, tuple),
+    'a dtype': lambda x, y: isinstance(y.dtype, torch.dtype),
 }
 
 

@@ -378,6 +378,17 @@ def _model_code(frame: Any) -> Optional[Any]:
     return None
 
 
+def _recording_class(value: fx.Proxy) -> type:
+    """``value.__class__`` of a traced value: its own class, after noting
+    where the model's code asked (see :class:`_TracedValue`)."""
+    frame = _model_code(sys._getframe(1))
+    tests = getattr(value.tracer, 'type_tests', None)
+    if frame is not None and tests is not None:
+        tests.append(f'{frame.f_code.co_name} in {frame.f_code.co_filename}'
+                     f', line {frame.f_lineno}')
+    return type(value)
+
+
 class _TracedValue(fx.Proxy):
     """A value in a module-forward trace: a proxy that remembers where the
     model's code tests its type.
@@ -386,19 +397,27 @@ class _TracedValue(fx.Proxy):
     a subclass of ``cls`` (``torch.Tensor``, ``tuple``, an ABC): the model's
     code asking that of a traced value would take the way a proxy leads
     it, not the one the value it stands for would (a tensor is a
-    ``torch.Tensor``, a proxy is not).  Where the model's code asks (not
-    torch's or mmfuse's, on their own behalf), the place is recorded and
-    the trace fails when done.
+    ``torch.Tensor``, a proxy is not; ``x.shape`` is a tuple, its proxy
+    is not).  Where the model's code asks (not torch's or mmfuse's, on
+    their own behalf), the place is recorded and the trace fails when
+    done.  Attributes of a traced value (``x.shape``) are traced values
+    too.
     """
 
-    @property  # type: ignore[override]
-    def __class__(self):
-        frame = _model_code(sys._getframe(1))
-        if frame is not None:
-            self.tracer.type_tests.append(
-                f'{frame.f_code.co_name} in {frame.f_code.co_filename}, '
-                f'line {frame.f_lineno}')
-        return type(self)
+    __class__ = property(_recording_class)  # type: ignore[assignment]
+
+    def __getattr__(self, name: str) -> fx.Proxy:
+        return _TracedAttribute(self, name)
+
+
+class _TracedAttribute(fx.proxy.Attribute):
+    """An attribute of a traced value (``x.shape``), which remembers type
+    tests as :class:`_TracedValue` does."""
+
+    __class__ = property(_recording_class)  # type: ignore[assignment]
+
+    def __getattr__(self, name: str) -> fx.Proxy:
+        return _TracedAttribute(self, name)
 
 
 def _refusing(name: str):
