@@ -1,11 +1,13 @@
 """The module-forward tracer against torch.fx's own, and its guarantees."""
 import collections.abc
+import os
 
 import pytest
 import torch
 from torch import fx, nn
 
 from fusion_checks import fuse_and_compare
+from mmfuse import discover_folds
 from mmfuse.discovery.fx_tracer import ModuleForwardTracer
 from mmfuse.reparam.code_scan import forward_may_add
 
@@ -264,6 +266,7 @@ _TYPE_TESTS = {
     'an abstract class': lambda x, y: not isinstance(
         y, collections.abc.Sequence),
     'a shape is a tuple': lambda x, y: isinstance(x.shape, tuple),
+    'torch.is_tensor': lambda x, y: torch.is_tensor(y),
     'a dtype': lambda x, y: isinstance(y.dtype, torch.dtype),
 }
 
@@ -301,3 +304,79 @@ def test_types_torch_tests_on_its_own_behalf_do_not_count():
 
     module = Busy().eval()
     assert ModuleForwardTracer(module).trace(module) is not None
+
+
+class _OwnCall(nn.ReLU):
+    """A child with its own ``__call__``: the stock torch.fx trace runs."""
+
+    def __call__(self, x):
+        return super().__call__(x)
+
+
+def test_a_type_test_fails_the_stock_trace_too():
+
+    class Tests(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+            self.act = _OwnCall()
+
+        def forward(self, x):
+            y = self.conv(x)
+            if isinstance(y, torch.Tensor):
+                return self.act(self.bn(y)) + y
+            return self.act(self.bn(y))
+
+    module = Tests().eval()
+    with pytest.raises(fx.proxy.TraceError, match='tests the type'):
+        ModuleForwardTracer(module).trace(module)
+    fused, _, rel = fuse_and_compare(Tests(), (torch.randn(1, 3, 4, 4), ),
+                                     traced=False)
+    assert rel < 1e-5 and isinstance(fused.bn, nn.BatchNorm2d)
+
+
+def test_packages_installed_inside_the_standard_library_are_model_code(
+        monkeypatch, tmp_path):
+    """conda, /usr/local images and a plain pyenv install packages below
+    the standard library's folder: their code is the model's, not
+    Python's (whose type tests are looked through)."""
+    from mmfuse.discovery import fx_tracer
+    stdlib = str(tmp_path) + os.sep
+    monkeypatch.setattr(fx_tracer, '_STANDARD_LIBRARY', stdlib)
+    monkeypatch.setattr(fx_tracer, '_INSTALLED',
+                        (os.path.join(stdlib, 'site-packages') + os.sep, ))
+    monkeypatch.setattr(fx_tracer, '_KINDS', {})
+    assert fx_tracer._code_kind(os.path.join(stdlib, 'abc.py')) == 'library'
+    assert fx_tracer._code_kind(
+        os.path.join(stdlib, 'site-packages', 'mmdet', 'x.py')) == 'model'
+    assert fx_tracer._code_kind(fx.__file__) == 'tracer'
+    assert fx_tracer._code_kind(torch.__file__) == 'library'
+    assert fx_tracer._code_kind(__file__) == 'model'
+
+
+def test_a_forward_with_optional_arguments_is_not_traced():
+    """Traced, ``scale`` is a proxy, never None: the trace takes the way of
+    a call that gives it, where the norm folds; called as ``m(x)``, the
+    conv's output is doubled before the norm."""
+
+    class Optional_(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x, scale=None):
+            y = self.conv(x)
+            if scale is None:
+                y = y * 2
+            return self.bn(y)
+
+    plan = discover_folds(Optional_().eval())
+    assert not plan.folds
+    assert 'optional arguments (scale)' in plan.skipped[0].reason
+    fused, _, rel = fuse_and_compare(Optional_(), (torch.randn(
+        1, 3, 4, 4), ), traced=False)
+    assert rel < 1e-5 and isinstance(fused.bn, nn.BatchNorm2d)

@@ -15,6 +15,7 @@ from torch import fx, nn
 from fusion_checks import fuse_and_compare, identity_at, kept_at
 from mmfuse import discover_folds
 from mmfuse.discovery.fx_tracer import trace_module_forward
+from torch.utils._pytree import tree_flatten
 
 
 class ListLayer(nn.Module):
@@ -86,6 +87,40 @@ class ReadsType(ListLayer):
         return self.conv2(self.act(self.norm2(self.bottleneck(x))))
 
 
+_kind_of = type
+
+
+class ReadsTypeUnderAnotherName(ReadsType):
+
+    def forward(self, x):
+        assert isinstance(x, list)
+        if _kind_of(x) is list:
+            y = self.conv1(torch.cat(x, 1))
+            return self.conv2(self.act(self.norm2(y))) + y[:, :4]
+        return self.conv2(self.act(self.norm2(self.bottleneck(x))))
+
+
+class ReadsLengthInC(ListLayer):
+    """Reads the length through list's own method, which the list's
+    refusals do not see."""
+
+    def forward(self, x):
+        assert isinstance(x, list)
+        if list.__len__(x) > 2:
+            return self.conv2(self.act(self.bottleneck(x)))
+        return self.conv2(self.act(self.norm2(self.bottleneck(x))))
+
+
+class FlattensIt(ListLayer):
+    """torch's pytree reads the list's type on the forward's behalf."""
+
+    def forward(self, x):
+        assert isinstance(x, list)
+        if len(tree_flatten(x)[0]) > 2:
+            return self.conv2(self.act(self.bottleneck(x)))
+        return self.conv2(self.act(self.norm2(self.bottleneck(x))))
+
+
 class TensorTaking(ListLayer):
     """Takes a tensor or a list, as torchvision's DenseNet layer does; for
     a tensor, the first conv's output also skips the rest (so ``norm2``
@@ -141,7 +176,10 @@ def test_traced_discovery_agrees():
     ]
 
 
-@pytest.mark.parametrize('layer', [ReadsLength, CatchesRead, ReadsType])
+@pytest.mark.parametrize('layer', [
+    ReadsLength, CatchesRead, ReadsType, ReadsTypeUnderAnotherName,
+    ReadsLengthInC, FlattensIt
+])
 def test_forward_that_reads_the_list_is_not_traced_with_one(layer):
     model = ListBlock(layer).eval()
     plan = discover_folds(model)
@@ -235,3 +273,38 @@ def test_a_tracer_that_is_on_stays_on_and_the_module_as_it_was():
     assert not torch.fx._symbolic_trace.is_fx_tracing()
     # And once it is off, the same trace works.
     assert trace_module_forward(layer, list_args={'x'}) is not None
+
+
+class _Holder(nn.Module):
+    """Passes the layer a list."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([TensorTaking(3)])
+
+    def forward(self, x):
+        return self.layers[0]([x])
+
+
+class _ReachesIn(nn.Module):
+    """Also calls its grandchild with a tensor, past the holder: a module
+    with no layers of its own is not traced, but its code is read."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = _Holder()
+
+    def forward(self, x):
+        return self.block(x) + self.block.layers[0](x)
+
+
+def test_not_traced_with_a_list_when_a_module_above_may_call_it():
+    plan = discover_folds(_ReachesIn().eval())
+    assert not plan.folds
+    fused, _, rel = fuse_and_compare(_ReachesIn(), _input(), traced=False)
+    assert rel < 1e-5
+    kept_at(fused, ['block.layers.0.norm2'])
+    # Held by a module that does not reach in, the same layer is traced
+    # with a list, and its norm folds.
+    plan = discover_folds(_Holder().eval())
+    assert [f.norm for f in plan.folds] == ['layers.0.norm2']

@@ -1351,3 +1351,36 @@ def test_a_norm_right_after_a_merged_block_folds_into_its_conv(shared):
         assert 'also used' in {s.name: s.reason for s in report.left}['bn']
     with torch.no_grad():
         assert output_error(expected, model(x))[1] <= RTOL
+
+
+def test_a_merge_that_breaks_its_callers_forward_is_undone():
+    """The caller reads an attribute of the block, which the merged conv
+    does not have: the one pass over merges and folds raises; the merge
+    is undone (as in Merges.verify) and the model comes out whole."""
+
+    class Block(_SumNoActivation):
+
+        scale = 2.0
+
+    class Caller(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.stem = ConvBN(8, 8, 3)
+            self.block = Block()
+
+        def forward(self, x):
+            return self.block(torch.relu(self.stem(x))) * self.block.scale
+
+    model = _prepare(Caller())
+    x = _input(8)
+    with torch.no_grad():
+        expected = model(x)
+    report = mmfuse.fuse_model(model, (x, ))
+    assert [r['merged'] for r in report.reparameterized] == [False]
+    assert 'undone' in report.reparameterized[0]['reason']
+    assert isinstance(model.block, Block)
+    assert sorted(report.folded_names) == ['block.a.bn', 'block.b.bn',
+                                           'stem.bn']
+    with torch.no_grad():
+        assert output_error(expected, model(x))[1] <= RTOL

@@ -44,7 +44,10 @@ with that argument a *symbolic list* (``list_args``): a list whose length
 and items no Python code may read (see :class:`_SymbolicList`), so that the
 graph holds for a list of any length.
 """
+import copy
+import heapq
 import inspect
+import operator
 import os
 import sys
 import sysconfig
@@ -164,10 +167,7 @@ class ModuleForwardTracer(fx.Tracer):
               root: nn.Module,
               concrete_args: Optional[Dict[str, Any]] = None) -> fx.Graph:
         if not _HAS_CALL_SLOT or isinstance(root, fx.GraphModule):
-            if self.list_args:
-                raise fx.proxy.TraceError('list arguments need the module '
-                                          'call slot')
-            return super().trace(root, concrete_args)
+            return self._stock_trace(root, concrete_args)
         # Most forwards call only their children (or the entries of a
         # ModuleList/ModuleDict/Sequential child): intercept those, and
         # only when the forward reaches deeper intercept every submodule.
@@ -186,15 +186,26 @@ class ModuleForwardTracer(fx.Tracer):
                             'that is not one of its submodules')
         return graph
 
+    def _stock_trace(self, root: nn.Module,
+                     concrete_args: Optional[Dict[str, Any]]) -> fx.Graph:
+        """``torch.fx.Tracer.trace``, failing as :meth:`_trace` does where
+        the forward tested the type of a traced value."""
+        if self.list_args:
+            raise fx.proxy.TraceError('list arguments need the module '
+                                      'call slot')
+        self.type_tests.clear()
+        graph = super().trace(root, concrete_args)
+        if self.type_tests:
+            raise fx.proxy.TraceError('the forward tests the type of a '
+                                      f'traced value ({self.type_tests[0]})')
+        return graph
+
     def _trace(self, root: nn.Module, concrete_args: Optional[Dict[str, Any]],
                submodules: List[Tuple[str, nn.Module]]) -> Optional[fx.Graph]:
         """The graph, or ``None`` when the forward called a module other
         than ``submodules``."""
         if any(type(m).__call__ is not _CALL for _, m in submodules):
-            if self.list_args:
-                raise fx.proxy.TraceError('list arguments need the module '
-                                          'call slot')
-            return super().trace(root, concrete_args)
+            return self._stock_trace(root, concrete_args)
         self.root = root
         self.root_module_name = root._get_name()
         self.submodule_paths = {m: n for n, m in reversed(submodules)}
@@ -219,11 +230,11 @@ class ModuleForwardTracer(fx.Tracer):
         was_tracing = _set_fx_tracing(True)
         self.list_reads.clear()
         self.type_tests.clear()
-        codes: Set[Any] = set()
+        problems: List[str] = []
         watching = False
         try:
             if self.list_args:
-                watching = _watch_code(codes)
+                watching = _watch_code(problems)
             # Functions registered with ``torch.fx.wrap`` are traced
             # through, not kept as calls: the graph then shows what they
             # compute (or the trace fails), and wrapping them all costs
@@ -257,8 +268,8 @@ class ModuleForwardTracer(fx.Tracer):
         if self.type_tests:
             raise fx.proxy.TraceError('the forward tests the type of a '
                                       f'traced value ({self.type_tests[0]})')
-        if watching:
-            _check_no_type_reads(codes)
+        if problems:
+            raise fx.proxy.TraceError(problems[0])
         return self.graph
 
     def _intercept(self, module: nn.Module):
@@ -351,28 +362,52 @@ def trace_module_forward(root: nn.Module,
             module.__dict__.update(attributes)
 
 
-#: Source folders whose code a trace runs on its own behalf (fx, modules'
-#: calls, torch functions), and Python's own library (``inspect`` for the
-#: signature, ``abc`` for ``isinstance``): not the model's code.
-_LIBRARY_CODE = tuple(
-    os.path.dirname(os.path.abspath(package.__file__)) + os.sep
-    for package in (torch, sys.modules[__name__.split('.')[0]]))
-_STANDARD_LIBRARY = (os.path.abspath(sysconfig.get_paths()['stdlib']) +
-                     os.sep, '<frozen ')
-_OWN_CODE = _LIBRARY_CODE + _STANDARD_LIBRARY
+#: Where the tracer's own code lies (torch.fx, mmfuse): what it runs is
+#: on its own behalf, never the model's.
+_TRACER_CODE = tuple(
+    os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+    for module in (fx, sys.modules[__name__.split('.')[0]]))
+#: Library code that may run on the model's behalf (``torch.is_tensor``,
+#: ``abc.__instancecheck__``, ``torch.utils._pytree``): the rest of torch
+#: and Python's own library, not the packages installed into it.
+_TORCH_CODE = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+_STANDARD_LIBRARY = os.path.abspath(sysconfig.get_paths()['stdlib']) + os.sep
+_INSTALLED = tuple({
+    os.path.abspath(sysconfig.get_paths()[key]) + os.sep
+    for key in ('purelib', 'platlib')
+})
+_KINDS: Dict[str, str] = {}
+
+
+def _code_kind(filename: str) -> str:
+    """``'tracer'``, ``'library'`` or ``'model'`` (see above) for the code
+    of ``filename``."""
+    kind = _KINDS.get(filename)
+    if kind is None:
+        path = filename if filename.startswith('<') else \
+            os.path.abspath(filename)
+        if path.startswith(_TRACER_CODE):
+            kind = 'tracer'
+        elif path.startswith('<frozen ') or path.startswith(_TORCH_CODE) or (
+                path.startswith(_STANDARD_LIBRARY)
+                and not path.startswith(_INSTALLED)):
+            kind = 'library'
+        else:
+            kind = 'model'
+        _KINDS[filename] = kind
+    return kind
 
 
 def _model_code(frame: Any) -> Optional[Any]:
-    """The frame of the model's code that made ``frame``'s call, looking
-    through Python's library (``abc.__instancecheck__``), or ``None``
-    where torch or mmfuse made it."""
+    """The frame of the model's code on whose behalf ``frame`` runs:
+    ``frame`` itself, or the first one up the stack past library code
+    (``torch.is_tensor`` and ``abc.__instancecheck__`` test types for
+    their caller); ``None`` where the tracer's own code comes first."""
     while frame is not None:
-        filename = frame.f_code.co_filename
-        if not filename.startswith(_OWN_CODE):
-            filename = os.path.abspath(filename)
-        if filename.startswith(_LIBRARY_CODE):
+        kind = _code_kind(frame.f_code.co_filename)
+        if kind == 'tracer':
             return None
-        if not filename.startswith(_STANDARD_LIBRARY):
+        if kind == 'model':
             return frame
         frame = frame.f_back
     return None
@@ -487,9 +522,16 @@ for _name in sorted(_LIST_READS):
 del _name
 
 
-def _watch_code(codes: Set[Any]) -> bool:
-    """Collect the code objects of the Python functions called from here
-    on (until ``sys.settrace(None)``) into ``codes``; returns ``True``.
+def _watch_code(problems: List[str]) -> bool:
+    """From here on (until ``sys.settrace(None)``), note in ``problems``
+    each Python function of the model's code that runs, and each of
+    library code called on its behalf with a symbolic list among its
+    arguments (``torch.utils._pytree.tree_flatten(xs)``; see
+    :func:`_model_code`), that names a way to read a value's type or a
+    list's length or items past the methods :class:`_SymbolicList`
+    refuses (``type(xs)``, ``list.__len__(xs)``, ``operator.concat``,
+    ``heapq``, ``copy``), also under another name (``kind_of = type``);
+    returns ``True``.
 
     Raises:
         torch.fx.proxy.TraceError: A tracer (a debugger, coverage) is on
@@ -498,27 +540,57 @@ def _watch_code(codes: Set[Any]) -> bool:
     if sys.gettrace() is not None:
         raise fx.proxy.TraceError('a tracer is on: cannot watch the code '
                                   'a list argument meets')
+    readers: Dict[Any, Set[str]] = {}
 
     def watch(frame, event, arg):
-        codes.add(frame.f_code)  # called for 'call' events only
-        # No tracing within the function.
+        code = frame.f_code  # called for 'call' events only
+        kind = _code_kind(code.co_filename)
+        if kind == 'tracer':
+            return  # no tracing within the function
+        found = readers.get(code)
+        if found is None:
+            found = readers[code] = _list_readers(code, frame.f_globals)
+        if not found or _model_code(frame) is None or (
+                kind == 'library' and not any(
+                    type(value) is _SymbolicList
+                    for value in frame.f_locals.values())):
+            return
+        problems.append(f'{code.co_name} (in {code.co_filename}) may read '
+                        'the type or length of a list argument '
+                        f'({", ".join(sorted(found))})')
 
     sys.settrace(watch)
     return True
 
 
-def _check_no_type_reads(codes: Set[Any]) -> None:
-    """Fail where code other than torch's and mmfuse's that ran in the
-    trace may read a value's type (``type(xs) is list``): a symbolic
-    list's is not ``list``, as the real argument's is.
+def _list_readers(code: Any, scope: Dict[str, Any]) -> Set[str]:
+    """The names in ``code`` (its globals ``scope``) of ways to read a
+    symbolic list's type or contents past its refusals."""
+    names = set(code.co_names)
+    found = names & _LIST_READING_NAMES
+    builtins = scope.get('__builtins__', {})
+    if not isinstance(builtins, dict):
+        builtins = vars(builtins)
+    found.update(name for name in names
+                 if id(scope.get(name, builtins.get(name))) in _LIST_READERS)
+    return found
 
-    Raises:
-        torch.fx.proxy.TraceError: With the function named.
-    """
-    for code in codes:
-        filename = code.co_filename
-        if 'type' in code.co_names and not filename.startswith(_OWN_CODE) \
-                and not os.path.abspath(filename).startswith(_OWN_CODE):
-            raise fx.proxy.TraceError(
-                f'{code.co_name} (in {code.co_filename}) may read the type '
-                'of a list argument')
+
+#: Names in code run on the model's behalf that may read a symbolic
+#: list's type or contents past its refusals.
+_LIST_READING_NAMES = frozenset({
+    'type', '__len__', '__getitem__', '__iter__', '__reversed__',
+    '__contains__', '__add__', '__iadd__', '__mul__', '__sizeof__', 'copy',
+    'deepcopy', 'concat', 'iconcat', 'length_hint', 'getsizeof', 'heappop',
+    'heappush', 'heappushpop', 'heapreplace', 'heapify', 'nlargest',
+    'nsmallest'
+})
+#: The objects behind those names, by ``id`` (for other names of them).
+_LIST_READERS = frozenset(
+    id(reader) for reader in (
+        type, list.__len__, list.__getitem__, list.__iter__,
+        list.__reversed__, list.__contains__, list.__add__, list.__mul__,
+        list.copy, operator.concat, operator.iconcat, operator.length_hint,
+        sys.getsizeof, heapq.heappop, heapq.heappush, heapq.heappushpop,
+        heapq.heapreplace, heapq.heapify, heapq.nlargest, heapq.nsmallest,
+        copy.copy, copy.deepcopy))

@@ -23,7 +23,7 @@ model is never mutated.
 """
 import inspect
 import operator
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import fx, nn
@@ -48,6 +48,52 @@ def _resolve(root: nn.Module, target: str) -> Tuple[nn.Module, str]:
     parent, _, attr = target.rpartition('.')
     holder = find_submodule(root, parent)
     return holder, attr
+
+
+_OPTIONAL: Dict[Any, str] = {}
+
+
+def _optional_parameters(forward: Any) -> str:
+    """The names of ``forward``'s parameters a call may leave out (with
+    defaults, ``*args``, ``**kwargs``), joined; ``''`` for none (or no
+    signature to read)."""
+    names = _OPTIONAL.get(forward)
+    if names is None:
+        try:
+            params = list(inspect.signature(forward).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        names = _OPTIONAL[forward] = ', '.join(
+            p.name for p in params[1:]
+            if p.default is not p.empty
+            or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    return names
+
+
+_CLASS_NAMES: Dict[type, frozenset] = {}
+
+
+def _names_in_class(cls: type) -> frozenset:
+    """Every name the code of ``cls``'s methods (but ``__init__``), and of
+    its bases' that are not torch's, loads or reads as an attribute."""
+    names = _CLASS_NAMES.get(cls)
+    if names is None:
+        found: set = set()
+        stack = []
+        for base in cls.__mro__:
+            if base.__module__.split('.')[0] in ('torch', 'builtins'):
+                continue
+            for name, value in vars(base).items():
+                function = getattr(value, '__func__', value)
+                code = getattr(function, '__code__', None)
+                if code is not None and name != '__init__':
+                    stack.append(code)
+        while stack:
+            code = stack.pop()
+            found.update(code.co_names)
+            stack.extend(c for c in code.co_consts if hasattr(c, 'co_names'))
+        names = _CLASS_NAMES[cls] = frozenset(found)
+    return names
 
 
 def _reads_a_proxy(error: Exception) -> bool:
@@ -196,6 +242,16 @@ class _StructuralCollector:
             occ.reason = 'its parameters are used outside a call of it'
 
     def traced(self, module: nn.Module) -> None:
+        optional = _optional_parameters(type(module).forward)
+        if optional:
+            # A proxy stands for an argument given; ``if scale is None``
+            # then takes the way of a call that gives it, whatever the
+            # callers do.
+            self.evidence.unproven.append(
+                (module, f'data flow not proven: {type(module).__name__}.'
+                 f'forward takes optional arguments ({optional}): whether '
+                 'a call gives them cannot be traced'))
+            return
         try:
             graph = self.traces.trace(module)
         except Exception as error:  # fx raises many types on Python code
@@ -317,6 +373,9 @@ class _StructuralCollector:
         if isinstance(caller, (nn.ModuleList, nn.ModuleDict)):
             return None
         target = path[len(caller_path) + 1:] if caller_path else path
+        if _optional_parameters(type(caller).forward) or \
+                self.reached_from_above(caller_path, target):
+            return None
         if id(caller) not in self.caller_graphs:
             try:
                 self.caller_graphs[id(caller)] = self.traces.trace(caller)
@@ -347,6 +406,23 @@ class _StructuralCollector:
             return self.traces.trace(module, list_args=lists)
         except Exception:  # fx raises many types on Python code
             return None
+
+    def reached_from_above(self, caller_path: str, target: str) -> bool:
+        """Whether a module above the caller (at ``caller_path``) may call
+        the module at ``target`` below the caller, or anything on the way,
+        itself: whether the code of its class (any method but
+        ``__init__``) names an attribute on that way past its own child
+        (``self.block.layers[0](x)`` from the module holding ``block``).
+        Those modules are not traced; their code is read instead."""
+        parts = caller_path.split('.') if caller_path else []
+        below = [p for p in target.split('.') if not p.isdigit()]
+        for depth in range(len(parts)):
+            ancestor = find_submodule(self.model, '.'.join(parts[:depth]))
+            deeper = set(parts[depth + 1:]) | set(below)
+            deeper = {name for name in deeper if not name.isdigit()}
+            if deeper & _names_in_class(type(ancestor)):
+                return True
+        return False
 
     @staticmethod
     def _describe(source) -> str:

@@ -412,12 +412,17 @@ class Merges:
         return OutputCheck(reference, tolerance)
 
     def standing_steps(
-            self) -> List[Tuple[nn.Module, str, nn.Module, nn.Module]]:
+            self,
+            present_only: bool = True
+    ) -> List[Tuple[nn.Module, str, nn.Module, nn.Module]]:
         """``(parent, attr, block, replacement)`` of each replacement
-        made now (not undone)."""
+        made now (not undone), and in the model (not inside a block a
+        later merge replaced in turn) unless ``present_only`` is off."""
+        present = {id(m) for _, m in walk_modules(self.model)}
         return [(parent, attr, old, new) for group in self.groups
                 for parent, attr, old, new in group.steps
-                if parent._modules.get(attr) is new]
+                if parent._modules.get(attr) is new and (
+                    not present_only or id(new) in present)]
 
     def standing(self) -> Tuple[Set[int], List[nn.Module]]:
         """What the merges standing now changed: the ids of every module
@@ -426,10 +431,9 @@ class Merges:
         outermost ones (a merged conv, or a Sequential of it and the
         layers after the sum)."""
         replaced: Set[int] = set()
-        replacements: List[nn.Module] = []
-        for _, _, old, new in self.standing_steps():
+        for _, _, old, _ in self.standing_steps(present_only=False):
             replaced.update(id(m) for _, m in walk_modules(old))
-            replacements.append(new)
+        replacements = [new for _, _, _, new in self.standing_steps()]
         inner = {
             id(m)
             for new in replacements for _, m in walk_modules(new)
