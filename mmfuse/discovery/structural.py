@@ -11,7 +11,9 @@ Three kinds of structure count as proof, and registration order never does:
   forward that takes a list of tensors (DenseNet's layers) and fails a
   plain trace is traced with that argument a list of unknown length,
   where the trace of the module holding it shows a list passed at every
-  call (``traced_with_lists``).
+  call (``traced_with_lists``).  A forward with optional parameters is not
+  traced: a proxy stands for an argument given, so ``if scale is None``
+  would take the way of a call that gives one, whatever the callers do.
 
 Only modules that call a foldable norm are traced, and then the modules
 with layers of their own that hold a linked conv or norm anywhere below
@@ -352,9 +354,8 @@ class _StructuralCollector:
         ``module`` passes.  Only where every call passes a list at a
         position, and nothing but positional arguments, is the parameter
         there taken as a list; a module registered under several names is
-        not tried (its calls cannot be told apart).  As for leaf layers
-        (see the module docstring), calls from modules other than the one
-        holding ``module`` are assumed not to happen.
+        not tried (its calls cannot be told apart), nor one that a module
+        above the caller may call itself (:meth:`reached_from_above`).
         """
         if id(module) in self.aliased:
             return None
@@ -415,11 +416,13 @@ class _StructuralCollector:
         (``self.block.layers[0](x)`` from the module holding ``block``).
         Those modules are not traced; their code is read instead."""
         parts = caller_path.split('.') if caller_path else []
-        below = [p for p in target.split('.') if not p.isdigit()]
+        below = target.split('.')
         for depth in range(len(parts)):
             ancestor = find_submodule(self.model, '.'.join(parts[:depth]))
-            deeper = set(parts[depth + 1:]) | set(below)
-            deeper = {name for name in deeper if not name.isdigit()}
+            deeper = {
+                name
+                for name in parts[depth + 1:] + below if not name.isdigit()
+            }
             if deeper & _names_in_class(type(ancestor)):
                 return True
         return False
