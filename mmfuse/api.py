@@ -6,20 +6,20 @@ with an example input observes the real forward pass and verifies the fused
 output against the unfused one, undoing any fold that breaks it.
 """
 import time
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from .discovery import (collect_structural_evidence, collect_traced_evidence,
                         plan_and_count, plan_folds)
-from .discovery.occurrence import Evidence, Occurrence
+from .discovery.occurrence import Evidence
 from .discovery.traced import TracedForward
 from .guards import (FusionError, as_input_tuple, check_eval,
                      unwrap_model)
-from .layers import is_conv_layer, is_norm_layer, norm_fold_problem
+from .layers import is_norm_layer, norm_fold_problem
 from .module_walk import tree_unchanged, unique_modules
-from .plan import POST, FusionPlan, Skip
+from .plan import FusionPlan, Skip
 from .reparam import Merges, has_registered_blocks, merge_blocks
 from .report import FusionReport
 from .surgery import apply_plan, undo_folds
@@ -97,9 +97,10 @@ def fuse_model(model: nn.Module,
             traced once, as given: the data flow the merges leave alone is
             the one observed, and the merged blocks' own (a merged conv,
             then what ran after the sum) is that of the ``nn.Sequential``
-            that holds them.  Merges and folds are verified together, in
-            one pass; only when that fails are the merges judged alone
-            (those that fail undone) and then the folds.
+            that holds them; a norm right after a merged block stays.
+            Merges and folds are verified together, in one pass; only when
+            that fails are the merges judged alone (those that fail
+            undone) and then the folds.
 
     Returns:
         A :class:`FusionReport`.
@@ -139,9 +140,7 @@ def fuse_model(model: nn.Module,
                                   generic_blocks=observed.sum_blocks)
             if merges.groups:
                 unmerged_evidence = evidence
-                after_blocks = observed.norms_after_blocks()
-                evidence = _evidence_after_merges(unmerged_evidence, merges,
-                                                  after_blocks)
+                evidence = _evidence_after_merges(unmerged_evidence, merges)
     with tree_unchanged():  # discovery walks the model many times
         if evidence is None:
             evidence = collect_structural_evidence(model)
@@ -162,9 +161,7 @@ def fuse_model(model: nn.Module,
             try:
                 with torch.no_grad():
                     output = model(*inputs)
-            except Exception:  # a merge broke the forward: it fails
-                if unmerged_evidence is None:
-                    raise  # folds alone keep the forward as it was
+            except Exception:  # a change broke the forward: it fails
                 check.no_output()
                 return False
             return check(output)
@@ -182,8 +179,7 @@ def fuse_model(model: nn.Module,
                 with tree_unchanged():
                     plan, num_norms, num_foldable = plan_and_count(
                         model,
-                        _evidence_after_merges(unmerged_evidence, merges,
-                                               after_blocks),
+                        _evidence_after_merges(unmerged_evidence, merges),
                         plain_convs)
                 report.left = list(plan.skipped)
                 report.num_norms, report.num_foldable = num_norms, \
@@ -229,36 +225,28 @@ def fuse_model(model: nn.Module,
     return report
 
 
-def _evidence_after_merges(unmerged: Evidence, merges: Merges,
-                           after_blocks: Dict[int, Occurrence]) -> Evidence:
+def _evidence_after_merges(unmerged: Evidence, merges: Merges) -> Evidence:
     """The data flow of the model with the merges that stand now, from
     that observed before any.
 
-    Without the calls of the layers of the blocks merged; the flow of
-    what stays of them (an activation after the sum) is read from the
-    ``nn.Sequential`` that holds it now, with the merged conv.  A block
-    replaced by its merged conv alone feeds what the block fed: a norm
-    that alone consumed the block's output (``after_blocks``, by the
-    block's ``id``) now consumes that conv's.
+    Without the calls the merged blocks made (those of their layers from
+    elsewhere stay): what stays of a block (an activation after the sum,
+    a conv and norm after it) is read from the ``nn.Sequential`` holding
+    it now, with the merged conv.  What the merged conv feeds outside the
+    block is not taken from the calls observed: the block may be reached
+    otherwise than through the attribute the merge replaced (a second
+    name, a plain list), so a norm after it stays.
     """
     replaced, replacements = merges.standing()
-    copies: Dict[int, Occurrence] = {}
     evidence = unmerged.without(
-        replaced, 'its input came from a block since re-parameterized',
-        copies)
+        {id(m) for m in replaced},
+        'its input came from a block since re-parameterized')
+    evidence.unproven.extend(
+        (m, 'data flow not proven: called from a block since '
+         're-parameterized') for m in replaced)
     with tree_unchanged():
         for module in replacements:
             evidence.extend(collect_structural_evidence(module))
-    for parent, attr, old, new in merges.standing_steps():
-        after = after_blocks.get(id(old))
-        norm = None if after is None else copies.get(id(after))
-        if norm is None or norm.link is not None or \
-                not is_conv_layer(new):
-            continue
-        conv = Occurrence(new, (parent, attr))
-        evidence.occurrences.append(conv)
-        norm.reason = None
-        evidence.link(POST, norm, [conv], 'traced')
     return evidence
 
 

@@ -1321,36 +1321,93 @@ class _SumNoActivation(nn.Module):
         return self.a(x) + self.b(x)
 
 
-@pytest.mark.parametrize('shared', [False, True])
-def test_a_norm_right_after_a_merged_block_folds_into_its_conv(shared):
-    """The traced pass saw the norm consume the block's sum alone; the
-    block merged into one conv, that conv's output is what the norm
-    consumes.  Where the sum also feeds a residual, the norm stays."""
+class _AfterBlock(nn.Module):
+    """A norm right after a block that merges into one conv."""
 
-    class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _SumNoActivation()
+        self.bn = nn.BatchNorm2d(8)
 
-        def __init__(self):
-            super().__init__()
-            self.block = _SumNoActivation()
-            self.bn = nn.BatchNorm2d(8)
+    def forward(self, x):
+        return self.bn(self.block(x))
 
-        def forward(self, x):
-            y = self.block(x)
-            return self.bn(y) + y if shared else self.bn(y)
 
-    model = _prepare(Model())
+class _AliasedBlock(_AfterBlock):
+    """The block under a second name too, called by the second."""
+
+    def __init__(self):
+        super().__init__()
+        self.alias = self.block
+
+
+class _BlockInAList(_AfterBlock):
+    """The block called through a plain list, which a merge cannot
+    change: the block as it was runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = [self.block]
+
+    def forward(self, x):
+        return self.bn(self.calls[0](x))
+
+
+class _PostChain(nn.Module):
+    """Merges into ``Sequential(conv, act, post)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = ConvBN(8, 8, 3)
+        self.b = ConvBN(8, 8, 1)
+        self.act = nn.ReLU()
+        self.post = ConvBN(8, 8, 3)
+
+    def forward(self, x):
+        return self.post(self.act(self.a(x) + self.b(x)))
+
+
+class _CallsInside(nn.Module):
+    """Also runs the block's last conv itself, on its own input."""
+
+    def __init__(self):
+        super().__init__()
+        self.blk = _PostChain()
+
+    def forward(self, x):
+        return self.blk(x) + self.blk.post.conv(x)
+
+
+@pytest.mark.parametrize('make', [_AfterBlock, _AliasedBlock, _BlockInAList,
+                                  _CallsInside])
+@pytest.mark.parametrize('verify', [True, False])
+def test_folds_after_merges_need_no_second_trace(make, verify):
+    """The folds after a merge come from the pass over the model as given:
+    what the merged blocks no longer call is dropped, what they kept is
+    read from their Sequential, and nothing is assumed about what the
+    merged conv feeds outside the block (it may not even run: a second
+    name, a plain list).  Exact without verification too; a norm right
+    after a merged block stays (a pass over the merged model would have
+    folded it in the first model)."""
+    model = _prepare(make())
     x = _input(8)
     with torch.no_grad():
         expected = model(x)
-    report = mmfuse.fuse_model(model, (x, ))
-    assert [r['merged'] for r in report.reparameterized] == [True]
-    assert isinstance(model.block, nn.Conv2d)
-    assert report.folded_names == ([] if shared else ['bn'])
-    assert isinstance(model.bn, nn.BatchNorm2d if shared else nn.Identity)
-    if shared:
-        assert 'also used' in {s.name: s.reason for s in report.left}['bn']
+    report = mmfuse.fuse_model(model, (x, ), verify=verify)
     with torch.no_grad():
         assert output_error(expected, model(x))[1] <= RTOL
+    assert not report.undone
+    assert report.reparameterized and all(
+        r['merged'] for r in report.reparameterized)
+    if make is _CallsInside:
+        # The inner conv+BN is also run raw: its norm stays.
+        assert report.folded_names == []
+        assert isinstance(model.blk, nn.Sequential)
+        assert isinstance(model.blk.post.bn, nn.BatchNorm2d)
+    else:
+        assert report.folded_names == []
+        assert isinstance(model.bn, nn.BatchNorm2d)
+        assert 'bn' in {s.name for s in report.left}
 
 
 def test_a_merge_that_breaks_its_callers_forward_is_undone():
@@ -1384,3 +1441,26 @@ def test_a_merge_that_breaks_its_callers_forward_is_undone():
                                            'stem.bn']
     with torch.no_grad():
         assert output_error(expected, model(x))[1] <= RTOL
+
+
+def test_a_registry_block_with_hooks_is_left():
+    """A forward hook on a block a registry entry merges would be lost
+    with it: the block is left, with the reason, and its hook still runs
+    and sees the same output."""
+    model, inputs = build_reparam_model('repvgg_a0', input_hw=(64, 64))
+    blocks = [m for m in model.modules()
+              if type(m).__name__ == 'RepVGGBlock']
+    seen = []
+    blocks[0].register_forward_hook(
+        lambda module, args, output: seen.append(output.clone()))
+    with torch.no_grad():
+        model(*inputs)
+    expected = seen.pop()
+    records = reparameterize(model, inputs)
+    left = [r for r in records if not r['merged']]
+    assert len(left) == 1 and 'forward hooks' in left[0]['reason']
+    assert len(records) == len(blocks)
+    assert type(blocks[0]) is type(model.get_submodule(left[0]['module']))
+    with torch.no_grad():
+        model(*inputs)
+    assert torch.allclose(seen.pop(), expected, rtol=1e-4, atol=1e-5)

@@ -876,3 +876,29 @@ def test_a_forward_that_raises_in_a_leaf_leaves_no_hook_or_mode():
     model.fails = nn.Identity()
     with torch.no_grad():
         model(x)
+
+
+def test_a_fold_that_breaks_the_forward_is_undone_not_raised():
+    """A forward that reads its norm's weight: folded (an Identity has
+    none), it raises; verification counts that as a failure and undoes
+    the fold, and the model comes out as it was."""
+
+    class ReadsNorm(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) * self.bn.weight.mean()
+
+    model = randomize_norm_stats(ReadsNorm().eval(), 0)
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+    report = mmfuse.fuse_model(model, (x, ), reparameterize=False)
+    assert report.folded == [] and [s.name for s in report.undone] == ['bn']
+    assert isinstance(model.bn, nn.BatchNorm2d)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)

@@ -33,12 +33,15 @@ class Occurrence:
         input_link: For a conv call, the :data:`~mmfuse.plan.PRE` link
             of a norm that runs right before it, if any.
         reason: Why it is not linked, for norm calls.
+        caller: The module whose forward made the call (seen in a traced
+            forward pass; ``None`` when not known).
     """
     module: nn.Module
     site: Site
     link: Optional['Link'] = None
     input_link: Optional['Link'] = None
     reason: Optional[str] = None
+    caller: Optional[nn.Module] = None
 
     def side(self, kind: str) -> Optional['Link']:
         """This conv call's link on the side a link of ``kind`` takes."""
@@ -90,30 +93,19 @@ class Evidence:
                 conv.link = link
         return link
 
-    def without(self,
-                modules: Collection[int],
-                reason: str,
-                copies: Optional[Dict[int, Occurrence]] = None
-                ) -> 'Evidence':
-        """A copy without the calls of ``modules`` (ids) and what is
-        unproven about them: for a model in which they no longer run as
-        observed.  A call linked with one of them loses the link (a norm
-        call gets ``reason``); ``self`` is not changed.
-
-        Args:
-            modules: ids of the modules whose calls go.
-            reason: Why a norm call lost its link.
-            copies: Filled with the copy of each call kept, by the
-                original's ``id``.
+    def without(self, callers: Collection[int], reason: str) -> 'Evidence':
+        """A copy without the calls that ``callers`` (ids of modules) made:
+        for a model in which they no longer run.  A call linked with one
+        of them loses the link (a norm call gets ``reason``); ``self`` is
+        not changed.  Calls of the same layers made by other modules stay.
         """
-        copies = {} if copies is None else copies
+        copies: Dict[int, Occurrence] = {}
         for occ in self.occurrences:
-            if id(occ.module) not in modules:
+            if occ.caller is None or id(occ.caller) not in callers:
                 copies[id(occ)] = Occurrence(occ.module, occ.site,
-                                             reason=occ.reason)
-        kept = Evidence(
-            self.mode, list(copies.values()),
-            [(m, r) for m, r in self.unproven if id(m) not in modules])
+                                             reason=occ.reason,
+                                             caller=occ.caller)
+        kept = Evidence(self.mode, list(copies.values()), list(self.unproven))
         for occ in self.occurrences:
             link = occ.link
             norm = copies.get(id(occ))

@@ -164,11 +164,13 @@ class _OpCall:
 class _ModuleCall:
     """One call of a leaf module."""
     __slots__ = ('module', 'site', 'inputs', 'outputs', 'occurrence',
-                 'channels_dim_ok')
+                 'channels_dim_ok', 'caller')
 
-    def __init__(self, module: nn.Module, site: Site, inputs: List[Key]):
+    def __init__(self, module: nn.Module, site: Site, inputs: List[Key],
+                 caller: Optional[nn.Module] = None):
         self.module = module
         self.site = site
+        self.caller = caller
         self.inputs = inputs
         self.outputs: List[Key] = []
         self.occurrence: Optional[Occurrence] = None
@@ -261,8 +263,6 @@ class TracedForward:
         # such), and whether a conv lies on the way; see ``sum_blocks``.
         self.linear: Dict[Key, Tuple[Key, bool]] = {}
         self.sum_blocks: Set[int] = set()
-        # The outputs of each call of a module of ``sum_blocks`` (keys).
-        self.block_outputs: Dict[int, List[List[Key]]] = {}
         self.output = None
 
     # -- bookkeeping -------------------------------------------------------
@@ -396,7 +396,7 @@ class TracedForward:
         self.busy = True
         try:
             call = _ModuleCall(module, self.resolve_site(caller, module),
-                               self.keys(args))
+                               self.keys(args), caller)
             if isinstance(module, nn.Linear):
                 call.channels_dim_ok = all(
                     t.dim() == 2 for t in _tensors_in(args))
@@ -417,13 +417,6 @@ class TracedForward:
         kwargs, output = rest if len(rest) == 2 else ({}, rest[0])
         self.stack.pop()
         call = self.active_leaf
-        if call is None and id(module) in self.sum_blocks:
-            self.busy = True
-            try:
-                self.block_outputs.setdefault(id(module), []).append(
-                    self.keys(output))
-            finally:
-                self.busy = False
         if call is None or call.module is not module:
             return
         self.busy = True
@@ -583,7 +576,8 @@ class TracedForward:
         evidence = Evidence(mode='traced')
         for call in self.leaf_calls:
             if is_conv_layer(call.module) or is_norm_layer(call.module):
-                call.occurrence = Occurrence(call.module, call.site)
+                call.occurrence = Occurrence(call.module, call.site,
+                                             caller=call.caller)
                 evidence.occurrences.append(call.occurrence)
         norm_calls = [
             c for c in self.leaf_calls
@@ -616,25 +610,6 @@ class TracedForward:
             else:
                 occ.reason = self.describe_source(call.inputs[0], call)
         return evidence
-
-    def norms_after_blocks(self) -> Dict[int, Occurrence]:
-        """For each module of ``sum_blocks`` that ran once and returned
-        one tensor, the occurrence (made by :meth:`evidence`) of the norm
-        call that alone consumed that tensor, its only input: the norm
-        that a conv replacing the whole module would feed alone."""
-        found: Dict[int, Occurrence] = {}
-        for block, calls in self.block_outputs.items():
-            if len(calls) != 1 or len(calls[0]) != 1:
-                continue
-            key = calls[0][0]
-            users = self.consumers.get(key, [])
-            if len(users) == 1 and isinstance(users[0], _ModuleCall) and \
-                    users[0].occurrence is not None and \
-                    is_norm_layer(users[0].module) and \
-                    users[0].inputs == [key] and \
-                    len(users[0].outputs) == 1:
-                found[block] = users[0].occurrence
-        return found
 
 
 def collect_traced_evidence(model: nn.Module,

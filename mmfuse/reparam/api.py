@@ -189,6 +189,13 @@ class _Walker:
         if 'forward' in module.__dict__:
             return self.visit_children(module, path)
         found = _registry_entry(module) if self.use_registry else None
+        if found is not None and (module._forward_hooks
+                                  or module._forward_pre_hooks):
+            # The hooks would be lost with the block (as for generic
+            # merges, whose blocks with hooks are not tried).
+            self.left(path, module, found[0], 'the block has forward hooks, '
+                      'which a merged conv would not run')
+            return self.visit_children(module, path)
         if found is not None:
             name, entry = found
             try:
@@ -424,22 +431,24 @@ class Merges:
                 if parent._modules.get(attr) is new and (
                     not present_only or id(new) in present)]
 
-    def standing(self) -> Tuple[Set[int], List[nn.Module]]:
-        """What the merges standing now changed: the ids of every module
-        under a block they replaced (whether or not it lives on in the
-        replacement, as an activation does), and the replacements, the
-        outermost ones (a merged conv, or a Sequential of it and the
-        layers after the sum)."""
-        replaced: Set[int] = set()
+    def standing(self) -> Tuple[List[nn.Module], List[nn.Module]]:
+        """What the merges standing now changed: every module under a
+        block they replaced, the block included (whether or not it lives
+        on in the replacement, as an activation does), and the
+        replacements, the outermost ones (a merged conv, or a Sequential of
+        it and the layers after the sum)."""
+        replaced: Dict[int, nn.Module] = {}
         for _, _, old, _ in self.standing_steps(present_only=False):
-            replaced.update(id(m) for _, m in walk_modules(old))
+            replaced.update((id(m), m) for _, m in walk_modules(old))
         replacements = [new for _, _, _, new in self.standing_steps()]
         inner = {
             id(m)
             for new in replacements for _, m in walk_modules(new)
             if m is not new
         }
-        return replaced, [m for m in replacements if id(m) not in inner]
+        return list(replaced.values()), [
+            m for m in replacements if id(m) not in inner
+        ]
 
     def measure_unmerged(self, check: OutputCheck, inputs: Tuple) -> None:
         """Have ``check`` measure the model in a wider dtype with every
