@@ -174,8 +174,10 @@ def fuse_model(model: nn.Module,
         if not passed and unmerged_evidence is not None:
             # Merges and folds together fail: judge the merges alone
             # (undoing those that fail), then the folds on what stands.
+            together = check.last_output  # None when the forward raised
             undo_folds(applied)
-            if merges.verify(inputs, check):
+            undone = merges.verify(inputs, check)
+            if undone:
                 with tree_unchanged():
                     plan, num_norms, num_foldable = plan_and_count(
                         model,
@@ -185,7 +187,15 @@ def fuse_model(model: nn.Module,
                 report.num_norms, report.num_foldable = num_norms, \
                     num_foldable
             applied = apply_plan(model, plan)
-            passed = passes() if applied else True
+            if not applied:
+                passed = True  # the merges alone, just verified
+            elif undone or together is None:
+                passed = passes()
+            else:
+                # Every merge stands: the same folds again give the same
+                # weights, and the output that failed together (judged
+                # again, against what the merges' check may have added).
+                passed = check(together)
         elif unmerged_evidence is not None:
             merges.record_check(check)
         if not passed:

@@ -1464,3 +1464,43 @@ def test_a_registry_block_with_hooks_is_left():
     with torch.no_grad():
         model(*inputs)
     assert torch.allclose(seen.pop(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failing_fold_after_good_merges_costs_no_repeated_pass():
+    """A global hook makes one fold wrong (it shifts its conv's output
+    after the fold's scale) while the merge is good: the one pass over
+    merges and folds fails, the merges alone pass, and the output that
+    failed is judged again rather than computed again; the wider pass,
+    then bisection, undo that fold alone."""
+    from fusion_checks import changed_where_marked
+
+    class Model(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.stem = ConvBN(8, 8, 3)
+            self.block = _SumNoActivation()
+            self.tail = ConvBN(8, 8, 1)
+            self.stem.conv.marked = True
+
+        def forward(self, x):
+            return self.tail(torch.relu(self.block(torch.relu(
+                self.stem(x)))))
+
+    model = _prepare(Model())
+    x = _input(8)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with changed_where_marked('marked', lambda out: out * 2 + 0.5):
+        with torch.no_grad():
+            expected = model(x)
+        calls.clear()
+        report = mmfuse.fuse_model(model, (x, ))
+        # Traced pass, the pass over merges and folds, the merges alone,
+        # the float64 pass of the unmerged model, two bisection passes.
+        assert len(calls) == 6
+        with torch.no_grad():
+            assert output_error(expected, model(x))[1] <= RTOL
+    assert [r['merged'] for r in report.reparameterized] == [True]
+    assert report.folded_names == ['tail.bn']
+    assert [s.name for s in report.undone] == ['stem.bn']
