@@ -270,17 +270,6 @@ class OutputCheck:
             return
         self._set_precise(precise, name, self.OWN_LIMITS[name])
 
-    def share_precise(self, other: 'OutputCheck') -> None:
-        """Take ``other``'s wider output, or its reason for having none,
-        when it measured one: for a model changed further after ``other``
-        checked it, so that every change is measured from the first
-        unchanged model's, and a copy that failed is not made again."""
-        if other.yardstick is not None:
-            self.precise = other.precise
-            self._own_errors = other._own_errors
-            self.own_error = other.own_error
-            self.yardstick = other.yardstick
-
     def _set_precise(self, precise: Any, name: str, limit: float) -> None:
         """Use ``precise`` where each tensor of the unchanged output is at
         most ``limit`` from it, measured both ways, so that a place where

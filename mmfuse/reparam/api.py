@@ -397,50 +397,38 @@ class Merges:
         self.records = records
         self.groups = groups
 
-    def unmerged_check(self,
-                       inputs: Tuple,
-                       tolerance: float,
-                       reference: Any = None) -> OutputCheck:
-        """The check against the model's output with every merge undone.
+    def unmerged_check(self, inputs: Tuple,
+                       tolerance: float) -> OutputCheck:
+        """The check against the model's output with every merge undone
+        (one forward pass).
 
         Args:
             inputs: The example inputs.
             tolerance: The largest relative error accepted.
-            reference: The output with every merge undone, when the caller
-                has it already (else a forward pass computes it).
         """
-        if reference is None:
-            _undo(self.groups)
-            try:
-                with torch.no_grad():
-                    reference = self.model(*inputs)
-            finally:
-                _redo(self.groups)
+        _undo(self.groups)
+        try:
+            with torch.no_grad():
+                reference = self.model(*inputs)
+        finally:
+            _redo(self.groups)
         return OutputCheck(reference, tolerance)
-
-    def standing_steps(
-            self,
-            present_only: bool = True
-    ) -> List[Tuple[nn.Module, str, nn.Module, nn.Module]]:
-        """``(parent, attr, block, replacement)`` of each replacement
-        made now (not undone), and in the model (not inside a block a
-        later merge replaced in turn) unless ``present_only`` is off."""
-        present = {id(m) for _, m in walk_modules(self.model)}
-        return [(parent, attr, old, new) for group in self.groups
-                for parent, attr, old, new in group.steps
-                if parent._modules.get(attr) is new and (
-                    not present_only or id(new) in present)]
 
     def standing(self) -> Tuple[List[nn.Module], List[nn.Module]]:
         """What the merges standing now changed: every module under a
         block they replaced, the block included (whether or not it lives
         on in the replacement, as an activation does), and the
-        replacements, the outermost ones (a merged conv, or a Sequential of
-        it and the layers after the sum)."""
+        replacements in the model, the outermost ones (a merged conv, or a
+        Sequential of it and the layers after the sum; not one inside a
+        block a later merge replaced in turn)."""
+        steps = [(old, new) for group in self.groups
+                 for parent, attr, old, new in group.steps
+                 if parent._modules.get(attr) is new]  # not undone
         replaced: Dict[int, nn.Module] = {}
-        for _, _, old, _ in self.standing_steps(present_only=False):
+        for old, _ in steps:
             replaced.update((id(m), m) for _, m in walk_modules(old))
-        replacements = [new for _, _, _, new in self.standing_steps()]
+        present = {id(m) for _, m in walk_modules(self.model)}
+        replacements = [new for _, new in steps if id(new) in present]
         inner = {
             id(m)
             for new in replacements for _, m in walk_modules(new)
@@ -488,23 +476,20 @@ class Merges:
             return False
         return check(output)
 
-    def verify(self,
-               inputs: Tuple,
-               check: OutputCheck,
-               output: Any = None) -> bool:
-        """Keep the merges that keep the output acceptable to ``check``.
+    def verify(self, inputs: Tuple, check: OutputCheck) -> bool:
+        """Keep the merges that keep the output acceptable to ``check``
+        (one forward pass of the merged model, more to bisect).
 
         Args:
             inputs: The example inputs.
-            check: Made by :meth:`unmerged_check`.
-            output: The output with every merge made, when the caller has
-                it already (else a forward pass computes it).
+            check: Against the model's output with every merge undone
+                (:meth:`unmerged_check`, or the reference of a traced pass
+                made before merging).
 
         Returns:
             Whether any merge was undone.
         """
-        passed = self._passes(inputs, check) if output is None else \
-            check(output)
+        passed = self._passes(inputs, check)
         if not passed:
             _undo(self.groups)
             # The unmerged model's own rounding may be what failed (see
