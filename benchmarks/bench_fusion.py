@@ -52,6 +52,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tests'))
 
@@ -67,9 +68,16 @@ class MethodResult:
     """What one fusion method did to one model."""
     folded: Optional[int] = None
     rel_error: Optional[float] = None
+    # Max relative error of the fused float32 output against the unfused
+    # model run in float64, and of the fused model run in float64 (the
+    # folds' own error, without float32 arithmetic); or why not measured.
+    precise_error: Optional[float] = None
+    fold_error: Optional[float] = None
+    precise_failure: str = ''
     seconds: Optional[float] = None
     failure: str = ''
     model: Optional[nn.Module] = None
+    output: Any = None
     # Each timed call, in rounds.
     times: List[float] = field(default_factory=list)
 
@@ -81,6 +89,11 @@ class ModelResult:
     foldable: int
     methods: Dict[str, MethodResult] = field(default_factory=dict)
     latency_ms: Dict[str, float] = field(default_factory=dict)
+    # Median over latency rounds of the fused forward over the bound's.
+    fused_over_bound: Optional[float] = None
+    # The unfused float32 output's error against the float64 one.
+    own_error: Optional[float] = None
+    precise_failure: str = ''
     # The unfused forward timed in each round of ``run_methods``.
     forward_s: List[float] = field(default_factory=list)
 
@@ -234,25 +247,66 @@ def run_methods(model: nn.Module, inputs: Tuple, reference: Any,
             res.model = None
             continue
         res.rel_error = output_error(reference, output)[1]
+        res.output = output
     result.methods = methods
 
 
+def float64_output(model: nn.Module, inputs: Tuple) -> Any:
+    """The output of a float64 copy of ``model`` on ``inputs`` cast to
+    float64 (``model`` is not changed)."""
+    wide = copy.deepcopy(model).to(torch.float64)
+
+    def cast(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(torch.float64)
+        return value
+
+    with torch.no_grad():
+        return wide(*tree_map(cast, inputs))
+
+
+def measure_precision(model: nn.Module, inputs: Tuple, reference: Any,
+                      result: ModelResult) -> None:
+    """Errors against the unfused model run in float64: of the unfused
+    float32 output (the model's own rounding), of each fused float32
+    output, and of each fused model run in float64 (what the folds change
+    in the function itself: their weights rounded to float32 once, with
+    no float32 arithmetic on top)."""
+    try:
+        precise = float64_output(model, inputs)
+    except Exception as error:  # a model without float64 kernels
+        result.precise_failure = f'{type(error).__name__}: {error}'[:100]
+        return
+    result.own_error = output_error(precise, reference)[1]
+    for res in result.methods.values():
+        if res.model is None or res.output is None:
+            continue
+        res.precise_error = output_error(precise, res.output)[1]
+        try:
+            res.fold_error = output_error(
+                precise, float64_output(res.model, inputs))[1]
+        except Exception as error:  # a fused module without float64
+            res.precise_failure = \
+                f'{type(error).__name__}: {error}'[:100]
+
+
 def measure_latency(variants: Dict[str, nn.Module], inputs: Tuple,
-                    rounds: int, warmup: int) -> Dict[str, float]:
-    """Median forward time in ms of each variant, interleaved."""
+                    rounds: int, warmup: int) -> Dict[str, List[float]]:
+    """Forward times in seconds of each variant, one per round, the
+    variants interleaved within each round, in an order that turns by
+    one each round (so that none always runs first)."""
     times: Dict[str, List[float]] = {name: [] for name in variants}
+    names = list(variants)
     with torch.no_grad():
         for index in range(warmup + rounds):
-            for name, model in variants.items():
+            turn = index % len(names)
+            for name in names[turn:] + names[:turn]:
                 start = time.perf_counter()
-                model(*inputs)
+                variants[name](*inputs)
                 elapsed = time.perf_counter() - start
                 if index >= warmup:
                     times[name].append(elapsed)
-    return {
-        name: 1e3 * statistics.median(values)
-        for name, values in times.items()
-    }
+    return times
 
 
 def bench_model(name: str, rounds: int, warmup: int,
@@ -268,9 +322,18 @@ def bench_model(name: str, rounds: int, warmup: int,
     if fused is not None:
         variants['fused'] = fused
     variants['bound'] = no_norm_bound(model)
-    result.latency_ms = measure_latency(variants, inputs, rounds, warmup)
+    times = measure_latency(variants, inputs, rounds, warmup)
+    result.latency_ms = {
+        name: 1e3 * statistics.median(values)
+        for name, values in times.items()
+    }
+    if 'fused' in times:
+        result.fused_over_bound = statistics.median(
+            a / b for a, b in zip(times['fused'], times['bound']))
+    measure_precision(model, inputs, reference, result)
     for method in result.methods.values():
-        method.model = None  # free memory before the next model
+        # Free memory before the next model.
+        method.model = method.output = None
     return result
 
 
@@ -342,11 +405,12 @@ def print_tables(results: List[ModelResult], corrupt: float) -> None:
     if notes.messages:
         print()
         notes.print()
+    print_precision(results)
     print('\n### Time to fuse and CPU latency\n')
     print('| model | `fuse_model` ms (in forwards) | `fuse_conv_bn` ms '
           '(vs mmcv) | mmcv ms | torch.fx ms | unfused ms | fused ms | '
-          'no-norm bound ms | speed-up |')
-    print('|---|---|---|---|---|---|---|---|---|')
+          'no-norm bound ms | fused over bound | speed-up |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
     for result in results:
         lat = result.latency_ms
         in_forwards = times_cell(result.paired('fuse_model'))
@@ -359,6 +423,8 @@ def print_tables(results: List[ModelResult], corrupt: float) -> None:
             ms(lat['unfused']),
             ms(lat.get('fused')),
             ms(lat['bound']),
+            '-' if result.fused_over_bound is None else
+            f'{result.fused_over_bound:.3f}',
             ratio(lat['unfused'], lat.get('fused')),
         ]
         print(f'| {result.name} | ' + ' | '.join(cells) + ' |')
@@ -389,6 +455,17 @@ def print_tables(results: List[ModelResult], corrupt: float) -> None:
     print(f'\nMedian speed-up of `fuse_model` over unfused: '
           f'{statistics.median(speedups):.2f}x (no-norm bound: '
           f'{statistics.median(bounds):.2f}x).')
+    over = {
+        r.name: r.fused_over_bound
+        for r in results if r.fused_over_bound is not None
+    }
+    if over:
+        slow = ', '.join(f'{name} {value:.3f}'
+                         for name, value in over.items() if value > 1.03)
+        print(f'Fused latency within 3% of the no-norm bound (median of '
+              f'the per-round ratios) on '
+              f'{sum(v <= 1.03 for v in over.values())} of {len(over)} '
+              f'models' + (f'; over: {slow}.' if slow else '.'))
     in_forwards = [
         v for v in (r.paired('fuse_model') for r in results) if v is not None
     ]
@@ -407,6 +484,77 @@ def print_tables(results: List[ModelResult], corrupt: float) -> None:
               f'{statistics.median(vs_mmcv):.1f}x, max {max(vs_mmcv):.1f}x; '
               f'at most 2x on {sum(v <= 2 for v in vs_mmcv)} of '
               f'{len(vs_mmcv)} models.')
+
+
+def print_precision(results: List[ModelResult]) -> None:
+    """The table of errors against the float64 model, and its totals."""
+    methods = ('fuse_model', 'fuse_conv_bn', 'mmcv')
+    print('\n### Output error against the float64 model\n')
+    print('Max relative output error against the unfused model run in '
+          'float64. `unfused`: the float32 model itself (its own '
+          'rounding). Method cells: the fused float32 model / the fused '
+          'model run in float64 (the error of the folds themselves: '
+          'weights rounded to float32 once, no float32 arithmetic).\n')
+    print('| model | unfused | ' + ' | '.join(f'`{m}`' for m in methods) +
+          ' |')
+    print('|---|---|' + '---|' * len(methods))
+    failures = Notes()
+    for result in results:
+        if result.precise_failure:
+            ref = failures.ref(result.precise_failure, result.name)
+            print(f'| {result.name} | not measured {ref} |' +
+                  ' |' * len(methods))
+            continue
+        cells = [_err(result.own_error)]
+        for method in methods:
+            res = result.methods[method]
+            if res.precise_error is None:
+                cells.append('-')
+            elif res.fold_error is None:
+                ref = failures.ref(res.precise_failure, result.name)
+                cells.append(f'{_err(res.precise_error)} / - {ref}')
+            else:
+                cells.append(f'{_err(res.precise_error)} / '
+                             f'{_err(res.fold_error)}')
+        print(f'| {result.name} | ' + ' | '.join(cells) + ' |')
+    if failures.messages:
+        print()
+        failures.print()
+    measured = [r for r in results if r.methods['fuse_model'].fold_error
+                is not None]
+    if not measured:
+        return
+    folds = {r.name: r.methods['fuse_model'].fold_error for r in measured}
+    worst = max(folds, key=folds.get)
+    print(f'\n`fuse_model` folds\' own error (run in float64): at most '
+          f'1e-5 on {sum(v <= 1e-5 for v in folds.values())} of '
+          f'{len(folds)} models (max {_err(folds[worst])}, {worst}).')
+    # Against mmcv where both fold the same norms and mmcv is not corrupt.
+    same = [
+        r for r in results
+        if r.methods['fuse_conv_bn'].fold_error is not None
+        and r.methods['mmcv'].fold_error is not None
+        and r.methods['fuse_conv_bn'].folded == r.methods['mmcv'].folded
+        and r.methods['mmcv'].fold_error <= 1e-3
+    ]
+    if same:
+        wins = [r.name for r in same if r.methods['fuse_conv_bn'].fold_error
+                <= r.methods['mmcv'].fold_error]
+        losses = ', '.join(
+            f'{r.name} {_err(r.methods["fuse_conv_bn"].fold_error)} '
+            f'against {_err(r.methods["mmcv"].fold_error)}'
+            for r in same if r.name not in wins)
+        print(f'`fuse_conv_bn` folds\' own error at most mmcv\'s on '
+              f'{len(wins)} of {len(same)} models where both fold the '
+              'same number of norms and mmcv is not corrupt' +
+              (f'; larger: {losses}.' if losses else '.'))
+    closer = [
+        r.name for r in measured
+        if r.methods['fuse_model'].precise_error <= 2 * r.own_error
+    ]
+    print(f'`fuse_model` float32 output at most twice as far from the '
+          f'float64 model as the unfused one on {len(closer)} of '
+          f'{len(measured)} models.')
 
 
 def machine() -> str:
