@@ -7,7 +7,7 @@ import torch
 from torch import fx, nn
 
 from fusion_checks import fuse_and_compare
-from mmfuse import discover_folds
+from mmfuse import discover_folds, fuse_model
 from mmfuse.discovery.fx_tracer import ModuleForwardTracer
 from mmfuse.reparam.code_scan import forward_may_add
 
@@ -285,6 +285,91 @@ def test_a_forward_that_tests_a_traced_type_is_not_traced(test):
     fused, report, rel = fuse_and_compare(_TypeTest(test), (torch.randn(
         1, 3, 4, 4), ), traced=True)
     assert rel < 1e-5 and not report.folded
+
+
+def _is_plain_tensor(value):
+    return type(value) is torch.Tensor
+
+
+class _TypeCall(nn.Module):
+    """Traced, ``type(y)`` of a proxy is not ``torch.Tensor`` and the
+    forward goes the second way, where the norm folds; run, the conv's
+    output also skips the norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.plain(y):
+            return self.bn(y) + y
+        return self.bn(y)
+
+
+class _TypeInForward(_TypeCall):
+
+    def forward(self, x):
+        y = self.conv(x)
+        if type(y) is torch.Tensor:
+            return self.bn(y) + y
+        return self.bn(y)
+
+
+class _TypeInMethod(_TypeCall):
+
+    def plain(self, y):
+        return type(y) is torch.Tensor
+
+
+class _TypeInFunction(_TypeCall):
+
+    def plain(self, y):
+        return (lambda v: _is_plain_tensor(v))(y)
+
+
+@pytest.mark.parametrize('cls',
+                         [_TypeInForward, _TypeInMethod, _TypeInFunction])
+def test_a_forward_that_calls_type_is_not_traced(cls):
+    module = cls().eval()
+    with pytest.raises(fx.proxy.TraceError, match='calls type'):
+        ModuleForwardTracer(module).trace(module)
+    fused, _, rel = fuse_and_compare(cls(), (torch.randn(1, 3, 4, 4), ),
+                                     traced=False)
+    assert rel < 1e-5 and isinstance(fused.bn, nn.BatchNorm2d)
+    report = fuse_model(cls().eval())
+    assert not report.folded
+    assert any('calls type()' in skip.reason for skip in report.left)
+
+
+def test_type_in_init_elsewhere_or_as_an_attribute_name_is_traced():
+    # Only the code a forward may run counts (mmengine's ``BaseModule``
+    # calls ``type`` in ``init_weights``, which every OpenMMLab module
+    # has).
+
+    class Named(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+            self.kind = type(self.conv).__name__
+            self.type = 'plain'
+
+        def forward(self, x):
+            if self.type == 'plain':
+                return self.bn(self.conv(x))
+            return x
+
+        def describe(self):
+            return type(self.conv).__name__
+
+    module = Named().eval()
+    assert ModuleForwardTracer(module).trace(module) is not None
+    fused, _, rel = fuse_and_compare(Named(), (torch.randn(1, 3, 4, 4), ),
+                                     traced=False)
+    assert rel < 1e-5 and isinstance(fused.bn, nn.Identity)
 
 
 def test_types_torch_tests_on_its_own_behalf_do_not_count():

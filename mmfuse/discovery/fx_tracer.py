@@ -35,8 +35,12 @@ it stands for: a forward whose own code tests the type of one
 (``isinstance(x, torch.Tensor)``, ``isinstance(out, tuple)``) would be
 traced down a way it may not take when run, so such a test fails the
 trace (see :class:`_TracedValue`; no forward of the real models this is
-tested on makes one).  ``type(x) is ...`` cannot be seen that way: it
-stays an assumption, as with torch.fx.
+tested on makes one).  ``type(x) is ...`` cannot be seen that way, so a
+module is not traced where its forward, or a method of its class or a
+function of the model's code that such code names, calls the builtin
+``type`` (:func:`type_call_in`); one that reaches it otherwise
+(``builtins.type``, ``getattr``, library code) stays an assumption, as
+with torch.fx.
 
 A forward that takes a list of tensors (DenseNet's ``DenseLayer``:
 ``assert isinstance(x, list)``, then ``torch.cat(x, 1)``) can be traced
@@ -44,7 +48,9 @@ with that argument a *symbolic list* (``list_args``): a list whose length
 and items no Python code may read (see :class:`_SymbolicList`), so that the
 graph holds for a list of any length.
 """
+import builtins
 import copy
+import dis
 import heapq
 import inspect
 import operator
@@ -166,6 +172,11 @@ class ModuleForwardTracer(fx.Tracer):
     def trace(self,
               root: nn.Module,
               concrete_args: Optional[Dict[str, Any]] = None) -> fx.Graph:
+        caller = type_call_in(type(root))
+        if caller is not None:
+            raise fx.proxy.TraceError(
+                f'{caller} calls type(), which a traced value would answer '
+                'differently from the value it stands for')
         if not _HAS_CALL_SLOT or isinstance(root, fx.GraphModule):
             return self._stock_trace(root, concrete_args)
         # Most forwards call only their children (or the entries of a
@@ -396,6 +407,51 @@ def _code_kind(filename: str) -> str:
             kind = 'model'
         _KINDS[filename] = kind
     return kind
+
+
+_TYPE_CALLS: Dict[type, Optional[str]] = {}
+
+
+def type_call_in(cls: type) -> Optional[str]:
+    """Where the forward of ``cls`` may call the builtin ``type``: its
+    code, the code nested in it, and, through the names that code uses,
+    the methods of ``cls`` (but torch's) and the functions of the model's
+    code (see :func:`_code_kind`) in its globals, and so on from theirs.
+
+    Returns:
+        ``'Class.method'`` or the function's qualified name where such
+        code loads the global ``type`` and it is the builtin; ``None``
+        where none does.
+    """
+    if cls in _TYPE_CALLS:
+        return _TYPE_CALLS[cls]
+    pending: List[Any] = [getattr(cls, 'forward', None)]
+    found = None
+    seen: Set[Any] = set()
+    while pending and found is None:
+        value = pending.pop()
+        function = getattr(value, '__func__', value)
+        code = getattr(function, '__code__', None)
+        if code is None or code in seen or \
+                _code_kind(code.co_filename) != 'model':
+            continue
+        seen.add(code)
+        scope = getattr(function, '__globals__', {})
+        codes = [code]
+        while codes and found is None:
+            code = codes.pop()
+            codes.extend(c for c in code.co_consts if hasattr(c, 'co_code'))
+            if 'type' in code.co_names and \
+                    scope.get('type', builtins.type) is builtins.type and \
+                    any(ins.opname in ('LOAD_GLOBAL', 'LOAD_NAME')
+                        and ins.argval == 'type'
+                        for ins in dis.get_instructions(code)):
+                found = function.__qualname__
+            for name in code.co_names:
+                pending.append(getattr(cls, name, None))
+                pending.append(scope.get(name))
+    _TYPE_CALLS[cls] = found
+    return found
 
 
 def _model_code(frame: Any) -> Optional[Any]:

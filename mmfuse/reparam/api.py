@@ -100,7 +100,11 @@ class _Walker:
         self.generic_blocks = generic_blocks
         self.call_deploy_methods = call_deploy_methods
         self.use_registry = use_registry
-        self.merger = GenericMerger(model)
+        # Registry entries by block class, looked up once per walk.
+        self.entries: Dict[type, Any] = {}
+        # Made when a generic merge is first tried (its trace cache reads
+        # the whole model): most walks of an observed model try none.
+        self._merger: Optional[GenericMerger] = None
         self.groups: List[_Group] = []
         self.records: List[Dict] = []
         # What the registry entry of each block gave (its branches, or why
@@ -155,7 +159,7 @@ class _Walker:
         changes no norm."""
         norms: Dict[int, nn.Module] = {}
         for _, module in walk_modules(self.model):
-            found = _registry_entry(module)
+            found = _registry_entry(module, self.entries)
             if found is None:
                 continue
             try:
@@ -188,7 +192,8 @@ class _Walker:
             return True
         if 'forward' in module.__dict__:
             return self.visit_children(module, path)
-        found = _registry_entry(module) if self.use_registry else None
+        found = _registry_entry(module, self.entries) \
+            if self.use_registry else None
         if found is not None and (module._forward_hooks
                                   or module._forward_pre_hooks):
             # The hooks would be lost with the block (as for generic
@@ -237,7 +242,9 @@ class _Walker:
         if self.generic_blocks is not None and \
                 id(module) not in self.generic_blocks:
             return True
-        rewrite, reasons = self.merger.rewrite(module, path)
+        if self._merger is None:
+            self._merger = GenericMerger(self.model)
+        rewrite, reasons = self._merger.rewrite(module, path)
         for reason in reasons:
             self.left(path, module, 'generic', reason)
         if rewrite is not None:
@@ -533,20 +540,33 @@ def _undo(groups: List[_Group]) -> None:
         group.undo()
 
 
-def _registry_entry(module: nn.Module):
+def _registry_entry(module: nn.Module,
+                    by_class: Optional[Dict[type, Any]] = None):
     """``(name, entry)`` of the :data:`REPARAMETERIZERS` entry that
     converts ``module``, or ``None`` (always for a module whose forward is
-    replaced on the instance: the entry describes its class's)."""
+    replaced on the instance: the entry describes its class's).
+
+    Args:
+        module: The module.
+        by_class: What earlier lookups of one walk found, by class (the
+            registry does not change during a walk); filled in here.
+    """
     if 'forward' in module.__dict__:
         return None
-    return find_reparameterizer(module)
+    if by_class is None:
+        return find_reparameterizer(module)
+    cls = type(module)
+    if cls not in by_class:
+        by_class[cls] = find_reparameterizer(module)
+    return by_class[cls]
 
 
 def has_registered_blocks(model: nn.Module) -> bool:
     """Whether a :data:`REPARAMETERIZERS` entry applies to a module of
     ``model`` (which :func:`merge_blocks` then merges, unless refused)."""
+    by_class: Dict[type, Any] = {}
     return any(
-        _registry_entry(module) is not None
+        _registry_entry(module, by_class) is not None
         for _, module in walk_modules(model))
 
 
