@@ -1,6 +1,8 @@
 """The module-forward tracer against torch.fx's own, and its guarantees."""
 import collections.abc
+import functools
 import os
+import types
 
 import pytest
 import torch
@@ -329,8 +331,87 @@ class _TypeInFunction(_TypeCall):
         return (lambda v: _is_plain_tensor(v))(y)
 
 
-@pytest.mark.parametrize('cls',
-                         [_TypeInForward, _TypeInMethod, _TypeInFunction])
+def _own_decorator(function):
+
+    @functools.wraps(function)
+    def wrapper(*args):
+        return function(*args)
+
+    return wrapper
+
+
+def _plain_tensor_via_partial(value, kind=torch.Tensor):
+    return type(value) is kind
+
+
+_helpers = types.ModuleType('helpers')
+_helpers.plain = _is_plain_tensor
+_plain_partial = functools.partial(_plain_tensor_via_partial)
+
+
+class _TypeInBase(_TypeInForward):
+
+    def forward(self, x):
+        return super().forward(x)
+
+
+class _TypeUnderNoGrad(_TypeCall):
+
+    @torch.no_grad()
+    def forward(self, x):
+        y = self.conv(x)
+        if type(y) is torch.Tensor:
+            return self.bn(y) + y
+        return self.bn(y)
+
+
+class _TypeInAnotherClass(_TypeCall):
+
+    def forward(self, x):
+        return _TypeInForward.forward(self, x)
+
+
+class _TypeUnderOwnDecorator(_TypeCall):
+
+    @_own_decorator
+    def forward(self, x):
+        y = self.conv(x)
+        if type(y) is torch.Tensor:
+            return self.bn(y) + y
+        return self.bn(y)
+
+
+class _TypeInProperty(_TypeCall):
+
+    @property
+    def kind(self):
+        return type(self.conv.weight)
+
+    def plain(self, y):
+        return not isinstance(self.kind, str)
+
+
+class _TypeInModuleFunction(_TypeCall):
+
+    def plain(self, y):
+        return _helpers.plain(y)
+
+
+class _TypeInPartial(_TypeCall):
+
+    def plain(self, y):
+        return _plain_partial(y)
+
+
+_TYPE_CALLERS = [
+    _TypeInForward, _TypeInMethod, _TypeInFunction, _TypeInBase,
+    _TypeUnderNoGrad, _TypeInAnotherClass, _TypeUnderOwnDecorator,
+    _TypeInModuleFunction, _TypeInPartial
+]
+
+
+@pytest.mark.parametrize('cls', _TYPE_CALLERS,
+                         ids=[c.__name__ for c in _TYPE_CALLERS])
 def test_a_forward_that_calls_type_is_not_traced(cls):
     module = cls().eval()
     with pytest.raises(fx.proxy.TraceError, match='calls type'):
@@ -341,6 +422,31 @@ def test_a_forward_that_calls_type_is_not_traced(cls):
     report = fuse_model(cls().eval())
     assert not report.folded
     assert any('calls type()' in skip.reason for skip in report.left)
+
+
+def test_a_property_that_calls_type_is_read_too():
+    module = _TypeInProperty().eval()
+    with pytest.raises(fx.proxy.TraceError, match='calls type'):
+        ModuleForwardTracer(module).trace(module)
+
+
+def test_the_type_scan_follows_a_new_forward():
+
+    class Clean(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    module = Clean().eval()
+    assert ModuleForwardTracer(module).trace(module) is not None
+    Clean.forward = _TypeInForward.forward
+    with pytest.raises(fx.proxy.TraceError, match='calls type'):
+        ModuleForwardTracer(module).trace(module)
 
 
 def test_type_in_init_elsewhere_or_as_an_attribute_name_is_traced():

@@ -51,6 +51,7 @@ graph holds for a list of any length.
 import builtins
 import copy
 import dis
+import functools
 import heapq
 import inspect
 import operator
@@ -58,6 +59,8 @@ import os
 import sys
 import sysconfig
 import threading
+import types
+import weakref
 from typing import Any, Collection, Dict, List, Optional, Set, Tuple
 
 import torch
@@ -409,34 +412,84 @@ def _code_kind(filename: str) -> str:
     return kind
 
 
-_TYPE_CALLS: Dict[type, Optional[str]] = {}
+#: By class: ``(its forward, type_call_in's answer)``.
+_TYPE_CALLS: 'weakref.WeakKeyDictionary[type, Tuple[Any, Optional[str]]]' \
+    = weakref.WeakKeyDictionary()
+_WRAPPERS = (staticmethod, classmethod, types.MethodType, property,
+             functools.partial)
+
+
+def _functions_in(value: Any) -> List[types.FunctionType]:
+    """The Python functions that calling or reading ``value`` may run: a
+    function, what it wraps (``__wrapped__``, as ``functools.wraps``
+    sets, and the functions in its closure), a method's, a static or class
+    method's, a property's getter, a ``functools.partial``'s."""
+    found: List[types.FunctionType] = []
+    seen: Set[int] = set()
+    stack = [value]
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, (staticmethod, classmethod, types.MethodType)):
+            stack.append(value.__func__)
+        elif isinstance(value, property):
+            stack.append(value.fget)
+        elif isinstance(value, functools.partial):
+            stack.append(value.func)
+        elif isinstance(value, types.FunctionType):
+            found.append(value)
+            stack.append(value.__dict__.get('__wrapped__'))
+            for cell in value.__closure__ or ():
+                try:
+                    content = cell.cell_contents
+                except ValueError:  # a cell not filled yet
+                    continue
+                if isinstance(content, (types.FunctionType, ) + _WRAPPERS):
+                    stack.append(content)
+    return found
+
+
+def _own_tables(cls: type) -> List[Dict[str, Any]]:
+    """The namespaces of ``cls`` and its bases but torch's and Python's
+    own."""
+    return [
+        vars(base) for base in cls.__mro__
+        if base.__module__.split('.')[0] not in ('torch', 'builtins')
+    ]
 
 
 def type_call_in(cls: type) -> Optional[str]:
-    """Where the forward of ``cls`` may call the builtin ``type``: its
-    code, the code nested in it, and, through the names that code uses,
-    the methods of ``cls`` (but torch's) and the functions of the model's
-    code (see :func:`_code_kind`) in its globals, and so on from theirs.
+    """Where the forward of ``cls`` may call the builtin ``type``.
+
+    Read: the forward's code and the code nested in it, and, through the
+    names that code uses, the attributes of that name of ``cls`` and its
+    bases (but torch's), the globals of that name and the attributes of
+    that name of modules and classes among them, and so on from their
+    code (through decorators, closures, properties,
+    ``functools.partial``).  Only the model's code (see
+    :func:`_code_kind`) is read.
 
     Returns:
-        ``'Class.method'`` or the function's qualified name where such
-        code loads the global ``type`` and it is the builtin; ``None``
-        where none does.
+        The qualified name of a function whose code loads the global
+        ``type`` where that is the builtin; ``None`` where none does.
     """
-    if cls in _TYPE_CALLS:
-        return _TYPE_CALLS[cls]
-    pending: List[Any] = [getattr(cls, 'forward', None)]
+    forward = inspect.getattr_static(cls, 'forward', None)
+    known = _TYPE_CALLS.get(cls)
+    if known is not None and known[0] is forward:
+        return known[1]
+    bases = _own_tables(cls)
+    pending = _functions_in(forward)
     found = None
     seen: Set[Any] = set()
     while pending and found is None:
-        value = pending.pop()
-        function = getattr(value, '__func__', value)
-        code = getattr(function, '__code__', None)
-        if code is None or code in seen or \
-                _code_kind(code.co_filename) != 'model':
+        function = pending.pop()
+        code = function.__code__
+        if code in seen or _code_kind(code.co_filename) != 'model':
             continue
         seen.add(code)
-        scope = getattr(function, '__globals__', {})
+        scope = function.__globals__
         codes = [code]
         while codes and found is None:
             code = codes.pop()
@@ -447,10 +500,21 @@ def type_call_in(cls: type) -> Optional[str]:
                         and ins.argval == 'type'
                         for ins in dis.get_instructions(code)):
                 found = function.__qualname__
+            # Modules and classes named: ``helpers.f(x)``,
+            # ``Base.forward(self, x)``.
+            holders = []
             for name in code.co_names:
-                pending.append(getattr(cls, name, None))
-                pending.append(scope.get(name))
-    _TYPE_CALLS[cls] = found
+                value = scope.get(name)
+                if isinstance(value, types.ModuleType):
+                    holders.append(vars(value))
+                elif isinstance(value, type):
+                    holders.extend(_own_tables(value))
+            for name in code.co_names:
+                for table in bases + [scope] + holders:
+                    value = table.get(name)
+                    if isinstance(value, (types.FunctionType, ) + _WRAPPERS):
+                        pending.extend(_functions_in(value))
+    _TYPE_CALLS[cls] = (forward, found)
     return found
 
 

@@ -549,7 +549,8 @@ def _registry_entry(module: nn.Module,
     Args:
         module: The module.
         by_class: What earlier lookups of one walk found, by class (the
-            registry does not change during a walk); filled in here.
+            registry does not change during a walk); filled in here.  Each
+            lookup still gets an entry of its own.
     """
     if 'forward' in module.__dict__:
         return None
@@ -558,7 +559,8 @@ def _registry_entry(module: nn.Module,
     cls = type(module)
     if cls not in by_class:
         by_class[cls] = find_reparameterizer(module)
-    return by_class[cls]
+    found = by_class[cls]
+    return None if found is None else (found[0], type(found[1])())
 
 
 def has_registered_blocks(model: nn.Module) -> bool:
