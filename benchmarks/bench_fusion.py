@@ -14,7 +14,10 @@ always float32 here), four ways to fuse are compared on a fresh copy each:
 
 For each: batch norms folded out of those foldable (batch norms with running
 statistics in the unfused model, counted once per module), the largest
-relative output error against the unfused model (or the crash), and the
+relative output error against the unfused model (or the crash), the
+same against the unfused model run in float64 for the float32 outputs
+and for the fused models run in float64 (the folds' own error; not
+measured where the float64 copy's outputs are not all float64), and the
 time the call takes: after one untimed round, ``--repeats`` rounds of one
 unfused forward and one call of each method on a fresh copy, each timed
 with the garbage collector off (as ``timeit`` does); the time is the
@@ -25,9 +28,10 @@ unfused model, the ``fuse_model`` one and the *no-norm bound* (every
 foldable norm replaced by ``nn.Identity``: not the same function, only
 the speed a perfect fusion could reach; and the same with a zero bias on
 each conv the fused model gave one, as a folded shift must be added) is
-measured in one process,
-interleaved (one forward of each per round), as the median of
-``--rounds`` rounds, with ``torch.set_num_threads(--threads)``
+measured in one process, interleaved (one forward of each per round, in
+an order that turns and reverses), as the median of ``--rounds`` rounds
+(the fused over each bound as the median of the rounds' ratios), with
+``torch.set_num_threads(--threads)``
 (1 by default: on a 2-core machine shared with other work, two intra-op
 threads wait on each other and the numbers scatter far more).
 
