@@ -501,15 +501,18 @@ def type_call_in(cls: type) -> Optional[str]:
                         for ins in dis.get_instructions(code)):
                 found = function.__qualname__
             # Modules and classes named: ``helpers.f(x)``,
-            # ``Base.forward(self, x)``.
+            # ``Base.forward(self, x)``.  Names that are no identifiers
+            # are not the model's (pytest's assertion rewriting puts
+            # ``@pytest_ar`` and its helpers in every module it imports).
+            names = [n for n in code.co_names if n.isidentifier()]
             holders = []
-            for name in code.co_names:
+            for name in names:
                 value = scope.get(name)
                 if isinstance(value, types.ModuleType):
                     holders.append(vars(value))
                 elif isinstance(value, type):
                     holders.extend(_own_tables(value))
-            for name in code.co_names:
+            for name in names:
                 for table in bases + [scope] + holders:
                     value = table.get(name)
                     if isinstance(value, (types.FunctionType, ) + _WRAPPERS):
