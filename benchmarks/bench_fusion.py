@@ -284,7 +284,17 @@ def run_methods(model: nn.Module, inputs: Tuple, reference: Any,
 
 def float64_output(model: nn.Module, inputs: Tuple) -> Any:
     """The output of a float64 copy of ``model`` on ``inputs`` cast to
-    float64 (``model`` is not changed)."""
+    float64 (``model`` is not changed).
+
+    The whole copy is cast, unlike :func:`mmfuse.verify.upcast_output`
+    (which casts a module's tensors only while it runs, to save memory):
+    here code that reads another module's tensors sees them in float64
+    too.
+
+    Raises:
+        TypeError: Where an output tensor is not float64 (the forward casts,
+            or keeps float32 state outside parameters and buffers).
+    """
     wide = copy.deepcopy(model).to(torch.float64)
 
     def cast(value: Any) -> Any:
