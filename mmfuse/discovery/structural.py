@@ -25,7 +25,7 @@ model is never mutated.
 """
 import inspect
 import operator
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import fx, nn
@@ -457,26 +457,41 @@ class _StructuralCollector:
                 if any(id(m) in self.foldable for m in layers):
                     self.traced(module)
                 elif layers:
-                    pending.append(
-                        (module,
-                         {id(m)
-                          for _, m in walk_modules(module)}))
+                    pending.append(module)
         # A module that may call a linked layer (one of its own, or one it
         # reaches inside a child) is traced too, and its trace may link
         # more: repeat until nothing changes.
-        while True:
-            linked = {
+        while pending:
+            holding = self.holders_of({
                 id(occ.module)
                 for occ in self.evidence.occurrences
                 if occ.link is not None or occ.input_link is not None
-            }
-            ready = [entry for entry in pending
-                     if not entry[1].isdisjoint(linked)]
+            })
+            ready = [m for m in pending if id(m) in holding]
             if not ready:
-                return self.evidence
-            for entry in ready:
-                pending.remove(entry)
-                self.traced(entry[0])
+                break
+            for module in ready:
+                pending.remove(module)
+                self.traced(module)
+        return self.evidence
+
+    def holders_of(self, modules: Set[int]) -> Set[int]:
+        """The ids of the modules that hold any of ``modules`` (ids)
+        below them, under any of their names."""
+        walk = walk_modules(self.model, remove_duplicate=False)
+        by_path = dict(walk)
+        found: Set[int] = set()
+        seen_paths: Set[str] = set()
+        for path, module in walk:
+            if id(module) not in modules:
+                continue
+            while path:
+                path = path.rpartition('.')[0]
+                if path in seen_paths:
+                    break  # and so are the paths above it
+                seen_paths.add(path)
+                found.add(id(by_path[path]))
+        return found
 
 
 def collect_structural_evidence(model: nn.Module) -> Evidence:
