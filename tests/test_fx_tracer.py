@@ -293,6 +293,9 @@ def _is_plain_tensor(value):
     return type(value) is torch.Tensor
 
 
+_kind_of = type
+
+
 class _TypeCall(nn.Module):
     """Traced, ``type(y)`` of a proxy is not ``torch.Tensor`` and the
     forward goes the second way, where the norm folds; run, the conv's
@@ -365,6 +368,12 @@ class _TypeUnderNoGrad(_TypeCall):
         return self.bn(y)
 
 
+class _TypeUnderAnotherName(_TypeCall):
+
+    def plain(self, y):
+        return _kind_of(y) is torch.Tensor
+
+
 class _TypeInAnotherClass(_TypeCall):
 
     def forward(self, x):
@@ -405,7 +414,8 @@ class _TypeInPartial(_TypeCall):
 
 _TYPE_CALLERS = [
     _TypeInForward, _TypeInMethod, _TypeInFunction, _TypeInBase,
-    _TypeUnderNoGrad, _TypeInAnotherClass, _TypeUnderOwnDecorator,
+    _TypeUnderNoGrad, _TypeUnderAnotherName, _TypeInAnotherClass,
+    _TypeUnderOwnDecorator,
     _TypeInModuleFunction, _TypeInPartial
 ]
 

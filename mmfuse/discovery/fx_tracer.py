@@ -451,7 +451,7 @@ def _functions_in(value: Any) -> List[types.FunctionType]:
     return found
 
 
-def _own_tables(cls: type) -> List[Dict[str, Any]]:
+def class_namespaces(cls: type) -> List[Dict[str, Any]]:
     """The namespaces of ``cls`` and its bases but torch's and Python's
     own."""
     return [
@@ -472,14 +472,15 @@ def type_call_in(cls: type) -> Optional[str]:
     :func:`_code_kind`) is read.
 
     Returns:
-        The qualified name of a function whose code loads the global
-        ``type`` where that is the builtin; ``None`` where none does.
+        The qualified name of a function whose code loads a global that
+        is the builtin ``type`` (under that name or another); ``None``
+        where none does.
     """
     forward = inspect.getattr_static(cls, 'forward', None)
     known = _TYPE_CALLS.get(cls)
     if known is not None and known[0] is forward:
         return known[1]
-    bases = _own_tables(cls)
+    bases = class_namespaces(cls)
     pending = _functions_in(forward)
     found = None
     seen: Set[Any] = set()
@@ -494,24 +495,29 @@ def type_call_in(cls: type) -> Optional[str]:
         while codes and found is None:
             code = codes.pop()
             codes.extend(c for c in code.co_consts if hasattr(c, 'co_code'))
-            if 'type' in code.co_names and \
-                    scope.get('type', builtins.type) is builtins.type and \
-                    any(ins.opname in ('LOAD_GLOBAL', 'LOAD_NAME')
-                        and ins.argval == 'type'
-                        for ins in dis.get_instructions(code)):
+            # Names that are no identifiers are not the model's (pytest's
+            # assertion rewriting puts ``@pytest_ar`` and its helpers in
+            # every module it imports).
+            names = [n for n in code.co_names if n.isidentifier()]
+            # ``type`` under any global name (``kind_of = type``), loaded
+            # as a global (not ``self.type``, an attribute).
+            typed = {
+                n
+                for n in names if _global_value(scope, n) is builtins.type
+            }
+            if typed and any(ins.opname in ('LOAD_GLOBAL', 'LOAD_NAME')
+                             and ins.argval in typed
+                             for ins in dis.get_instructions(code)):
                 found = function.__qualname__
             # Modules and classes named: ``helpers.f(x)``,
-            # ``Base.forward(self, x)``.  Names that are no identifiers
-            # are not the model's (pytest's assertion rewriting puts
-            # ``@pytest_ar`` and its helpers in every module it imports).
-            names = [n for n in code.co_names if n.isidentifier()]
+            # ``Base.forward(self, x)``.
             holders = []
             for name in names:
                 value = scope.get(name)
                 if isinstance(value, types.ModuleType):
                     holders.append(vars(value))
                 elif isinstance(value, type):
-                    holders.extend(_own_tables(value))
+                    holders.extend(class_namespaces(value))
             for name in names:
                 for table in bases + [scope] + holders:
                     value = table.get(name)
@@ -519,6 +525,15 @@ def type_call_in(cls: type) -> Optional[str]:
                         pending.extend(_functions_in(value))
     _TYPE_CALLS[cls] = (forward, found)
     return found
+
+
+def _global_value(scope: Dict[str, Any], name: str) -> Any:
+    """What the global ``name`` is to code whose globals are ``scope``: a
+    builtin where the module binds no such name; ``None`` for none."""
+    if name in scope:
+        return scope[name]
+    own = scope.get('__builtins__', builtins)
+    return (own if isinstance(own, dict) else vars(own)).get(name)
 
 
 def _model_code(frame: Any) -> Optional[Any]:
@@ -691,11 +706,8 @@ def _list_readers(code: Any, scope: Dict[str, Any]) -> Set[str]:
     symbolic list's type or contents past its refusals."""
     names = set(code.co_names)
     found = names & _LIST_READING_NAMES
-    builtins = scope.get('__builtins__', {})
-    if not isinstance(builtins, dict):
-        builtins = vars(builtins)
     found.update(name for name in names
-                 if id(scope.get(name, builtins.get(name))) in _LIST_READERS)
+                 if id(_global_value(scope, name)) in _LIST_READERS)
     return found
 
 

@@ -34,6 +34,7 @@ from ..layers import (is_conv_layer, is_mmcv_conv_module, is_norm_layer,
                       norm_fold_problem)
 from ..module_walk import find_submodule, walk_modules
 from ..plan import CONCAT, POST, PRE, SUM
+from .fx_tracer import class_namespaces
 from .occurrence import Evidence, Occurrence
 from .trace_cache import TraceCache
 
@@ -82,10 +83,8 @@ def _names_in_class(cls: type) -> frozenset:
     if names is None:
         found: set = set()
         stack = []
-        for base in cls.__mro__:
-            if base.__module__.split('.')[0] in ('torch', 'builtins'):
-                continue
-            for name, value in vars(base).items():
+        for namespace in class_namespaces(cls):
+            for name, value in namespace.items():
                 function = getattr(value, '__func__', value)
                 code = getattr(function, '__code__', None)
                 if code is not None and name != '__init__':

@@ -428,9 +428,8 @@ class Merges:
         replacements in the model, the outermost ones (a merged conv, or a
         Sequential of it and the layers after the sum; not one inside a
         block a later merge replaced in turn)."""
-        steps = [(old, new) for group in self.groups
-                 for parent, attr, old, new in group.steps
-                 if parent._modules.get(attr) is new]  # not undone
+        steps = [(old, new) for group in self._standing_groups()
+                 for _, _, old, new in group.steps]
         replaced: Dict[int, nn.Module] = {}
         for old, _ in steps:
             replaced.update((id(m), m) for _, m in walk_modules(old))
@@ -445,16 +444,20 @@ class Merges:
             m for m in replacements if id(m) not in inner
         ]
 
+    def _standing_groups(self) -> List[_Group]:
+        """The groups not undone (a group stands or falls whole)."""
+        return [
+            group for group in self.groups
+            if all(parent._modules.get(attr) is new
+                   for parent, attr, _, new in group.steps)
+        ]
+
     def measure_unmerged(self, check: OutputCheck, inputs: Tuple) -> None:
         """Have ``check`` measure the model in a wider dtype with every
         merge undone (:meth:`OutputCheck.add_precise`; once), so that
         what changes after the merges is judged from the model as it was
         given; the merges standing are made again."""
-        standing = [
-            group for group in self.groups
-            if all(parent._modules.get(attr) is new
-                   for parent, attr, _, new in group.steps)
-        ]  # groups stand or fall whole
+        standing = self._standing_groups()
         _undo(standing)
         try:
             check.add_precise(self.model, inputs)
