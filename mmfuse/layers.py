@@ -19,7 +19,8 @@ from .module_walk import has_children
 __all__ = [
     'is_norm_layer', 'norm_fold_problem', 'norm_affine_params',
     'norm_channels', 'is_conv_layer', 'conv_fold_problem', 'conv_geometry',
-    'pads_with_zeros', 'conv_out_channels', 'conv_in_channels'
+    'pads_with_zeros', 'conv_out_channels', 'conv_in_channels',
+    'is_deformable_conv', 'input_fold_problem'
 ]
 
 # Convolution subclasses whose forward is the plain convolution with their
@@ -40,6 +41,21 @@ _LINEAR_CONV_QUALNAMES = {
     'mmcv.cnn.bricks.wrappers.Linear.forward',
     # Pads like TensorFlow's 'SAME', then F.conv2d with its own weight.
     'mmcv.cnn.bricks.conv2d_adaptive_padding.Conv2dAdaptivePadding.forward',
+    # Modulated deformable convs (DCNv2): output channel ``o`` is
+    # ``weight[o]`` applied to samples of the input (where offsets and a
+    # mask say, both computed apart from ``weight``), plus ``bias[o]``;
+    # the Pack computes offsets and mask from the input with its own
+    # ``conv_offset``.
+    'mmcv.ops.modulated_deform_conv.ModulatedDeformConv2d.forward',
+    'mmcv.ops.modulated_deform_conv.ModulatedDeformConv2dPack.forward',
+}
+# Deformable convs of mmcv (by the class that defines them): whether each
+# has a bias to take a norm's shift.  Any subclass is a conv layer too, to
+# discovery (a layer whose output a norm may follow); one that overrides
+# forward is refused like any conv that does.
+_DEFORMABLE_CONVS = {
+    'mmcv.ops.modulated_deform_conv.ModulatedDeformConv2d': True,
+    'mmcv.ops.deform_conv.DeformConv2d': False,
 }
 # Convolutions that transform their weight (or their input-dependent
 # behaviour) in forward: folding into ``weight`` would be undone.
@@ -237,9 +253,35 @@ def norm_channels(module: nn.Module) -> int:
     return int(module.running_mean.numel())
 
 
+#: :func:`_deformable_kind` of each class asked about.
+_DEFORMABLE_KINDS: Dict[type, Optional[bool]] = {}
+
+
+def _deformable_kind(cls: type) -> Optional[bool]:
+    """For a deformable conv class of mmcv (or a subclass), whether it has
+    a bias (:data:`_DEFORMABLE_CONVS`); ``None`` for any other class."""
+    try:
+        return _DEFORMABLE_KINDS[cls]
+    except KeyError:
+        pass
+    kind = next((_DEFORMABLE_CONVS[name] for name in (
+        f'{base.__module__}.{base.__qualname__}' for base in cls.__mro__)
+                 if name in _DEFORMABLE_CONVS), None)
+    _DEFORMABLE_KINDS[cls] = kind
+    return kind
+
+
+def is_deformable_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is one of mmcv's deformable convs (DCN, DCNv2,
+    their Packs, and subclasses)."""
+    return _deformable_kind(type(module)) is not None
+
+
 def is_conv_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is a convolution or a linear layer."""
-    return isinstance(module, (_ConvNd, nn.Linear))
+    """Whether ``module`` is a convolution (deformable ones of mmcv too) or
+    a linear layer."""
+    return isinstance(module, (_ConvNd, nn.Linear)) or \
+        _deformable_kind(type(module)) is not None
 
 
 def _has_member(module: nn.Module, name: str) -> bool:
@@ -270,6 +312,9 @@ def conv_fold_problem(module: nn.Module) -> Optional[str]:
     name = type(module).__name__
     if not is_conv_layer(module):
         return f'{name} is not a convolution or linear layer'
+    if _deformable_kind(type(module)) is False:
+        return (f'{name} is a deformable conv without a bias (DCNv1): it '
+                "cannot take the norm's shift")
     transforms = _weight_transform(type(module))
     if transforms:
         return f'{name} {transforms}'
@@ -316,12 +361,29 @@ def conv_in_channels(module: nn.Module) -> int:
     return module.in_channels
 
 
+def input_fold_problem(module: nn.Module) -> Optional[str]:
+    """Why a norm that runs right before the conv or linear layer
+    ``module`` cannot be folded into its input side, or ``None``.
+
+    Completes ``'runs before <conv>, which ...'``.
+    """
+    if is_deformable_conv(module):
+        # Offsets pointing outside the input sample zeros wherever they
+        # point, and a Pack computes its offsets from the input too.
+        return ('is a deformable conv: it samples zeros outside its input '
+                'and may read the input for its offsets')
+    if pads_with_zeros(module):
+        return 'pads with zeros: folding would change the border'
+    return None
+
+
 def pads_with_zeros(module: nn.Module) -> bool:
     """Whether the layer pads its input with zeros.
 
     A norm before such a layer cannot be folded into it: the padded zeros
     would have been ``shift``, not zero.  Transposed convs are treated as
-    padding (their input is spread over a zero canvas).
+    padding (their input is spread over a zero canvas).  See
+    :func:`input_fold_problem` for deformable convs.
     """
     if isinstance(module, nn.Linear):
         return False

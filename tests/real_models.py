@@ -154,6 +154,16 @@ MODELS: List[ModelSpec] = [
           what='deformable convs (mmcv DeformConv2dPack) followed by BN; '
           'float64 because offsets computed from the features amplify '
           'float32 rounding to 3.5e-4 in the unfused model itself'),
+    _spec('faster_rcnn_r50_mdconv', 'mmdet',
+          'dcnv2/faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py',
+          input_hw=(128, 128), samples='two_stage', dtype='float64',
+          what='modulated deformable convs (mmcv ModulatedDeformConv2dPack, '
+          'DCNv2) followed by BN, folded into the DCN; float64 as for DCN'),
+    _spec('centernet_r18_dcnv2', 'mmdet',
+          'centernet/centernet_r18-dcnv2_8xb16-crop512-140e_coco.py',
+          dtype='float64',
+          what='ConvModule with a DCNv2 conv and BN in the neck, deconvs; '
+          'float64 as for centernet_r18'),
     _spec('solov2_r50', 'mmdet', 'solov2/solov2_r50_fpn_1x_coco.py',
           input_hw=(128, 128), samples='det',
           what='instance segmentation, GroupNorm mask branch'),

@@ -23,6 +23,7 @@ import sys
 from functools import cached_property
 from typing import Any, Dict, List, Sequence, Set, Tuple
 
+import mmcv.ops
 import pytest
 import torch
 from torch import nn
@@ -193,6 +194,12 @@ def test_every_norm_is_accounted_for(case: Case) -> None:
                      {s.name: s.reason for s in plan.skipped})
 
 
+#: What a norm may be folded into: convs, linear layers and mmcv's
+#: modulated deformable convs (DCNv2, which have a bias to take the shift).
+_FOLD_TARGETS = (nn.modules.conv._ConvNd, nn.Linear,
+                 mmcv.ops.ModulatedDeformConv2d)
+
+
 def _check_structure(case: Case,
                      model: nn.Module,
                      folded: Set[str],
@@ -206,7 +213,7 @@ def _check_structure(case: Case,
                 f'{case.name}: folded {site} is not an Identity'
         for target in fold.convs:
             conv = model.get_submodule(target.name)
-            assert isinstance(conv, (nn.modules.conv._ConvNd, nn.Linear)), \
+            assert isinstance(conv, _FOLD_TARGETS), \
                 f'{case.name}: {fold.norm} folded into a {type(conv)}'
     for path, module in case.norms.items():
         if path in folded:

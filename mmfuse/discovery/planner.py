@@ -19,8 +19,8 @@ from typing import Dict, List, Optional, Set, Tuple
 from torch import nn
 
 from ..layers import (conv_fold_problem, conv_in_channels, conv_out_channels,
-                      is_norm_layer, norm_channels, norm_fold_problem,
-                      pads_with_zeros)
+                      input_fold_problem, is_norm_layer, norm_channels,
+                      norm_fold_problem)
 from ..module_walk import find_submodule, has_children, walk_modules
 from ..plain_conv import plain_conv_of
 from ..plan import (CONCAT, POST, PRE, SUM, ConvTarget, Fold, FusionPlan,
@@ -191,9 +191,11 @@ class _Planner:
                     self.skip(name, f'{norm_channels(norm)} channels but '
                               f'{target.name} has {channels}')
                     return
-                if kind == PRE and pads_with_zeros(conv_occ.module):
-                    self.skip(name, f'runs before {target.name}, which pads '
-                              'with zeros: folding would change the border')
+                problem = input_fold_problem(conv_occ.module) \
+                    if kind == PRE else None
+                if problem:
+                    self.skip(name, f'runs before {target.name}, which '
+                              f'{problem}')
                     return
                 if target not in targets:
                     targets.append(target)
