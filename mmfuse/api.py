@@ -6,7 +6,7 @@ with an example input observes the real forward pass and verifies the fused
 output against the unfused one, undoing any fold that breaks it.
 """
 import time
-from typing import Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -19,11 +19,12 @@ from .guards import (FusionError, as_input_tuple, check_eval,
                      unwrap_model)
 from .layers import is_norm_layer, norm_fold_problem
 from .module_walk import tree_unchanged, unique_modules
-from .plan import FusionPlan, Skip
+from .plan import Fold, FusionPlan, Skip
 from .reparam import Merges, has_registered_blocks, merge_blocks
 from .report import FusionReport
-from .surgery import apply_plan, undo_folds
-from .verify import OutputCheck, default_rtol, isolate_failures
+from .surgery import AppliedFold, apply_plan, undo_folds
+from .verify import (OutputCheck, TwinError, WiderTwin, default_rtol,
+                     isolate_failures, precise_dtype)
 
 __all__ = ['FusionError', 'fuse_model', 'fuse_conv_bn', 'discover_folds',
            'unwrap_model']
@@ -209,8 +210,22 @@ def fuse_model(model: nn.Module,
             if unmerged_evidence is not None:
                 merges.measure_unmerged(check, inputs)
             bad, dropped = [], []
-            if check.passes_wider(model, inputs):
+            wide = check.passes_wider(model, inputs)
+            judged = None
+            if not wide and check.too_rough and unmerged_evidence is None:
+                # Too rough in its dtype to judge folds by: judge them on
+                # a wider twin, where exact ones change nothing.
+                judged = _judge_on_twin(model, inputs, plan, check, passes)
+            if wide:
                 applied = apply_plan(model, plan)
+            elif judged is not None:
+                applied, wrong = judged
+                report.twin = check.yardstick
+                for fold in wrong:
+                    report.undone.append(
+                        Skip(fold.norm, 'undone: it changes the output of '
+                             f'the {report.twin} twin by more than '
+                             f'rtol={tolerance:g}'))
             else:  # all the folds together fail this check: bisect
                 applied, bad, dropped = isolate_failures(
                     plan.folds,
@@ -233,6 +248,50 @@ def fuse_model(model: nn.Module,
     report.folded = [a.fold for a in applied]
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _judge_on_twin(
+        model: nn.Module, inputs: Tuple, plan: FusionPlan,
+        check: OutputCheck, passes: Callable[[], bool]
+) -> Optional[Tuple[List[AppliedFold], List[Fold]]]:
+    """Judge the folds of ``plan`` on a :class:`WiderTwin` of ``model``
+    (unfused now, and too rough in its dtype to judge them by): those
+    that change the twin's output are wrong, found by bisection there in
+    exact enough arithmetic.  The others are then made to ``model`` and
+    its output judged against the twin's (``passes``, with ``check`` now
+    measuring against the twin: what the model's dtype makes of exact
+    folds).
+
+    Returns:
+        ``(applied, wrong)``: the folds made to ``model`` and those found
+        wrong; ``None`` where no twin can be made (the reason is added to
+        ``check.yardstick``) or the model's output fails with the right
+        folds, which are then undone.
+    """
+    dtype = precise_dtype(model)
+    try:
+        twin = WiderTwin(model, inputs, check, dtype)
+    except TwinError as error:
+        check.yardstick += f'; no twin: {error}'
+        return None
+    tried = apply_plan(twin.model, plan)
+    if twin.holds():
+        right, wrong = list(plan.folds), []
+    else:
+        undo_folds(tried)
+        kept, wrong, dropped = isolate_failures(
+            plan.folds,
+            lambda folds: apply_plan(twin.model, FusionPlan(), folds),
+            undo_folds, twin.holds)
+        right = [applied.fold for applied in kept]
+        wrong = list(wrong) + [applied.fold for applied in dropped]
+    check.use_twin(twin)
+    twin = tried = None  # its tensors: as many as the model's, twice as wide
+    applied = apply_plan(model, FusionPlan(), right)
+    if passes():
+        return applied, wrong
+    undo_folds(applied)
+    return None
 
 
 def _evidence_after_merges(unmerged: Evidence, merges: Merges) -> Evidence:

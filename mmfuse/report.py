@@ -30,6 +30,11 @@ class FusionReport:
             was used (``'none: ...'``); ``None`` when no copy was
             measured (the output was within ``rtol`` at once, and no merge
             before the folds needed one).
+        twin: The dtype of the twin of the unfused model on which the
+            folds themselves were judged (``'float64'``), where the
+            model's own rounding was too rough to judge them in its dtype
+            (see :class:`mmfuse.verify.WiderTwin`); ``None`` otherwise.
+            ``yardstick`` is then the same twin's output.
         precise_rel_error: The fused output's relative error against that
             copy.
         unfused_precise_rel_error: The unfused model's own error against
@@ -50,6 +55,7 @@ class FusionReport:
     max_rel_error: Optional[float] = None
     rtol: Optional[float] = None
     yardstick: Optional[str] = None
+    twin: Optional[str] = None
     precise_rel_error: Optional[float] = None
     unfused_precise_rel_error: Optional[float] = None
     seconds: float = 0.0
@@ -88,6 +94,8 @@ class FusionReport:
                          f'{self.unfused_precise_rel_error:.3g})')
             elif self.yardstick is not None:
                 line += f' (wider yardstick {self.yardstick})'
+            if self.twin is not None:
+                line += f'; folds judged on a {self.twin} twin'
         else:
             line += '; not verified'
         return line

@@ -62,13 +62,18 @@ def doubled_output(target: nn.Module) -> Iterator[None]:
 
 
 class CoarseRounding(nn.Module):
-    """``(x + 3e4) - 3e4``: float32 rounds ``x`` to a grid of ``2**-9``
-    there, float64 keeps it (the rounding a float32 model's ops may
-    amplify, as deformable convs do).  Outputs that differ by a float32
-    rounding before it may differ by a grid step after it."""
+    """``(x + offset) - offset``: float32 rounds ``x`` to a grid of
+    ``2**-9`` there with the default offset 3e4 (``2**-7`` with 1e5),
+    float64 keeps it (the rounding a float32 model's ops may amplify, as
+    deformable convs do).  Outputs that differ by a float32 rounding
+    before it may differ by a grid step after it."""
+
+    def __init__(self, offset: float = 3e4):
+        super().__init__()
+        self.offset = offset
 
     def forward(self, x):
-        return (x + 3e4) - 3e4
+        return (x + self.offset) - self.offset
 
 
 @contextmanager

@@ -466,6 +466,66 @@ def test_a_copy_that_computes_otherwise_is_no_yardstick():
     assert 'wider yardstick none' in report.summary()
 
 
+def _rough_chain() -> nn.Module:
+    """As :func:`_coarse_chain`, with a grid four times coarser: its float32
+    output is further from float64 than any yardstick may be (1e-3)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16),
+        CoarseRounding(1e5), nn.Conv2d(16, 16, 3, padding=1),
+        nn.BatchNorm2d(16), CoarseRounding(1e5),
+        nn.Conv2d(16, 8, 3, padding=1), nn.BatchNorm2d(8))
+    return randomize_norm_stats(model.eval(), seed=0)
+
+
+def test_folds_of_a_model_too_rough_for_a_yardstick_are_judged_on_a_twin():
+    """Too rough in float32 for the float64 yardstick, the model's folds
+    are judged on a float64 twin, where exact folds change nothing: all
+    kept (the plain check would undo exact folds for rounding noise)."""
+    model = _rough_chain()
+    reference = copy.deepcopy(model)
+    report = mmfuse.fuse_model(model, (X_LARGE, ))
+    assert report.unfused_precise_rel_error > 1e-3  # the premise
+    assert report.twin == 'float64' and report.yardstick == 'float64'
+    assert report.folded_names == ['1', '4', '7'] and not report.undone
+    assert report.precise_rel_error <= 2 * report.unfused_precise_rel_error
+    assert 'folds judged on a float64 twin' in report.summary()
+    with torch.no_grad():
+        assert output_error(reference(X_LARGE), model(X_LARGE))[1] < 1e-2
+
+
+def test_twin_finds_the_wrong_fold_and_only_it():
+    """A fold made wrong by a change the twin makes too (its conv's
+    output doubled before the norm, unseen by discovery) changes the
+    twin's output: it alone is undone, with the twin's reason."""
+    model = _rough_chain()
+    model[3].doubled = True
+    with changed_where_marked('doubled', lambda output: output * 2):
+        with torch.no_grad():
+            reference = model(X_LARGE)
+        report = mmfuse.fuse_model(model, (X_LARGE, ))
+        with torch.no_grad():
+            assert output_error(reference, model(X_LARGE))[1] < 1e-2
+    assert report.twin == 'float64'
+    assert report.folded_names == ['1', '7']
+    assert [s.name for s in report.undone] == ['4']
+    assert 'float64 twin by more than rtol' in report.undone[0].reason
+    assert isinstance(model[4], nn.BatchNorm2d)
+
+
+def test_no_twin_of_a_model_whose_copy_computes_otherwise():
+    """A hook keyed to the model's own module does not reach a copy: the
+    copy, run in float32, does not give the model's output, so no twin
+    judges, and the plain tolerance undoes the wrong fold."""
+    model = _rough_chain()
+    with doubled_output(model[3]):
+        report = mmfuse.fuse_model(model, (X_LARGE, ))
+    assert report.twin is None
+    assert 'no twin: a copy of the model computes otherwise' in \
+        report.yardstick
+    assert '4' in [s.name for s in report.undone]
+
+
 class _NoisyAndClean(nn.Module):
     """Two outputs: one through coarse rounding (noisy in float32), one
     through a plain conv+BN (float32 rounding only)."""
