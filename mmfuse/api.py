@@ -17,7 +17,7 @@ from .discovery.occurrence import Evidence
 from .discovery.traced import TracedForward
 from .guards import (FusionError, as_input_tuple, check_eval,
                      unwrap_model)
-from .layers import is_norm_layer, norm_fold_problem
+from .layers import global_hook_problem, is_norm_layer, norm_fold_problem
 from .module_walk import tree_unchanged, unique_modules
 from .plan import Fold, FusionPlan, Skip
 from .reparam import Merges, has_registered_blocks, merge_blocks
@@ -53,7 +53,17 @@ def discover_folds(model: nn.Module,
         else:
             evidence, _ = collect_traced_evidence(
                 model, as_input_tuple(example_inputs))
-        return plan_folds(model, evidence, plain_convs)
+        return _unverified(plan_folds(model, evidence, plain_convs))
+
+
+def _unverified(plan: FusionPlan) -> FusionPlan:
+    """``plan`` for folds no output check will judge: with global module
+    hooks registered (which may act on any layer), none of them."""
+    problem = global_hook_problem()
+    if problem and plan.folds:
+        plan.skipped.extend(Skip(fold.norm, problem) for fold in plan.folds)
+        plan.folds = []
+    return plan
 
 
 def fuse_model(model: nn.Module,
@@ -116,6 +126,8 @@ def fuse_model(model: nn.Module,
         check_eval(model)
         if inputs is not None and verify:
             tolerance = default_rtol(model) if rtol is None else rtol
+        if tolerance is None and global_hook_problem():
+            reparameterize = False  # nothing would judge the merges
         registered = inputs is not None and reparameterize and \
             has_registered_blocks(model)
         if inputs is not None:
@@ -147,6 +159,8 @@ def fuse_model(model: nn.Module,
             evidence = collect_structural_evidence(model)
         plan, num_norms, num_foldable = plan_and_count(
             model, evidence, plain_convs)
+        if tolerance is None:
+            plan = _unverified(plan)
     report = FusionReport(
         mode=evidence.mode,
         left=list(plan.skipped),
@@ -340,8 +354,9 @@ def fuse_conv_bn(module: nn.Module, *, plain_convs: bool = True) -> nn.Module:
         return module
     with tree_unchanged():  # discovery walks the model many times
         check_eval(model)
-        plan = plan_folds(model, collect_structural_evidence(model),
-                          plain_convs)
+        plan = _unverified(
+            plan_folds(model, collect_structural_evidence(model),
+                       plain_convs))
     apply_plan(model, plan, undoable=False)
     return module
 

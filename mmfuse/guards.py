@@ -17,8 +17,15 @@ class FusionError(ValueError):
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DataParallel, DDP or an MMEngine model wrapper."""
+    """The model inside DataParallel, DDP, an MMEngine model wrapper or
+    ``torch.compile``'s wrapper (which compiles again after the fusion:
+    its guards see the changed modules)."""
     while True:
+        compiled = getattr(model, '_orig_mod', None)
+        if type(model).__name__ == 'OptimizedModule' and \
+                isinstance(compiled, nn.Module):
+            model = compiled
+            continue
         inner = getattr(model, 'module', None)
         wrapper = isinstance(model, (nn.DataParallel,
                                      nn.parallel.DistributedDataParallel))

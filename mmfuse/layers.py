@@ -20,7 +20,8 @@ __all__ = [
     'is_norm_layer', 'norm_fold_problem', 'norm_affine_params',
     'norm_channels', 'is_conv_layer', 'conv_fold_problem', 'conv_geometry',
     'pads_with_zeros', 'conv_out_channels', 'conv_in_channels',
-    'is_deformable_conv', 'input_fold_problem'
+    'is_deformable_conv', 'input_fold_problem', 'runs_class_forward',
+    'global_hook_problem'
 ]
 
 # Convolution subclasses whose forward is the plain convolution with their
@@ -104,7 +105,8 @@ def is_mmcv_conv_module(module: nn.Module) -> bool:
     """Whether ``module`` runs mmcv's stock ``ConvModule.forward`` (any
     subclass that keeps it): its data flow follows ``module.order``."""
     return _qualname(type(module).forward) == \
-        'mmcv.cnn.bricks.conv_module.ConvModule.forward'
+        'mmcv.cnn.bricks.conv_module.ConvModule.forward' and \
+        runs_class_forward(module)
 
 
 #: Attributes through which mmcv's ``ConvModule`` fuses conv and norm on
@@ -171,6 +173,40 @@ def is_norm_layer(module: nn.Module) -> bool:
     return named and not has_children(module)
 
 
+def runs_class_forward(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs its class's ``forward`` the way
+    ``nn.Module`` does (hooks aside): no ``forward`` of the instance's own,
+    no ``__call__`` or ``_call_impl`` of the class's own."""
+    cls = type(module)
+    return 'forward' not in module.__dict__ and \
+        cls.__call__ is nn.Module.__call__ and \
+        cls._call_impl is nn.Module._call_impl
+
+
+def _call_problem(module: nn.Module) -> Optional[str]:
+    """Why a call of this layer may do more than its class's ``forward``
+    (hooks, its own ``forward``, a ``__call__`` of its own), or ``None``.
+    """
+    if module._forward_pre_hooks or module._forward_hooks:
+        return 'has forward hooks'
+    if not runs_class_forward(module):
+        return ('is not called through its class\'s forward (a forward of '
+                'its own, or __call__ overridden)')
+    return None
+
+
+def global_hook_problem() -> Optional[str]:
+    """Why no fold can be trusted without verification while global
+    module hooks are registered (``register_module_forward_hook`` and
+    friends: they may act on any layer's call), or ``None``."""
+    hooks = nn.modules.module
+    if getattr(hooks, '_global_forward_hooks', None) or \
+            getattr(hooks, '_global_forward_pre_hooks', None):
+        return ('global forward hooks are registered (they may act on any '
+                'layer): not folded without verification')
+    return None
+
+
 def norm_fold_problem(module: nn.Module) -> Optional[str]:
     """Why ``module`` cannot be folded, or ``None`` when it can.
 
@@ -192,6 +228,9 @@ def norm_fold_problem(module: nn.Module) -> Optional[str]:
     is_bn = isinstance(module, _BatchNorm) or _is_mmcv_sync_bn(type(module))
     if not is_bn and not _is_frozen_bn(module):
         return f'{name} is not a batch norm with stored statistics'
+    problem = _call_problem(module)
+    if problem:
+        return problem
     forward = type(module).forward
     known = forward in _AFFINE_NORM_FORWARDS or \
         _qualname(forward) in _AFFINE_NORM_QUALNAMES
@@ -209,8 +248,6 @@ def norm_fold_problem(module: nn.Module) -> Optional[str]:
         return 'track_running_stats=False: normalises with batch statistics'
     if module.training:
         return 'in training mode: normalises with batch statistics'
-    if module._forward_pre_hooks or module._forward_hooks:
-        return 'has forward hooks'
     return None
 
 
@@ -330,8 +367,9 @@ def conv_fold_problem(module: nn.Module) -> Optional[str]:
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and \
             module.has_uninitialized_params():
         return f'{name} is a lazy module with uninitialized parameters'
-    if module._forward_pre_hooks or module._forward_hooks:
-        return f'{name} has forward hooks'
+    problem = _call_problem(module)
+    if problem:
+        return f'{name} {problem}'
     forward = type(module).forward
     if forward not in _LINEAR_CONV_FORWARDS and \
             _qualname(forward) not in _LINEAR_CONV_QUALNAMES:

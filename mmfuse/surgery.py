@@ -128,8 +128,10 @@ def _seen_only_by(module: nn.Module, name: str) -> bool:
     ``state_dict(keep_vars=True)``, a tied module), references from C++
     to its tensor (a ``torch.jit`` trace or script of the model), tensors
     using its memory (a view, a ``state_dict()`` entry).  A parameter with
-    weak references (which may be looked through later) or with elements
-    sharing memory (an expanded tensor) is not rewritten either.
+    weak references (which may be looked through later), with elements
+    sharing memory (an expanded tensor), or in memory that torch does not
+    own (``torch.from_numpy``, a memory-mapped file) or that other
+    processes share is not rewritten either.
     """
     params = module._parameters
     if _STORAGE_USERS is None or \
@@ -137,6 +139,11 @@ def _seen_only_by(module: nn.Module, name: str) -> bool:
             not hasattr(params[name], '_use_count') or \
             weakref.getweakrefcount(params[name]) or \
             dense_format(params[name]) is None:
+        return False
+    storage = params[name].untyped_storage()
+    # Memory torch does not own (``torch.from_numpy``, a memory-mapped
+    # file) or shares with other processes is not torch's to rewrite.
+    if not storage.resizable() or storage.is_shared():
         return False
     control = _control(name)
     return (sys.getrefcount(params[name]) == sys.getrefcount(control[name])

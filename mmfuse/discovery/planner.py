@@ -113,7 +113,9 @@ class _Planner:
             return None, (f'{self.name(conv)} is shared or also used '
                           'elsewhere')
         site_name = _site_name(occ.site, self.paths)
-        if site_name is None:
+        if site_name is None or any(
+                _site_name(c.site, self.paths) is None for c in all_calls):
+            # (A call from an unknown place would keep the shared conv.)
             return None, (f'shared conv {self.name(conv)} called from a '
                           'place that could not be resolved')
         same_site = [c for c in all_calls if c.site == occ.site]

@@ -31,7 +31,7 @@ import torch
 from torch import fx, nn
 
 from ..layers import (is_conv_layer, is_mmcv_conv_module, is_norm_layer,
-                      norm_fold_problem)
+                      norm_fold_problem, runs_class_forward)
 from ..module_walk import find_submodule, walk_modules
 from ..plan import CONCAT, POST, PRE, SUM
 from .fx_tracer import class_namespaces
@@ -44,6 +44,16 @@ __all__ = ['collect_structural_evidence']
 def _is_leaf_layer(module: nn.Module) -> bool:
     return is_conv_layer(module) or (is_norm_layer(module) and not any(
         True for _ in module.children()))
+
+
+def _is_stock_sequential(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Sequential`` that runs its children
+    in order as ``nn.Sequential`` does: its class keeps the stock forward,
+    iteration and call."""
+    cls = type(module)
+    return isinstance(module, nn.Sequential) and \
+        cls.forward is nn.Sequential.forward and \
+        cls.__iter__ is nn.Sequential.__iter__ and runs_class_forward(module)
 
 
 def _resolve(root: nn.Module, target: str) -> Tuple[nn.Module, str]:
@@ -444,9 +454,9 @@ class _StructuralCollector:
         # place, copied or left).
         pending = []
         for _, module in walk_modules(self.model):
-            forward = type(module).forward
-            if isinstance(module, nn.Sequential) and \
-                    forward is nn.Sequential.forward:
+            if isinstance(module, torch.jit.ScriptModule):
+                continue  # compiled: neither traced nor read
+            if _is_stock_sequential(module):
                 self.sequential(module)
             elif is_mmcv_conv_module(module):
                 self.conv_module(module)
