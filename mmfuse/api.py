@@ -6,7 +6,7 @@ with an example input observes the real forward pass and verifies the fused
 output against the unfused one, undoing any fold that breaks it.
 """
 import time
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from .plan import Fold, FusionPlan, Skip
 from .reparam import Merges, has_registered_blocks, merge_blocks
 from .report import FusionReport
 from .surgery import AppliedFold, apply_plan, undo_folds
+from .output_tree import UncomparableOutput
 from .verify import (OutputCheck, TwinError, WiderTwin, default_rtol,
                      isolate_failures, precise_dtype)
 
@@ -146,6 +147,8 @@ def fuse_model(model: nn.Module,
         # entries apply anywhere.  The merged model is not observed
         # again: the flow the merges leave alone is the one observed.
         reference = observed.run()
+        if tolerance is not None:
+            check = _output_check(reference, tolerance)
         evidence = observed.evidence()
         observed.let_go()
         if reparameterize and (registered or observed.sum_blocks):
@@ -170,7 +173,6 @@ def fuse_model(model: nn.Module,
     applied = apply_plan(model, plan)
     if tolerance is not None:
         report.rtol = tolerance
-        check = OutputCheck(reference, tolerance)
 
         def passes() -> bool:
             try:
@@ -262,6 +264,19 @@ def fuse_model(model: nn.Module,
     report.folded = [a.fold for a in applied]
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _output_check(reference: Any, tolerance: float) -> OutputCheck:
+    """The check of outputs against ``reference``, the unfused output.
+
+    Raises:
+        FusionError: The output holds what cannot be compared.
+    """
+    try:
+        return OutputCheck(reference, tolerance)
+    except UncomparableOutput as error:
+        raise FusionError(f'mmfuse: cannot verify the fusion: {error}; '
+                          'pass verify=False to fuse without') from None
 
 
 def _judge_on_twin(

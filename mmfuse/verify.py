@@ -20,9 +20,10 @@ from typing import (Any, Callable, Dict, List, Optional, Sequence,
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from .module_walk import walk_modules
+from .output_tree import UncomparableOutput, flatten_output, tensors_in
 
 __all__ = [
     'output_error', 'default_rtol', 'isolate_failures', 'is_low_precision',
@@ -35,27 +36,35 @@ Applied = TypeVar('Applied')
 
 def leaf_errors(reference: Any,
                 output: Any) -> Optional[List[Tuple[float, float]]]:
-    """``(abs_error, rel_error)`` of each floating point tensor of
-    ``output`` against the one at its place in ``reference``, in order.
+    """``(abs_error, rel_error)`` of each floating point leaf of ``output``
+    against the one at its place in ``reference``, in order (see
+    :func:`mmfuse.output_tree.flatten_output`: tensors in any container,
+    dataclass or object, Python floats and numpy arrays).
 
-    ``None`` when the outputs differ in structure or shape, in an integer
-    tensor, or ``output`` has a NaN the reference does not.
+    ``None`` when the outputs differ in structure, shape or a constant
+    (an integer, a string), in an integer tensor, or ``output`` has a NaN
+    the reference does not, or holds what cannot be compared.
+
+    Raises:
+        UncomparableOutput: ``reference`` holds what cannot be compared.
     """
-    ref_leaves, ref_spec = tree_flatten(reference)
-    out_leaves, out_spec = tree_flatten(output)
-    if ref_spec != out_spec or len(ref_leaves) != len(out_leaves):
+    ref = flatten_output(reference)
+    try:
+        out = flatten_output(output)
+    except UncomparableOutput:
+        return None
+    if ref.spec != out.spec:
         return None
     errors = []
-    for ref, out in zip(ref_leaves, out_leaves):
-        if not isinstance(ref, Tensor):
-            continue
-        if not isinstance(out, Tensor) or ref.shape != out.shape:
+    for ref_leaf, out_leaf in zip(ref.leaves, out.leaves):
+        if ref_leaf.shape != out_leaf.shape:
             return None
-        if not ref.is_floating_point():
-            if not torch.equal(ref, out):
+        if not ref_leaf.is_floating_point():
+            if ref_leaf.dtype != out_leaf.dtype or \
+                    not torch.equal(ref_leaf, out_leaf):
                 return None
             continue
-        errors.append(_tensor_error(ref, out))
+        errors.append(_tensor_error(ref_leaf, out_leaf))
         if errors[-1] is None:
             return None
     return errors
@@ -237,7 +246,9 @@ class OutputCheck:
 
     def __init__(self, reference: Any, tolerance: float,
                  precise: Optional[Any] = None):
-        self.reference = reference
+        # A copy: a model may write into the tensors it returned (a buffer
+        # it returns) on its next call.
+        self.reference = flatten_output(reference, clone=True)
         self.tolerance = tolerance
         self.abs_error: Optional[float] = None
         self.rel_error: Optional[float] = None
@@ -293,7 +304,12 @@ class OutputCheck:
         unchanged output that overflows in its dtype says nothing about a
         fold, and a copy that is NaN where the model is not would hide
         any error of the fold there."""
-        forward = leaf_errors(precise, self.reference)
+        try:
+            precise = flatten_output(precise)
+        except UncomparableOutput:
+            precise = None
+        forward = None if precise is None else \
+            leaf_errors(precise, self.reference)
         backward = leaf_errors(self.reference, precise)
         if forward is None or backward is None or \
                 len(forward) != len(backward):
@@ -325,10 +341,16 @@ class OutputCheck:
         self.margin = self.TWIN_MARGIN
 
     def __call__(self, output: Any) -> bool:
-        """Check ``output``; the errors measured stay on the object."""
+        """Check ``output``; the errors measured stay on the object (and
+        a copy of ``output``, as :attr:`last_output`)."""
+        try:
+            output = flatten_output(output, clone=True)
+        except UncomparableOutput:
+            output = None
         self.last_output = output
         self.precise_error = None
-        errors = leaf_errors(self.reference, output)
+        errors = None if output is None else \
+            leaf_errors(self.reference, output)
         if errors is None:
             self.abs_error = self.rel_error = float('inf')
             return False
@@ -380,8 +402,8 @@ class OutputCheck:
 
 def _dtype_name(output: Any) -> str:
     """The dtype of the first floating point tensor in ``output``."""
-    for leaf in tree_flatten(output)[0]:
-        if isinstance(leaf, Tensor) and leaf.is_floating_point():
+    for leaf in tensors_in(output):
+        if leaf.is_floating_point():
             return str(leaf.dtype).replace('torch.', '')
     return 'unknown'
 
@@ -445,8 +467,7 @@ class WiderTwin:
                             f'({error})') from None
         narrow = {
             str(leaf.dtype).replace('torch.', '')
-            for leaf in tree_flatten(self.unchanged)[0]
-            if isinstance(leaf, Tensor) and leaf.is_floating_point()
+            for leaf in tensors_in(self.unchanged) if leaf.is_floating_point()
         } - {self.dtype_name}
         if narrow:
             raise TwinError(f'the {self.dtype_name} copy gave '

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from torch.nn.modules.module import (register_module_forward_hook,
                                      register_module_forward_pre_hook)
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from ..layers import is_conv_layer, is_norm_layer
 from ..module_walk import find_submodule, has_children, walk_modules
+from ..output_tree import tensors_in
 from ..plan import CONCAT, POST, PRE, SUM
 from .occurrence import Evidence, Occurrence, Site
 
@@ -89,8 +89,9 @@ if None in (_PUSH_MODE, _len_modes, _mode_at):
 
 
 def _tensors_in(tree: Any) -> List[Tensor]:
-    """Every tensor in ``tree``, in ``tree_flatten`` order (lists, tuples
-    and dicts walked here; other containers by ``tree_flatten``)."""
+    """Every tensor in ``tree``, depth first (lists, tuples and dicts
+    walked here; anything else, a dataclass, a mapping, an object with
+    attributes, by :func:`mmfuse.output_tree.tensors_in`)."""
     # The common cases first: a tensor, a tuple of one tensor.
     if isinstance(tree, Tensor):
         return [tree]
@@ -108,8 +109,7 @@ def _tensors_in(tree: Any) -> List[Tensor]:
         elif type(item) is dict:
             pending.extend(reversed(list(item.values())))
         elif not isinstance(item, _SCALARS):
-            found.extend(t for t in tree_flatten(item)[0]
-                         if isinstance(t, Tensor))
+            found.extend(tensors_in(item))
     return found
 
 

@@ -26,6 +26,7 @@ from ..guards import (FusionError, as_input_tuple, check_eval,
                       unwrap_model)
 from ..layers import norm_affine_params, norm_fold_problem
 from ..module_walk import walk_modules
+from ..output_tree import UncomparableOutput
 from ..verify import OutputCheck, default_rtol, isolate_failures
 from .branches import build_conv, describe_term, merge_terms, norm_ops
 from .generic import BlockRewrite, GenericMerger
@@ -417,9 +418,16 @@ class Merges:
         try:
             with torch.no_grad():
                 reference = self.model(*inputs)
-        finally:
+            check = OutputCheck(reference, tolerance)
+        except UncomparableOutput as error:
+            # Every merge stays undone: the model is as it was given.
+            raise FusionError(f'mmfuse: cannot verify the merges: {error}; '
+                              'pass verify=False to merge without') from None
+        except BaseException:
             _redo(self.groups)
-        return OutputCheck(reference, tolerance)
+            raise
+        _redo(self.groups)
+        return check
 
     def standing(self) -> Tuple[List[nn.Module], List[nn.Module]]:
         """What the merges standing now changed: every module under a

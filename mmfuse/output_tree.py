@@ -1,0 +1,143 @@
+"""The tensors in a model's inputs and outputs, whatever holds them.
+
+``torch.utils._pytree`` walks tuples, lists and dicts, and takes anything
+else as one opaque leaf: the tensors inside a dataclass, a dict subclass,
+a plain object or MMEngine's ``BaseDataElement`` (what mmdet, mmseg and
+mmpretrain return in ``predict`` mode) would be neither seen as used by
+the model's output nor compared.  Here such objects are walked too: the
+fields of a dataclass, the items of any mapping, the attributes
+(``__dict__``) of any other object.  Modules, classes, functions and
+Python modules are not walked (a module passed along is a layer, not
+data).
+"""
+import dataclasses
+import types
+from collections.abc import Mapping
+from typing import Any, Hashable, Iterable, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ['tensors_in', 'flatten_output', 'FlatOutput', 'UncomparableOutput']
+
+#: Values that hold no tensor and are compared by equality.
+_CONSTANTS = (type(None), bool, int, str, bytes, complex, torch.dtype,
+              torch.device, torch.layout, torch.memory_format, type(...),
+              slice, range)
+#: Objects that are not data: never walked.
+_NOT_DATA = (nn.Module, type, types.FunctionType, types.MethodType,
+             types.BuiltinFunctionType, types.ModuleType)
+
+
+def _items(item: Any) -> Optional[Iterable[Tuple[Hashable, Any]]]:
+    """``(key, value)`` of what ``item`` holds, or ``None`` for a value
+    with nothing to walk (a constant, a tensor, something not data)."""
+    if isinstance(item, (list, tuple)):
+        return enumerate(item)
+    if isinstance(item, Mapping):
+        return item.items()
+    if isinstance(item, _NOT_DATA) or isinstance(item, _CONSTANTS):
+        return None
+    if dataclasses.is_dataclass(item):
+        return ((f.name, getattr(item, f.name, None))
+                for f in dataclasses.fields(item))
+    state = getattr(item, '__dict__', None)
+    if isinstance(state, dict):
+        return state.items()
+    return None
+
+
+def tensors_in(tree: Any) -> List[Tensor]:
+    """Every tensor in ``tree``, depth first in order (each container or
+    object once)."""
+    if isinstance(tree, Tensor):
+        return [tree]
+    found: List[Tensor] = []
+    seen = set()
+    pending = [tree]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, Tensor):
+            found.append(item)
+            continue
+        if isinstance(item, (float, _CONSTANTS)) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        items = _items(item)
+        if items is not None:
+            pending.extend(reversed([value for _, value in items]))
+    return found
+
+
+class UncomparableOutput(TypeError):
+    """An output holds an object whose contents cannot be read."""
+
+
+@dataclasses.dataclass
+class FlatOutput:
+    """An output as its leaves (tensors; floats and numpy arrays as
+    tensors) in order, and a ``spec`` of everything else: container types
+    and keys, and the constants (integers, strings, ``None``), which two
+    outputs must share to be compared."""
+    leaves: List[Tensor]
+    spec: Tuple
+
+
+def flatten_output(output: Any, clone: bool = False) -> FlatOutput:
+    """Flatten ``output`` (a :class:`FlatOutput` is returned as it is).
+
+    Args:
+        output: A model's output.
+        clone: Copy the tensors, so that a model that writes into the
+            tensors it returned (a buffer it returns) cannot change them.
+
+    Raises:
+        UncomparableOutput: ``output`` holds an object that is neither a
+            tensor, a number, a string, a container, a dataclass nor an
+            object with attributes (``__slots__`` only, say).
+    """
+    if isinstance(output, FlatOutput):
+        return output
+    leaves: List[Tensor] = []
+    spec: List[Hashable] = []
+    on_path: set = set()
+
+    def walk(item: Any) -> None:
+        if isinstance(item, Tensor):
+            leaf = item.detach()
+            leaves.append(leaf.clone() if clone else leaf)
+            spec.append('tensor')
+        elif isinstance(item, float):
+            leaves.append(torch.tensor(item, dtype=torch.float64))
+            spec.append('float')
+        elif isinstance(item, np.ndarray) or (isinstance(item, np.generic)
+                                              and item.dtype.kind in 'fc'):
+            leaves.append(torch.from_numpy(np.array(item)))
+            spec.append('array')
+        elif isinstance(item, (np.generic, ) + _CONSTANTS):
+            spec.append(('constant', item))
+        elif isinstance(item, (set, frozenset)):
+            spec.append(('set', frozenset(item)))
+        elif isinstance(item, _NOT_DATA):
+            spec.append(('object', id(item)))
+        else:
+            items = _items(item)
+            if items is None:
+                raise UncomparableOutput(
+                    f'the output holds a {type(item).__name__}, whose '
+                    'contents cannot be read')
+            if id(item) in on_path:
+                spec.append(('cycle', type(item).__name__))
+                return
+            on_path.add(id(item))
+            items = list(items)
+            spec.append((type(item).__name__, len(items)))
+            for key, value in items:
+                spec.append(('key', key if isinstance(key, Hashable)
+                             else repr(key)))
+                walk(value)
+            on_path.discard(id(item))
+
+    walk(output)
+    return FlatOutput(leaves, tuple(spec))

@@ -1,0 +1,171 @@
+"""Outputs held in dataclasses, dict subclasses, MMEngine data elements and
+plain objects: their tensors count as used by the output (traced
+discovery) and are compared (verification)."""
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from mmengine.structures import BaseDataElement
+from torch import nn
+
+import mmfuse
+from fusion_checks import changed_where_marked, kept_at
+from mmfuse.guards import FusionError
+from mmfuse.output_tree import UncomparableOutput, flatten_output
+from mmfuse.testing import randomize_norm_stats
+from mmfuse.verify import output_error
+
+X = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+@dataclasses.dataclass
+class Out:
+    feat: torch.Tensor
+    logits: torch.Tensor
+
+
+class Tagged(dict):
+    """A dict subclass, as some heads return."""
+
+
+def _as_dataclass(feat, logits):
+    return Out(feat, logits)
+
+
+def _as_data_element(feat, logits):
+    return [BaseDataElement(feat=feat, logits=logits, metainfo=dict(k=1))]
+
+
+def _as_dict_subclass(feat, logits):
+    return Tagged(feat=feat, logits=logits)
+
+
+def _as_object(feat, logits):
+    holder = type('Holder', (), {})()
+    holder.feat, holder.logits = feat, logits
+    return holder
+
+
+WRAPPERS = [_as_dataclass, _as_data_element, _as_dict_subclass, _as_object]
+
+
+class ConvBNWrapped(nn.Module):
+    """Returns the conv output and the norm of it, wrapped."""
+
+    def __init__(self, wrap):
+        super().__init__()
+        self.wrap = wrap
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        # Zero padding: the norm before it stays there too.
+        self.head = nn.Sequential(
+            nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        feat = self.conv(x)
+        return self.wrap(feat, self.head(self.bn(feat)))
+
+
+def _leaves(output):
+    return flatten_output(output).leaves
+
+
+@pytest.mark.parametrize('wrap', WRAPPERS, ids=lambda w: w.__name__)
+def test_a_conv_output_in_a_wrapped_output_is_used(wrap):
+    """The conv's output is also returned (inside the wrapper): its norm
+    stays; the head's folds."""
+    torch.manual_seed(0)
+    model = randomize_norm_stats(ConvBNWrapped(wrap).eval(), seed=0)
+    with torch.no_grad():
+        reference = _leaves(model(X))
+    for verify in (True, False):
+        fused = copy.deepcopy(model)
+        report = mmfuse.fuse_model(fused, (X, ), verify=verify)
+        assert report.folded_names == ['head.1']
+        kept_at(fused, ['bn'])
+        with torch.no_grad():
+            assert output_error(reference, _leaves(fused(X)))[1] < 1e-5
+    assert len(reference) == 2
+
+
+@pytest.mark.parametrize('wrap', WRAPPERS, ids=lambda w: w.__name__)
+def test_verification_compares_wrapped_outputs(wrap):
+    """A fold made wrong by a change discovery cannot see is caught in a
+    wrapped output too (before, nothing inside was compared: reported
+    0, off by 2 to 5)."""
+    torch.manual_seed(0)
+    model = randomize_norm_stats(ConvBNWrapped(wrap).eval(), seed=0)
+    model.head[0].doubled = True
+    with changed_where_marked('doubled', lambda output: output * 2):
+        with torch.no_grad():
+            reference = _leaves(model(X))
+        report = mmfuse.fuse_model(model, (X, ))
+        with torch.no_grad():
+            assert output_error(reference, _leaves(model(X)))[1] < 1e-5
+    assert [s.name for s in report.undone] == ['head.1']
+
+
+class WritesIntoReturnedBuffer(nn.Module):
+    """Returns a buffer it overwrites on every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.register_buffer('out', torch.zeros(2, 4, 8, 8))
+
+    def forward(self, x):
+        self.out.copy_(self.bn(self.conv(x)))
+        return self.out
+
+
+def test_reference_is_kept_apart_from_a_returned_buffer():
+    """The reference is a copy: the fused model's pass cannot overwrite
+    it, so the wrong fold is caught (before, the check compared the
+    output with itself)."""
+    model = randomize_norm_stats(WritesIntoReturnedBuffer().eval(), seed=0)
+    model.conv.doubled = True
+    with changed_where_marked('doubled', lambda output: output * 2):
+        with torch.no_grad():
+            reference = model(X).clone()
+        report = mmfuse.fuse_model(model, (X, ))
+        with torch.no_grad():
+            assert output_error(reference, model(X))[1] < 1e-5
+    assert [s.name for s in report.undone] == ['bn']
+
+
+class Slotted:
+    __slots__ = ('value', )
+
+    def __init__(self, value):
+        self.value = value
+
+
+class ReturnsSlots(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return Slotted(self.body(x))
+
+
+def test_an_output_that_cannot_be_read_is_refused_before_any_change():
+    model = randomize_norm_stats(ReturnsSlots().eval(), seed=0)
+    with pytest.raises(FusionError, match='holds a Slotted'):
+        mmfuse.fuse_model(model, (X, ))
+    kept_at(model, ['body.1'])
+    report = mmfuse.fuse_model(model, (X, ), verify=False)
+    assert report.folded_names == ['body.1']
+
+
+def test_flattened_outputs_compare_constants_floats_and_arrays():
+    first = flatten_output({'n': 3, 'score': 0.5, 'a': np.ones(2)})
+    assert len(first.leaves) == 2
+    assert output_error(first, {'n': 3, 'score': 0.5, 'a': np.ones(2)}) \
+        == (0.0, 0.0)
+    with pytest.raises(UncomparableOutput):
+        flatten_output([Slotted(1)])
