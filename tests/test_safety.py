@@ -939,9 +939,10 @@ def test_a_forward_that_raises_in_a_leaf_leaves_no_hook_or_mode():
 
 
 def test_a_fold_that_breaks_the_forward_is_undone_not_raised():
-    """A forward that reads its norm's weight: folded (an Identity has
-    none), it raises; verification counts that as a failure and undoes
-    the fold, and the model comes out as it was."""
+    """A forward that reads a plain attribute of its norm (no tensor:
+    discovery does not see it): folded (an Identity has none), it raises;
+    verification counts that as a failure and undoes the fold, and the
+    model comes out as it was."""
 
     class ReadsNorm(nn.Module):
 
@@ -951,7 +952,7 @@ def test_a_fold_that_breaks_the_forward_is_undone_not_raised():
             self.bn = nn.BatchNorm2d(4)
 
         def forward(self, x):
-            return self.bn(self.conv(x)) * self.bn.weight.mean()
+            return self.bn(self.conv(x)) / self.bn.num_features
 
     model = randomize_norm_stats(ReadsNorm().eval(), 0)
     x = torch.randn(1, 3, 6, 6)

@@ -67,6 +67,7 @@ import torch
 from torch import fx, nn
 from torch.fx import _symbolic_trace as fx_internals
 
+from ..layers import is_conv_layer, is_norm_layer
 from ..module_walk import walk_modules
 
 __all__ = ['ModuleForwardTracer', 'trace_module_forward']
@@ -108,12 +109,72 @@ class ModuleForwardTracer(fx.Tracer):
         # tested the type of a traced value.
         self.list_reads: List[str] = []
         self.type_tests: List[str] = []
+        # Reads of a traced value the trace refused (its truth, length,
+        # items), kept in case the forward catches the error and goes on.
+        self.refused_reads: List[str] = []
+        # ``get_attr`` proxies of parameters and buffers, by path.
+        self.tensor_proxies: Dict[str, fx.Proxy] = {}
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _TracedValue(node, self)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return m is not self.root_module
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        flag = self.scalar_flag(obj)
+        if flag is not None:
+            return bool(flag)
+        self.refused_reads.append('its truth value')
+        return super().to_bool(obj)
+
+    def scalar_flag(self, obj: fx.Proxy) -> Optional[torch.Tensor]:
+        """The value of a one-element parameter or buffer that ``obj``
+        stands for (itself, or its ``.item()``), which the forward may read
+        as a flag or a number (``if self.flag``, ``float(self.alpha)``):
+        the trace then holds for that value, and the trace cache tells
+        modules apart by it (the floating point tensors of convs and
+        norms aside, which are not read so).  ``None`` for anything
+        else."""
+        node = getattr(obj, 'node', None)
+        if node is not None and node.op == 'call_method' and \
+                node.target == 'item' and len(node.args) == 1 and \
+                not node.kwargs:
+            node = node.args[0]
+        if not isinstance(node, fx.Node) or node.op != 'get_attr':
+            return None
+        owner_path, _, name = node.target.rpartition('.')
+        try:
+            owner = self.root.get_submodule(owner_path)
+        except AttributeError:
+            return None
+        value = None
+        for table in ('_parameters', '_buffers'):
+            entries = owner.__dict__.get(table)
+            if entries is not None and name in entries:
+                value = dict.__getitem__(entries, name)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1 or (
+                value.is_floating_point() and
+                (is_conv_layer(owner) or is_norm_layer(owner))):
+            return None
+        return value.detach()
+
+    def iter(self, obj: fx.Proxy):
+        self.refused_reads.append('its items')
+        return super().iter(obj)
+
+    def keys(self, obj: fx.Proxy):
+        self.refused_reads.append('its keys')
+        return super().keys(obj)
+
+    def tensor_proxy(self, path: str) -> fx.Proxy:
+        """The ``get_attr`` proxy of the parameter or buffer at ``path``
+        (one node per tensor)."""
+        proxy = self.tensor_proxies.get(path)
+        if proxy is None:
+            proxy = self.tensor_proxies[path] = self.create_proxy(
+                'get_attr', path, (), {})
+        return proxy
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache):
         return attr_val
@@ -208,10 +269,15 @@ class ModuleForwardTracer(fx.Tracer):
             raise fx.proxy.TraceError('list arguments need the module '
                                       'call slot')
         self.type_tests.clear()
+        self.refused_reads.clear()
         graph = super().trace(root, concrete_args)
         if self.type_tests:
             raise fx.proxy.TraceError('the forward tests the type of a '
                                       f'traced value ({self.type_tests[0]})')
+        if self.refused_reads:
+            raise fx.proxy.TraceError(
+                'the forward went on after a traced value refused a read '
+                f'({self.refused_reads[0]})')
         return graph
 
     def _trace(self, root: nn.Module, concrete_args: Optional[Dict[str, Any]],
@@ -237,6 +303,11 @@ class ModuleForwardTracer(fx.Tracer):
                  for _, m in submodules]
         for _, module in submodules:
             module.__dict__['_compiled_call_impl'] = self._intercept(module)
+        # Parameters and buffers read by the forward are traced values
+        # (``get_attr`` nodes), as with torch.fx: what the forward does with
+        # them is in the graph, not done to the model's tensors, and a
+        # Python decision on their values fails the trace.
+        tables = _traced_tensor_tables(root, self)
         refused = []
         thread = threading.get_ident()
         handle = nn.modules.module.register_module_forward_pre_hook(
@@ -244,6 +315,8 @@ class ModuleForwardTracer(fx.Tracer):
         was_tracing = _set_fx_tracing(True)
         self.list_reads.clear()
         self.type_tests.clear()
+        self.refused_reads.clear()
+        self.tensor_proxies.clear()
         problems: List[str] = []
         watching = False
         try:
@@ -267,6 +340,8 @@ class ModuleForwardTracer(fx.Tracer):
                 sys.settrace(None)
             _set_fx_tracing(was_tracing)
             handle.remove()
+            for state, name, table in tables:
+                state[name] = table
             for module, old in saved:
                 if old is _MISSING:
                     module.__dict__.pop('_compiled_call_impl', None)
@@ -282,6 +357,10 @@ class ModuleForwardTracer(fx.Tracer):
         if self.type_tests:
             raise fx.proxy.TraceError('the forward tests the type of a '
                                       f'traced value ({self.type_tests[0]})')
+        if self.refused_reads:  # refused, caught, and went on
+            raise fx.proxy.TraceError(
+                'the forward went on after a traced value refused a read '
+                f'({self.refused_reads[0]})')
         if problems:
             raise fx.proxy.TraceError(problems[0])
         return self.graph
@@ -307,6 +386,44 @@ _PLAIN_ARGUMENTS = frozenset({
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 #: Node kinds that are operations (named 'op...' in these graphs).
 _OPERATIONS = frozenset({'call_module', 'call_function', 'call_method'})
+
+
+class _TracedTensors(dict):
+    """A module's ``_parameters`` or ``_buffers`` during a trace: an entry
+    read by name (``Module.__getattr__``) is the tracer's ``get_attr``
+    proxy of it."""
+
+    def __init__(self, table: Dict[str, Any], prefix: str,
+                 tracer: ModuleForwardTracer):
+        super().__init__(table)
+        self.prefix = prefix
+        self.tracer = tracer
+
+    def __getitem__(self, name: str) -> Any:
+        value = dict.__getitem__(self, name)
+        if value is None:
+            return None
+        return self.tracer.tensor_proxy(self.prefix + name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+
+def _traced_tensor_tables(root: nn.Module, tracer: ModuleForwardTracer
+                          ) -> List[Tuple[Dict[str, Any], str, Dict]]:
+    """Give every module under ``root`` (``root`` too) tables of
+    parameters and buffers that hand out traced values; returns what to
+    put back: ``(module.__dict__, name, table)``."""
+    swapped = []
+    for path, module in walk_modules(root):
+        state = module.__dict__
+        prefix = f'{path}.' if path else ''
+        for name in ('_parameters', '_buffers'):
+            table = state.get(name)
+            if table:
+                swapped.append((state, name, table))
+                state[name] = _TracedTensors(table, prefix, tracer)
+    return swapped
 
 
 class _CallRefused(Exception):
@@ -367,13 +484,53 @@ def trace_module_forward(root: nn.Module,
     """
     saved = [(module, dict(module.__dict__))
              for _, module in walk_modules(root)]
+    # The contents of the containers among them (a cache dict, a list):
+    # the forward may store traced values there.
+    contents = [(value, copy.copy(value)) for _, attributes in saved
+                for name, value in attributes.items()
+                if name not in _MODULE_INTERNALS
+                and isinstance(value, (dict, list, set))]
     try:
         tracer = ModuleForwardTracer(root, list_args)
-        return tracer.trace(root, concrete_args)
+        graph = tracer.trace(root, concrete_args)
+        stored = _stored_traced_value(saved, contents)
+        if stored:
+            raise fx.proxy.TraceError(
+                f'the forward keeps a traced value in {stored}: whatever '
+                'reads it later is not in the graph')
+        return graph
     finally:
         for module, attributes in saved:
             module.__dict__.clear()
             module.__dict__.update(attributes)
+        for container, content in contents:
+            if isinstance(container, list):
+                container[:] = content
+            else:
+                container.clear()
+                container.update(content)
+
+
+#: What ``nn.Module.__init__`` puts in a module's ``__dict__``: tables of
+#: its own, not the model's state.
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+
+
+def _stored_traced_value(saved: List[Tuple[nn.Module, Dict[str, Any]]],
+                         contents: List[Tuple[Any, Any]]) -> str:
+    """Where a trace left a traced value in a module's attributes or in a
+    container among them (``self.cache['feat'] = y``); ``''`` if nowhere.
+    """
+    for module, _ in saved:
+        for name, value in module.__dict__.items():
+            if isinstance(value, fx.Proxy) and name not in _MODULE_INTERNALS:
+                return f'{type(module).__name__}.{name}'
+    for container, _ in contents:
+        values = container.values() if isinstance(container, dict) \
+            else container
+        if any(isinstance(value, fx.Proxy) for value in values):
+            return f'a {type(container).__name__} of a module'
+    return ''
 
 
 #: Where the tracer's own code lies (torch.fx, mmfuse): what it runs is
@@ -580,7 +737,28 @@ class _TracedValue(fx.Proxy):
     __class__ = property(_recording_class)  # type: ignore[assignment]
 
     def __getattr__(self, name: str) -> fx.Proxy:
-        return _TracedAttribute(self, name)
+        return _traced_attribute(self, name)
+
+    def __len__(self) -> int:
+        self.tracer.refused_reads.append('its length')
+        return super().__len__()
+
+    def __float__(self) -> float:
+        return float(self._scalar('float'))
+
+    def __int__(self) -> int:
+        return int(self._scalar('int'))
+
+    def __index__(self) -> int:
+        return self._scalar('index').__index__()
+
+    def _scalar(self, what: str) -> torch.Tensor:
+        flag = self.tracer.scalar_flag(self)
+        if flag is None:
+            self.tracer.refused_reads.append(f'its {what} value')
+            raise fx.proxy.TraceError(
+                f'a traced value is read as a Python number ({what})')
+        return flag
 
 
 class _TracedAttribute(fx.proxy.Attribute):
@@ -590,7 +768,24 @@ class _TracedAttribute(fx.proxy.Attribute):
     __class__ = property(_recording_class)  # type: ignore[assignment]
 
     def __getattr__(self, name: str) -> fx.Proxy:
-        return _TracedAttribute(self, name)
+        return _traced_attribute(self, name)
+
+    def __len__(self) -> int:
+        self.tracer.refused_reads.append('its length')
+        return super().__len__()
+
+
+def _traced_attribute(value: fx.Proxy, name: str) -> fx.Proxy:
+    """Attribute ``name`` of a traced value.  A proxy has every attribute;
+    what it stands for may not (``hasattr(x, 'aux')`` is false of a
+    tensor): reading one that no tensor (or ``torch.Size``) has is
+    refused, and fails the trace even if caught."""
+    if not (name.startswith('__') or hasattr(torch.Tensor, name)
+            or hasattr(torch.Size, name)):
+        value.tracer.refused_reads.append(f'its attribute {name!r}')
+        raise AttributeError(f'a traced value has no attribute {name!r} '
+                             'known to be there')
+    return _TracedAttribute(value, name)
 
 
 def _refusing(name: str):

@@ -94,6 +94,13 @@ class _Planner:
         """Where ``occ``'s conv absorbs the norm of ``link``."""
         conv = occ.module
         problem = conv_fold_problem(conv)
+        # (A conv's calls carry a reason only for a use no fold may
+        # change: its parameters read outside a call of it.)
+        used = next((c.reason for c in self.calls[id(conv)]
+                     if c.reason and c.link is None and c.input_link is None),
+                    None)
+        if used:
+            return None, f'{self.name(conv)}: {used}'
         plain = False
         if problem and self.plain_convs and \
                 plain_conv_of(conv, self.plain_cache) is not None:

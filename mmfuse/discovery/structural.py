@@ -23,6 +23,7 @@ traced at all.  A module registered under several names gets no call
 site from a trace (the graph cannot tell which name was called).  The
 model is never mutated.
 """
+import dis
 import inspect
 import operator
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
@@ -80,6 +81,41 @@ def _optional_parameters(forward: Any) -> str:
             p.name for p in params[1:]
             if p.default is not p.empty
             or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    return names
+
+
+_NONE_TESTED: Dict[Any, str] = {}
+
+
+def _none_tested_parameters(forward: Any) -> str:
+    """The names of ``forward``'s parameters its own code compares with
+    ``None`` (``if skip is None``), joined; ``''`` for none.  A caller may
+    pass ``None`` there (a UNet decoder's first skip), which a traced
+    value never is: the trace would take the other way."""
+    names = _NONE_TESTED.get(forward)
+    if names is None:
+        code = getattr(inspect.unwrap(forward), '__code__', None)
+        found: List[str] = []
+        if code is not None:
+            params = code.co_varnames[1:code.co_argcount +
+                                      code.co_kwonlyargcount]
+            ops = list(dis.get_instructions(code))
+            for index, op in enumerate(ops[:-1]):
+                if op.opname != 'LOAD_FAST' or op.argval not in params:
+                    continue
+                after = ops[index + 1:index + 3]
+                tested = 'NONE' in after[0].opname or (
+                    after[0].opname == 'LOAD_CONST'
+                    and after[0].argval is None and len(after) > 1
+                    and after[1].opname in ('IS_OP', 'COMPARE_OP'))
+                before = ops[index - 1] if index else None
+                tested = tested or (
+                    before is not None and before.opname == 'LOAD_CONST'
+                    and before.argval is None
+                    and after[0].opname in ('IS_OP', 'COMPARE_OP'))
+                if tested and op.argval not in found:
+                    found.append(op.argval)
+        names = _NONE_TESTED[forward] = ', '.join(found)
     return names
 
 
@@ -262,6 +298,13 @@ class _StructuralCollector:
                 (module, f'data flow not proven: {type(module).__name__}.'
                  f'forward takes optional arguments ({optional}): whether '
                  'a call gives them cannot be traced'))
+            return
+        tested = _none_tested_parameters(type(module).forward)
+        if tested:
+            self.evidence.unproven.append(
+                (module, f'data flow not proven: {type(module).__name__}.'
+                 f'forward tests whether {tested} is None: a call may pass '
+                 'None, which a traced value never is'))
             return
         try:
             graph = self.traces.trace(module)

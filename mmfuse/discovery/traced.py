@@ -248,6 +248,17 @@ class TracedForward:
             for m in self.modules
             if not has_children(m) or is_conv_layer(m) or is_norm_layer(m)
         }
+        # The parameters and buffers of convs and norms, by ``id``: an
+        # operation outside the layer's own call that reads one (``F.conv2d
+        # (x, self.conv.weight)``, ``self.bn.weight.view(...)``) uses the
+        # layer's tensors as they are, which a fold would change.
+        self.layer_tensors: Dict[int, nn.Module] = {
+            id(tensor): m
+            for m in self.modules if is_conv_layer(m) or is_norm_layer(m)
+            for table in (m._parameters, m._buffers)
+            for tensor in table.values() if tensor is not None
+        }
+        self.read_layers: Dict[int, nn.Module] = {}
         # Where each module registered only once in the whole model lies:
         # its one ``(parent, attr)`` (see ``resolve_site``).
         self.paths = Counter()
@@ -287,6 +298,10 @@ class TracedForward:
                 in_tensors += _tensors_in(kwargs)
             if not in_tensors:
                 return
+            for tensor in in_tensors:
+                layer = self.layer_tensors.get(id(tensor))
+                if layer is not None:
+                    self.read_layers[id(layer)] = layer
             out_tensors = _tensors_in(out)
             inputs = [self.key(t) for t in in_tensors]
             outputs = [self.key(t) for t in out_tensors]
@@ -574,6 +589,11 @@ class TracedForward:
     def evidence(self) -> Evidence:
         """Conv/norm occurrences and links observed in the pass."""
         evidence = Evidence(mode='traced')
+        for layer in self.read_layers.values():
+            # One use of it that no fold may change.
+            evidence.occurrences.append(
+                Occurrence(layer, None, reason='its parameters are used '
+                           'outside a call of it'))
         for call in self.leaf_calls:
             if is_conv_layer(call.module) or is_norm_layer(call.module):
                 call.occurrence = Occurrence(call.module, call.site,

@@ -1,0 +1,222 @@
+"""Ways a forward's trace could differ from what it does when run, or leave
+something behind, found by review: each now leaves the norm unfolded (or
+the model untouched), where it folded wrongly before (relative error 0.4
+to 2.5, measured)."""
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mmfuse
+from fusion_checks import fuse_and_compare, identity_at, kept_at
+from mmfuse.testing import randomize_norm_stats
+
+X = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+class ConvBN(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+
+class ReadsFlippedWeight(ConvBN):
+
+    def forward(self, x):
+        flipped = self.conv.weight.flip(-1)
+        return self.bn(self.conv(x)) + F.conv2d(x, flipped, padding=1)
+
+
+class ReadsNormStatistics(ConvBN):
+
+    def forward(self, x):
+        mean = self.bn.running_mean.view(1, -1, 1, 1)
+        return self.bn(self.conv(x)) + mean
+
+
+class PadsAnotherWeight(nn.Module):
+    """ACNet/DBB style: a 1x1 kernel padded into a 3x3 one's."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv3 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4)
+        self.conv1 = nn.Conv2d(4, 4, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        kernel = self.conv3.weight + F.pad(self.conv1.weight, [1, 1, 1, 1])
+        return self.bn3(self.conv3(x)) + self.bn1(self.conv1(x)) + \
+            F.conv2d(x, kernel, padding=1)
+
+
+def test_parameters_read_through_operations_keep_their_layers(traced):
+    for make, kept in ((ReadsFlippedWeight, ['bn']),
+                       (ReadsNormStatistics, ['bn']),
+                       (PadsAnotherWeight, ['bn3', 'bn1'])):
+        fused, report, rel = fuse_and_compare(make(), (X, ), traced)
+        assert rel < 1e-6, make.__name__
+        kept_at(fused, kept)
+        if report is not None:
+            assert all('outside a call of it' in s.reason
+                       for s in report.left), make.__name__
+
+
+class ReadsNormWeightWithVerifyOff(ConvBN):
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.bn.weight[None, :, None, None]
+
+
+def test_traced_discovery_sees_parameter_reads_without_verification():
+    model = randomize_norm_stats(ReadsNormWeightWithVerifyOff().eval(), 0)
+    report = mmfuse.fuse_model(model, (X, ), verify=False)
+    assert not report.folded
+    assert 'outside a call of it' in report.left[0].reason
+
+
+class Cached(ConvBN):
+    """Keeps the conv output in a dict its parent reads later."""
+
+    def __init__(self):
+        super().__init__()
+        self.cache = {}
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.cache['feat'] = y
+        return self.bn(y)
+
+
+class ReadsTheCache(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.block = Cached()
+
+    def forward(self, x):
+        return self.block(x) + self.block.cache['feat']
+
+
+class Counts(ConvBN):
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer('calls', torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.bn(self.conv(x))
+
+
+def test_a_trace_changes_no_state_and_a_kept_traced_value_fails_it():
+    model = randomize_norm_stats(ReadsTheCache().eval(), 0)
+    fused, _, rel = fuse_and_compare(model, (X, ), traced=False)
+    assert rel == 0
+    kept_at(fused, ['block.bn'])
+    # Fusing ran no forward of the model: the cache and the count are as
+    # they were (the trace's values are gone from them).
+    fresh = randomize_norm_stats(ReadsTheCache().eval(), 0)
+    mmfuse.fuse_conv_bn(fresh)
+    assert fresh.block.cache == {}
+    counting = randomize_norm_stats(Counts().eval(), 0)
+    mmfuse.fuse_conv_bn(counting)
+    assert float(counting.calls) == 0
+
+
+class HasAttr(ConvBN):
+
+    def forward(self, x):
+        y = self.conv(x)
+        if hasattr(y, 'aux'):  # false for any tensor; a proxy has all
+            return self.bn(y)
+        return self.bn(y) + y
+
+
+class CatchesTheRefusal(ConvBN):
+
+    def forward(self, x):
+        y = self.conv(x)
+        try:
+            even = bool(x.shape[-1] % 2 == 0)  # refused in a trace
+        except Exception:
+            even = False
+        return self.bn(y) + y if even else self.bn(y)
+
+
+class Decoder(ConvBN):
+
+    def forward(self, x, skip):
+        y = self.conv(x)
+        if skip is None:
+            skip = y
+        return self.bn(y) + skip
+
+
+class UNetish(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.first = Decoder()
+        self.second = Decoder()
+
+    def forward(self, x):
+        return self.second(self.first(x, None), x)
+
+
+def test_forwards_a_trace_would_take_another_way_stay_unproven():
+    for make, kept in ((HasAttr, ['bn']), (CatchesTheRefusal, ['bn']),
+                       (UNetish, ['first.bn', 'second.bn'])):
+        fused, _, rel = fuse_and_compare(make(), (X, ), traced=False)
+        assert rel == 0, make.__name__
+        kept_at(fused, kept)
+
+
+class Gated(ConvBN):
+    """Decides on a 32-element float buffer's sum, in Python."""
+
+    def __init__(self, sign: float):
+        super().__init__()
+        self.register_buffer('gate', torch.full((32, ), sign))
+
+    def forward(self, x):
+        y = self.conv(x)
+        if float(self.gate.sum()) > 0:
+            return self.bn(y)
+        return self.bn(y) + y
+
+
+class Flagged(ConvBN):
+    """Reads a one-element buffer as a flag and a parameter as a number:
+    the trace holds for their values."""
+
+    def __init__(self, after: bool):
+        super().__init__()
+        self.register_buffer('after', torch.tensor(after))
+        self.alpha = nn.Parameter(torch.tensor([0.5]))
+
+    def forward(self, x):
+        if self.after:
+            return self.bn(self.conv(x)) * float(self.alpha)
+        return self.conv(self.bn(x))
+
+
+def test_python_reads_of_tensor_values():
+    """A decision on a larger buffer's values fails the trace (before, the
+    trace cache shared the first block's with the second: 2.5); flags
+    and numbers of one element are read as their values."""
+    fused, _, rel = fuse_and_compare(
+        nn.Sequential(Gated(1.0), Gated(-1.0)), (X, ), traced=False)
+    assert rel == 0
+    kept_at(fused, ['0.bn', '1.bn'])
+    fused, _, rel = fuse_and_compare(
+        nn.Sequential(Flagged(True), Flagged(False)), (X, ), traced=False)
+    assert rel < 1e-5
+    identity_at(fused, ['0.bn'])
+    kept_at(fused, ['1.bn'])
+    # The flag stays a tensor of the model, untouched.
+    assert isinstance(fused[0].after, torch.Tensor)
+    assert copy.deepcopy(fused)[0].alpha.item() == 0.5
