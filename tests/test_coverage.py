@@ -45,17 +45,20 @@ def test_every_padding_mode(padding_mode, traced):
 
 
 def test_linear_then_batchnorm1d(traced):
+    """Folded where an example input shows 2-D tensors; structure alone
+    cannot show the rank (see tests/test_trace_soundness.py)."""
     model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5))
-    fused, _, rel = fuse_and_compare(model, (torch.randn(7, 6), ), traced)
+    fused, report, rel = fuse_and_compare(model, (torch.randn(7, 6), ),
+                                          traced)
     assert rel < 1e-5
-    identity_at(fused, ['1'])
+    (identity_at if traced else kept_at)(fused, ['1'])
 
 
 def test_batchnorm1d_before_linear(traced):
     model = nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 5))
     fused, _, rel = fuse_and_compare(model, (torch.randn(7, 6), ), traced)
     assert rel < 1e-5
-    identity_at(fused, ['0'])
+    (identity_at if traced else kept_at)(fused, ['0'])
 
 
 def test_affine_false_and_custom_eps(traced):

@@ -93,6 +93,13 @@ class _Planner:
                     shift: bool) -> Tuple[Optional[ConvTarget], str]:
         """Where ``occ``'s conv absorbs the norm of ``link``."""
         conv = occ.module
+        if isinstance(conv, nn.Linear) and self.evidence.mode != 'traced':
+            # Linear maps the last dim, BatchNorm1d normalises dim 1: the
+            # same channels only on 2-D tensors.
+            return None, (f'{self.name(conv)} is a linear layer: whether '
+                          'the norm normalises its features depends on '
+                          'the rank of the tensors, which structure alone '
+                          'cannot show (an example input can)')
         problem = conv_fold_problem(conv)
         # (A conv's calls carry a reason only for a use no fold may
         # change: its parameters read outside a call of it.)

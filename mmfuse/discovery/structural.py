@@ -57,6 +57,14 @@ def _is_stock_sequential(module: nn.Module) -> bool:
         cls.__iter__ is nn.Sequential.__iter__ and runs_class_forward(module)
 
 
+def _skips_norm(node: fx.Node) -> bool:
+    """Whether a call of an mmcv ConvModule may skip its norm: passes
+    ``norm`` (its third parameter) as anything but ``True``."""
+    norm = node.kwargs.get('norm', node.args[2] if len(node.args) > 2
+                           else True)
+    return norm is not True
+
+
 def _resolve(root: nn.Module, target: str) -> Tuple[nn.Module, str]:
     """``(holder, attr)`` of the submodule at ``target`` under ``root``."""
     parent, _, attr = target.rpartition('.')
@@ -119,15 +127,18 @@ def _none_tested_parameters(forward: Any) -> str:
     return names
 
 
-_CLASS_NAMES: Dict[type, frozenset] = {}
+_CLASS_CODE: Dict[type, Tuple[frozenset, frozenset]] = {}
 
 
-def _names_in_class(cls: type) -> frozenset:
-    """Every name the code of ``cls``'s methods (but ``__init__``), and of
-    its bases' that are not torch's, loads or reads as an attribute."""
-    names = _CLASS_NAMES.get(cls)
-    if names is None:
-        found: set = set()
+def _class_code(cls: type) -> Tuple[frozenset, frozenset]:
+    """What the code of ``cls``'s methods (but ``__init__``), and of its
+    bases' that are not torch's, names: every name it loads or reads as
+    an attribute, and every string in a tuple constant (the keyword names
+    of its calls)."""
+    known = _CLASS_CODE.get(cls)
+    if known is None:
+        names: set = set()
+        strings: set = set()
         stack = []
         for namespace in class_namespaces(cls):
             for name, value in namespace.items():
@@ -137,10 +148,20 @@ def _names_in_class(cls: type) -> frozenset:
                     stack.append(code)
         while stack:
             code = stack.pop()
-            found.update(code.co_names)
-            stack.extend(c for c in code.co_consts if hasattr(c, 'co_names'))
-        names = _CLASS_NAMES[cls] = frozenset(found)
-    return names
+            names.update(code.co_names)
+            for const in code.co_consts:
+                if hasattr(const, 'co_names'):
+                    stack.append(const)
+                elif isinstance(const, tuple):
+                    strings.update(c for c in const if isinstance(c, str))
+        known = _CLASS_CODE[cls] = (frozenset(names), frozenset(strings))
+    return known
+
+
+def _names_in_class(cls: type) -> frozenset:
+    """Every name the code of ``cls``'s methods (but ``__init__``), and of
+    its bases' that are not torch's, loads or reads as an attribute."""
+    return _class_code(cls)[0]
 
 
 def _reads_a_proxy(error: Exception) -> bool:
@@ -166,6 +187,10 @@ class _StructuralCollector:
         # where the trace failed).
         self.paths: Optional[Dict[int, str]] = None
         self.caller_graphs: Dict[int, Optional[fx.Graph]] = {}
+        # mmcv ConvModules a traced forward calls with ``norm=False``.
+        self.norm_skipped: Dict[int, nn.Module] = {}
+        # The modules holding each module (made when first needed).
+        self.parents: Optional[Dict[int, List[nn.Module]]] = None
         # ids of: every leaf conv and norm; the norms; the foldable ones;
         # modules registered under more than one name.
         self.leaf_layers, self.norms, self.foldable = set(), set(), set()
@@ -182,6 +207,26 @@ class _StructuralCollector:
                 self.norms.add(id(m))
                 if norm_fold_problem(m) is None:
                     self.foldable.add(id(m))
+
+    def ancestors(self, module: nn.Module) -> List[nn.Module]:
+        """Every module above ``module`` (through any of its names)."""
+        if self.parents is None:
+            self.parents = {}
+            for _, holder in walk_modules(self.model):
+                for child in holder._modules.values():
+                    if child is not None:
+                        self.parents.setdefault(id(child), []).append(holder)
+        found: List[nn.Module] = []
+        seen = set()
+        stack = list(self.parents.get(id(module), ()))
+        while stack:
+            holder = stack.pop()
+            if id(holder) in seen:
+                continue
+            seen.add(id(holder))
+            found.append(holder)
+            stack.extend(self.parents.get(id(holder), ()))
+        return found
 
     def is_leaf(self, module: nn.Module) -> bool:
         return id(module) in self.leaf_layers
@@ -246,6 +291,15 @@ class _StructuralCollector:
             return
         norm_name = block.norm_name
         norm_occ = self.occurrence(getattr(block, norm_name), block, norm_name)
+        passes_norm = next(
+            (type(m).__name__ for m in self.ancestors(block)
+             if 'norm' in _class_code(type(m))[1]), None)
+        if passes_norm:
+            # ``forward(x, activate=True, norm=True)``: a call that passes
+            # norm=False uses the conv without the norm.
+            norm_occ.reason = (f'{passes_norm} passes a norm= argument: its '
+                               'ConvModule may run without the norm')
+            return
         order = [layer for layer in block.order
                  if layer != 'act' or block.with_activation]
         conv_at, norm_at = order.index('conv'), order.index('norm')
@@ -326,6 +380,8 @@ class _StructuralCollector:
             if node.op != 'call_module':
                 continue
             target = find_submodule(module, node.target)
+            if is_mmcv_conv_module(target) and _skips_norm(node):
+                self.norm_skipped[id(target)] = target
             if not self.is_leaf(target):
                 continue
             occs[node] = self.call_occurrence(module, node.target, target)
@@ -525,7 +581,29 @@ class _StructuralCollector:
             for module in ready:
                 pending.remove(module)
                 self.traced(module)
+        for block in self.norm_skipped.values():
+            self.unlink_norm_of(block)
         return self.evidence
+
+    def unlink_norm_of(self, block: nn.Module) -> None:
+        """An mmcv ConvModule called with ``norm=False`` somewhere: the
+        link its ``order`` gave its norm holds only for the other calls,
+        and its conv's output is used without the norm there."""
+        norm = getattr(block, block.norm_name, None) \
+            if getattr(block, 'with_norm', False) else None
+        for occ in self.evidence.occurrences:
+            if occ.module is not norm or occ.site is None or \
+                    occ.site[0] is not block or occ.link is None:
+                continue
+            for conv in occ.link.convs:
+                if conv.side(occ.link.kind) is occ.link:
+                    if occ.link.kind == PRE:
+                        conv.input_link = None
+                    else:
+                        conv.link = None
+            occ.link = None
+            occ.reason = ('its ConvModule is also called with norm=False: '
+                          'the conv is used without the norm there')
 
     def holders_of(self, modules: Set[int]) -> Set[int]:
         """The ids of the modules that hold any of ``modules`` (ids)
