@@ -104,6 +104,8 @@ def _qualname(func: Callable) -> str:
 def is_mmcv_conv_module(module: nn.Module) -> bool:
     """Whether ``module`` runs mmcv's stock ``ConvModule.forward`` (any
     subclass that keeps it): its data flow follows ``module.order``."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return False  # compiled: its class's forward is not Python's
     return _qualname(type(module).forward) == \
         'mmcv.cnn.bricks.conv_module.ConvModule.forward' and \
         runs_class_forward(module)

@@ -61,6 +61,7 @@ import sysconfig
 import threading
 import types
 import weakref
+from collections import Counter
 from typing import Any, Collection, Dict, List, Optional, Set, Tuple
 
 import torch
@@ -114,6 +115,10 @@ class ModuleForwardTracer(fx.Tracer):
         self.refused_reads: List[str] = []
         # ``get_attr`` proxies of parameters and buffers, by path.
         self.tensor_proxies: Dict[str, fx.Proxy] = {}
+        # How often each submodule (by ``id``) was fetched from its
+        # holder's ``_modules`` and called, in the trace.
+        self.fetches: Counter = Counter()
+        self.calls: Counter = Counter()
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _TracedValue(node, self)
@@ -317,6 +322,8 @@ class ModuleForwardTracer(fx.Tracer):
         self.type_tests.clear()
         self.refused_reads.clear()
         self.tensor_proxies.clear()
+        self.fetches.clear()
+        self.calls.clear()
         problems: List[str] = []
         watching = False
         try:
@@ -368,11 +375,19 @@ class ModuleForwardTracer(fx.Tracer):
     def _intercept(self, module: nn.Module):
         # Every intercepted module is a leaf: one ``call_module`` node
         # (what ``Tracer.call_module`` makes of a leaf, without its scope
-        # bookkeeping).
+        # bookkeeping).  A call of a module fetched from its holder fewer
+        # times than it is called was reached some other way (a plain
+        # list, a ``functools.partial`` made before): its node is marked
+        # ``unfetched``, a call a change at the module's path would miss.
         path = self.submodule_paths[module]
+        key = id(module)
 
         def call(*args, **kwargs):
-            return self.create_proxy('call_module', path, args, kwargs)
+            proxy = self.create_proxy('call_module', path, args, kwargs)
+            self.calls[key] += 1
+            if self.calls[key] > self.fetches[key]:
+                proxy.node.meta['unfetched'] = True
+            return proxy
 
         return call
 
@@ -409,13 +424,43 @@ class _TracedTensors(dict):
         return self[name] if name in self else default
 
 
+class _CountedModules(dict):
+    """A module's ``_modules`` during a trace: counts each fetch of a
+    submodule (by name, or all of them by iteration)."""
+
+    def __init__(self, table: Dict[str, Any], fetches: Counter):
+        super().__init__(table)
+        self.fetches = fetches
+
+    def __getitem__(self, name: str) -> Any:
+        value = dict.__getitem__(self, name)
+        self.fetches[id(value)] += 1
+        return value
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+    def values(self):
+        for value in dict.values(self):
+            self.fetches[id(value)] += 1
+        return dict.values(self)
+
+    def items(self):
+        for value in dict.values(self):
+            self.fetches[id(value)] += 1
+        return dict.items(self)
+
+
 def _traced_tensor_tables(root: nn.Module, tracer: ModuleForwardTracer
                           ) -> List[Tuple[Dict[str, Any], str, Dict]]:
     """Give every module under ``root`` (``root`` too) tables of
-    parameters and buffers that hand out traced values; returns what to
-    put back: ``(module.__dict__, name, table)``."""
+    parameters and buffers that hand out traced values, and of submodules
+    that count fetches; returns what to put back: ``(module.__dict__,
+    name, table)``."""
     swapped = []
     for path, module in walk_modules(root):
+        if isinstance(module, torch.jit.ScriptModule):
+            continue  # its tables are the compiled module's own
         state = module.__dict__
         prefix = f'{path}.' if path else ''
         for name in ('_parameters', '_buffers'):
@@ -423,6 +468,10 @@ def _traced_tensor_tables(root: nn.Module, tracer: ModuleForwardTracer
             if table:
                 swapped.append((state, name, table))
                 state[name] = _TracedTensors(table, prefix, tracer)
+        table = state.get('_modules')
+        if table:
+            swapped.append((state, '_modules', table))
+            state['_modules'] = _CountedModules(table, tracer.fetches)
     return swapped
 
 

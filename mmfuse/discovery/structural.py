@@ -384,7 +384,13 @@ class _StructuralCollector:
                 self.norm_skipped[id(target)] = target
             if not self.is_leaf(target):
                 continue
-            occs[node] = self.call_occurrence(module, node.target, target)
+            occ = self.call_occurrence(module, node.target, target)
+            if node.meta.get('unfetched'):
+                occ.reason = ('called through a reference other than its '
+                              'attribute (a plain list, a partial): a fold '
+                              'would not reach that call')
+                continue
+            occs[node] = occ
         pending = []
         for node, occ in occs.items():
             if not self.is_norm(occ.module):
