@@ -153,7 +153,8 @@ def fuse_model(model: nn.Module,
         observed.let_go()
         if reparameterize and (registered or observed.sum_blocks):
             merges = merge_blocks(model,
-                                  generic_blocks=observed.sum_blocks)
+                                  generic_blocks=observed.sum_blocks,
+                                  reached=observed.reached)
             if merges.groups:
                 unmerged_evidence = evidence
                 evidence = _evidence_after_merges(unmerged_evidence, merges)

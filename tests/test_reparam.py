@@ -1504,3 +1504,77 @@ def test_a_failing_fold_after_good_merges_costs_no_repeated_pass():
     assert [r['merged'] for r in report.reparameterized] == [True]
     assert report.folded_names == ['tail.bn']
     assert [s.name for s in report.undone] == ['stem.bn']
+
+
+class _ChangesItsInput(nn.Module):
+    """Two conv+BN branches of one input, which the forward scales in
+    place between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.bn1(self.conv1(x))
+        x.mul_(0.5)
+        return y + self.bn2(self.conv2(x))
+
+
+class _ChangesItsInputHolder(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(8, 8, 1)
+        self.block = _ChangesItsInput()
+
+    def forward(self, x):
+        return self.block(self.stem(x))
+
+
+def test_a_block_that_changes_a_shared_value_in_place_is_not_merged():
+    """The graph shows both branches reading ``x``, not that one reads it
+    after ``x.mul_``: merged, the output was off by 0.19 to 0.28."""
+    x = _input(8)
+    for run in (lambda m: mmfuse.reparameterize(m),
+                lambda m: mmfuse.fuse_model(m).reparameterized,
+                lambda m: mmfuse.fuse_model(m, (x, ), verify=False)
+                .reparameterized):
+        model = randomize_norm_stats(_ChangesItsInputHolder().eval(), 0)
+        with torch.no_grad():
+            expected = model(x.clone())
+        records = run(model)
+        assert not any(r.get('merged') for r in records)
+        assert any('in place' in r.get('reason', '') for r in records)
+        with torch.no_grad():
+            assert output_error(expected, model(x.clone()))[1] <= RTOL
+
+
+class _CallsABranch(nn.Module):
+    """Runs a RepVGG block and, itself, one of the block's branches."""
+
+    def __init__(self):
+        super().__init__()
+        from mmpretrain.models.backbones.repvgg import RepVGGBlock
+        self.block = RepVGGBlock(8, 8)
+
+    def forward(self, x):
+        return self.block(x) + self.block.branch_3x3(x)
+
+
+def test_a_block_whose_branch_is_called_from_outside_is_not_merged():
+    """Seen in the traced pass: the merge would remove the branch the
+    caller runs (the fused model raised AttributeError before)."""
+    model = randomize_norm_stats(_CallsABranch().eval(), 0)
+    x = _input(8)
+    with torch.no_grad():
+        expected = model(x)
+    report = mmfuse.fuse_model(model, (x, ), verify=False)
+    (record, ) = [r for r in report.reparameterized
+                  if r['module'] == 'block']
+    assert not record['merged']
+    assert 'outside it calls a layer inside it' in record['reason']
+    with torch.no_grad():
+        assert output_error(expected, model(x))[1] <= RTOL

@@ -259,6 +259,9 @@ class TracedForward:
             for tensor in table.values() if tensor is not None
         }
         self.read_layers: Dict[int, nn.Module] = {}
+        # Modules a caller outside them reached into (see ``note_reach``):
+        # the ids of the modules called inside each, by its id.
+        self.reached: Dict[int, Set[int]] = {}
         # Where each module registered only once in the whole model lies:
         # its one ``(parent, attr)`` (see ``resolve_site``).
         self.paths = Counter()
@@ -397,6 +400,28 @@ class TracedForward:
         self.site_cache[cache_key] = site
         return site
 
+    def note_reach(self, caller: nn.Module, module: nn.Module) -> None:
+        """Note the modules ``caller`` reaches into to call ``module``: its
+        holders (through module containers without a forward), unless
+        ``caller`` holds it itself.  A merge of a module reached into must
+        keep what is called from outside it."""
+        holder = self.holders.get(id(module))
+        while holder is not None and holder[0] is not caller and \
+                isinstance(holder[0], (nn.ModuleList, nn.ModuleDict)):
+            holder = self.holders.get(id(holder[0]))
+        if holder is None or holder[0] is caller:
+            return
+        above = caller
+        callers_holders = set()
+        while above is not None:
+            callers_holders.add(id(above))
+            found = self.holders.get(id(above))
+            above = found[0] if found is not None else None
+        holder = self.holders.get(id(module))
+        while holder is not None and id(holder[0]) not in callers_holders:
+            self.reached.setdefault(id(holder[0]), set()).add(id(module))
+            holder = self.holders.get(id(holder[0]))
+
     # -- hooks -------------------------------------------------------------
     def pre_hook(self, module: nn.Module, args) -> None:
         """Called before every module call in the process (a global hook,
@@ -405,7 +430,11 @@ class TracedForward:
             return
         caller = self.stack[-1] if self.stack else None
         self.stack.append(module)
-        if self.active_leaf is not None or id(module) not in self.leaves:
+        if self.active_leaf is not None:
+            return
+        if caller is not None:
+            self.note_reach(caller, module)
+        if id(module) not in self.leaves:
             return
         self.pause_recording()
         self.busy = True

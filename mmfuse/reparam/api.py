@@ -90,15 +90,22 @@ def _deploy_sequential(block: nn.Module, convs: Dict[str, nn.Conv2d],
     return new
 
 
+#: Why a block reached into from outside is not merged.
+_REACHED = ('a module outside it calls a layer inside it, which the merge '
+            'would remove')
+
+
 class _Walker:
 
     def __init__(self,
                  model: nn.Module,
                  call_deploy_methods: bool,
                  use_registry: bool,
-                 generic_blocks: Optional[Set[int]] = None):
+                 generic_blocks: Optional[Set[int]] = None,
+                 reached: Optional[Dict[int, Set[int]]] = None):
         self.model = model
         self.generic_blocks = generic_blocks
+        self.reached = reached or {}
         self.call_deploy_methods = call_deploy_methods
         self.use_registry = use_registry
         # Registry entries by block class, looked up once per walk.
@@ -220,6 +227,9 @@ class _Walker:
                 origin for origin in terms.after
                 if not _plain_identity(module.get_submodule(origin))
             ]
+            if self.removes_reached(module, after):
+                self.left(path, module, name, _REACHED)
+                return self.visit_children(module, path)
             conv_name = 'conv' if 'conv' not in after else 'reparam_conv'
             layers = [(conv_name, None)] + [
                 (origin.replace('.', '_'), origin) for origin in after
@@ -248,12 +258,33 @@ class _Walker:
         rewrite, reasons = self._merger.rewrite(module, path)
         for reason in reasons:
             self.left(path, module, 'generic', reason)
+        if rewrite is not None and self.removes_reached(
+                module, [origin for _, origin in rewrite.layers
+                         if origin is not None] + (
+                             rewrite.kept if rewrite.structure == 'graph'
+                             else [])):
+            self.left(path, module, 'generic', _REACHED)
+            rewrite = None
         if rewrite is not None:
             record = self.merged_record(path, module, 'generic',
                                         rewrite.layers, rewrite.convs)
             record['structure'] = rewrite.structure
             self.replace(parent, attr, path, module, rewrite.module, record)
         return True
+
+    def removes_reached(self, block: nn.Module, kept: List[str]) -> bool:
+        """Whether a merge of ``block`` keeping only the children at the
+        paths ``kept`` would remove a module that a caller outside the
+        block was seen to call."""
+        called = self.reached.get(id(block))
+        if not called:
+            return False
+        remaining = {
+            id(sub)
+            for origin in kept
+            for _, sub in walk_modules(block.get_submodule(origin))
+        }
+        return bool(called - remaining)
 
     @staticmethod
     def merged_record(path: str, module: nn.Module, rule: str,
@@ -586,7 +617,8 @@ def has_registered_blocks(model: nn.Module) -> bool:
 def merge_blocks(model: nn.Module,
                  call_deploy_methods: bool = False,
                  use_registry: bool = True,
-                 generic_blocks: Optional[Set[int]] = None) -> Merges:
+                 generic_blocks: Optional[Set[int]] = None,
+                 reached: Optional[Dict[int, Set[int]]] = None) -> Merges:
     """Merge every block of ``model`` that can be, in place, unverified.
 
     See :func:`reparameterize` for the arguments; ``model`` is already
@@ -594,9 +626,12 @@ def merge_blocks(model: nn.Module,
     the generic merge tries only those modules (``sum_blocks`` of a
     :class:`~mmfuse.discovery.traced.TracedForward`: the modules that were
     seen summing branches of one value); registry entries apply anywhere.
+    ``reached`` (ids of blocks a caller outside them was seen to reach
+    into, ``self.block.branch(x)``, with the ids of the modules it called
+    there): such a block is merged only where the merge keeps those.
     """
     walker = _Walker(model, call_deploy_methods, use_registry,
-                     generic_blocks)
+                     generic_blocks, reached)
     records = walker.run()
     return Merges(model, records, walker.groups)
 

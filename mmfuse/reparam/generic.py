@@ -19,9 +19,12 @@ the block is rebuilt as ``nn.Sequential(conv, *kept children)`` when its
 graph is then a chain of children, or as a ``torch.fx.GraphModule``
 otherwise.
 
-Tracing evaluates Python control flow on the block's attributes, parameter
-values included (``if self.alpha:``): the graph is what the block computes
-with the values it has now, which are the values the merge bakes in.
+Tracing evaluates Python control flow on the block's attributes, and on
+one-element parameters and buffers read as flags or numbers (``if
+self.alpha:``): the graph is what the block computes with the values it
+has now, which are the values the merge bakes in.  A block that changes
+in place a value other operations read is not merged: the graph does not
+order those reads.
 """
 import inspect
 import operator
@@ -421,6 +424,11 @@ class GenericMerger:
         trace, _ = trace_block(block, False, self.traces)
         if trace is None:
             return None, []
+        changed = _changed_in_place(trace.graph, block)
+        if changed:
+            return None, [f'the forward changes {changed} in place, which '
+                          'other operations read: the graph does not show '
+                          'which read comes first']
         exprs = self._expressions(block, trace)
         absorbed = {p for e in exprs.values() for p in e.parts}
         names = {id(m): n for n, m in block.named_modules() if n}
@@ -544,6 +552,71 @@ def _copied(trace: _Trace, merged: List) -> Tuple[_Trace, List]:
                   nodes[trace.input])
     return copy, [(nodes[node], moved(expr)) + tuple(rest)
                   for node, expr, *rest in merged]
+
+
+#: Operations whose result may share memory with their first argument.
+_VIEWS = frozenset({
+    'view', 'reshape', 'getitem', '__getitem__', 'narrow', 'select',
+    'transpose', 'permute', 't', 'squeeze', 'unsqueeze', 'flatten',
+    'expand', 'split', 'chunk', 'unbind', 'contiguous', 'detach',
+    'as_strided', 'view_as', 'reshape_as', 'expand_as', 'unflatten',
+    'movedim', 'swapaxes', 'swapdims', 'type_as', 'to', 'float', 'double',
+    'half', 'type', 'clone_', 'T', 'mT', 'data'
+})
+
+
+def _target_name(node: fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(
+        target, '__name__', '')
+
+
+def _mutates_first_argument(node: fx.Node, block: nn.Module) -> bool:
+    """Whether ``node`` changes its first argument in place: a method or
+    function named ``..._`` or ``__i...__``, ``x[...] = v``, an
+    ``inplace=True`` argument, or a leaf child with ``inplace`` set
+    (``nn.ReLU(inplace=True)``)."""
+    if not node.args:
+        return False
+    if node.op == 'call_module':
+        # A leaf such as ``nn.ReLU(inplace=True)`` (mmcv's ConvModule has
+        # an ``inplace`` too, for the activation it runs on its own conv's
+        # output).
+        child = block.get_submodule(node.target)
+        return not has_children(child) and \
+            getattr(child, 'inplace', False) is True
+    if node.op not in ('call_method', 'call_function'):
+        return False
+    name = _target_name(node)
+    return (name.endswith('_') and not name.endswith('__')) or \
+        (name.startswith('__i') and name.endswith('__')) or \
+        node.target is operator.setitem or \
+        node.kwargs.get('inplace') is True
+
+
+def _changed_in_place(graph: fx.Graph, block: nn.Module) -> str:
+    """The first value the block changes in place while another
+    operation also reads it (or a value sharing its memory: through views
+    and children, which may return their input), by node name; ``''`` if
+    none.  A merge reorders the reads of the block's values."""
+    for node in graph.nodes:
+        if not _mutates_first_argument(node, block):
+            continue
+        value = node.args[0]
+        aliases = []
+        while isinstance(value, fx.Node):
+            aliases.append(value)
+            if value.op == 'call_module' or (
+                    value.op in ('call_method', 'call_function')
+                    and _target_name(value) in _VIEWS):
+                value = value.args[0] if value.args else None
+            else:
+                break
+        chain = set(aliases) | {node}
+        if any(user not in chain for alias in aliases
+               for user in alias.users):
+            return aliases[0].name
+    return ''
 
 
 def _is_guard(node: fx.Node) -> bool:
