@@ -30,6 +30,7 @@ import datetime
 import hashlib
 import os
 import pickle
+import stat
 import tempfile
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -240,18 +241,29 @@ def get_state_dict(checkpoint: Any) -> 'OrderedDict[str, torch.Tensor]':
     """
     if not isinstance(checkpoint, dict):
         raise CheckpointError(
-            f'a checkpoint must be a dict, not {type(checkpoint).__name__}')
+            f'a checkpoint must be a dict (a state dict, or one under '
+            f"'state_dict' or 'model'), not a {type(checkpoint).__name__}")
     state = checkpoint
     for key in ('state_dict', 'model'):
         if isinstance(checkpoint.get(key), dict):
             state = checkpoint[key]
             break
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError('the checkpoint holds no state_dict of tensors')
+    odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if odd and len(odd) == len(state):
+        raise CheckpointError('the checkpoint holds no state_dict of tensors '
+                              f'(keys such as {odd[0]!r})')
+    if odd:
+        raise CheckpointError(
+            f'state_dict entry {odd[0]!r} is not a tensor '
+            f'({type(state[odd[0]]).__name__})')
     result = OrderedDict()
     for key, value in state.items():
-        result[key[len('module.'):] if key.startswith('module.') else key] = \
-            value
+        plain = key[len('module.'):] if key.startswith('module.') else key
+        if plain in result:
+            raise CheckpointError(
+                f'state_dict keys {plain!r} and {"module." + plain!r} name '
+                'the same weight once the module. prefix is removed')
+        result[plain] = value
     metadata = getattr(state, '_metadata', None)
     if metadata is not None:
         result._metadata = OrderedDict(
@@ -341,7 +353,8 @@ def make_fused_checkpoint(model: nn.Module,
         model: The fused model (wrappers are unwrapped).
         report: The report :func:`mmfuse.fuse_model` returned for it.
         source_checkpoint: The checkpoint the weights came from; its
-            ``meta['dataset_meta']`` is carried over.
+            ``meta['dataset_meta']`` (and the ``CLASSES`` and ``PALETTE``
+            of older checkpoints) are carried over.
         source_path: Path of the source checkpoint (its file name is kept).
         source_sha256: sha256 of the source checkpoint file; computed from
             ``source_path`` when not given.
@@ -359,9 +372,13 @@ def make_fused_checkpoint(model: nn.Module,
         for key, value in model.state_dict().items())
     meta: Dict[str, Any] = {}
     source_meta = (source_checkpoint or {}).get('meta')
-    if isinstance(source_meta, dict) and 'dataset_meta' in source_meta:
-        meta['dataset_meta'] = plain_value(source_meta['dataset_meta'],
-                                           notes, 'meta.dataset_meta')
+    if isinstance(source_meta, dict):
+        # What a model's classes and colours are read from: MMEngine's
+        # dataset_meta, and mmdet 2.x / mmseg 0.x's CLASSES and PALETTE.
+        for key in ('dataset_meta', 'CLASSES', 'PALETTE'):
+            if key in source_meta:
+                meta[key] = plain_value(source_meta[key], notes,
+                                        f'meta.{key}')
     if source_sha256 is None and source_path is not None:
         source_sha256 = file_sha256(source_path)
     record = fusion_record(report)
@@ -429,6 +446,15 @@ def atomic_save(obj: Any, path: str, check_weights_only: bool = True) -> None:
                 raise CheckpointError(
                     'the checkpoint would not load with weights_only=True: '
                     f'{_first_line(error)}') from None
+        # mkstemp makes the file private (0600): give it the mode of the
+        # file it replaces, or the one a new file gets here (the umask's).
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            umask = os.umask(0o022)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
         renamed = True
     except OSError as error:

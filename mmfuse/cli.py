@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -192,11 +193,20 @@ def _check_paths(args: argparse.Namespace) -> None:
                 os.path.exists(out) and os.path.samefile(out, path)):
             raise InputError(f'OUT {args.out} is the {kind}; write the '
                              'fused checkpoint to another file')
+    if args.image is not None and os.path.exists(out) and \
+            os.path.samefile(out, args.image):
+        raise InputError(f'OUT {args.out} is the image; write the fused '
+                         'checkpoint to another file')
     folder = os.path.dirname(out)
     if not os.path.isdir(folder):
         raise InputError(f'output folder {folder} does not exist')
     if os.path.isdir(out):
         raise InputError(f'OUT {args.out} is a folder')
+    if os.path.isfile(out) and not _is_torch_file(out):
+        # A config it inherits from, a picture, anything but an earlier
+        # checkpoint: not ours to replace.
+        raise InputError(f'OUT {args.out} exists and is not a checkpoint; '
+                         'refusing to replace it')
     _check_writable_folder(folder)
     if args.image is not None:
         _check_readable('image', args.image)
@@ -210,6 +220,17 @@ def _check_paths(args: argparse.Namespace) -> None:
                          'e.g. 1 3 224 224')
     if args.rtol is not None and not 0 < args.rtol < float('inf'):
         raise InputError('--rtol must be positive')
+
+
+def _is_torch_file(path: str) -> bool:
+    """Whether ``path`` looks like a file ``torch.save`` wrote: a zip
+    archive (the format since torch 1.6) or a pickle (the legacy one)."""
+    try:
+        with open(path, 'rb') as stream:
+            head = stream.read(2)
+    except OSError:
+        return False
+    return zipfile.is_zipfile(path) or head[:1] == b'\x80'
 
 
 def _first_line(error: BaseException) -> str:

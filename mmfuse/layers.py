@@ -379,6 +379,9 @@ def conv_fold_problem(module: nn.Module) -> Optional[str]:
     weight = module.weight
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
         return f'{name} has a non floating point weight'
+    if 'weight' in module._buffers or 'bias' in module._buffers:
+        # A fold gives it parameters; the buffers would stay in its state.
+        return f'{name} keeps its weight or bias as a buffer'
     return None
 
 

@@ -321,7 +321,8 @@ def test_model_failing_on_the_input(tool, tmp_path, checkpoint):
 def test_interrupted_write_through_main(tmp_path, checkpoint, monkeypatch,
                                         capsys):
     out = tmp_path / 'out.pth'
-    out.write_bytes(b'an older file')
+    torch.save({'state_dict': {'older': torch.zeros(1)}}, str(out))
+    older = out.read_bytes()
     before = file_digest(checkpoint)
 
     def interrupted(obj, stream, *args, **kwargs):
@@ -333,7 +334,7 @@ def test_interrupted_write_through_main(tmp_path, checkpoint, monkeypatch,
     err = capsys.readouterr().err
     assert status == 130
     assert len(err.strip().splitlines()) == 1 and 'interrupted' in err
-    assert out.read_bytes() == b'an older file'
+    assert out.read_bytes() == older
     assert sorted(os.listdir(tmp_path)) == ['demo.pth', 'out.pth']
     assert file_digest(checkpoint) == before
 
@@ -361,3 +362,70 @@ def test_sigterm_during_the_write(tmp_path, checkpoint):
     assert 'interrupted' in result.stderr
     assert sorted(os.listdir(tmp_path)) == ['demo.pth', 'terminate.py']
     assert file_digest(checkpoint) == before
+
+
+def test_out_is_not_a_checkpoint_it_may_replace(tool, tmp_path, checkpoint):
+    """OUT naming the image, a config the config inherits from, or any
+    file that is not a checkpoint is refused (before, it was replaced);
+    an earlier checkpoint at OUT is replaced."""
+    import cv2
+    image = str(tmp_path / 'image.png')
+    cv2.imwrite(image, (torch.rand(24, 32, 3) * 255).byte().numpy())
+    base = tmp_path / 'base.py'
+    shutil.copy(DEMO_CONFIG, base)
+    child = tmp_path / 'child.py'
+    child.write_text("_base_ = ['./base.py']\n")
+    for config, out, args, message in (
+            (DEMO_CONFIG, image, ['--image', image], 'is the image'),
+            (str(child), str(base), [], 'is not a checkpoint')):
+        before = file_digest(out)
+        status, stdout, err = tool(config, checkpoint, out, *args)
+        assert status == 2 and message in err, stdout + err
+        assert len(err.strip().splitlines()) == 1
+        assert file_digest(out) == before
+    out = str(tmp_path / 'again.pth')
+    for _ in range(2):
+        assert main([DEMO_CONFIG, checkpoint, out, '--quiet']) == 0
+
+
+def test_out_gets_the_mode_of_a_new_file(tmp_path, checkpoint):
+    out = str(tmp_path / 'out.pth')
+    umask = os.umask(0o022)
+    try:
+        assert main([DEMO_CONFIG, checkpoint, out, '--quiet']) == 0
+        assert os.stat(out).st_mode & 0o777 == 0o644
+        os.chmod(out, 0o640)
+        assert main([DEMO_CONFIG, checkpoint, out, '--quiet']) == 0
+        assert os.stat(out).st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)
+
+
+def test_old_style_class_names_are_carried_over(tmp_path, checkpoint):
+    """mmdet 2.x / mmseg 0.x checkpoints keep ``CLASSES`` and ``PALETTE``
+    in meta (no dataset_meta): OUT keeps them."""
+    source = torch.load(checkpoint, weights_only=False)
+    old = str(tmp_path / 'old.pth')
+    torch.save({'state_dict': source['state_dict'],
+                'meta': {'CLASSES': ('cat', 'dog'),
+                         'PALETTE': [[1, 2, 3], [4, 5, 6]]}}, old)
+    out = str(tmp_path / 'out.pth')
+    assert main([DEMO_CONFIG, old, out, '--quiet']) == 0
+    meta = torch.load(out, weights_only=True)['meta']
+    assert meta['CLASSES'] == ('cat', 'dog')
+    assert meta['PALETTE'] == [[1, 2, 3], [4, 5, 6]]
+
+
+@pytest.mark.parametrize('change, message', [
+    (lambda sd: sd.update(_extra=3), "entry '_extra' is not a tensor (int)"),
+    (lambda sd: sd.update({'module.' + next(iter(sd)): next(iter(
+        sd.values())).clone()}), 'name the same weight'),
+])
+def test_state_dicts_that_do_not_read_as_one(tool, tmp_path, checkpoint,
+                                             change, message):
+    state = dict(torch.load(checkpoint, weights_only=False)['state_dict'])
+    change(state)
+    bad = str(tmp_path / 'bad.pth')
+    torch.save({'state_dict': state}, bad)
+    result = tool(DEMO_CONFIG, bad, str(tmp_path / 'out.pth'))
+    _assert_clean_error(*result, tmp_path, message)
