@@ -274,3 +274,23 @@ def test_layers_called_through_other_references_stay():
     fused, _, rel = fuse_and_compare(LocalAlias(), (X, ), traced=False)
     assert rel < 1e-5
     identity_at(fused, ['bn'])
+
+
+def test_a_conv_whose_weight_is_a_buffer_is_made_plain_first(traced):
+    """A fold gives the conv parameters; its state dict would keep the old
+    buffer under the same key (a checkpoint of it was off by 0.8).  It is
+    replaced by a plain conv first (same output), or, with
+    ``plain_convs=False``, left."""
+    model = _conv_bn()
+    weight = model[0].weight.detach().clone()
+    del model[0].weight
+    model[0].register_buffer('weight', weight)
+    fused, _, rel = fuse_and_compare(model, (X, ), traced)
+    assert rel < 1e-5
+    identity_at(fused, ['1'])
+    assert list(fused.state_dict()) == ['0.weight', '0.bias']
+    assert isinstance(fused[0].weight, nn.Parameter)
+    report = mmfuse.fuse_model(copy.deepcopy(model), (X, ) if traced else
+                               None, plain_convs=False)
+    assert not report.folded
+    assert 'weight or bias as a buffer' in report.left[0].reason
