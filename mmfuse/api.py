@@ -6,7 +6,7 @@ with an example input observes the real forward pass and verifies the fused
 output against the unfused one, undoing any fold that breaks it.
 """
 import time
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -19,11 +19,11 @@ from .guards import (FusionError, as_input_tuple, check_eval,
                      unwrap_model)
 from .layers import global_hook_problem, is_norm_layer, norm_fold_problem
 from .module_walk import tree_unchanged, unique_modules
+from .output_tree import UncomparableOutput
 from .plan import Fold, FusionPlan, Skip
 from .reparam import Merges, has_registered_blocks, merge_blocks
 from .report import FusionReport
-from .surgery import AppliedFold, apply_plan, undo_folds
-from .output_tree import UncomparableOutput
+from .surgery import apply_plan, undo_folds
 from .verify import (OutputCheck, TwinError, WiderTwin, default_rtol,
                      isolate_failures, precise_dtype)
 
@@ -232,17 +232,30 @@ def fuse_model(model: nn.Module,
             if not wide and check.too_rough and unmerged_evidence is None:
                 # Too rough in its dtype to judge folds by: judge them on
                 # a wider twin, where exact ones change nothing.
-                judged = _judge_on_twin(model, inputs, plan, check, passes)
+                judged = _judge_on_twin(model, inputs, plan, check)
             if wide:
                 applied = apply_plan(model, plan)
             elif judged is not None:
-                applied, wrong = judged
+                right, wrong, unreproduced = judged
                 report.twin = check.yardstick
                 for fold in wrong:
                     report.undone.append(
                         Skip(fold.norm, 'undone: it changes the output of '
                              f'the {report.twin} twin by more than '
                              f'rtol={tolerance:g}'))
+                for fold in unreproduced:
+                    report.undone.append(
+                        Skip(fold.norm, 'undone: the twin\'s output could '
+                             'not be reproduced, with it or without'))
+                applied = apply_plan(model, FusionPlan(), right)
+                if not passes():
+                    # Exact folds, yet the model's dtype makes too much of
+                    # some (an overflow): bisect on the model itself.
+                    undo_folds(applied)
+                    applied, bad, dropped = isolate_failures(
+                        right,
+                        lambda folds: apply_plan(model, FusionPlan(), folds),
+                        undo_folds, passes)
             else:  # all the folds together fail this check: bisect
                 applied, bad, dropped = isolate_failures(
                     plan.folds,
@@ -282,31 +295,36 @@ def _output_check(reference: Any, tolerance: float) -> OutputCheck:
 
 def _judge_on_twin(
         model: nn.Module, inputs: Tuple, plan: FusionPlan,
-        check: OutputCheck, passes: Callable[[], bool]
-) -> Optional[Tuple[List[AppliedFold], List[Fold]]]:
+        check: OutputCheck
+) -> Optional[Tuple[List[Fold], List[Fold], List[Fold]]]:
     """Judge the folds of ``plan`` on a :class:`WiderTwin` of ``model``
-    (unfused now, and too rough in its dtype to judge them by): those
-    that change the twin's output are wrong, found by bisection there in
-    exact enough arithmetic.  The others are then made to ``model`` and
-    its output judged against the twin's (``passes``, with ``check`` now
-    measuring against the twin: what the model's dtype makes of exact
-    folds).
+    (unfused now, and too rough in its dtype to judge them by): those that
+    change the twin's output are wrong, found by bisection there in exact
+    enough arithmetic.  ``check`` then measures against the twin's
+    output (:meth:`OutputCheck.use_twin`).
+
+    Args:
+        model: The model, unfused.
+        inputs: Its example inputs.
+        plan: The folds to judge.
+        check: The check whose yardstick was too rough.
 
     Returns:
-        ``(applied, wrong)``: the folds made to ``model`` and those found
-        wrong; ``None`` where no twin can be made (the reason is added to
-        ``check.yardstick``) or the model's output fails with the right
-        folds, which are then undone.
+        ``(right, wrong, unreproduced)``: the folds that leave the twin's
+        output where it was, those that move it, and those whose output
+        the bisection could not reproduce; ``None`` where no twin can be
+        made or changed (the reason is added to ``check.yardstick``).
     """
     dtype = precise_dtype(model)
     try:
         twin = WiderTwin(model, inputs, check, dtype)
-    except TwinError as error:
+        tried = apply_plan(twin.model, plan)
+    except (TwinError, AttributeError, RuntimeError, ValueError,
+            FusionError) as error:
         check.yardstick += f'; no twin: {error}'
         return None
-    tried = apply_plan(twin.model, plan)
     if twin.holds():
-        right, wrong = list(plan.folds), []
+        right, wrong, unreproduced = list(plan.folds), [], []
     else:
         undo_folds(tried)
         kept, wrong, dropped = isolate_failures(
@@ -314,14 +332,9 @@ def _judge_on_twin(
             lambda folds: apply_plan(twin.model, FusionPlan(), folds),
             undo_folds, twin.holds)
         right = [applied.fold for applied in kept]
-        wrong = list(wrong) + [applied.fold for applied in dropped]
+        unreproduced = [applied.fold for applied in dropped]
     check.use_twin(twin)
-    twin = tried = None  # its tensors: as many as the model's, twice as wide
-    applied = apply_plan(model, FusionPlan(), right)
-    if passes():
-        return applied, wrong
-    undo_folds(applied)
-    return None
+    return right, list(wrong), unreproduced
 
 
 def _evidence_after_merges(unmerged: Evidence, merges: Merges) -> Evidence:

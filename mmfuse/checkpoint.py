@@ -451,9 +451,7 @@ def atomic_save(obj: Any, path: str, check_weights_only: bool = True) -> None:
         try:
             mode = stat.S_IMODE(os.stat(path).st_mode)
         except FileNotFoundError:
-            umask = os.umask(0o022)
-            os.umask(umask)
-            mode = 0o666 & ~umask
+            mode = 0o666 & ~_umask()
         os.chmod(temporary, mode)
         os.replace(temporary, path)
         renamed = True
@@ -463,6 +461,21 @@ def atomic_save(obj: Any, path: str, check_weights_only: bool = True) -> None:
     finally:
         if not renamed and os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says
+    (``/proc/self/status``); elsewhere set and put back at once."""
+    try:
+        with open('/proc/self/status') as status:
+            lines = [line for line in status if line.startswith('Umask:')]
+    except OSError:  # not Linux: ask the system call
+        lines = []
+    if lines:
+        return int(lines[0].split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def save_fused_checkpoint(model: nn.Module, report: FusionReport, path: str,

@@ -193,6 +193,8 @@ def _check_paths(args: argparse.Namespace) -> None:
                 os.path.exists(out) and os.path.samefile(out, path)):
             raise InputError(f'OUT {args.out} is the {kind}; write the '
                              'fused checkpoint to another file')
+    if args.image is not None:
+        _check_readable('image', args.image)
     if args.image is not None and os.path.exists(out) and \
             os.path.samefile(out, args.image):
         raise InputError(f'OUT {args.out} is the image; write the fused '
@@ -208,8 +210,6 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise InputError(f'OUT {args.out} exists and is not a checkpoint; '
                          'refusing to replace it')
     _check_writable_folder(folder)
-    if args.image is not None:
-        _check_readable('image', args.image)
     if args.shape is not None and not 1 <= len(args.shape) <= 2:
         raise InputError('--shape takes a height and optionally a width')
     if args.shape is not None and min(args.shape) < 1:
@@ -224,13 +224,19 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 def _is_torch_file(path: str) -> bool:
     """Whether ``path`` looks like a file ``torch.save`` wrote: a zip
-    archive (the format since torch 1.6) or a pickle (the legacy one)."""
+    archive holding a ``data.pkl`` (the format since torch 1.6), or a
+    pickle that starts with torch's magic number (the legacy one)."""
     try:
         with open(path, 'rb') as stream:
-            head = stream.read(2)
-    except OSError:
+            head = stream.read(4)
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith('data.pkl')
+                           for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
         return False
-    return zipfile.is_zipfile(path) or head[:1] == b'\x80'
+    # Protocol 2, then the magic number as a 10-byte long.
+    return head == b'\x80\x02\x8a\x0a'
 
 
 def _first_line(error: BaseException) -> str:

@@ -21,7 +21,7 @@ __all__ = [
     'norm_channels', 'is_conv_layer', 'conv_fold_problem', 'conv_geometry',
     'pads_with_zeros', 'conv_out_channels', 'conv_in_channels',
     'is_deformable_conv', 'input_fold_problem', 'runs_class_forward',
-    'global_hook_problem'
+    'global_hook_problem', 'is_stock_sequential'
 ]
 
 # Convolution subclasses whose forward is the plain convolution with their
@@ -183,6 +183,16 @@ def runs_class_forward(module: nn.Module) -> bool:
     return 'forward' not in module.__dict__ and \
         cls.__call__ is nn.Module.__call__ and \
         cls._call_impl is nn.Module._call_impl
+
+
+def is_stock_sequential(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Sequential`` that runs its children
+    in order as ``nn.Sequential`` does: its class keeps the stock forward,
+    iteration and call, and the instance has no forward of its own."""
+    return isinstance(module, nn.Sequential) and \
+        type(module).forward is nn.Sequential.forward and \
+        type(module).__iter__ is nn.Sequential.__iter__ and \
+        runs_class_forward(module)
 
 
 def _call_problem(module: nn.Module) -> Optional[str]:

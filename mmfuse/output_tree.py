@@ -94,8 +94,10 @@ def flatten_output(output: Any, clone: bool = False) -> FlatOutput:
 
     Raises:
         UncomparableOutput: ``output`` holds an object that is neither a
-            tensor, a number, a string, a container, a dataclass nor an
-            object with attributes (``__slots__`` only, say).
+            tensor, a number, a string, a container, a dataclass, an
+            object with attributes nor a hashable value that compares by
+            equality (a path, a date): one with ``__slots__`` only and no
+            ``__eq__``, say.
     """
     if isinstance(output, FlatOutput):
         return output
@@ -111,10 +113,13 @@ def flatten_output(output: Any, clone: bool = False) -> FlatOutput:
         elif isinstance(item, float):
             leaves.append(torch.tensor(item, dtype=torch.float64))
             spec.append('float')
-        elif isinstance(item, np.ndarray) or (isinstance(item, np.generic)
-                                              and item.dtype.kind in 'fc'):
+        elif isinstance(item, (np.ndarray, np.generic)) and \
+                item.dtype.kind in 'biufc':
             leaves.append(torch.from_numpy(np.array(item)))
             spec.append('array')
+        elif isinstance(item, np.ndarray):  # strings, objects
+            spec.append(('array', item.dtype.str, item.shape,
+                         _hashable(item.tolist(), type(item))))
         elif isinstance(item, (np.generic, ) + _CONSTANTS):
             spec.append(('constant', item))
         elif isinstance(item, (set, frozenset)):
@@ -124,9 +129,13 @@ def flatten_output(output: Any, clone: bool = False) -> FlatOutput:
         else:
             items = _items(item)
             if items is None:
-                raise UncomparableOutput(
-                    f'the output holds a {type(item).__name__}, whose '
-                    'contents cannot be read')
+                if type(item).__eq__ is object.__eq__:  # identity only
+                    raise UncomparableOutput(
+                        f'the output holds a {type(item).__name__}, whose '
+                        'contents cannot be read')
+                # A value object (a path, a date): compared by equality.
+                spec.append(('value', _hashable(item, type(item))))
+                return
             if id(item) in on_path:
                 spec.append(('cycle', type(item).__name__))
                 return
@@ -141,3 +150,21 @@ def flatten_output(output: Any, clone: bool = False) -> FlatOutput:
 
     walk(output)
     return FlatOutput(leaves, tuple(spec))
+
+
+def _hashable(value: Any, kind: type) -> Hashable:
+    """``value`` (or, for a list, a tuple of it, nested) as a key of a
+    spec.
+
+    Raises:
+        UncomparableOutput: It cannot be compared by equality.
+    """
+    if isinstance(value, list):
+        return tuple(_hashable(item, kind) for item in value)
+    try:
+        hash(value)
+    except TypeError:
+        raise UncomparableOutput(
+            f'the output holds a {kind.__name__}, whose contents cannot be '
+            'read') from None
+    return value

@@ -142,8 +142,10 @@ def _seen_only_by(module: nn.Module, name: str) -> bool:
         return False
     storage = params[name].untyped_storage()
     # Memory torch does not own (``torch.from_numpy``, a memory-mapped
-    # file) or shares with other processes is not torch's to rewrite.
-    if not storage.resizable() or storage.is_shared():
+    # file) or shares with other processes (on the CPU: torch calls every
+    # CUDA storage shared) is not torch's to rewrite.
+    if not storage.resizable() or (storage.device.type == 'cpu'
+                                   and storage.is_shared()):
         return False
     control = _control(name)
     return (sys.getrefcount(params[name]) == sys.getrefcount(control[name])

@@ -133,6 +133,22 @@ def precise_dtype(model: nn.Module) -> Optional[torch.dtype]:
     return None
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``'float64'`` for ``torch.float64``."""
+    return str(dtype).replace('torch.', '')
+
+
+def cast_inputs(inputs: Tuple, dtype: torch.dtype) -> Tuple:
+    """``inputs`` with their floating point tensors cast to ``dtype``."""
+
+    def cast(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.is_floating_point():
+            return value.to(dtype)
+        return value
+
+    return tree_map(cast, inputs)
+
+
 def upcast_output(model: nn.Module, inputs: Tuple, dtype: torch.dtype) -> Any:
     """The output of ``model`` computed in ``dtype`` on ``inputs`` (their
     floating point tensors cast to ``dtype``); ``model`` is not changed.
@@ -181,16 +197,11 @@ def upcast_output(model: nn.Module, inputs: Tuple, dtype: torch.dtype) -> Any:
         for table, name, tensor in own.pop(id(module), ()):
             table[name] = tensor
 
-    def cast(value: Any) -> Any:
-        if isinstance(value, Tensor) and value.is_floating_point():
-            return value.to(dtype)
-        return value
-
     pre = nn.modules.module.register_module_forward_pre_hook(cast_own)
     post = nn.modules.module.register_module_forward_hook(restore_own)
     try:
         with torch.no_grad():
-            return upcast(*tree_map(cast, inputs))
+            return upcast(*cast_inputs(inputs, dtype))
     finally:
         pre.remove()
         post.remove()
@@ -269,6 +280,8 @@ class OutputCheck:
         #: a copy that computes otherwise (:class:`WiderTwin` tells which).
         self.too_rough = False
         self.margin = self.MARGIN
+        #: Whether outputs are measured against a twin (:meth:`use_twin`).
+        self.against_twin = False
         if precise is not None:
             name = _dtype_name(precise)
             self._set_precise(precise, name,
@@ -288,7 +301,7 @@ class OutputCheck:
         if dtype is None:
             self.yardstick = 'none: no float32 or narrower parameters'
             return
-        name = str(dtype).replace('torch.', '')
+        name = dtype_name(dtype)
         try:
             precise = upcast_output(model, inputs, dtype)
         except Exception as error:  # the model's code, in another dtype
@@ -339,6 +352,7 @@ class OutputCheck:
         self._set_precise(twin.unchanged, twin.dtype_name, math.inf)
         self._own_errors = [self.own_error] * len(self._own_errors)
         self.margin = self.TWIN_MARGIN
+        self.against_twin = True
 
     def __call__(self, output: Any) -> bool:
         """Check ``output``; the errors measured stay on the object (and
@@ -390,7 +404,7 @@ class OutputCheck:
         (``unchanged``: what the model was before the change)."""
         if self.precise is None:
             return f'off by more than rtol={self.tolerance:g}'
-        if self.margin != self.MARGIN:  # against a twin
+        if self.against_twin:
             return (f'off by more than rtol={self.tolerance:g} in a tensor '
                     f'that is also more than {self.margin:g} times as far '
                     f'from the {self.yardstick} twin\'s output as the '
@@ -404,7 +418,7 @@ def _dtype_name(output: Any) -> str:
     """The dtype of the first floating point tensor in ``output``."""
     for leaf in tensors_in(output):
         if leaf.is_floating_point():
-            return str(leaf.dtype).replace('torch.', '')
+            return dtype_name(leaf.dtype)
     return 'unknown'
 
 
@@ -439,7 +453,7 @@ class WiderTwin:
 
     def __init__(self, model: nn.Module, inputs: Tuple, check: OutputCheck,
                  dtype: torch.dtype):
-        self.dtype_name = str(dtype).replace('torch.', '')
+        self.dtype_name = dtype_name(dtype)
         self.tolerance = check.tolerance
         try:
             twin = copy.deepcopy(model)
@@ -453,20 +467,15 @@ class WiderTwin:
                             'or state tied to its own modules)')
         twin.to(dtype)
 
-        def cast(value: Any) -> Any:
-            if isinstance(value, Tensor) and value.is_floating_point():
-                return value.to(dtype)
-            return value
-
         self.model = twin
-        self.inputs = tree_map(cast, inputs)
+        self.inputs = cast_inputs(inputs, dtype)
         try:
             self.unchanged = self.run()
         except Exception as error:  # the model's code, in another dtype
             raise TwinError(f'the {self.dtype_name} copy failed '
                             f'({error})') from None
         narrow = {
-            str(leaf.dtype).replace('torch.', '')
+            dtype_name(leaf.dtype)
             for leaf in tensors_in(self.unchanged) if leaf.is_floating_point()
         } - {self.dtype_name}
         if narrow:

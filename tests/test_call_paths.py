@@ -294,3 +294,27 @@ def test_a_conv_whose_weight_is_a_buffer_is_made_plain_first(traced):
                                None, plain_convs=False)
     assert not report.folded
     assert 'weight or bias as a buffer' in report.left[0].reason
+
+
+class ListNormAlsoFetched(nn.Module):
+    """Fetches its norm once (a None test) and calls it from a plain list:
+    the counts match, the list gives it away."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.post = [self.bn]
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.post[0](x)
+        return x
+
+
+def test_a_child_also_held_in_a_plain_list_stays():
+    fused, _, rel = fuse_and_compare(ListNormAlsoFetched(), (X, ),
+                                     traced=False)
+    assert rel == 0
+    kept_at(fused, ['bn'])

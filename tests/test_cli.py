@@ -429,3 +429,30 @@ def test_state_dicts_that_do_not_read_as_one(tool, tmp_path, checkpoint,
     torch.save({'state_dict': state}, bad)
     result = tool(DEMO_CONFIG, bad, str(tmp_path / 'out.pth'))
     _assert_clean_error(*result, tmp_path, message)
+
+
+def test_a_missing_image_is_a_clean_error_with_out_existing(
+        tool, tmp_path, checkpoint):
+    out = str(tmp_path / 'out.pth')
+    assert main([DEMO_CONFIG, checkpoint, out, '--quiet']) == 0
+    missing = str(tmp_path / 'missing.png')
+    status, stdout, err = tool(DEMO_CONFIG, checkpoint, out, '--image',
+                               missing)
+    assert status == 2 and 'missing.png' in err, stdout + err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_zip_or_pickle_that_is_no_checkpoint_is_not_replaced(
+        tool, tmp_path, checkpoint):
+    import pickle
+    import numpy as np
+    arrays = str(tmp_path / 'arrays.npz')
+    np.savez(arrays, a=np.ones(2))
+    results = str(tmp_path / 'results.pkl')
+    with open(results, 'wb') as stream:
+        pickle.dump({'a': 1}, stream)
+    for out in (arrays, results):
+        before = file_digest(out)
+        status, stdout, err = tool(DEMO_CONFIG, checkpoint, out)
+        assert status == 2 and 'is not a checkpoint' in err, stdout + err
+        assert file_digest(out) == before

@@ -169,3 +169,17 @@ def test_flattened_outputs_compare_constants_floats_and_arrays():
         == (0.0, 0.0)
     with pytest.raises(UncomparableOutput):
         flatten_output([Slotted(1)])
+
+
+def test_value_objects_and_string_arrays_are_compared_by_equality():
+    """A path, a date, an array of strings: compared as values (before,
+    a string array raised and a path made verification impossible)."""
+    import datetime
+    import pathlib
+    output = {'path': pathlib.Path('/x'), 'day': datetime.date(2020, 1, 1),
+              'names': np.array(['a', 'b']), 't': torch.ones(2)}
+    same = {'path': pathlib.Path('/x'), 'day': datetime.date(2020, 1, 1),
+            'names': np.array(['a', 'b']), 't': torch.ones(2)}
+    assert output_error(output, same) == (0.0, 0.0)
+    other = dict(same, names=np.array(['a', 'c']))
+    assert output_error(output, other)[1] == float('inf')

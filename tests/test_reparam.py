@@ -1578,3 +1578,64 @@ def test_a_block_whose_branch_is_called_from_outside_is_not_merged():
     assert 'outside it calls a layer inside it' in record['reason']
     with torch.no_grad():
         assert output_error(expected, model(x))[1] <= RTOL
+
+
+class _ReversedSequential(nn.Sequential):
+
+    def __iter__(self):
+        return reversed(list(self._modules.values()))
+
+
+class _BranchesOfAnotherKind(nn.Module):
+    """A branch that is a Sequential running its children last first, and
+    an identity with a forward of its own."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        seq = _ReversedSequential if kind == 'reversed' else nn.Sequential
+        self.a = seq(nn.Conv2d(8, 8, 3, padding=1, bias=False),
+                     nn.BatchNorm2d(8))
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False),
+                               nn.BatchNorm2d(8))
+        self.idn = nn.Identity()
+        if kind == 'doubled':
+            self.idn.forward = lambda x: 2 * x
+
+    def forward(self, x):
+        return self.a(x) + self.b(x) + self.idn(x)
+
+
+class _AddsInPlace(nn.Module):
+    """``out += ...`` on the identity branch, which is ``x`` itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.idn = nn.Identity()
+        self.b3 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False),
+                                nn.BatchNorm2d(8))
+        self.b1 = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False),
+                                nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        out = self.idn(x)
+        out += self.b3(x)
+        out += self.b1(x)
+        return out
+
+
+@pytest.mark.parametrize('make', [
+    lambda: _BranchesOfAnotherKind('reversed'),
+    lambda: _BranchesOfAnotherKind('doubled'), _AddsInPlace
+], ids=['reversed-sequential', 'identity-forward', 'iadd'])
+def test_review_cases_of_the_generic_merge(make):
+    """Merged whole before, off by 0.8 to 3: the odd branch now stays as
+    it is (the others may merge)."""
+    x = _input(8)
+    for run in (lambda m: mmfuse.reparameterize(m),
+                lambda m: mmfuse.fuse_model(m).reparameterized):
+        model = randomize_norm_stats(nn.Sequential(make()).eval(), 0)
+        with torch.no_grad():
+            expected = model(x.clone())
+        run(model)
+        with torch.no_grad():
+            assert output_error(expected, model(x.clone()))[1] <= RTOL

@@ -257,3 +257,91 @@ def test_linear_and_batchnorm1d_need_an_input_to_fold():
         traced=True)
     assert rel < 1e-5
     identity_at(fused, ['1'])
+
+
+class KeepsInANewList(ConvBN):
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.saved = [y]
+        return self.bn(y)
+
+
+class ReadsTheNewList(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.block = KeepsInANewList()
+
+    def forward(self, x):
+        return self.block(x) + self.block.saved[0]
+
+
+class AdaptsToTheWeight(ConvBN):
+    """Reads its conv weight's dtype and shape: what it tells of itself."""
+
+    def forward(self, x):
+        x = x.to(self.conv.weight.dtype)
+        if self.conv.weight.shape[1] != 4:  # a Python decision on it
+            raise ValueError('expects 4 channels')
+        return self.bn(self.conv(x))
+
+
+class NoneInAClosure(ConvBN):
+    """mmcv's ``_inner_forward`` style: the None test is in a closure."""
+
+    def forward(self, x, skip):
+
+        def inner(x):
+            y = self.conv(x)
+            return self.bn(y) + (y if skip is None else skip)
+
+        return inner(x)
+
+
+class CallsNoneInAClosure(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.block = NoneInAClosure()
+
+    def forward(self, x):
+        return self.block(x, None)
+
+
+def test_review_cases_of_the_structural_trace():
+    """A traced value kept in a new container fails the trace (2.2 off
+    before); a weight's dtype and shape read as values keep the fold
+    (refused before); a None test in a closure counts."""
+    fused, _, rel = fuse_and_compare(ReadsTheNewList(), (X, ), traced=False)
+    assert rel == 0
+    kept_at(fused, ['block.bn'])
+    fused, _, rel = fuse_and_compare(AdaptsToTheWeight(), (X, ),
+                                     traced=False)
+    assert rel < 1e-5
+    identity_at(fused, ['bn'])
+    fused, _, rel = fuse_and_compare(CallsNoneInAClosure(), (X, ),
+                                     traced=False)
+    assert rel == 0
+    kept_at(fused, ['block.bn'])
+
+
+class OrderInItsForward(nn.Module):
+    """Names a tuple with 'norm' in its forward, passes no norm= argument:
+    its ConvModule still folds."""
+
+    def __init__(self):
+        super().__init__()
+        from mmcv.cnn import ConvModule
+        self.block = ConvModule(4, 4, 3, padding=1, norm_cfg=dict(type='BN'))
+
+    def forward(self, x):
+        order = ('norm', 'act', 'conv')
+        return self.block(x) if order else x
+
+
+def test_only_a_norm_keyword_keeps_a_convmodule_norm():
+    fused, _, rel = fuse_and_compare(OrderInItsForward(), (X, ),
+                                     traced=False)
+    assert rel < 1e-5
+    identity_at(fused, ['block.bn'])

@@ -119,6 +119,9 @@ class ModuleForwardTracer(fx.Tracer):
         # holder's ``_modules`` and called, in the trace.
         self.fetches: Counter = Counter()
         self.calls: Counter = Counter()
+        # Submodules (ids) the module's state also holds outside the
+        # module tables (a plain list, a partial, a bound method).
+        self.held_otherwise: Set[int] = set()
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _TracedValue(node, self)
@@ -146,23 +149,37 @@ class ModuleForwardTracer(fx.Tracer):
                 node.target == 'item' and len(node.args) == 1 and \
                 not node.kwargs:
             node = node.args[0]
-        if not isinstance(node, fx.Node) or node.op != 'get_attr':
+        found = self.attribute_tensor(node)
+        if found is None:
             return None
-        owner_path, _, name = node.target.rpartition('.')
-        try:
-            owner = self.root.get_submodule(owner_path)
-        except AttributeError:
-            return None
-        value = None
-        for table in ('_parameters', '_buffers'):
-            entries = owner.__dict__.get(table)
-            if entries is not None and name in entries:
-                value = dict.__getitem__(entries, name)
-        if not isinstance(value, torch.Tensor) or value.numel() != 1 or (
+        owner, value = found
+        if value.numel() != 1 or (
                 value.is_floating_point() and
                 (is_conv_layer(owner) or is_norm_layer(owner))):
             return None
         return value.detach()
+
+    def attribute_tensor(self, node: Any
+                         ) -> Optional[Tuple[nn.Module, torch.Tensor]]:
+        """``(owner, tensor)`` of the parameter or buffer a ``get_attr``
+        node reads, or ``None`` for any other node."""
+        if not isinstance(node, fx.Node) or node.op != 'get_attr':
+            return None
+        owner_path, _, name = node.target.rpartition('.')
+        owner = self.root
+        for part in owner_path.split('.') if owner_path else ():
+            # (Read past the trace's counting tables: not a fetch.)
+            table = owner.__dict__.get('_modules') or {}
+            owner = dict.get(table, part)
+            if owner is None:
+                return None
+        for table in ('_parameters', '_buffers'):
+            entries = owner.__dict__.get(table)
+            if entries is not None and name in entries:
+                value = dict.__getitem__(entries, name)
+                if isinstance(value, torch.Tensor):
+                    return owner, value
+        return None
 
     def iter(self, obj: fx.Proxy):
         self.refused_reads.append('its items')
@@ -276,13 +293,7 @@ class ModuleForwardTracer(fx.Tracer):
         self.type_tests.clear()
         self.refused_reads.clear()
         graph = super().trace(root, concrete_args)
-        if self.type_tests:
-            raise fx.proxy.TraceError('the forward tests the type of a '
-                                      f'traced value ({self.type_tests[0]})')
-        if self.refused_reads:
-            raise fx.proxy.TraceError(
-                'the forward went on after a traced value refused a read '
-                f'({self.refused_reads[0]})')
+        self._raise_for_refusals()
         return graph
 
     def _trace(self, root: nn.Module, concrete_args: Optional[Dict[str, Any]],
@@ -324,6 +335,7 @@ class ModuleForwardTracer(fx.Tracer):
         self.tensor_proxies.clear()
         self.fetches.clear()
         self.calls.clear()
+        self.held_otherwise = _held_otherwise(root)
         problems: List[str] = []
         watching = False
         try:
@@ -361,16 +373,21 @@ class ModuleForwardTracer(fx.Tracer):
         if self.list_reads:  # read a symbolic list, then went on
             raise fx.proxy.TraceError(
                 f'the forward reads a list argument ({self.list_reads[0]})')
-        if self.type_tests:
-            raise fx.proxy.TraceError('the forward tests the type of a '
-                                      f'traced value ({self.type_tests[0]})')
-        if self.refused_reads:  # refused, caught, and went on
-            raise fx.proxy.TraceError(
-                'the forward went on after a traced value refused a read '
-                f'({self.refused_reads[0]})')
+        self._raise_for_refusals()
         if problems:
             raise fx.proxy.TraceError(problems[0])
         return self.graph
+
+    def _raise_for_refusals(self) -> None:
+        """Fail the trace where the forward tested the type of a traced
+        value, or went on after one refused a read (caught it)."""
+        if self.type_tests:
+            raise fx.proxy.TraceError('the forward tests the type of a '
+                                      f'traced value ({self.type_tests[0]})')
+        if self.refused_reads:
+            raise fx.proxy.TraceError(
+                'the forward went on after a traced value refused a read '
+                f'({self.refused_reads[0]})')
 
     def _intercept(self, module: nn.Module):
         # Every intercepted module is a leaf: one ``call_module`` node
@@ -385,7 +402,8 @@ class ModuleForwardTracer(fx.Tracer):
         def call(*args, **kwargs):
             proxy = self.create_proxy('call_module', path, args, kwargs)
             self.calls[key] += 1
-            if self.calls[key] > self.fetches[key]:
+            if self.calls[key] > self.fetches[key] or \
+                    key in self.held_otherwise:
                 proxy.node.meta['unfetched'] = True
             return proxy
 
@@ -449,6 +467,46 @@ class _CountedModules(dict):
         for value in dict.values(self):
             self.fetches[id(value)] += 1
         return dict.items(self)
+
+
+def _held_otherwise(root: nn.Module) -> Set[int]:
+    """The ids of the modules under ``root`` that the state of ``root``
+    or of a module under it holds outside the module tables (``self.steps
+    = [self.conv, self.bn]``, ``functools.partial(self.bn)``, a bound
+    method): a forward may call them without fetching them."""
+    modules = walk_modules(root)
+    members = {id(module) for _, module in modules}
+    found: Set[int] = set()
+    for _, module in modules:
+        for name, value in module.__dict__.items():
+            if name in _MODULE_INTERNALS or isinstance(
+                    value, (torch.Tensor, str, bytes, int, float, bool,
+                            type(None))):
+                continue
+            pending = [(value, 0)]
+            seen: Set[int] = set()
+            while pending:
+                item, level = pending.pop()
+                owner = getattr(item, '__self__', None)
+                if isinstance(owner, nn.Module):  # a bound method
+                    item = owner
+                if isinstance(item, nn.Module):
+                    if id(item) in members:
+                        found.add(id(item))
+                    continue
+                if level >= 4 or id(item) in seen:
+                    continue
+                seen.add(id(item))
+                if isinstance(item, dict):
+                    children = list(item.values())
+                elif isinstance(item, (list, tuple, set, frozenset)):
+                    children = list(item)
+                elif isinstance(item, functools.partial):
+                    children = [item.func, *item.args]
+                else:
+                    continue
+                pending.extend((child, level + 1) for child in children)
+    return found
 
 
 def _traced_tensor_tables(root: nn.Module, tracer: ModuleForwardTracer
@@ -567,19 +625,46 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
 
 def _stored_traced_value(saved: List[Tuple[nn.Module, Dict[str, Any]]],
                          contents: List[Tuple[Any, Any]]) -> str:
-    """Where a trace left a traced value in a module's attributes or in a
-    container among them (``self.cache['feat'] = y``); ``''`` if nowhere.
-    """
+    """Where a trace left a traced value in a module's attributes, or in
+    anything they hold (``self.cache['feat'] = y``, ``self.saved = [y]``);
+    ``''`` if nowhere."""
     for module, _ in saved:
         for name, value in module.__dict__.items():
-            if isinstance(value, fx.Proxy) and name not in _MODULE_INTERNALS:
+            if name not in _MODULE_INTERNALS and _holds_traced_value(value):
                 return f'{type(module).__name__}.{name}'
     for container, _ in contents:
-        values = container.values() if isinstance(container, dict) \
-            else container
-        if any(isinstance(value, fx.Proxy) for value in values):
+        if _holds_traced_value(container):
             return f'a {type(container).__name__} of a module'
     return ''
+
+
+def _holds_traced_value(value: Any, depth: int = 8) -> bool:
+    """Whether ``value``, or what it holds (containers, the attributes of
+    plain objects, a partial's arguments; not modules or tensors), is a
+    traced value."""
+    pending = [(value, 0)]
+    seen = set()
+    while pending:
+        item, level = pending.pop()
+        if isinstance(item, fx.Proxy):
+            return True
+        if level >= depth or id(item) in seen or isinstance(
+                item, (nn.Module, torch.Tensor, str, bytes, int, float,
+                       bool, type, types.FunctionType, types.ModuleType)):
+            continue
+        seen.add(id(item))
+        if isinstance(item, dict):
+            children = list(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            children = list(item)
+        elif isinstance(item, functools.partial):
+            children = [item.func, *item.args, *item.keywords.values()]
+        else:
+            state = getattr(item, '__dict__', None)
+            children = list(state.values()) if isinstance(state, dict) \
+                else []
+        pending.extend((child, level + 1) for child in children)
+    return False
 
 
 #: Where the tracer's own code lies (torch.fx, mmfuse): what it runs is
@@ -792,6 +877,24 @@ class _TracedValue(fx.Proxy):
         self.tracer.refused_reads.append('its length')
         return super().__len__()
 
+    # ``x += y`` is in place on a tensor; a proxy without these methods
+    # would record ``x + y`` (as torch.fx does), hiding the change.
+    def __iadd__(self, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy('call_function', operator.iadd,
+                                        (self, other), {})
+
+    def __isub__(self, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy('call_function', operator.isub,
+                                        (self, other), {})
+
+    def __imul__(self, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy('call_function', operator.imul,
+                                        (self, other), {})
+
+    def __itruediv__(self, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy('call_function',
+                                        operator.itruediv, (self, other), {})
+
     def __float__(self) -> float:
         return float(self._scalar('float'))
 
@@ -824,11 +927,27 @@ class _TracedAttribute(fx.proxy.Attribute):
         return super().__len__()
 
 
-def _traced_attribute(value: fx.Proxy, name: str) -> fx.Proxy:
+#: What a parameter or buffer tells of itself, read as its value: a
+#: forward may adapt to it (``x.to(self.conv.weight.dtype)``), and the
+#: trace cache tells modules apart by it.
+_TENSOR_METADATA = frozenset({
+    'dtype', 'device', 'shape', 'ndim', 'layout', 'is_cuda',
+    'requires_grad', 'is_floating_point', 'size', 'dim', 'numel',
+    'nelement', 'element_size', 'is_contiguous'
+})
+
+
+def _traced_attribute(value: fx.Proxy, name: str) -> Any:
     """Attribute ``name`` of a traced value.  A proxy has every attribute;
     what it stands for may not (``hasattr(x, 'aux')`` is false of a
     tensor): reading one that no tensor (or ``torch.Size``) has is
-    refused, and fails the trace even if caught."""
+    refused, and fails the trace even if caught.  Of a parameter or
+    buffer, what it tells of itself is its value (its dtype, its shape).
+    """
+    if name in _TENSOR_METADATA:
+        found = value.tracer.attribute_tensor(getattr(value, 'node', None))
+        if found is not None:
+            return getattr(found[1], name)
     if not (name.startswith('__') or hasattr(torch.Tensor, name)
             or hasattr(torch.Size, name)):
         value.tracer.refused_reads.append(f'its attribute {name!r}')

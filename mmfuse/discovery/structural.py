@@ -32,7 +32,7 @@ import torch
 from torch import fx, nn
 
 from ..layers import (is_conv_layer, is_mmcv_conv_module, is_norm_layer,
-                      norm_fold_problem, runs_class_forward)
+                      is_stock_sequential, norm_fold_problem)
 from ..module_walk import find_submodule, walk_modules
 from ..plan import CONCAT, POST, PRE, SUM
 from .fx_tracer import class_namespaces
@@ -45,16 +45,6 @@ __all__ = ['collect_structural_evidence']
 def _is_leaf_layer(module: nn.Module) -> bool:
     return is_conv_layer(module) or (is_norm_layer(module) and not any(
         True for _ in module.children()))
-
-
-def _is_stock_sequential(module: nn.Module) -> bool:
-    """Whether ``module`` is an ``nn.Sequential`` that runs its children
-    in order as ``nn.Sequential`` does: its class keeps the stock forward,
-    iteration and call."""
-    cls = type(module)
-    return isinstance(module, nn.Sequential) and \
-        cls.forward is nn.Sequential.forward and \
-        cls.__iter__ is nn.Sequential.__iter__ and runs_class_forward(module)
 
 
 def _skips_norm(node: fx.Node) -> bool:
@@ -96,35 +86,55 @@ _NONE_TESTED: Dict[Any, str] = {}
 
 
 def _none_tested_parameters(forward: Any) -> str:
-    """The names of ``forward``'s parameters its own code compares with
-    ``None`` (``if skip is None``), joined; ``''`` for none.  A caller may
-    pass ``None`` there (a UNet decoder's first skip), which a traced
-    value never is: the trace would take the other way."""
+    """The names of ``forward``'s parameters its own code (or a function
+    nested in it, through a closure) compares with ``None`` (``if skip is
+    None``), joined; ``''`` for none.  A caller may pass ``None`` there (a
+    UNet decoder's first skip), which a traced value never is: the trace
+    would take the other way."""
     names = _NONE_TESTED.get(forward)
     if names is None:
         code = getattr(inspect.unwrap(forward), '__code__', None)
         found: List[str] = []
         if code is not None:
-            params = code.co_varnames[1:code.co_argcount +
-                                      code.co_kwonlyargcount]
-            ops = list(dis.get_instructions(code))
-            for index, op in enumerate(ops[:-1]):
-                if op.opname != 'LOAD_FAST' or op.argval not in params:
-                    continue
-                after = ops[index + 1:index + 3]
-                tested = 'NONE' in after[0].opname or (
-                    after[0].opname == 'LOAD_CONST'
-                    and after[0].argval is None and len(after) > 1
-                    and after[1].opname in ('IS_OP', 'COMPARE_OP'))
-                before = ops[index - 1] if index else None
-                tested = tested or (
-                    before is not None and before.opname == 'LOAD_CONST'
-                    and before.argval is None
-                    and after[0].opname in ('IS_OP', 'COMPARE_OP'))
-                if tested and op.argval not in found:
-                    found.append(op.argval)
+            params = set(code.co_varnames[1:code.co_argcount +
+                                          code.co_kwonlyargcount])
+            _find_none_tests(code, params, False, found)
         names = _NONE_TESTED[forward] = ', '.join(found)
     return names
+
+
+def _find_none_tests(code: Any, params: Set[str], closure_only: bool,
+                     found: List[str]) -> None:
+    """Add to ``found`` the names in ``params`` that ``code`` compares with
+    ``None``: loaded as locals (unless ``closure_only``: in a nested
+    function they are its closure's) or from a closure cell."""
+    ops = list(dis.get_instructions(code))
+    for index, op in enumerate(ops[:-1]):
+        if op.opname == 'LOAD_DEREF' or (op.opname.startswith('LOAD_FAST')
+                                         and not closure_only):
+            loaded = op.argval if isinstance(op.argval, tuple) else \
+                (op.argval, )
+            name = loaded[-1]  # the value on top of the stack
+        else:
+            continue
+        if name not in params or name in found:
+            continue
+        after = ops[index + 1:index + 3]
+        before = ops[index - 1] if index else None
+        tested = 'NONE' in after[0].opname or (
+            after[0].opname == 'LOAD_CONST' and after[0].argval is None
+            and len(after) > 1
+            and after[1].opname in ('IS_OP', 'COMPARE_OP')) or (
+                before is not None and before.opname == 'LOAD_CONST'
+                and before.argval is None
+                and after[0].opname in ('IS_OP', 'COMPARE_OP'))
+        if tested:
+            found.append(name)
+    for const in code.co_consts:
+        if hasattr(const, 'co_code'):
+            captured = params & set(const.co_freevars)
+            if captured:
+                _find_none_tests(const, captured, True, found)
 
 
 _CLASS_CODE: Dict[type, Tuple[frozenset, frozenset]] = {}
@@ -133,8 +143,7 @@ _CLASS_CODE: Dict[type, Tuple[frozenset, frozenset]] = {}
 def _class_code(cls: type) -> Tuple[frozenset, frozenset]:
     """What the code of ``cls``'s methods (but ``__init__``), and of its
     bases' that are not torch's, names: every name it loads or reads as
-    an attribute, and every string in a tuple constant (the keyword names
-    of its calls)."""
+    an attribute, and the keyword names its calls pass."""
     known = _CLASS_CODE.get(cls)
     if known is None:
         names: set = set()
@@ -149,13 +158,31 @@ def _class_code(cls: type) -> Tuple[frozenset, frozenset]:
         while stack:
             code = stack.pop()
             names.update(code.co_names)
-            for const in code.co_consts:
-                if hasattr(const, 'co_names'):
-                    stack.append(const)
-                elif isinstance(const, tuple):
-                    strings.update(c for c in const if isinstance(c, str))
+            stack.extend(c for c in code.co_consts if hasattr(c, 'co_names'))
+            strings.update(_keyword_names(code))
         known = _CLASS_CODE[cls] = (frozenset(names), frozenset(strings))
     return known
+
+
+def _keyword_names(code: Any) -> Set[str]:
+    """The keyword argument names of the calls ``code`` makes: the tuple
+    of ``KW_NAMES`` (Python 3.11, 3.12), or the constant loaded right
+    before ``CALL_KW`` (3.13 on) or ``CALL_FUNCTION_KW`` (up to 3.10)."""
+    found: Set[str] = set()
+    previous = None
+    for op in dis.get_instructions(code):
+        names = None
+        if op.opname == 'KW_NAMES':
+            # (Python 3.11's dis leaves argval unresolved: the constant.)
+            names = code.co_consts[op.arg] if op.arg is not None and \
+                op.arg < len(code.co_consts) else None
+        elif op.opname in ('CALL_KW', 'CALL_FUNCTION_KW') and \
+                previous is not None and previous.opname == 'LOAD_CONST':
+            names = previous.argval
+        if isinstance(names, tuple):
+            found.update(n for n in names if isinstance(n, str))
+        previous = op
+    return found
 
 
 def _names_in_class(cls: type) -> frozenset:
@@ -375,7 +402,8 @@ class _StructuralCollector:
         occs: Dict[fx.Node, Occurrence] = {}
         for node in graph.nodes:
             if node.op == 'get_attr':
-                self.parameter_read(module, node.target)
+                if node.users:  # (else only its dtype or shape was read)
+                    self.parameter_read(module, node.target)
                 continue
             if node.op != 'call_module':
                 continue
@@ -426,7 +454,7 @@ class _StructuralCollector:
                 return [node]
             return None
         is_add = (node.op == 'call_function' and node.target in
-                  (operator.add, torch.add)) or \
+                  (operator.add, torch.add, operator.iadd)) or \
             (node.op == 'call_method' and node.target == 'add')
         if not is_add or len(node.args) != 2 or node.kwargs or \
                 node.args[0] is node.args[1]:
@@ -561,7 +589,7 @@ class _StructuralCollector:
         for _, module in walk_modules(self.model):
             if isinstance(module, torch.jit.ScriptModule):
                 continue  # compiled: neither traced nor read
-            if _is_stock_sequential(module):
+            if is_stock_sequential(module):
                 self.sequential(module)
             elif is_mmcv_conv_module(module):
                 self.conv_module(module)

@@ -24,7 +24,8 @@ from torch import nn
 from ..folding import norm_affines
 from ..guards import (FusionError, as_input_tuple, check_eval,
                       unwrap_model)
-from ..layers import norm_affine_params, norm_fold_problem
+from ..layers import (norm_affine_params, norm_fold_problem,
+                      runs_class_forward)
 from ..module_walk import walk_modules
 from ..output_tree import UncomparableOutput
 from ..verify import OutputCheck, default_rtol, isolate_failures
@@ -198,7 +199,7 @@ class _Walker:
         remains under it."""
         if isinstance(module, nn.Conv2d):
             return True
-        if 'forward' in module.__dict__:
+        if not runs_class_forward(module):
             return self.visit_children(module, path)
         found = _registry_entry(module, self.entries) \
             if self.use_registry else None
@@ -258,11 +259,12 @@ class _Walker:
         rewrite, reasons = self._merger.rewrite(module, path)
         for reason in reasons:
             self.left(path, module, 'generic', reason)
+        graph = rewrite is not None and rewrite.structure == 'graph'
         if rewrite is not None and self.removes_reached(
-                module, [origin for _, origin in rewrite.layers
-                         if origin is not None] + (
-                             rewrite.kept if rewrite.structure == 'graph'
-                             else [])):
+                module, rewrite.kept if graph else [
+                    origin for _, origin in rewrite.layers
+                    if origin is not None
+                ], same_paths=graph):
             self.left(path, module, 'generic', _REACHED)
             rewrite = None
         if rewrite is not None:
@@ -272,16 +274,19 @@ class _Walker:
             self.replace(parent, attr, path, module, rewrite.module, record)
         return True
 
-    def removes_reached(self, block: nn.Module, kept: List[str]) -> bool:
-        """Whether a merge of ``block`` keeping only the children at the
+    def removes_reached(self, block: nn.Module, kept: List[str],
+                        same_paths: bool = False) -> bool:
+        """Whether a merge of ``block`` keeping only the modules at the
         paths ``kept`` would remove a module that a caller outside the
-        block was seen to call."""
+        block was seen to call, or move it: a kept module deeper than a
+        child becomes a child of the merged block under another name
+        (``post.act`` as ``post_act``) unless ``same_paths``."""
         called = self.reached.get(id(block))
         if not called:
             return False
         remaining = {
             id(sub)
-            for origin in kept
+            for origin in kept if same_paths or '.' not in origin
             for _, sub in walk_modules(block.get_submodule(origin))
         }
         return bool(called - remaining)

@@ -22,7 +22,8 @@ from typing import List
 
 from torch import nn
 
-from ..layers import fuses_conv_bn_on_the_fly, is_mmcv_conv_module
+from ..layers import (fuses_conv_bn_on_the_fly, is_mmcv_conv_module,
+                      is_stock_sequential, runs_class_forward)
 from .branches import Op, Term, conv_op, norm_op, scale_op
 from .registry import (REPARAMETERIZERS, BranchSum, Reparameterizer,
                        ReparamRefused)
@@ -37,15 +38,15 @@ __all__ = [
 def _no_hooks(module: nn.Module, what: str) -> None:
     if module._forward_hooks or module._forward_pre_hooks:
         raise ReparamRefused(f'{what} has forward hooks')
-    if 'forward' in module.__dict__:
-        raise ReparamRefused(f'{what} has its forward replaced')
+    if not runs_class_forward(module):
+        raise ReparamRefused(f'{what} is not called through its class\'s '
+                             'forward')
 
 
 def _sequential_ops(seq: nn.Module, what: str, conv: str,
                     norm: str) -> List[Op]:
     """``[conv, norm]`` of a ``Sequential(conv, norm)`` branch."""
-    if not isinstance(seq, nn.Sequential) or \
-            type(seq).forward is not nn.Sequential.forward:
+    if not is_stock_sequential(seq):
         raise ReparamRefused(f'{what} is not a plain Sequential')
     _no_hooks(seq, what)
     names = [n for n, m in seq._modules.items() if m is not None]

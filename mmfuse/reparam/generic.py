@@ -33,12 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ..discovery.fx_tracer import trace_module_forward
 from ..discovery.trace_cache import TraceCache
-from ..layers import (fuses_conv_bn_on_the_fly, is_mmcv_conv_module,
-                      is_norm_layer, norm_fold_problem)
+from ..layers import (fuses_conv_bn_on_the_fly, is_conv_layer,
+                      is_mmcv_conv_module, is_norm_layer, is_stock_sequential,
+                      norm_fold_problem, runs_class_forward)
 from ..module_walk import has_children
 from .branches import (Op, Term, _conv_problem, _pool_problem, build_conv,
                        conv_op, describe_term, merge_terms, norm_op, pool_op,
@@ -48,10 +50,12 @@ from .merge import ConvGeometry, MergeError
 
 __all__ = ['BlockRewrite', 'GenericMerger', 'trace_block']
 
-_ADD = {operator.add, torch.add}
-_SUB = {operator.sub, torch.sub}
-_MUL = {operator.mul, torch.mul}
-_DIV = {operator.truediv, torch.div}
+# (In place, ``out += y``, as well: whether the change is seen by another
+# read is judged apart, by ``_changed_in_place``.)
+_ADD = {operator.add, torch.add, operator.iadd}
+_SUB = {operator.sub, torch.sub, operator.isub}
+_MUL = {operator.mul, torch.mul, operator.imul}
+_DIV = {operator.truediv, torch.div, operator.itruediv}
 _NEG = {operator.neg, torch.neg}
 _ADD_METHODS = {'add', '__add__', '__radd__'}
 _SUB_METHODS = {'sub', '__sub__'}
@@ -200,7 +204,8 @@ class GenericMerger:
         return terms
 
     def _module_terms(self, module: nn.Module) -> Optional[List[Term]]:
-        if module._forward_hooks or module._forward_pre_hooks:
+        if module._forward_hooks or module._forward_pre_hooks or \
+                not runs_class_forward(module):
             return None
         if isinstance(module, nn.Conv2d):
             return None if _conv_problem(module) else [Term([conv_op(module)])]
@@ -215,8 +220,10 @@ class GenericMerger:
         if isinstance(module, _DROPOUTS) and \
                 type(module).forward in {c.forward for c in _DROPOUTS}:
             return [Term()] if not module.training else None
-        if type(module).forward is nn.Sequential.forward:
+        if is_stock_sequential(module):
             return self._chain_terms(list(module._modules.values()))
+        if isinstance(module, nn.Sequential):
+            return None  # a Sequential that runs its children otherwise
         if is_mmcv_conv_module(module):
             return self._conv_module_terms(module)
         if type(module).__module__.startswith('torch.nn.'):
@@ -418,17 +425,17 @@ class GenericMerger:
             ``(rewrite, reasons)``: the deploy form, or ``None`` when there is
             nothing to merge, and why candidate sums were left.
         """
-        if type(block).forward is nn.Sequential.forward or \
-                is_mmcv_conv_module(block) or not forward_may_add(block):
+        if is_stock_sequential(block) or is_mmcv_conv_module(block) or \
+                not forward_may_add(block):
             return None, []  # runs its children one after the other
         trace, _ = trace_block(block, False, self.traces)
         if trace is None:
             return None, []
         changed = _changed_in_place(trace.graph, block)
         if changed:
-            return None, [f'the forward changes {changed} in place, which '
-                          'other operations read: the graph does not show '
-                          'which read comes first']
+            return None, [f'the forward changes a value in place ({changed})'
+                          ' that other operations read: the graph does not '
+                          'show which read comes first']
         exprs = self._expressions(block, trace)
         absorbed = {p for e in exprs.values() for p in e.parts}
         names = {id(m): n for n, m in block.named_modules() if n}
@@ -554,6 +561,35 @@ def _copied(trace: _Trace, merged: List) -> Tuple[_Trace, List]:
                   for node, expr, *rest in merged]
 
 
+#: ``x += y`` and friends, and ``x[i] = y``: their first argument changed.
+_IN_PLACE_OPERATORS = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv,
+    operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul,
+    operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift, operator.setitem
+})
+
+
+def _inplace_positions() -> Dict[Any, int]:
+    """Where ``inplace`` lies among the positional arguments of the
+    functions of ``torch.nn.functional`` that take one (``F.relu(x,
+    True)``)."""
+    positions = {}
+    for name in dir(F):
+        function = getattr(F, name)
+        if not callable(function) or name.startswith('_'):
+            continue
+        try:
+            params = list(inspect.signature(function).parameters)
+        except (TypeError, ValueError):
+            continue
+        if 'inplace' in params:
+            positions[function] = params.index('inplace')
+    return positions
+
+
+#: ``function -> position of its inplace argument``.
+_INPLACE_POSITIONS = _inplace_positions()
 #: Operations whose result may share memory with their first argument.
 _VIEWS = frozenset({
     'view', 'reshape', 'getitem', '__getitem__', 'narrow', 'select',
@@ -561,7 +597,7 @@ _VIEWS = frozenset({
     'expand', 'split', 'chunk', 'unbind', 'contiguous', 'detach',
     'as_strided', 'view_as', 'reshape_as', 'expand_as', 'unflatten',
     'movedim', 'swapaxes', 'swapdims', 'type_as', 'to', 'float', 'double',
-    'half', 'type', 'clone_', 'T', 'mT', 'data'
+    'half', 'type', 'T', 'mT', 'data'
 })
 
 
@@ -590,8 +626,23 @@ def _mutates_first_argument(node: fx.Node, block: nn.Module) -> bool:
     name = _target_name(node)
     return (name.endswith('_') and not name.endswith('__')) or \
         (name.startswith('__i') and name.endswith('__')) or \
-        node.target is operator.setitem or \
-        node.kwargs.get('inplace') is True
+        node.target in _IN_PLACE_OPERATORS or \
+        node.kwargs.get('inplace') is True or \
+        len(node.args) > _INPLACE_POSITIONS.get(node.target, 99) and \
+        node.args[_INPLACE_POSITIONS[node.target]] is True
+
+
+def _may_return_input(module: nn.Module) -> bool:
+    """Whether a child's output may be its input itself (an identity, a
+    dropout in eval mode, anything not known): not a conv's or a norm's,
+    nor a ConvModule's or a plain Sequential's that ends in one."""
+    if is_conv_layer(module) or is_norm_layer(module) or \
+            is_mmcv_conv_module(module):
+        return False
+    if is_stock_sequential(module):
+        children = [m for m in module._modules.values() if m is not None]
+        return not children or _may_return_input(children[-1])
+    return True
 
 
 def _changed_in_place(graph: fx.Graph, block: nn.Module) -> str:
@@ -606,16 +657,19 @@ def _changed_in_place(graph: fx.Graph, block: nn.Module) -> str:
         aliases = []
         while isinstance(value, fx.Node):
             aliases.append(value)
-            if value.op == 'call_module' or (
-                    value.op in ('call_method', 'call_function')
-                    and _target_name(value) in _VIEWS):
+            if (value.op == 'call_module' and _may_return_input(
+                    block.get_submodule(value.target))) or (
+                        value.op in ('call_method', 'call_function')
+                        and _target_name(value) in _VIEWS):
                 value = value.args[0] if value.args else None
             else:
                 break
         chain = set(aliases) | {node}
         if any(user not in chain for alias in aliases
                for user in alias.users):
-            return aliases[0].name
+            what = _target_name(node) or str(node.target)
+            return f'{what} of the block\'s input' \
+                if aliases[-1].op == 'placeholder' else what
     return ''
 
 
