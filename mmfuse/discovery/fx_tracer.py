@@ -469,6 +469,11 @@ class _CountedModules(dict):
         return dict.items(self)
 
 
+#: What may hold a module: containers, partials, bound methods.
+_HOLDERS = (list, tuple, dict, set, frozenset, functools.partial,
+            types.MethodType, nn.Module)
+
+
 def _held_otherwise(root: nn.Module) -> Set[int]:
     """The ids of the modules under ``root`` that the state of ``root``
     or of a module under it holds outside the module tables (``self.steps
@@ -478,10 +483,13 @@ def _held_otherwise(root: nn.Module) -> Set[int]:
     members = {id(module) for _, module in modules}
     found: Set[int] = set()
     for _, module in modules:
+        if module is not root and not module._modules:
+            continue  # a leaf: its forward does not run in the trace
         for name, value in module.__dict__.items():
-            if name in _MODULE_INTERNALS or isinstance(
-                    value, (torch.Tensor, str, bytes, int, float, bool,
-                            type(None))):
+            if not isinstance(value, _HOLDERS) or \
+                    name in _MODULE_INTERNALS or (
+                        type(value) is tuple
+                        and all(type(item) is int for item in value)):
                 continue
             pending = [(value, 0)]
             seen: Set[int] = set()
@@ -592,15 +600,19 @@ def trace_module_forward(root: nn.Module,
     saved = [(module, dict(module.__dict__))
              for _, module in walk_modules(root)]
     # The contents of the containers among them (a cache dict, a list):
-    # the forward may store traced values there.
-    contents = [(value, copy.copy(value)) for _, attributes in saved
+    # the forward may store traced values there.  (Not of leaves: their
+    # forwards do not run in the trace.)
+    contents = [(value, copy.copy(value)) for module, attributes in saved
+                if module is root or module._modules
                 for name, value in attributes.items()
-                if name not in _MODULE_INTERNALS
-                and isinstance(value, (dict, list, set))]
+                if isinstance(value, (dict, list, set))
+                and name not in _MODULE_INTERNALS]
     try:
         tracer = ModuleForwardTracer(root, list_args)
         graph = tracer.trace(root, concrete_args)
-        stored = _stored_traced_value(saved, contents)
+        stored = _stored_traced_value(
+            [(module, attributes) for module, attributes in saved
+             if module is root or module._modules], contents)
         if stored:
             raise fx.proxy.TraceError(
                 f'the forward keeps a traced value in {stored}: whatever '
