@@ -505,15 +505,8 @@ def _held_otherwise(root: nn.Module) -> Set[int]:
                 if level >= 4 or id(item) in seen:
                     continue
                 seen.add(id(item))
-                if isinstance(item, dict):
-                    children = list(item.values())
-                elif isinstance(item, (list, tuple, set, frozenset)):
-                    children = list(item)
-                elif isinstance(item, functools.partial):
-                    children = [item.func, *item.args]
-                else:
-                    continue
-                pending.extend((child, level + 1) for child in children)
+                pending.extend((child, level + 1)
+                               for child in _contents(item, False))
     return found
 
 
@@ -665,18 +658,22 @@ def _holds_traced_value(value: Any, depth: int = 8) -> bool:
                        bool, type, types.FunctionType, types.ModuleType)):
             continue
         seen.add(id(item))
-        if isinstance(item, dict):
-            children = list(item.values())
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            children = list(item)
-        elif isinstance(item, functools.partial):
-            children = [item.func, *item.args, *item.keywords.values()]
-        else:
-            state = getattr(item, '__dict__', None)
-            children = list(state.values()) if isinstance(state, dict) \
-                else []
-        pending.extend((child, level + 1) for child in children)
+        pending.extend((child, level + 1) for child in _contents(item, True))
     return False
+
+
+def _contents(item: Any, objects: bool) -> List[Any]:
+    """What a container or a partial holds (a partial's function and
+    arguments), and with ``objects`` what a plain object's attributes
+    are; ``[]`` for anything else."""
+    if isinstance(item, dict):
+        return list(item.values())
+    if isinstance(item, (list, tuple, set, frozenset)):
+        return list(item)
+    if isinstance(item, functools.partial):
+        return [item.func, *item.args, *item.keywords.values()]
+    state = getattr(item, '__dict__', None) if objects else None
+    return list(state.values()) if isinstance(state, dict) else []
 
 
 #: Where the tracer's own code lies (torch.fx, mmfuse): what it runs is

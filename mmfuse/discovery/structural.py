@@ -370,23 +370,20 @@ class _StructuralCollector:
             occ.reason = 'its parameters are used outside a call of it'
 
     def traced(self, module: nn.Module) -> None:
-        optional = _optional_parameters(type(module).forward)
-        if optional:
-            # A proxy stands for an argument given; ``if scale is None``
-            # then takes the way of a call that gives it, whatever the
-            # callers do.
-            self.evidence.unproven.append(
-                (module, f'data flow not proven: {type(module).__name__}.'
-                 f'forward takes optional arguments ({optional}): whether '
-                 'a call gives them cannot be traced'))
-            return
-        tested = _none_tested_parameters(type(module).forward)
-        if tested:
-            self.evidence.unproven.append(
-                (module, f'data flow not proven: {type(module).__name__}.'
-                 f'forward tests whether {tested} is None: a call may pass '
-                 'None, which a traced value never is'))
-            return
+        # A proxy stands for an argument given, and is never None: ``if
+        # scale is None`` then takes the way of a call that gives one,
+        # whatever the callers do.
+        forward = type(module).forward
+        for names, why in (
+            (_optional_parameters(forward), 'takes optional arguments ({}):'
+             ' whether a call gives them cannot be traced'),
+            (_none_tested_parameters(forward), 'tests whether {} is None: '
+             'a call may pass None, which a traced value never is')):
+            if names:
+                self.evidence.unproven.append(
+                    (module, f'data flow not proven: {type(module).__name__}'
+                     f'.forward {why.format(names)}'))
+                return
         try:
             graph = self.traces.trace(module)
         except Exception as error:  # fx raises many types on Python code
