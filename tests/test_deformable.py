@@ -216,3 +216,15 @@ def test_fused_dcn_checkpoint_loads_into_a_fresh_model():
     assert not again.folded
     assert all(torch.equal(before[k], v)
                for k, v in fused.state_dict().items())
+
+
+def test_the_real_dcnv2_neck_depends_on_its_input():
+    """centernet_r18_dcnv2 with its offsets scaled (tests/real_models.py):
+    the output depends on the backbone, so the folds before and in the
+    DCNv2 neck are checked by the real-model tests."""
+    import real_models
+    model, inputs = real_models.build('centernet_r18_dcnv2')
+    with torch.no_grad():
+        reference = model(*inputs)
+        model.backbone.bn1.running_mean.add_(0.1)
+        assert output_error(reference, model(*inputs))[1] > 1e-4
