@@ -345,3 +345,65 @@ def test_only_a_norm_keyword_keeps_a_convmodule_norm():
                                      traced=False)
     assert rel < 1e-5
     identity_at(fused, ['block.bn'])
+
+
+#: What ``copy.deepcopy`` asks of an object (it must be AttributeError).
+_COPYING = ('__deepcopy__', '__setstate__', '__getstate__', '__copy__')
+
+
+class _Config:
+    """A config-style object whose ``__getattr__`` raises ``KeyError``
+    (``__self__`` included)."""
+
+    def __init__(self, entries):
+        self.__dict__['_entries'] = entries
+
+    def __getattr__(self, name):
+        if name in _COPYING:
+            raise AttributeError(name)
+        return self.__dict__['_entries'][name]
+
+
+class _Slotted:
+    __slots__ = ('value', )
+
+    def __init__(self):
+        self.value = 1
+
+    def __getattr__(self, name):
+        if name in _COPYING:
+            raise AttributeError(name)
+        raise KeyError(name)
+
+
+class HoldsOddObjects(ConvBN):
+
+    def __init__(self):
+        super().__init__()
+        self.configs = [_Config({'a': 1}), _Slotted()]
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class ReadsNormDtype(ConvBN):
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).to(self.bn.weight.dtype)
+
+
+def test_odd_state_and_norm_metadata():
+    """Objects whose ``__getattr__`` raises in module state neither fail
+    the trace nor leave the tracer's hook behind (every later module call
+    failed before); a norm whose weight's dtype the forward reads stays
+    (folded, the forward raised on the Identity)."""
+    from torch.fx._symbolic_trace import is_fx_tracing
+    model = nn.Sequential(HoldsOddObjects(), nn.ReLU())
+    fused, _, rel = fuse_and_compare(model, (X, ), traced=False)
+    assert rel < 1e-5
+    identity_at(fused, ['0.bn'])
+    assert not is_fx_tracing()
+    assert not nn.modules.module._global_forward_pre_hooks
+    fused, _, rel = fuse_and_compare(ReadsNormDtype(), (X, ), traced=False)
+    assert rel == 0
+    kept_at(fused, ['bn'])

@@ -315,6 +315,8 @@ class ModuleForwardTracer(fx.Tracer):
             if isinstance(value, torch.Tensor)
         }
         forward = type(root).forward
+        # (Read before anything is set up that must be put back.)
+        self.held_otherwise = _held_otherwise(root)
         saved = [(m, m.__dict__.get('_compiled_call_impl', _MISSING))
                  for _, m in submodules]
         for _, module in submodules:
@@ -335,7 +337,6 @@ class ModuleForwardTracer(fx.Tracer):
         self.tensor_proxies.clear()
         self.fetches.clear()
         self.calls.clear()
-        self.held_otherwise = _held_otherwise(root)
         problems: List[str] = []
         watching = False
         try:
@@ -495,9 +496,9 @@ def _held_otherwise(root: nn.Module) -> Set[int]:
             seen: Set[int] = set()
             while pending:
                 item, level = pending.pop()
-                owner = getattr(item, '__self__', None)
-                if isinstance(owner, nn.Module):  # a bound method
-                    item = owner
+                if isinstance(item, types.MethodType) and \
+                        isinstance(item.__self__, nn.Module):
+                    item = item.__self__  # a bound method of a module
                 if isinstance(item, nn.Module):
                     if id(item) in members:
                         found.add(id(item))
@@ -672,7 +673,12 @@ def _contents(item: Any, objects: bool) -> List[Any]:
         return list(item)
     if isinstance(item, functools.partial):
         return [item.func, *item.args, *item.keywords.values()]
-    state = getattr(item, '__dict__', None) if objects else None
+    if not objects:
+        return []
+    try:  # (past a class's own __getattr__, which may raise anything)
+        state = object.__getattribute__(item, '__dict__')
+    except AttributeError:  # __slots__ only
+        return []
     return list(state.values()) if isinstance(state, dict) else []
 
 
@@ -956,6 +962,11 @@ def _traced_attribute(value: fx.Proxy, name: str) -> Any:
     if name in _TENSOR_METADATA:
         found = value.tracer.attribute_tensor(getattr(value, 'node', None))
         if found is not None:
+            if is_norm_layer(found[0]):
+                # A folded norm is gone: its tensors read, even for their
+                # dtype, keep it (a node that uses the read).
+                value.tracer.create_proxy('call_function', builtins.getattr,
+                                          (value, name), {})
             return getattr(found[1], name)
     if not (name.startswith('__') or hasattr(torch.Tensor, name)
             or hasattr(torch.Size, name)):
