@@ -6,7 +6,7 @@ with an example input observes the real forward pass and verifies the fused
 output against the unfused one, undoing any fold that breaks it.
 """
 import time
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -19,13 +19,12 @@ from .guards import (FusionError, as_input_tuple, check_eval,
                      unwrap_model)
 from .layers import global_hook_problem, is_norm_layer, norm_fold_problem
 from .module_walk import tree_unchanged, unique_modules
-from .output_tree import UncomparableOutput
 from .plan import Fold, FusionPlan, Skip
 from .reparam import Merges, has_registered_blocks, merge_blocks
 from .report import FusionReport
 from .surgery import apply_plan, undo_folds
 from .verify import (OutputCheck, TwinError, WiderTwin, default_rtol,
-                     isolate_failures, precise_dtype)
+                     isolate_failures, output_check, precise_dtype)
 
 __all__ = ['FusionError', 'fuse_model', 'fuse_conv_bn', 'discover_folds',
            'unwrap_model']
@@ -148,7 +147,7 @@ def fuse_model(model: nn.Module,
         # again: the flow the merges leave alone is the one observed.
         reference = observed.run()
         if tolerance is not None:
-            check = _output_check(reference, tolerance)
+            check = output_check(reference, tolerance)
         evidence = observed.evidence()
         observed.let_go()
         if reparameterize and (registered or observed.sum_blocks):
@@ -192,7 +191,7 @@ def fuse_model(model: nn.Module,
         if not passed and unmerged_evidence is not None:
             # Merges and folds together fail: judge the merges alone
             # (undoing those that fail), then the folds on what stands.
-            together = check.last_output  # None when the forward raised
+            together = check.kept_output()  # None: the forward raised
             undo_folds(applied)
             undone = merges.verify(inputs, check)
             if undone:
@@ -278,19 +277,6 @@ def fuse_model(model: nn.Module,
     report.folded = [a.fold for a in applied]
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _output_check(reference: Any, tolerance: float) -> OutputCheck:
-    """The check of outputs against ``reference``, the unfused output.
-
-    Raises:
-        FusionError: The output holds what cannot be compared.
-    """
-    try:
-        return OutputCheck(reference, tolerance)
-    except UncomparableOutput as error:
-        raise FusionError(f'mmfuse: cannot verify the fusion: {error}; '
-                          'pass verify=False to fuse without') from None
 
 
 def _judge_on_twin(

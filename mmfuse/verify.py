@@ -22,12 +22,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from .guards import FusionError
 from .module_walk import walk_modules
-from .output_tree import UncomparableOutput, flatten_output, tensors_in
+from .output_tree import (FlatOutput, UncomparableOutput, flatten_output,
+                          tensors_in)
 
 __all__ = [
     'output_error', 'default_rtol', 'isolate_failures', 'is_low_precision',
-    'precise_dtype', 'upcast_output', 'OutputCheck', 'WiderTwin', 'TwinError'
+    'precise_dtype', 'upcast_output', 'OutputCheck', 'WiderTwin', 'TwinError',
+    'output_check'
 ]
 
 Item = TypeVar('Item')
@@ -356,9 +359,10 @@ class OutputCheck:
 
     def __call__(self, output: Any) -> bool:
         """Check ``output``; the errors measured stay on the object (and
-        a copy of ``output``, as :attr:`last_output`)."""
+        ``output``, flattened, as :attr:`last_output`: see
+        :meth:`kept_output`)."""
         try:
-            output = flatten_output(output, clone=True)
+            output = flatten_output(output)
         except UncomparableOutput:
             output = None
         self.last_output = output
@@ -383,6 +387,14 @@ class OutputCheck:
             error[1] <= self.tolerance
             or wide[1] <= max(self.tolerance, self.margin * own)
             for error, wide, own in zip(errors, precise, self._own_errors))
+
+    def kept_output(self) -> Optional[FlatOutput]:
+        """A copy of :attr:`last_output`, for judging it again after the
+        model runs once more (a model may write into the tensors it
+        returned); ``None`` after :meth:`no_output`."""
+        last = self.last_output
+        return None if last is None else FlatOutput(
+            [leaf.clone() for leaf in last.leaves], last.spec)
 
     def no_output(self) -> None:
         """Record a changed model that gave no output (its forward
@@ -420,6 +432,17 @@ def _dtype_name(output: Any) -> str:
         if leaf.is_floating_point():
             return dtype_name(leaf.dtype)
     return 'unknown'
+
+
+def output_check(reference: Any, tolerance: float,
+                 what: str = 'the fusion') -> 'OutputCheck':
+    """``OutputCheck(reference, tolerance)``, or a :class:`FusionError`
+    that says why ``what`` cannot be verified."""
+    try:
+        return OutputCheck(reference, tolerance)
+    except UncomparableOutput as error:
+        raise FusionError(f'mmfuse: cannot verify {what}: {error}; pass '
+                          'verify=False to go on without') from None
 
 
 class WiderTwin:
@@ -481,6 +504,8 @@ class WiderTwin:
         if narrow:
             raise TwinError(f'the {self.dtype_name} copy gave '
                             f'{", ".join(sorted(narrow))} outputs')
+        # Flattened once: every judgement compares against it.
+        self.unchanged = flatten_output(self.unchanged)
 
     def run(self) -> Any:
         """The twin's output as it stands."""

@@ -183,3 +183,21 @@ def test_value_objects_and_string_arrays_are_compared_by_equality():
     assert output_error(output, same) == (0.0, 0.0)
     other = dict(same, names=np.array(['a', 'c']))
     assert output_error(output, other)[1] == float('inf')
+
+
+class _MergeableSlotted(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        from mmpretrain.models.backbones.repvgg import RepVGGBlock
+        self.block = RepVGGBlock(4, 4)
+
+    def forward(self, x):
+        return Slotted(self.block(x))
+
+
+def test_merges_whose_output_cannot_be_read_are_undone_before_the_error():
+    model = randomize_norm_stats(_MergeableSlotted().eval(), seed=0)
+    with pytest.raises(FusionError, match='cannot verify the merges'):
+        mmfuse.reparameterize(model, (X, ))
+    assert type(model.block).__name__ == 'RepVGGBlock'

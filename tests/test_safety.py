@@ -435,25 +435,6 @@ def test_float32_rounding_noise_is_judged_against_float64():
         assert output_error(reference(X_LARGE), model(X_LARGE))[1] < 1e-2
 
 
-def test_float64_yardstick_still_catches_a_wrong_fold():
-    """In the noisy float32 model a fold that is wrong (its conv's output
-    doubled before the norm, unseen by discovery) is undone, and only it,
-    though the float64 yardstick is in use."""
-    model = _coarse_chain()
-    model[3].doubled = True
-    with changed_where_marked('doubled', lambda output: output * 2):
-        with torch.no_grad():
-            reference = model(X_LARGE)
-        report = mmfuse.fuse_model(model, (X_LARGE, ))
-        with torch.no_grad():
-            assert output_error(reference, model(X_LARGE))[1] < 1e-2
-    assert report.yardstick == 'float64'
-    assert report.folded_names == ['1', '7']
-    assert [s.name for s in report.undone] == ['4']
-    assert 'float64 output' in report.undone[0].reason
-    assert isinstance(model[4], nn.BatchNorm2d)
-
-
 def test_a_copy_that_computes_otherwise_is_no_yardstick():
     """A hook keyed to the model's own module does not reach its float64
     copy, which then lands far from the model's output: the plain
@@ -495,11 +476,17 @@ def test_folds_of_a_model_too_rough_for_a_yardstick_are_judged_on_a_twin():
         assert output_error(reference(X_LARGE), model(X_LARGE))[1] < 1e-2
 
 
-def test_twin_finds_the_wrong_fold_and_only_it():
-    """A fold made wrong by a change the twin makes too (its conv's
-    output doubled before the norm, unseen by discovery) changes the
-    twin's output: it alone is undone, with the twin's reason."""
-    model = _rough_chain()
+@pytest.mark.parametrize('make, judge, reason', [
+    (lambda: _coarse_chain(), 'yardstick', 'float64 output'),
+    (lambda: _rough_chain(), 'twin', 'float64 twin by more than rtol'),
+], ids=['yardstick', 'twin'])
+def test_a_wrong_fold_in_a_noisy_model_is_found_and_only_it(
+        make, judge, reason):
+    """In a float32 model noisier than rtol, a fold that is wrong (its
+    conv's output doubled before the norm, unseen by discovery, done by a
+    copy too) is undone, and only it: against the float64 yardstick, or,
+    in a model too rough for one, on the float64 twin."""
+    model = make()
     model[3].doubled = True
     with changed_where_marked('doubled', lambda output: output * 2):
         with torch.no_grad():
@@ -507,10 +494,11 @@ def test_twin_finds_the_wrong_fold_and_only_it():
         report = mmfuse.fuse_model(model, (X_LARGE, ))
         with torch.no_grad():
             assert output_error(reference, model(X_LARGE))[1] < 1e-2
-    assert report.twin == 'float64'
+    assert report.yardstick == 'float64'
+    assert (report.twin == 'float64') == (judge == 'twin')
     assert report.folded_names == ['1', '7']
     assert [s.name for s in report.undone] == ['4']
-    assert 'float64 twin by more than rtol' in report.undone[0].reason
+    assert reason in report.undone[0].reason
     assert isinstance(model[4], nn.BatchNorm2d)
 
 

@@ -71,7 +71,7 @@ from torch.fx import _symbolic_trace as fx_internals
 from ..layers import is_conv_layer, is_norm_layer
 from ..module_walk import walk_modules
 
-__all__ = ['ModuleForwardTracer', 'trace_module_forward']
+__all__ = ['ModuleForwardTracer', 'trace_module_forward', 'TENSOR_METADATA']
 
 _CALL = nn.Module.__call__
 # ``nn.Module.__call__`` runs ``_compiled_call_impl`` when an instance has
@@ -945,7 +945,7 @@ class _TracedAttribute(fx.proxy.Attribute):
 #: What a parameter or buffer tells of itself, read as its value: a
 #: forward may adapt to it (``x.to(self.conv.weight.dtype)``), and the
 #: trace cache tells modules apart by it.
-_TENSOR_METADATA = frozenset({
+TENSOR_METADATA = frozenset({
     'dtype', 'device', 'shape', 'ndim', 'layout', 'is_cuda',
     'requires_grad', 'is_floating_point', 'size', 'dim', 'numel',
     'nelement', 'element_size', 'is_contiguous'
@@ -959,14 +959,13 @@ def _traced_attribute(value: fx.Proxy, name: str) -> Any:
     refused, and fails the trace even if caught.  Of a parameter or
     buffer, what it tells of itself is its value (its dtype, its shape).
     """
-    if name in _TENSOR_METADATA:
+    if name in TENSOR_METADATA:
         found = value.tracer.attribute_tensor(getattr(value, 'node', None))
         if found is not None:
-            if is_norm_layer(found[0]):
-                # A folded norm is gone: its tensors read, even for their
-                # dtype, keep it (a node that uses the read).
-                value.tracer.create_proxy('call_function', builtins.getattr,
-                                          (value, name), {})
+            # The read stays in the graph (a ``getattr`` node, unused):
+            # what it means for a fold is discovery's to say.
+            value.tracer.create_proxy('call_function', builtins.getattr,
+                                      (value, name), {})
             return getattr(found[1], name)
     if not (name.startswith('__') or hasattr(torch.Tensor, name)
             or hasattr(torch.Size, name)):

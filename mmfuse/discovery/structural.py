@@ -35,7 +35,7 @@ from ..layers import (is_conv_layer, is_mmcv_conv_module, is_norm_layer,
                       is_stock_sequential, norm_fold_problem)
 from ..module_walk import find_submodule, walk_modules
 from ..plan import CONCAT, POST, PRE, SUM
-from .fx_tracer import class_namespaces
+from .fx_tracer import TENSOR_METADATA, class_namespaces
 from .occurrence import Evidence, Occurrence
 from .trace_cache import TraceCache
 
@@ -53,6 +53,16 @@ def _skips_norm(node: fx.Node) -> bool:
     norm = node.kwargs.get('norm', node.args[2] if len(node.args) > 2
                            else True)
     return norm is not True
+
+
+def _metadata_only(node: fx.Node) -> bool:
+    """Whether a ``get_attr`` node's tensor is read for nothing but what
+    it tells of itself (its dtype, device, shape: ``getattr`` nodes the
+    tracer records), or not used at all."""
+    return all(
+        user.op == 'call_function' and user.target is getattr
+        and len(user.args) == 2 and user.args[1] in TENSOR_METADATA
+        for user in node.users)
 
 
 def _resolve(root: nn.Module, target: str) -> Tuple[nn.Module, str]:
@@ -352,11 +362,14 @@ class _StructuralCollector:
             occ.site = None
         return occ
 
-    def parameter_read(self, root: nn.Module, path: str) -> None:
+    def parameter_read(self, root: nn.Module, path: str,
+                       metadata_only: bool = False) -> None:
         """A traced op used a tensor of a conv or norm outside a call of
         it (``F.conv2d(x, self.conv.weight)``, ``self.conv.forward(x)``):
         an unlinked use that keeps the layer from being folded in
-        place."""
+        place.  A read of only its dtype, device or shape
+        (``metadata_only``) keeps a norm (a fold leaves an Identity, which
+        has none), not a conv."""
         owner_path, _, name = path.rpartition('.')
         if not owner_path:
             return
@@ -364,6 +377,8 @@ class _StructuralCollector:
             owner = find_submodule(root, owner_path)
         except AttributeError:
             return  # not a submodule's tensor (a constant of the trace)
+        if metadata_only and not self.is_norm(owner):
+            return  # a conv that takes a fold keeps its tensors' kind
         if self.is_leaf(owner) and (name in owner._parameters
                                     or name in owner._buffers):
             occ = self.call_occurrence(root, owner_path, owner)
@@ -399,8 +414,8 @@ class _StructuralCollector:
         occs: Dict[fx.Node, Occurrence] = {}
         for node in graph.nodes:
             if node.op == 'get_attr':
-                if node.users:  # (else only its dtype or shape was read)
-                    self.parameter_read(module, node.target)
+                self.parameter_read(module, node.target,
+                                    _metadata_only(node))
                 continue
             if node.op != 'call_module':
                 continue
