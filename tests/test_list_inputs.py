@@ -254,6 +254,35 @@ def test_not_traced_with_a_list_unless_every_call_passes_one(caller):
     kept_at(fused, ['layer.norm2'])
 
 
+class ListAndTensorCallers(nn.Module):
+    """Two layers of one class: one called with a list, one with a
+    tensor (in either order).  Once the first is traced with a list, the
+    second is tried that way first, and must still not be: its caller
+    passes a tensor."""
+
+    def __init__(self, list_first: bool):
+        super().__init__()
+        self.listed = 0 if list_first else 1
+        self.layers = nn.ModuleList([TensorTaking(3), TensorTaking(3)])
+
+    def forward(self, x):
+        return self.layers[self.listed]([x]) + \
+            self.layers[1 - self.listed](x)
+
+
+@pytest.mark.parametrize('list_first', [True, False])
+def test_a_class_traced_with_a_list_once_is_not_always(list_first):
+    model = ListAndTensorCallers(list_first).eval()
+    plan = discover_folds(model)
+    listed = 0 if list_first else 1
+    assert [f.norm for f in plan.folds] == [f'layers.{listed}.norm2']
+    fused, _, rel = fuse_and_compare(
+        ListAndTensorCallers(list_first), _input(), traced=False)
+    assert rel < 1e-5
+    identity_at(fused, [f'layers.{listed}.norm2'])
+    kept_at(fused, [f'layers.{1 - listed}.norm2'])
+
+
 def test_a_tracer_that_is_on_stays_on_and_the_module_as_it_was():
     import sys
 

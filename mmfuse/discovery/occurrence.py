@@ -66,10 +66,13 @@ class Evidence:
         unproven: Modules whose forward could not be analysed, with the
             reason; used to explain norms with no occurrence.
         mode: ``'traced'`` or ``'structural'``.
+        norm_problems: What ``norm_fold_problem`` said of norms, by
+            ``id``, where discovery asked (the planner asks of the others).
     """
     mode: str
     occurrences: List[Occurrence] = field(default_factory=list)
     unproven: List[Tuple[nn.Module, str]] = field(default_factory=list)
+    norm_problems: Dict[int, Optional[str]] = field(default_factory=dict)
 
     def link(self, kind: str, norm: Occurrence, convs: List[Occurrence],
              evidence: str) -> Optional[Link]:
@@ -123,3 +126,4 @@ class Evidence:
         ``self`` has no calls of)."""
         self.occurrences.extend(other.occurrences)
         self.unproven.extend(other.unproven)
+        self.norm_problems.update(other.norm_problems)

@@ -49,6 +49,10 @@ def _site_name(site: Site, paths: Dict[int, List[str]]) -> Optional[str]:
     return f'{prefix}.{attr}' if prefix else attr
 
 
+#: Not yet asked (``norm_fold_problem`` answers ``None`` for foldable).
+_UNKNOWN = object()
+
+
 class _Planner:
 
     def __init__(self, model: nn.Module, evidence: Evidence,
@@ -62,6 +66,7 @@ class _Planner:
         for occ in evidence.occurrences:
             self.calls[id(occ.module)].append(occ)
         self.unproven = {id(m): reason for m, reason in evidence.unproven}
+        self.norm_problems = evidence.norm_problems
         self.plan = FusionPlan()
         # (conv path, 'input' or 'output') -> the norm folded there.
         self.used_targets: Dict[Tuple[str, str], str] = {}
@@ -161,7 +166,9 @@ class _Planner:
 
     def plan_norm(self, norm: nn.Module) -> None:
         name = self.name(norm)
-        problem = norm_fold_problem(norm)
+        problem = self.norm_problems.get(id(norm), _UNKNOWN)
+        if problem is _UNKNOWN:
+            problem = norm_fold_problem(norm)
         if problem:
             self.skip(name, problem)
             return

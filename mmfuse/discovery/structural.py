@@ -224,6 +224,8 @@ class _StructuralCollector:
         # where the trace failed).
         self.paths: Optional[Dict[int, str]] = None
         self.caller_graphs: Dict[int, Optional[fx.Graph]] = {}
+        # Forwards traced with list arguments where a plain trace failed.
+        self.list_forwards: Set[Any] = set()
         # mmcv ConvModules a traced forward calls with ``norm=False``.
         self.norm_skipped: Dict[int, nn.Module] = {}
         # The modules holding each module (made when first needed).
@@ -242,7 +244,9 @@ class _StructuralCollector:
             self.leaf_layers.add(id(m))
             if not is_conv_layer(m):
                 self.norms.add(id(m))
-                if norm_fold_problem(m) is None:
+                problem = self.evidence.norm_problems[id(m)] = \
+                    norm_fold_problem(m)
+                if problem is None:
                     self.foldable.add(id(m))
 
     def ancestors(self, module: nn.Module) -> List[nn.Module]:
@@ -399,11 +403,20 @@ class _StructuralCollector:
                     (module, f'data flow not proven: {type(module).__name__}'
                      f'.forward {why.format(names)}'))
                 return
+        # A forward whose plain trace failed where a trace with list
+        # arguments did (DenseNet's layers test ``isinstance(x, Tensor)``)
+        # is traced with lists first at its other modules: the graph
+        # holds for the calls the holder's trace shows, all of them.
+        tried_lists = forward in self.list_forwards
+        graph = self.traced_with_lists(module) if tried_lists else None
         try:
-            graph = self.traces.trace(module)
+            if graph is None:
+                graph = self.traces.trace(module)
         except Exception as error:  # fx raises many types on Python code
-            graph = None if _reads_a_proxy(error) else \
+            graph = None if _reads_a_proxy(error) or tried_lists else \
                 self.traced_with_lists(module)
+            if graph is not None:
+                self.list_forwards.add(forward)
             if graph is None:
                 first = str(error).strip().splitlines()
                 detail = first[0][:120] if first else type(error).__name__
@@ -599,6 +612,8 @@ class _StructuralCollector:
         # place, copied or left).
         pending = []
         for _, module in walk_modules(self.model):
+            if not module._modules:
+                continue  # a layer, an activation: calls nothing
             if isinstance(module, torch.jit.ScriptModule):
                 continue  # compiled: neither traced nor read
             if is_stock_sequential(module):
