@@ -238,8 +238,21 @@ class ModuleForwardTracer(fx.Tracer):
         return node
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
-        fn, args = super().create_args_for_root(root_fn, is_module,
-                                                concrete_args)
+        names = _plain_parameters(root_fn) \
+            if is_module and not concrete_args else None
+        if names is None:
+            fn, args = super().create_args_for_root(root_fn, is_module,
+                                                    concrete_args)
+        else:
+            # What ``Tracer.create_args_for_root`` makes of such a forward
+            # (the module, then a placeholder per parameter), without its
+            # signature and pytree work: a fifth of a small module's trace.
+            annotations = root_fn.__annotations__
+            fn, args = root_fn, [self.root] + [
+                self.create_proxy('placeholder', name, (), {},
+                                  type_expr=annotations.get(name))
+                for name in names
+            ]
         if not self.list_args:
             return fn, args
         # One placeholder per parameter: only then is each argument the
@@ -412,6 +425,23 @@ class ModuleForwardTracer(fx.Tracer):
 
 
 _MISSING = object()
+
+
+def _plain_parameters(function: Any) -> Optional[Tuple[str, ...]]:
+    """The names of the parameters of a plain method after ``self``, or
+    ``None`` unless every one is positional, without a default (no
+    ``*args``, ``**kwargs``, keyword-only ones), and ``function`` is not
+    a wrapper (``functools.wraps``)."""
+    code = getattr(function, '__code__', None)
+    if code is None or getattr(function, '__defaults__', True) is not None \
+            or getattr(function, '__kwdefaults__', True) is not None or \
+            hasattr(function, '__wrapped__') or code.co_kwonlyargcount or \
+            code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS) \
+            or code.co_argcount < 1:
+        return None
+    return code.co_varnames[1:code.co_argcount]
+
+
 #: Arguments that are their own graph argument.
 _PLAIN_ARGUMENTS = frozenset({
     type(None), bool, int, float, complex, str, torch.dtype, torch.device,
@@ -1060,17 +1090,26 @@ def _watch_code(problems: List[str]) -> bool:
     if sys.gettrace() is not None:
         raise fx.proxy.TraceError('a tracer is on: cannot watch the code '
                                   'a list argument meets')
-    readers: Dict[Any, Set[str]] = {}
+    readers: Dict[Any, Collection[str]] = {}
 
     def watch(frame, event, arg):
         code = frame.f_code  # called for 'call' events only
-        kind = _code_kind(code.co_filename)
-        if kind == 'tracer':
-            return  # no tracing within the function
-        found = readers.get(code)
+        # (One lookup for most calls: most are the tracer's own, then
+        # library code that names no way to read a list.)
+        found = _KNOWN_READERS.get(code)
         if found is None:
-            found = readers[code] = _list_readers(code, frame.f_globals)
-        if not found or _model_code(frame) is None or (
+            found = readers.get(code)
+        if found is None:
+            kind = _code_kind(code.co_filename)
+            found = () if kind == 'tracer' else \
+                _list_readers(code, frame.f_globals)
+            # Of the model's code, for this trace only (it may change
+            # what its globals name); of torch's and Python's, for good.
+            (readers if kind == 'model' else _KNOWN_READERS)[code] = found
+        if not found:
+            return  # no tracing within the function
+        kind = _code_kind(code.co_filename)
+        if _model_code(frame) is None or (
                 kind == 'library' and not any(
                     type(value) is _SymbolicList
                     for value in frame.f_locals.values())):
@@ -1081,6 +1120,12 @@ def _watch_code(problems: List[str]) -> bool:
 
     sys.settrace(watch)
     return True
+
+
+#: :func:`_list_readers` of the code of the tracer, torch and Python's
+#: library met in traces, by code object (which those files' functions
+#: keep for good).
+_KNOWN_READERS: Dict[Any, Collection[str]] = {}
 
 
 def _list_readers(code: Any, scope: Dict[str, Any]) -> Set[str]:

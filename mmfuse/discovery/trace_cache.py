@@ -31,8 +31,7 @@ them to tensor operations (recorded as ``get_attr`` nodes, read from each
 module), would share a trace made with another module's values.
 """
 from collections import Counter
-from typing import (Any, Dict, FrozenSet, Hashable, List, Optional, Set,
-                    Tuple)
+from typing import Any, Dict, FrozenSet, Hashable, List, Optional, Tuple
 
 import torch
 from torch import fx, nn
@@ -109,6 +108,18 @@ def _tensor_shapes(tensors: Dict[str, Optional[torch.Tensor]],
     return tuple(described)
 
 
+def _tree_size(module: nn.Module, limit: int) -> int:
+    """How many modules the tree under ``module`` has (``module`` too,
+    each as often as it is registered), counted up to ``limit + 1``."""
+    count = 0
+    stack = [module]
+    while stack and count <= limit:
+        count += 1
+        stack.extend(child for child in stack.pop()._modules.values()
+                     if child is not None)
+    return count
+
+
 class ModuleShape:
     """What a module's forward can read of its subtree, tensor values
     aside, split into a hashable ``key`` and attributes compared with
@@ -175,23 +186,29 @@ class TraceCache:
     MAX_COMPARED = 64
 
     def __init__(self, model: Optional[nn.Module] = None):
-        self.compared: Optional[Set[int]] = None
+        # Of the model's module classes, how many modules each has; and
+        # whether each module asked about is compared (``None``: all).
+        self.counts: Optional[Counter] = None
+        self.compared: Dict[int, bool] = {}
         if model is not None:
-            modules = [m for _, m in walk_modules(model)]
-            counts = Counter(type(m) for m in modules)
-            # Subtree sizes, children before their parents.
-            sizes: Dict[int, int] = {}
-            for module in reversed(modules):
-                sizes[id(module)] = 1 + sum(
-                    sizes.get(id(child), 0)
-                    for child in module._modules.values())
-            self.compared = {
-                id(m)
-                for m in modules if counts[type(m)] > 1
-                and sizes[id(m)] <= self.MAX_COMPARED
-            }
+            self.counts = Counter(
+                type(module) for _, module in walk_modules(model))
         self.traces: Dict[Hashable, List[Tuple[ModuleShape, Optional[
             fx.Graph], Optional[Exception]]]] = {}
+
+    def is_compared(self, module: nn.Module) -> bool:
+        """Whether ``module``'s trace is looked for among those of modules
+        alike: its class occurs more than once in the model, and its
+        subtree has at most ``MAX_COMPARED`` modules (counted as often as
+        they are registered)."""
+        if self.counts is None:
+            return True
+        known = self.compared.get(id(module))
+        if known is None:
+            known = self.counts[type(module)] > 1 and \
+                _tree_size(module, self.MAX_COMPARED) <= self.MAX_COMPARED
+            self.compared[id(module)] = known
+        return known
 
     def trace(self,
               module: nn.Module,
@@ -210,7 +227,7 @@ class TraceCache:
         Raises:
             Whatever tracing raised (for the module alike, too).
         """
-        if self.compared is not None and id(module) not in self.compared:
+        if not self.is_compared(module):
             return trace_module_forward(module, concrete_args, list_args)
         shape = ModuleShape(module)
         key = (shape.key, tuple(concrete_args or ()), list_args)
