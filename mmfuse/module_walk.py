@@ -7,13 +7,13 @@ modules in the same order, with one loop.
 """
 import threading
 from contextlib import contextmanager
-from typing import Dict, Hashable, Iterator, List, Tuple
+from typing import Any, Dict, Hashable, Iterator, List, Optional, Tuple
 
 from torch import nn
 
 __all__ = [
-    'walk_modules', 'tree_unchanged', 'has_children', 'find_submodule',
-    'unique_modules'
+    'walk_modules', 'tree_unchanged', 'unchanged_memo', 'has_children',
+    'find_submodule', 'unique_modules'
 ]
 
 _MEMO = threading.local()
@@ -63,13 +63,24 @@ def find_submodule(root: nn.Module, path: str) -> nn.Module:
 def tree_unchanged() -> Iterator[None]:
     """Within, each walk of one root is made once (per thread): for code
     that changes no module tree, such as discovery, which walks the model
-    from several places."""
+    from several places.  Other answers about modules that hold as long
+    as no module changes may be kept there too (:func:`unchanged_memo`).
+    """
     previous = getattr(_MEMO, 'walks', None)
     _MEMO.walks = {} if previous is None else previous
     try:
         yield
     finally:
         _MEMO.walks = previous
+
+
+def unchanged_memo(kind: str) -> Optional[Dict[Hashable, Any]]:
+    """A dict for answers of ``kind`` kept for as long as the outermost
+    :func:`tree_unchanged` of this thread lasts; ``None`` outside one."""
+    walks = getattr(_MEMO, 'walks', None)
+    if walks is None:
+        return None
+    return walks.setdefault(('memo', kind), {})
 
 
 def walk_modules(model: nn.Module,

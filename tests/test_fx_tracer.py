@@ -431,7 +431,10 @@ def test_a_forward_that_calls_type_is_not_traced(cls):
     assert rel < 1e-5 and isinstance(fused.bn, nn.BatchNorm2d)
     report = fuse_model(cls().eval())
     assert not report.folded
-    assert any('calls type()' in skip.reason for skip in report.left)
+    # (``type(y) is torch.Tensor`` in the forward itself is also an
+    # identity test on a traced value, which keeps it first.)
+    assert any('calls type()' in skip.reason or 'by identity' in skip.reason
+               for skip in report.left)
 
 
 def test_a_property_that_calls_type_is_read_too():

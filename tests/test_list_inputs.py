@@ -185,7 +185,9 @@ def test_forward_that_reads_the_list_is_not_traced_with_one(layer):
     plan = discover_folds(model)
     assert not plan.folds
     reasons = {skip.name: skip.reason for skip in plan.skipped}
-    assert 'cannot trace' in reasons['block.0.norm2']
+    # (``type(x) is list`` is an identity test too, refused first.)
+    assert 'cannot trace' in reasons['block.0.norm2'] or \
+        'by identity' in reasons['block.0.norm2']
     fused, _, rel = fuse_and_compare(ListBlock(layer), _input(),
                                      traced=False)
     assert rel < 1e-5

@@ -69,7 +69,7 @@ from torch import fx, nn
 from torch.fx import _symbolic_trace as fx_internals
 
 from ..layers import is_conv_layer, is_norm_layer
-from ..module_walk import walk_modules
+from ..module_walk import unchanged_memo, walk_modules
 
 __all__ = ['ModuleForwardTracer', 'trace_module_forward', 'TENSOR_METADATA']
 
@@ -500,44 +500,69 @@ class _CountedModules(dict):
         return dict.items(self)
 
 
-#: What may hold a module: containers, partials, bound methods.
-_HOLDERS = (list, tuple, dict, set, frozenset, functools.partial,
-            types.MethodType, nn.Module)
+#: Types of plain values, tested exactly before anything else.
+_PLAIN_TYPES = frozenset({type(None), str, bytes, int, float, complex, bool})
+#: Values whose attributes hold nothing of a model's: not looked into.
+_PLAIN_VALUES = (type(None), torch.Tensor, str, bytes, int, float, complex,
+                 bool, type, types.ModuleType, torch.dtype, torch.device)
 
 
 def _held_otherwise(root: nn.Module) -> Set[int]:
     """The ids of the modules under ``root`` that the state of ``root``
     or of a module under it holds outside the module tables (``self.steps
     = [self.conv, self.bn]``, ``functools.partial(self.bn)``, a bound
-    method): a forward may call them without fetching them."""
+    method, a lambda's closure, a plain object's attribute): a forward may
+    call them without fetching them."""
     modules = walk_modules(root)
     members = {id(module) for _, module in modules}
+    # What each module's state holds, kept while no module changes (the
+    # traces of a discovery, each of which puts the state back).
+    memo = unchanged_memo('held')
+    if memo is None:
+        memo = {}
     found: Set[int] = set()
     for _, module in modules:
         if module is not root and not module._modules:
             continue  # a leaf: its forward does not run in the trace
-        for name, value in module.__dict__.items():
-            if not isinstance(value, _HOLDERS) or \
-                    name in _MODULE_INTERNALS or (
-                        type(value) is tuple
-                        and all(type(item) is int for item in value)):
-                continue
-            pending = [(value, 0)]
-            seen: Set[int] = set()
-            while pending:
-                item, level = pending.pop()
-                if isinstance(item, types.MethodType) and \
-                        isinstance(item.__self__, nn.Module):
-                    item = item.__self__  # a bound method of a module
-                if isinstance(item, nn.Module):
-                    if id(item) in members:
-                        found.add(id(item))
-                    continue
-                if level >= 4 or id(item) in seen:
-                    continue
-                seen.add(id(item))
-                pending.extend((child, level + 1)
-                               for child in _contents(item, False))
+        held = memo.get(id(module))
+        if held is None or held[0] is not module:
+            held = memo[id(module)] = (module, [
+                id(inner) for name, value in module.__dict__.items()
+                if name not in MODULE_INTERNALS and not _plain(value)
+                for inner in modules_held_in(value)
+            ])
+        found.update(key for key in held[1] if key in members)
+    return found
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` holds nothing of a model's for certain: a number,
+    a string, ``None``, a tuple of those (most of a module's settings)."""
+    kind = type(value)
+    return kind in _PLAIN_TYPES or (kind is tuple and all(
+        type(item) in _PLAIN_TYPES for item in value))
+
+
+def modules_held_in(value: Any, depth: int = 4) -> List[nn.Module]:
+    """The modules ``value`` is or holds, ``depth`` levels deep at most:
+    in containers, partials, bound methods, functions (their closures and
+    defaults) and plain objects (their attributes); not inside modules."""
+    found: List[nn.Module] = []
+    pending = [(value, 0)]
+    seen: Set[int] = set()
+    while pending:
+        item, level = pending.pop()
+        if isinstance(item, types.MethodType) and \
+                isinstance(item.__self__, nn.Module):
+            item = item.__self__  # a bound method of a module
+        if isinstance(item, nn.Module):
+            found.append(item)
+            continue
+        if level >= depth or id(item) in seen or isinstance(
+                item, _PLAIN_VALUES):
+            continue
+        seen.add(id(item))
+        pending.extend((child, level + 1) for child in _contents(item))
     return found
 
 
@@ -630,7 +655,7 @@ def trace_module_forward(root: nn.Module,
                 if module is root or module._modules
                 for name, value in attributes.items()
                 if isinstance(value, (dict, list, set))
-                and name not in _MODULE_INTERNALS]
+                and name not in MODULE_INTERNALS]
     try:
         tracer = ModuleForwardTracer(root, list_args)
         graph = tracer.trace(root, concrete_args)
@@ -656,7 +681,7 @@ def trace_module_forward(root: nn.Module,
 
 #: What ``nn.Module.__init__`` puts in a module's ``__dict__``: tables of
 #: its own, not the model's state.
-_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+MODULE_INTERNALS = frozenset(nn.Module().__dict__)
 
 
 def _stored_traced_value(saved: List[Tuple[nn.Module, Dict[str, Any]]],
@@ -666,7 +691,8 @@ def _stored_traced_value(saved: List[Tuple[nn.Module, Dict[str, Any]]],
     ``''`` if nowhere."""
     for module, _ in saved:
         for name, value in module.__dict__.items():
-            if name not in _MODULE_INTERNALS and _holds_traced_value(value):
+            if name not in MODULE_INTERNALS and not _plain(value) and \
+                    _holds_traced_value(value):
                 return f'{type(module).__name__}.{name}'
     for container, _ in contents:
         if _holds_traced_value(container):
@@ -685,29 +711,41 @@ def _holds_traced_value(value: Any, depth: int = 8) -> bool:
         if isinstance(item, fx.Proxy):
             return True
         if level >= depth or id(item) in seen or isinstance(
-                item, (nn.Module, torch.Tensor, str, bytes, int, float,
-                       bool, type, types.FunctionType, types.ModuleType)):
+                item, (nn.Module, ) + _PLAIN_VALUES):
             continue
         seen.add(id(item))
-        pending.extend((child, level + 1) for child in _contents(item, True))
+        pending.extend((child, level + 1) for child in _contents(item))
     return False
 
 
-def _contents(item: Any, objects: bool) -> List[Any]:
-    """What a container or a partial holds (a partial's function and
-    arguments), and with ``objects`` what a plain object's attributes
-    are; ``[]`` for anything else."""
+def _contents(item: Any) -> List[Any]:
+    """What a container, a partial (its function and arguments), a bound
+    method (its object and function), a function (its defaults and what
+    its closure refers to) or a plain object (its attributes) holds;
+    ``[]`` for anything else."""
     if isinstance(item, dict):
         return list(item.values())
     if isinstance(item, (list, tuple, set, frozenset)):
         return list(item)
     if isinstance(item, functools.partial):
         return [item.func, *item.args, *item.keywords.values()]
-    if not objects:
-        return []
+    if isinstance(item, types.MethodType):
+        return [item.__self__, item.__func__]
+    if isinstance(item, types.FunctionType):
+        # What a lambda or nested function refers to from outside.
+        found = list(item.__defaults__ or ())
+        found.extend((item.__kwdefaults__ or {}).values())
+        for cell in item.__closure__ or ():
+            try:
+                found.append(cell.cell_contents)
+            except ValueError:  # a cell not yet filled
+                pass
+        return found
+    if not type(item).__dictoffset__:
+        return []  # no attributes of its own (``__slots__``, builtins)
     try:  # (past a class's own __getattr__, which may raise anything)
         state = object.__getattribute__(item, '__dict__')
-    except AttributeError:  # __slots__ only
+    except AttributeError:
         return []
     return list(state.values()) if isinstance(state, dict) else []
 
@@ -755,7 +793,7 @@ _WRAPPERS = (staticmethod, classmethod, types.MethodType, property,
              functools.partial)
 
 
-def _functions_in(value: Any) -> List[types.FunctionType]:
+def functions_in(value: Any) -> List[types.FunctionType]:
     """The Python functions that calling or reading ``value`` may run: a
     function, what it wraps (``__wrapped__``, as ``functools.wraps``
     sets, and the functions in its closure), a method's, a static or class
@@ -817,7 +855,7 @@ def type_call_in(cls: type) -> Optional[str]:
     if known is not None and known[0] is forward:
         return known[1]
     bases = class_namespaces(cls)
-    pending = _functions_in(forward)
+    pending = functions_in(forward)
     found = None
     seen: Set[Any] = set()
     while pending and found is None:
@@ -858,7 +896,7 @@ def type_call_in(cls: type) -> Optional[str]:
                 for table in bases + [scope] + holders:
                     value = table.get(name)
                     if isinstance(value, (types.FunctionType, ) + _WRAPPERS):
-                        pending.extend(_functions_in(value))
+                        pending.extend(functions_in(value))
     _TYPE_CALLS[cls] = (forward, found)
     return found
 

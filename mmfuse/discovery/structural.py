@@ -26,20 +26,24 @@ model is never mutated.
 import dis
 import inspect
 import operator
+import sys
+import types
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import fx, nn
 
 from ..layers import (is_conv_layer, is_mmcv_conv_module, is_norm_layer,
-                      is_stock_sequential, norm_fold_problem)
+                      is_stock_sequential, norm_fold_problem,
+                      runs_class_forward)
 from ..module_walk import find_submodule, walk_modules
 from ..plan import CONCAT, POST, PRE, SUM
-from .fx_tracer import TENSOR_METADATA, class_namespaces
+from .fx_tracer import (MODULE_INTERNALS, TENSOR_METADATA, class_namespaces,
+                        functions_in, modules_held_in)
 from .occurrence import Evidence, Occurrence
 from .trace_cache import TraceCache
 
-__all__ = ['collect_structural_evidence']
+__all__ = ['collect_structural_evidence', 'reached_inside']
 
 
 def _is_leaf_layer(module: nn.Module) -> bool:
@@ -96,55 +100,99 @@ _NONE_TESTED: Dict[Any, str] = {}
 
 
 def _none_tested_parameters(forward: Any) -> str:
-    """The names of ``forward``'s parameters its own code (or a function
-    nested in it, through a closure) compares with ``None`` (``if skip is
-    None``), joined; ``''`` for none.  A caller may pass ``None`` there (a
-    UNet decoder's first skip), which a traced value never is: the trace
-    would take the other way."""
+    """The names of ``forward``'s parameters whose values, or values its
+    code computes from them, that code (or a function nested in it,
+    through a closure) compares by identity (``if skip is None``, ``s =
+    inputs[1]; if s is None``, ``if mode is Mode.RAW``), joined; ``''``
+    for none.  A caller may pass ``None`` or a flag there (a UNet
+    decoder's first skip), which a traced value never is, and a traced
+    value is never identical to anything: the trace would take the other
+    way."""
     names = _NONE_TESTED.get(forward)
     if names is None:
         code = getattr(inspect.unwrap(forward), '__code__', None)
         found: List[str] = []
         if code is not None:
-            params = set(code.co_varnames[1:code.co_argcount +
-                                          code.co_kwonlyargcount])
-            _find_none_tests(code, params, False, found)
+            params = code.co_varnames[1:code.co_argcount +
+                                      code.co_kwonlyargcount]
+            _find_identity_tests(code, {p: p for p in params}, found)
         names = _NONE_TESTED[forward] = ', '.join(found)
     return names
 
 
-def _find_none_tests(code: Any, params: Set[str], closure_only: bool,
-                     found: List[str]) -> None:
-    """Add to ``found`` the names in ``params`` that ``code`` compares with
-    ``None``: loaded as locals (unless ``closure_only``: in a nested
-    function they are its closure's) or from a closure cell."""
+#: Loads of local and closure variables.
+_LOCAL_LOADS = frozenset({
+    'LOAD_FAST', 'LOAD_DEREF', 'LOAD_CLOSURE', 'LOAD_FAST_CHECK',
+    'LOAD_FAST_LOAD_FAST', 'LOAD_FAST_AND_CLEAR'
+})
+
+
+def _find_identity_tests(code: Any, derived: Dict[str, str],
+                         found: List[str]) -> None:
+    """Add to ``found`` the parameters whose values ``code`` compares by
+    identity.  ``derived`` maps each variable holding a value computed
+    from a parameter (in a statement that reads it: ``x, skip =
+    inputs``, ``s = skip``) to the parameter; it grows as the code is
+    read (twice, for loops), and closures carry it into nested code."""
     ops = list(dis.get_instructions(code))
-    for index, op in enumerate(ops[:-1]):
-        if op.opname == 'LOAD_DEREF' or (op.opname.startswith('LOAD_FAST')
-                                         and not closure_only):
-            loaded = op.argval if isinstance(op.argval, tuple) else \
-                (op.argval, )
-            name = loaded[-1]  # the value on top of the stack
-        else:
-            continue
-        if name not in params or name in found:
-            continue
-        after = ops[index + 1:index + 3]
-        before = ops[index - 1] if index else None
-        tested = 'NONE' in after[0].opname or (
-            after[0].opname == 'LOAD_CONST' and after[0].argval is None
-            and len(after) > 1
-            and after[1].opname in ('IS_OP', 'COMPARE_OP')) or (
-                before is not None and before.opname == 'LOAD_CONST'
-                and before.argval is None
-                and after[0].opname in ('IS_OP', 'COMPARE_OP'))
-        if tested:
-            found.append(name)
+    for _ in range(2):
+        read: List[str] = []  # parameters read since the statement began
+        for index, op in enumerate(ops):
+            if op.starts_line:
+                read = []
+            if op.opname in _LOCAL_LOADS:
+                loaded = op.argval if isinstance(op.argval, tuple) else \
+                    (op.argval, )
+                read.extend(derived[n] for n in loaded if n in derived)
+            elif op.opname in ('STORE_FAST', 'STORE_DEREF') and read:
+                derived.setdefault(op.argval, read[0])
+            if op.opname == 'IS_OP' or 'IF_NONE' in op.opname or \
+                    'IF_NOT_NONE' in op.opname:
+                operands = 2 if op.opname == 'IS_OP' else 1
+                hit = _read_by_operands(ops, index, operands, derived)
+                if hit and hit not in found:
+                    found.append(hit)
     for const in code.co_consts:
         if hasattr(const, 'co_code'):
-            captured = params & set(const.co_freevars)
+            captured = {
+                name: derived[name]
+                for name in const.co_freevars if name in derived
+            }
             if captured:
-                _find_none_tests(const, captured, True, found)
+                _find_identity_tests(const, captured, found)
+
+
+def _read_by_operands(ops: List[Any], index: int, operands: int,
+                      derived: Dict[str, str]) -> Optional[str]:
+    """The parameter the instructions that push the last ``operands``
+    values before instruction ``index`` read (found back to where they
+    push that many, by their stack effects), or ``None``; where that
+    cannot be followed (a jump), any read since the statement began."""
+    depth = 0
+    start = index
+    while start > 0 and depth < operands:
+        start -= 1
+        op = ops[start]
+        if op.is_jump_target or 'JUMP' in op.opname:
+            start = -1
+            break
+        try:
+            depth += dis.stack_effect(op.opcode, op.arg, jump=False)
+        except ValueError:
+            start = -1
+            break
+    if start < 0:  # the statement's reads, all of them
+        start = index
+        while start > 0 and not ops[start].starts_line:
+            start -= 1
+    for op in ops[start:index]:
+        if op.opname in _LOCAL_LOADS:
+            loaded = op.argval if isinstance(op.argval, tuple) else \
+                (op.argval, )
+            for name in loaded:
+                if name in derived:
+                    return derived[name]
+    return None
 
 
 _CLASS_CODE: Dict[type, Tuple[frozenset, frozenset]] = {}
@@ -174,6 +222,280 @@ def _class_code(cls: type) -> Tuple[frozenset, frozenset]:
     return known
 
 
+#: Names through which code may reach a module's submodules or tensors
+#: other than one attribute at a time: walks of the tree or its tensors,
+#: its tables, reflection.
+_WALKS = frozenset({
+    'children', 'named_children', 'modules', 'named_modules', '_modules',
+    'parameters', 'named_parameters', 'buffers', 'named_buffers',
+    '_parameters', '_buffers', 'state_dict', 'get_submodule',
+    'get_parameter', 'get_buffer', '__dict__', 'vars', '__getattribute__',
+    '__getattr__'
+})
+_READS = frozenset({'LOAD_ATTR', 'LOAD_METHOD'})
+_FORWARD_CODE: Dict[type, Tuple] = {}
+
+
+def _forward_code(
+    cls: type
+) -> Tuple[frozenset, frozenset, frozenset, frozenset, frozenset, bool]:
+    """What the code a call of a ``cls`` module may run does with names,
+    read from its ``forward`` and, by the names that code uses, the
+    methods and properties of ``cls`` and its bases but torch's (nested
+    code, decorators, closures too; where it calls ``getattr(self, name)``
+    with a name made at run time, every property's):
+
+    * the attributes it reads of anything but the module itself
+      (``self.block.conv``: ``conv``; ``x.shape``: ``shape``), and the
+      names of the walks and reflection it may use (:data:`_WALKS`); and
+      of those attributes the ones it takes as values (see below), and the
+      ones it indexes;
+    * the attributes of the module it takes as values other than to call
+      them at once (``self.layers`` iterated, indexed, passed on; not
+      ``self.conv(x)`` or ``self.conv.forward(x)``; nor only tested:
+      ``if self.block``, ``len(self.layers)``), and of those the ones it
+      does not just index (``self.layers[i]``);
+    * whether it may hand the module itself on: its first parameter
+      loaded for anything but an attribute read (``helper(self)``), or
+      ``getattr`` of anything else than the module.
+    """
+    forward = inspect.getattr_static(cls, 'forward', None)
+    known = _FORWARD_CODE.get(cls)
+    if known is not None and known[0] is forward:
+        return known[1:]
+    bases = class_namespaces(cls)
+    deep: Set[str] = set()
+    deep_taken: Set[str] = set()
+    deep_indexed: Set[str] = set()
+    values: Set[str] = set()
+    taken: Set[str] = set()
+    hands_on = computed = False
+    # (Function, whether its first parameter is the module.)
+    pending = [(f, True) for f in functions_in(forward)]
+    seen: Set[Any] = set()
+    named: Set[str] = set()
+    while pending:
+        function, bound = pending.pop()
+        codes = [(function.__code__, True if bound else None)]
+        while codes:
+            code, method = codes.pop()
+            if code in seen:
+                continue
+            seen.add(code)
+            # The module: a method's first parameter; in nested code, the
+            # ``self`` of the closure.
+            me = (code.co_varnames[0] if code.co_argcount else None) \
+                if method else (None if method is None else 'self')
+            codes.extend((c, False if method or method is False else None)
+                         for c in code.co_consts if hasattr(c, 'co_code'))
+            named.update(code.co_names)
+            deep.update(_WALKS.intersection(code.co_names))
+            ops = list(dis.get_instructions(code))
+            for index, op in enumerate(ops):
+                previous = ops[index - 1] if index else None
+                following = ops[index + 1] if index + 1 < len(ops) else None
+                on_me = previous is not None and previous.argval == me and \
+                    previous.opname in ('LOAD_FAST', 'LOAD_DEREF')
+                if op.opname in _READS and not on_me:
+                    deep.add(op.argval)
+                    if op.opname == 'LOAD_ATTR' and (
+                            following is None
+                            or following.opname not in _READS):
+                        use = _use_of(ops, index)  # not called at once
+                        if use == 'taken':
+                            deep_taken.add(op.argval)
+                        elif use == 'indexed':
+                            deep_indexed.add(op.argval)
+                elif op.opname == 'LOAD_ATTR' and not (
+                        sys.version_info >= (3, 12) and op.arg & 1) and (
+                            following is None
+                            or following.opname not in _READS):
+                    # (Not ``self.head.forward(x)``, ``self.head.predict``:
+                    # a call into the child, its own code; a name below
+                    # it that the code reads counts as ``deep``.)
+                    # (3.12 on: bit 0 of the argument marks a method.)
+                    use = _use_of(ops, index)
+                    if use != 'tested':
+                        values.add(op.argval)
+                    if use == 'taken':
+                        taken.add(op.argval)
+                if op.opname in ('LOAD_FAST', 'LOAD_DEREF') and \
+                        op.argval == me and (following is None or
+                                             following.opname not in _READS):
+                    if previous is not None and \
+                            previous.argval == 'getattr':
+                        computed = True  # ``getattr(self, name)``
+                    elif previous is None or previous.argval not in _LOOKS:
+                        hands_on = True  # (not ``hasattr(self, 'head')``)
+                elif op.argval == 'getattr' and op.opname in (
+                        'LOAD_GLOBAL', 'LOAD_NAME') and (
+                            following is None or following.argval != me):
+                    hands_on = True
+        for namespace in bases:
+            for name, value in namespace.items():
+                if name != '__init__' and (name in named or (
+                        computed and isinstance(value, property))):
+                    # (A static or class method's first parameter is not
+                    # the module.)
+                    bound = isinstance(value, (types.FunctionType,
+                                               property))
+                    pending.extend((f, bound) for f in functions_in(value)
+                                   if f.__code__ not in seen)
+    known = _FORWARD_CODE[cls] = (forward, frozenset(deep),
+                                  frozenset(deep_taken),
+                                  frozenset(deep_indexed), frozenset(values),
+                                  frozenset(taken), hands_on)
+    return known[1:]
+
+
+#: Calls that only look at what they are given.
+_LOOKS = frozenset({'len', 'isinstance', 'hasattr', 'id', 'bool', 'type'})
+
+
+def _use_of(ops: List[Any], index: int) -> str:
+    """What the code does next with the value instruction ``index`` of
+    ``ops`` pushes: ``'tested'`` (its truth, ``is None``; or given to
+    ``len``, ``isinstance``...), ``'indexed'`` (what a subscript indexes,
+    ``self.layers[n - 1 - i]``, followed through the index expression by
+    the stack effects of its instructions) or ``'taken'`` (anything
+    else)."""
+    following = ops[index + 1] if index + 1 < len(ops) else None
+    if following is None:
+        return 'taken'
+    if 'JUMP' in following.opname and 'IF' in following.opname:
+        return 'tested'  # ``if self.block:``
+    callee = ops[index - 2] if index > 1 else None
+    if callee is not None and callee.opname in ('LOAD_GLOBAL', 'LOAD_NAME') \
+            and callee.argval in _LOOKS:
+        return 'tested'  # ``len(self.layers)``, ``isinstance(self.x, T)``
+    after = ops[index + 2] if index + 2 < len(ops) else None
+    if following.opname == 'LOAD_CONST' and following.argval is None and \
+            after is not None and after.opname == 'IS_OP':
+        return 'tested'
+    depth = 1  # the value, on the stack
+    for op in ops[index + 1:index + 40]:
+        if op.opname == 'BINARY_SUBSCR' and depth == 2:
+            return 'indexed'
+        if op.is_jump_target or 'JUMP' in op.opname or \
+                op.opname.startswith('RETURN'):
+            return 'taken'
+        try:
+            depth += dis.stack_effect(op.opcode, op.arg, jump=False)
+        except ValueError:
+            return 'taken'
+        if depth <= 1:
+            return 'taken'  # the value (or what was pushed on it) used
+    return 'taken'
+
+
+def _indexable(module: nn.Module) -> bool:
+    """Whether ``module`` can be indexed or iterated to get at what it
+    holds (a Sequential, a list or dict of modules, a class with its own
+    ``__getitem__`` or ``__iter__``)."""
+    cls = type(module)
+    return isinstance(module, (nn.Sequential, nn.ModuleList,
+                               nn.ModuleDict)) or \
+        getattr(cls, '__getitem__', None) is not None or \
+        getattr(cls, '__iter__', None) is not None
+
+
+def _reached_below(module: nn.Module) -> Tuple[List[nn.Module], bool]:
+    """The modules below those ``module`` calls (its children, and the
+    entries of its lists and dicts of modules) that a call of it may reach
+    (call, read the tensors of, index, iterate), read from the code it may
+    run (see :func:`_forward_code`); and whether it may also hand on or
+    iterate a list of modules that holds Sequentials (``multi_apply(
+    self.forward_single, feats, self.cls_convs)``, which calls them, or
+    ``for m in self.stages[0]``, which reaches into one).
+
+    It may reach below every one where the code walks modules or tensors
+    or hands the module on, or where the module holds modules outside its
+    module table (a list, a partial); below a child it takes as a value
+    (``self.stem[0]``, a loop over a Sequential's layers); a layer below
+    them that the code reads by name (``self.block.conv``), and below a
+    Sequential or list of modules so read other than to call it.  An
+    entry taken from a list of modules by index is taken to be called (not
+    indexed in turn), another module below read by name to be called
+    (``self.det.neck(x)``, ``self.det.head.predict(x)``), and
+    ``getattr(self, name)`` to give a child or an attribute, not a method
+    the code then calls."""
+    deep, deep_taken, deep_indexed, values, taken, hands_on = \
+        _forward_code(type(module))
+    lists = any(
+        name in taken and isinstance(child, (nn.ModuleList, nn.ModuleDict))
+        and any(_indexable(entry) for entry in child.children())
+        for name, child in module._modules.items())
+    called = []
+    reached: List[nn.Module] = []
+    for name, child in _callable_children(module):
+        called.append(child)
+        if name in values:
+            reached.append(child)  # taken as a value, not called
+    if hands_on or deep & _WALKS or any(
+            key not in MODULE_INTERNALS and modules_held_in(value)
+            for key, value in module.__dict__.items()):
+        return called, lists
+    for child in called:
+        for path, below in walk_modules(child):
+            name = path.rpartition('.')[2]
+            if path and ((name in deep and _is_leaf_layer(below)) or (
+                    _indexable(below) and (name in deep_taken or (
+                        name in deep_indexed and not isinstance(
+                            below, (nn.ModuleList, nn.ModuleDict)))))):
+                reached.append(below)
+    return reached, lists
+
+
+def reached_inside(model: nn.Module) -> Dict[int, Set[int]]:
+    """What code outside each module of ``model`` may call or read inside
+    it, read from the code of the modules above (no trace): by ``id`` of
+    the module, the ``id`` of each module inside it that a module above
+    may reach (:func:`_reached_below`, where everything below a child is
+    reached) or read by name (``self.block.branch(x)``, a call of a
+    module inside the block).  For re-parameterization without an example
+    input: a merge must keep such a module."""
+    found: Dict[int, Set[int]] = {}
+    for _, holder in walk_modules(model):
+        if not holder._modules or is_stock_sequential(holder) or \
+                is_mmcv_conv_module(holder) or isinstance(
+                    holder, (nn.ModuleList, nn.ModuleDict)):
+            continue
+        reached = {id(m) for m in _reached_below(holder)[0]}
+        deep = _forward_code(type(holder))[0] \
+            if runs_class_forward(holder) else None
+        for name, child in _callable_children(holder):
+            everything = deep is None or id(child) in reached
+            for path, below in walk_modules(child):
+                if not path:
+                    continue
+                if everything or id(below) in reached or \
+                        path.rpartition('.')[2] in deep:
+                    # Each module on the way down holds it.
+                    way = path.split('.')
+                    inner = child
+                    found.setdefault(id(inner), set()).add(id(below))
+                    for part in way[:-1]:
+                        inner = inner._modules[part]
+                        found.setdefault(id(inner), set()).add(id(below))
+    return found
+
+
+def _callable_children(module: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """The children of ``module`` and the entries of its lists and dicts
+    of modules (its forward's callees), with their names."""
+    found = []
+    pending = list(module._modules.items())
+    while pending:
+        name, child = pending.pop()
+        if child is None:
+            continue
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            pending.extend(child._modules.items())
+        else:
+            found.append((name, child))
+    return found
+
+
 def _keyword_names(code: Any) -> Set[str]:
     """The keyword argument names of the calls ``code`` makes: the tuple
     of ``KW_NAMES`` (Python 3.11, 3.12), or the constant loaded right
@@ -201,6 +523,15 @@ def _names_in_class(cls: type) -> frozenset:
     return _class_code(cls)[0]
 
 
+def _traced_argument(arg: Any) -> bool:
+    """Whether a call's argument in a graph is a traced value, or a list
+    or tuple of them (a module traced with a list argument is only where
+    every call passes one)."""
+    if isinstance(arg, (list, tuple)):
+        return all(isinstance(item, fx.Node) for item in arg)
+    return isinstance(arg, fx.Node)
+
+
 def _reads_a_proxy(error: Exception) -> bool:
     """Whether a failed trace tried to iterate over a traced value or
     take its ``len``: a list argument of unknown length would fail the
@@ -226,6 +557,10 @@ class _StructuralCollector:
         self.caller_graphs: Dict[int, Optional[fx.Graph]] = {}
         # Forwards traced with list arguments where a plain trace failed.
         self.list_forwards: Set[Any] = set()
+        # The graph of each module traced, and the calls of layers each
+        # such graph showed, by the module's id.
+        self.graphs: Dict[int, Tuple[nn.Module, fx.Graph]] = {}
+        self.traced_calls: Dict[int, List[Occurrence]] = {}
         # mmcv ConvModules a traced forward calls with ``norm=False``.
         self.norm_skipped: Dict[int, nn.Module] = {}
         # The modules holding each module (made when first needed).
@@ -392,12 +727,21 @@ class _StructuralCollector:
         # A proxy stands for an argument given, and is never None: ``if
         # scale is None`` then takes the way of a call that gives one,
         # whatever the callers do.
+        if not runs_class_forward(module):
+            # What the trace of its class's forward shows is not what a
+            # call of it runs.
+            self.evidence.unproven.append(
+                (module, f'data flow not proven: {type(module).__name__} '
+                 'is not called through its class\'s forward (a forward '
+                 'of its own, or __call__ overridden)'))
+            return
         forward = type(module).forward
         for names, why in (
             (_optional_parameters(forward), 'takes optional arguments ({}):'
              ' whether a call gives them cannot be traced'),
-            (_none_tested_parameters(forward), 'tests whether {} is None: '
-             'a call may pass None, which a traced value never is')):
+            (_none_tested_parameters(forward), 'compares {} (or a value '
+             'from it) by identity (is None, is a flag): a call may pass '
+             'None or a flag, which a traced value never is')):
             if names:
                 self.evidence.unproven.append(
                     (module, f'data flow not proven: {type(module).__name__}'
@@ -424,6 +768,7 @@ class _StructuralCollector:
                     (module, f'data flow not proven: torch.fx cannot trace '
                      f'{type(module).__name__}.forward ({detail})'))
                 return
+        self.graphs[id(module)] = (module, graph)
         occs: Dict[fx.Node, Occurrence] = {}
         for node in graph.nodes:
             if node.op == 'get_attr':
@@ -438,6 +783,7 @@ class _StructuralCollector:
             if not self.is_leaf(target):
                 continue
             occ = self.call_occurrence(module, node.target, target)
+            self.traced_calls.setdefault(id(module), []).append(occ)
             if node.meta.get('unfetched'):
                 occ.reason = ('called through a reference other than its '
                               'attribute (a plain list, a partial): a fold '
@@ -625,11 +971,12 @@ class _StructuralCollector:
                 layers = list(self.direct_layers(module))
                 if any(id(m) in self.foldable for m in layers):
                     self.traced(module)
-                elif layers:
+                elif layers or any(_reached_below(module)):
                     pending.append(module)
         # A module that may call a linked layer (one of its own, or one it
-        # reaches inside a child) is traced too, and its trace may link
-        # more: repeat until nothing changes.
+        # may reach inside a child: ``self.block.conv(x)``, a tap between
+        # the layers of a Sequential it runs itself) is traced too, and
+        # its trace may link more: repeat until nothing changes.
         while pending:
             holding = self.holders_of({
                 id(occ.module)
@@ -644,7 +991,79 @@ class _StructuralCollector:
                 self.traced(module)
         for block in self.norm_skipped.values():
             self.unlink_norm_of(block)
+        self.check_call_arguments()
+        self.check_unproven_reach()
         return self.evidence
+
+    def check_unproven_reach(self) -> None:
+        """A module whose forward could not be read from a trace may still
+        reach below the modules it calls (``self.stem[0](x)``): where its
+        code may (see :func:`_reached_below`; every child for a
+        forward of the instance's own), the links of the layers below
+        those modules are undone (their Sequential, ConvModule or traced
+        parent showed only the calls it makes itself)."""
+        layers: Dict[int, str] = {}
+        for module, _ in self.evidence.unproven:
+            reached = list(module.children()) \
+                if not runs_class_forward(module) else \
+                _reached_below(module)[0]
+            for top in reached:
+                for _, below in walk_modules(top):
+                    if id(below) in self.leaf_layers:
+                        layers.setdefault(id(below), type(module).__name__)
+        if not layers:
+            return
+        for occ in self.evidence.occurrences:
+            link = occ.link
+            if link is None or link.norm is not occ:
+                continue
+            holder = next((layers[id(m)] for m in
+                           [occ.module] + [c.module for c in link.convs]
+                           if id(m) in layers), None)
+            if holder is not None:
+                self.unlink(
+                    occ, f'{holder}, whose forward could not be traced, '
+                    'may reach below the modules it calls (to this layer '
+                    'or its conv): data flow not proven')
+
+    def check_call_arguments(self) -> None:
+        """A module's trace stands for calls that pass traced values
+        (tensors) at every parameter: where the trace of a module above
+        shows a call passing anything else (``None``, a flag, an enum),
+        the forward may take another way for it (``if skip is None``,
+        ``if mode is Mode.RAW``: an identity test the trace cannot see),
+        so the links of the module's own trace are undone."""
+        for caller, graph in self.graphs.values():
+            for node in graph.nodes:
+                if node.op != 'call_module':
+                    continue
+                target = find_submodule(caller, node.target)
+                if id(target) not in self.traced_calls:
+                    continue
+                given = list(node.args) + list(node.kwargs.values())
+                if all(_traced_argument(arg) for arg in given):
+                    continue
+                for occ in self.traced_calls.pop(id(target)):
+                    self.unlink(
+                        occ, f'{type(target).__name__} is also called with '
+                        f'an argument that is not a traced tensor (in '
+                        f'{type(caller).__name__}.forward): its trace holds '
+                        'only for tensors')
+
+    @staticmethod
+    def unlink(occ: Occurrence, reason: str) -> None:
+        """Take back the link of a norm call ``occ`` (and its convs')."""
+        link = occ.link
+        if link is None or link.norm is not occ:
+            return
+        for conv in link.convs:
+            if conv.side(link.kind) is link:
+                if link.kind == PRE:
+                    conv.input_link = None
+                else:
+                    conv.link = None
+        occ.link = None
+        occ.reason = reason
 
     def unlink_norm_of(self, block: nn.Module) -> None:
         """An mmcv ConvModule called with ``norm=False`` somewhere: the
@@ -653,18 +1072,11 @@ class _StructuralCollector:
         norm = getattr(block, block.norm_name, None) \
             if getattr(block, 'with_norm', False) else None
         for occ in self.evidence.occurrences:
-            if occ.module is not norm or occ.site is None or \
-                    occ.site[0] is not block or occ.link is None:
-                continue
-            for conv in occ.link.convs:
-                if conv.side(occ.link.kind) is occ.link:
-                    if occ.link.kind == PRE:
-                        conv.input_link = None
-                    else:
-                        conv.link = None
-            occ.link = None
-            occ.reason = ('its ConvModule is also called with norm=False: '
-                          'the conv is used without the norm there')
+            if occ.module is norm and occ.site is not None and \
+                    occ.site[0] is block:
+                self.unlink(
+                    occ, 'its ConvModule is also called with norm=False: '
+                    'the conv is used without the norm there')
 
     def holders_of(self, modules: Set[int]) -> Set[int]:
         """The ids of the modules that hold any of ``modules`` (ids)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import (register_module_forward_hook,
                                      register_module_forward_pre_hook)
+
 from torch.overrides import TorchFunctionMode
 
 from ..layers import is_conv_layer, is_norm_layer
@@ -33,6 +34,10 @@ from ..plan import CONCAT, POST, PRE, SUM
 from .occurrence import Evidence, Occurrence, Site
 
 __all__ = ['collect_traced_evidence', 'TracedForward']
+
+#: Which global forward hooks take keyword arguments, by handle id.
+_GLOBAL_HOOKS_WITH_KWARGS = getattr(torch.nn.modules.module,
+                                    '_global_forward_hooks_with_kwargs', {})
 
 Key = Tuple[int, int]
 
@@ -527,6 +532,9 @@ class TracedForward:
         finally:
             for handle in handles:
                 handle.remove()
+                # (torch's handle leaves the with_kwargs entry of a global
+                # hook behind: torch.compile would warn of global hooks.)
+                _GLOBAL_HOOKS_WITH_KWARGS.pop(handle.id, None)
             self.active_leaf = None
             self.recorder = None  # it refers back to this pass
             self.stack.clear()

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import nn
 
+from ..discovery.structural import reached_inside
 from ..folding import norm_affines
 from ..guards import (FusionError, as_input_tuple, check_eval,
                       unwrap_model)
@@ -630,8 +631,14 @@ def merge_blocks(model: nn.Module,
     seen summing branches of one value); registry entries apply anywhere.
     ``reached`` (ids of blocks a caller outside them was seen to reach
     into, ``self.block.branch(x)``, with the ids of the modules it called
-    there): such a block is merged only where the merge keeps those.
+    there): such a block is merged only where the merge keeps those; by
+    default what the code above each block may reach, read from it
+    (``discovery.structural.reached_inside``).
     """
+    if reached is None:
+        # Without a forward pass to show it: what the code above each
+        # block may reach inside it.
+        reached = reached_inside(model)
     walker = _Walker(model, call_deploy_methods, use_registry,
                      generic_blocks, reached)
     records = walker.run()

@@ -229,8 +229,9 @@ class GenericMerger:
         if type(module).__module__.startswith('torch.nn.'):
             return None
         trace, _ = trace_block(module, True, self.traces)
-        if trace is None:
-            return None
+        if trace is None or _changes_its_input(trace.graph, module) or \
+                _changed_in_place(trace.graph, module):
+            return None  # (``x *= 2`` is no scale: the caller's x changes)
         exprs = self._expressions(module, trace)
         output = [n for n in trace.graph.nodes if n.op == 'output'][0]
         result = output.args[0]
@@ -607,20 +608,16 @@ def _target_name(node: fx.Node) -> str:
         target, '__name__', '')
 
 
-def _mutates_first_argument(node: fx.Node, block: nn.Module) -> bool:
+def _mutates_first_argument(node: fx.Node, block: nn.Module,
+                            depth: int = 0) -> bool:
     """Whether ``node`` changes its first argument in place: a method or
     function named ``..._`` or ``__i...__``, ``x[...] = v``, an
-    ``inplace=True`` argument, or a leaf child with ``inplace`` set
-    (``nn.ReLU(inplace=True)``)."""
+    ``inplace=True`` argument, or a child that may change its input
+    (:func:`_may_change_input`: ``nn.ReLU(inplace=True)``)."""
     if not node.args:
         return False
     if node.op == 'call_module':
-        # A leaf such as ``nn.ReLU(inplace=True)`` (mmcv's ConvModule has
-        # an ``inplace`` too, for the activation it runs on its own conv's
-        # output).
-        child = block.get_submodule(node.target)
-        return not has_children(child) and \
-            getattr(child, 'inplace', False) is True
+        return _may_change_input(block.get_submodule(node.target), depth)
     if node.op not in ('call_method', 'call_function'):
         return False
     name = _target_name(node)
@@ -630,6 +627,64 @@ def _mutates_first_argument(node: fx.Node, block: nn.Module) -> bool:
         node.kwargs.get('inplace') is True or \
         len(node.args) > _INPLACE_POSITIONS.get(node.target, 99) and \
         node.args[_INPLACE_POSITIONS[node.target]] is True
+
+
+def _may_change_input(module: nn.Module, depth: int = 0) -> bool:
+    """Whether a call of ``module`` may change its input in place: a leaf
+    of torch's with ``inplace`` set (``nn.ReLU(inplace=True)``); a module
+    of the model's own whose traced forward does (``x.clamp_()``), or
+    that cannot be traced; not a conv, a norm, an mmcv ConvModule (its
+    ``inplace`` is for the activation it runs on its own conv's output)
+    or a plain Sequential whose first module does not."""
+    if is_conv_layer(module) or is_norm_layer(module) or \
+            is_mmcv_conv_module(module):
+        return False
+    if not runs_class_forward(module):
+        return True
+    if is_stock_sequential(module):
+        children = [m for m in module._modules.values() if m is not None]
+        return bool(children) and _may_change_input(children[0], depth)
+    if type(module).__module__.startswith('torch.nn.') and \
+            not has_children(module):
+        return getattr(module, 'inplace', False) is True
+    if depth >= 4:
+        return True
+    try:
+        graph = trace_module_forward(module)
+    except Exception:  # fx raises many types on Python code
+        return True
+    return _changes_its_input(graph, module, depth + 1)
+
+
+def _changes_its_input(graph: fx.Graph, block: nn.Module,
+                       depth: int = 0) -> bool:
+    """Whether the graph of ``block``'s forward changes the block's input
+    (or a view of it) in place, which its caller sees."""
+    for node in graph.nodes:
+        if not _mutates_first_argument(node, block, depth):
+            continue
+        value = node.args[0]
+        while isinstance(value, fx.Node):
+            if value.op == 'placeholder':
+                return True
+            if _aliases_first_argument(value, block):
+                value = value.args[0] if value.args else None
+            else:
+                break
+    return False
+
+
+def _aliases_first_argument(node: fx.Node, block: nn.Module) -> bool:
+    """Whether ``node``'s value may share memory with its first argument:
+    a view (``x.view(...)``, ``x.data``), or a child that may return its
+    input."""
+    if node.op == 'call_module':
+        return _may_return_input(block.get_submodule(node.target))
+    if node.op not in ('call_method', 'call_function'):
+        return False
+    if node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _VIEWS
+    return _target_name(node) in _VIEWS
 
 
 def _may_return_input(module: nn.Module) -> bool:
@@ -657,10 +712,7 @@ def _changed_in_place(graph: fx.Graph, block: nn.Module) -> str:
         aliases = []
         while isinstance(value, fx.Node):
             aliases.append(value)
-            if (value.op == 'call_module' and _may_return_input(
-                    block.get_submodule(value.target))) or (
-                        value.op in ('call_method', 'call_function')
-                        and _target_name(value) in _VIEWS):
+            if _aliases_first_argument(value, block):
                 value = value.args[0] if value.args else None
             else:
                 break
