@@ -555,12 +555,12 @@ def test_packages_installed_inside_the_standard_library_are_model_code(
     monkeypatch.setattr(fx_tracer, '_INSTALLED',
                         (os.path.join(stdlib, 'site-packages') + os.sep, ))
     monkeypatch.setattr(fx_tracer, '_KINDS', {})
-    assert fx_tracer._code_kind(os.path.join(stdlib, 'abc.py')) == 'library'
-    assert fx_tracer._code_kind(
+    assert fx_tracer.code_kind(os.path.join(stdlib, 'abc.py')) == 'library'
+    assert fx_tracer.code_kind(
         os.path.join(stdlib, 'site-packages', 'mmdet', 'x.py')) == 'model'
-    assert fx_tracer._code_kind(fx.__file__) == 'tracer'
-    assert fx_tracer._code_kind(torch.__file__) == 'library'
-    assert fx_tracer._code_kind(__file__) == 'model'
+    assert fx_tracer.code_kind(fx.__file__) == 'tracer'
+    assert fx_tracer.code_kind(torch.__file__) == 'library'
+    assert fx_tracer.code_kind(__file__) == 'model'
 
 
 def test_a_forward_with_optional_arguments_is_not_traced():

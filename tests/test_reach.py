@@ -394,3 +394,180 @@ def test_traced_discovery_leaves_no_global_hook_behind():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
     mmfuse.fuse_model(model, (X, ))
     assert dict(hooks._global_forward_hooks_with_kwargs) == before
+
+
+# -- found by a second review ------------------------------------------------
+
+
+def seq4() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+
+class DunderIndex(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.seq = seq4()
+
+    def forward(self, x):
+        return self.seq(x) + self.seq.__getitem__(0)(x)
+
+
+class EitherOr(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.seq = seq4()
+        self.other = None
+
+    def forward(self, x):
+        body = self.seq or self.other
+        return body(x) + body[0](x)
+
+
+class NotCalledSelf(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.seq = seq4()
+
+    def forward(this, x):
+        taps = [this.seq[i](x) for i in range(1)]
+        return this.seq(x) + taps[0]
+
+
+class GetattrIndexed(nn.Module):
+
+    def __init__(self, computed: bool):
+        super().__init__()
+        self.computed = computed
+        self.stage1 = seq4()
+
+    def forward(self, x):
+        if self.computed:
+            i = 1
+            return getattr(self, f'stage{i}')(x) + \
+                getattr(self, f'stage{i}')[0](x)
+        return self.stage1(x) + getattr(self, 'stage1')[0](x)
+
+
+@pytest.mark.parametrize('model', [
+    DunderIndex, EitherOr, NotCalledSelf, lambda: GetattrIndexed(True),
+    lambda: GetattrIndexed(False)
+])
+def test_reaches_read_from_other_bytecode(model):
+    fused, _, rel = fuse_and_compare(model(), (X, ), traced=False)
+    assert rel < 1e-5
+    kept_at(fused, ['seq.1' if hasattr(fused, 'seq') else 'stage1.1'])
+
+
+def exists(value):
+    return value is not None
+
+
+class Up(nn.Module):
+
+    def __init__(self, test: str):
+        super().__init__()
+        self.test = test
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def missing(self, value):
+        return value is None
+
+    def forward(self, x, skip):
+        c = self.conv(x)
+        if self.test == 'helper':
+            given = exists(skip)
+        elif self.test == 'method':
+            given = not self.missing(skip)
+        elif self.test == 'hasattr':
+            given = hasattr(skip, 'shape')
+        else:
+            given = bool([t for t in (skip, ) if t is not None])
+        if given:
+            return self.bn(c) + skip
+        return self.bn(c) + c
+
+
+class Ups(nn.Module):
+
+    def __init__(self, test: str):
+        super().__init__()
+        self.up1, self.up2 = Up(test), Up(test)
+
+    def forward(self, x):
+        return self.up2(self.up1(x, None), x)
+
+
+@pytest.mark.parametrize('test',
+                         ['helper', 'method', 'hasattr', 'comprehension'])
+def test_identity_tests_in_helpers_and_comprehensions(test):
+    fused, _, rel = fuse_and_compare(Ups(test), (X, ), traced=False)
+    assert rel < 1e-5
+    kept_at(fused, ['up1.bn', 'up2.bn'])
+
+
+def test_a_class_changed_after_it_was_read_is_read_again():
+
+    class Changed(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.seq = seq4()
+
+        def forward(self, x):
+            return self.seq(x) + self.extra(x)
+
+        def extra(self, x):
+            return 0 * x[:, :1]
+
+    _, _, rel = fuse_and_compare(Changed(), (X, ), traced=False)
+    assert rel < 1e-5
+    Changed.extra = lambda self, x: self.seq[0](x)
+    fused, _, rel = fuse_and_compare(Changed(), (X, ), traced=False)
+    assert rel < 1e-5
+    kept_at(fused, ['seq.1'])
+
+
+def test_a_block_whose_method_a_caller_uses_is_not_merged():
+
+    class Rep(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.dense = nn.Sequential(
+                nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3))
+            self.one = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+        def forward(self, x):
+            return self.dense(x) + self.one(x)
+
+        def one_branch(self, x):
+            return self.one(x)
+
+    class UsesMethod(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.rep = Rep()
+
+        def forward(self, x):
+            return self.rep(x) + self.rep.one_branch(x)
+
+    model = randomize_norm_stats(UsesMethod().eval())
+    with torch.no_grad():
+        reference = model(X)
+    records = reparameterize(model)
+    assert not any(r['merged'] for r in records)
+    with torch.no_grad():
+        assert torch.allclose(model(X), reference, atol=1e-5)
+
+
+def test_a_sequential_passes_its_input_to_an_in_place_child():
+    from mmfuse.reparam.generic import _may_change_input
+    assert _may_change_input(nn.Sequential(nn.Identity(),
+                                           nn.ReLU(inplace=True)))
+    assert not _may_change_input(
+        nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(inplace=True)))

@@ -767,7 +767,7 @@ _INSTALLED = tuple({
 _KINDS: Dict[str, str] = {}
 
 
-def _code_kind(filename: str) -> str:
+def code_kind(filename: str) -> str:
     """``'tracer'``, ``'library'`` or ``'model'`` (see above) for the code
     of ``filename``."""
     kind = _KINDS.get(filename)
@@ -843,7 +843,7 @@ def type_call_in(cls: type) -> Optional[str]:
     that name of modules and classes among them, and so on from their
     code (through decorators, closures, properties,
     ``functools.partial``).  Only the model's code (see
-    :func:`_code_kind`) is read.
+    :func:`code_kind`) is read.
 
     Returns:
         The qualified name of a function whose code loads a global that
@@ -861,7 +861,7 @@ def type_call_in(cls: type) -> Optional[str]:
     while pending and found is None:
         function = pending.pop()
         code = function.__code__
-        if code in seen or _code_kind(code.co_filename) != 'model':
+        if code in seen or code_kind(code.co_filename) != 'model':
             continue
         seen.add(code)
         scope = function.__globals__
@@ -916,7 +916,7 @@ def _model_code(frame: Any) -> Optional[Any]:
     (``torch.is_tensor`` and ``abc.__instancecheck__`` test types for
     their caller); ``None`` where the tracer's own code comes first."""
     while frame is not None:
-        kind = _code_kind(frame.f_code.co_filename)
+        kind = code_kind(frame.f_code.co_filename)
         if kind == 'tracer':
             return None
         if kind == 'model':
@@ -1138,7 +1138,7 @@ def _watch_code(problems: List[str]) -> bool:
         if found is None:
             found = readers.get(code)
         if found is None:
-            kind = _code_kind(code.co_filename)
+            kind = code_kind(code.co_filename)
             found = () if kind == 'tracer' else \
                 _list_readers(code, frame.f_globals)
             # Of the model's code, for this trace only (it may change
@@ -1146,7 +1146,7 @@ def _watch_code(problems: List[str]) -> bool:
             (readers if kind == 'model' else _KNOWN_READERS)[code] = found
         if not found:
             return  # no tracing within the function
-        kind = _code_kind(code.co_filename)
+        kind = code_kind(code.co_filename)
         if _model_code(frame) is None or (
                 kind == 'library' and not any(
                     type(value) is _SymbolicList

@@ -11,23 +11,29 @@ Three kinds of structure count as proof, and registration order never does:
   forward that takes a list of tensors (DenseNet's layers) and fails a
   plain trace is traced with that argument a list of unknown length,
   where the trace of the module holding it shows a list passed at every
-  call (``traced_with_lists``).  A forward with optional parameters is not
-  traced: a proxy stands for an argument given, so ``if scale is None``
-  would take the way of a call that gives one, whatever the callers do.
+  call (``traced_with_lists``).  A forward with optional parameters, or
+  one that compares an argument (or a value from it) by identity, is not
+  traced: a proxy stands for an argument given and is identical to
+  nothing, so ``if scale is None`` would take the way of a call that
+  gives one, whatever the callers do.
 
 Only modules that call a foldable norm are traced, and then the modules
-with layers of their own that hold a linked conv or norm anywhere below
-them (their calls of it, even reaching into a child, decide whether it is
-folded in place, copied or left): a model without batch norms is not
-traced at all.  A module registered under several names gets no call
-site from a trace (the graph cannot tell which name was called).  The
-model is never mutated.
+that hold a linked conv or norm anywhere below them (their calls of it,
+even reaching into a child, decide whether it is folded in place, copied
+or left) and have layers of their own, or whose code may reach below the
+modules they call (:func:`_reached_below`, read from their bytecode): a
+model without batch norms is not traced at all.  Below a module that
+cannot be traced and whose code may so reach, links are undone.  A
+module registered under several names gets no call site from a trace
+(the graph cannot tell which name was called).  The model is never
+mutated.
 """
 import dis
 import inspect
 import operator
 import sys
 import types
+import weakref
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
@@ -39,7 +45,7 @@ from ..layers import (is_conv_layer, is_mmcv_conv_module, is_norm_layer,
 from ..module_walk import find_submodule, walk_modules
 from ..plan import CONCAT, POST, PRE, SUM
 from .fx_tracer import (MODULE_INTERNALS, TENSOR_METADATA, class_namespaces,
-                        functions_in, modules_held_in)
+                        code_kind, functions_in, modules_held_in)
 from .occurrence import Evidence, Occurrence
 from .trace_cache import TraceCache
 
@@ -99,24 +105,27 @@ def _optional_parameters(forward: Any) -> str:
 _NONE_TESTED: Dict[Any, str] = {}
 
 
-def _none_tested_parameters(forward: Any) -> str:
+def _none_tested_parameters(forward: Any, cls: type) -> str:
     """The names of ``forward``'s parameters whose values, or values its
-    code computes from them, that code (or a function nested in it,
-    through a closure) compares by identity (``if skip is None``, ``s =
-    inputs[1]; if s is None``, ``if mode is Mode.RAW``), joined; ``''``
-    for none.  A caller may pass ``None`` or a flag there (a UNet
-    decoder's first skip), which a traced value never is, and a traced
-    value is never identical to anything: the trace would take the other
-    way."""
-    names = _NONE_TESTED.get(forward)
+    code computes from them, that code (or code nested in it, a
+    comprehension, a function of the model's or a method of ``cls`` it
+    hands them to) compares by identity (``if skip is None``, ``s =
+    inputs[1]; if s is None``, ``if mode is Mode.RAW``, ``exists(skip)``,
+    ``hasattr(skip, 'shape')``), joined; ``''`` for none.  A caller may
+    pass ``None`` or a flag there (a UNet decoder's first skip), which a
+    traced value never is, and a traced value is never identical to
+    anything: the trace would take the other way.  (What a tensor tells
+    of itself, ``x.size()[2:]``, is never ``None``: not followed.)"""
+    names = _NONE_TESTED.get((forward, cls))
     if names is None:
         code = getattr(inspect.unwrap(forward), '__code__', None)
         found: List[str] = []
         if code is not None:
             params = code.co_varnames[1:code.co_argcount +
                                       code.co_kwonlyargcount]
-            _find_identity_tests(code, {p: p for p in params}, found)
-        names = _NONE_TESTED[forward] = ', '.join(found)
+            _find_identity_tests(code, {p: p for p in params}, found,
+                                 inspect.unwrap(forward).__globals__, cls)
+        names = _NONE_TESTED[(forward, cls)] = ', '.join(found)
     return names
 
 
@@ -127,39 +136,192 @@ _LOCAL_LOADS = frozenset({
 })
 
 
-def _find_identity_tests(code: Any, derived: Dict[str, str],
-                         found: List[str]) -> None:
+def _find_identity_tests(code: Any,
+                         derived: Dict[str, str],
+                         found: List[str],
+                         scope: Optional[Dict[str, Any]] = None,
+                         cls: Optional[type] = None,
+                         depth: int = 0) -> None:
     """Add to ``found`` the parameters whose values ``code`` compares by
-    identity.  ``derived`` maps each variable holding a value computed
-    from a parameter (in a statement that reads it: ``x, skip =
-    inputs``, ``s = skip``) to the parameter; it grows as the code is
-    read (twice, for loops), and closures carry it into nested code."""
+    identity (``is``, or ``hasattr``, true of any traced value).
+    ``derived`` maps each variable holding a value computed from a
+    parameter (in a statement that reads it: ``x, skip = inputs``, ``s =
+    skip``) to the parameter; it grows as the code is read (twice, for
+    loops), and closures and comprehensions carry it into nested code.  A
+    function of the model's code (a global of ``scope``, a method of
+    ``cls``) handed such a value is read too, with all its parameters
+    derived (``exists(skip)``)."""
     ops = list(dis.get_instructions(code))
     for _ in range(2):
         read: List[str] = []  # parameters read since the statement began
         for index, op in enumerate(ops):
             if op.starts_line:
                 read = []
-            if op.opname in _LOCAL_LOADS:
+            if op.opname in _LOCAL_LOADS and not _metadata_read(ops, index):
                 loaded = op.argval if isinstance(op.argval, tuple) else \
                     (op.argval, )
                 read.extend(derived[n] for n in loaded if n in derived)
             elif op.opname in ('STORE_FAST', 'STORE_DEREF') and read:
                 derived.setdefault(op.argval, read[0])
+            hit = None
             if op.opname == 'IS_OP' or 'IF_NONE' in op.opname or \
                     'IF_NOT_NONE' in op.opname:
                 operands = 2 if op.opname == 'IS_OP' else 1
                 hit = _read_by_operands(ops, index, operands, derived)
-                if hit and hit not in found:
-                    found.append(hit)
-    for const in code.co_consts:
-        if hasattr(const, 'co_code'):
-            captured = {
-                name: derived[name]
-                for name in const.co_freevars if name in derived
+            elif op.opname in ('LOAD_GLOBAL', 'LOAD_NAME', 'LOAD_METHOD',
+                               'LOAD_ATTR'):
+                given = _call_arguments(ops, index, derived)
+                if given is not None:
+                    positional, keywords = given
+                    if op.argval == 'hasattr':
+                        hit = positional[0] if positional else None
+                    else:
+                        hit = _tests_identity(
+                            _called_function(op, scope, cls), positional,
+                            keywords, op.opname == 'LOAD_METHOD', depth)
+            if hit and hit not in found:
+                found.append(hit)
+    for index, const in enumerate(code.co_consts):
+        if not hasattr(const, 'co_code'):
+            continue
+        carried = {
+            name: derived[name]
+            for name in const.co_freevars if name in derived
+        }
+        if '.0' in const.co_varnames[:const.co_argcount]:
+            # A comprehension: its iterable is its argument ``.0``.
+            source = _comprehension_source(ops, const, derived)
+            if source:
+                carried['.0'] = source
+        if carried:
+            _find_identity_tests(const, carried, found, scope, cls, depth)
+
+
+#: What a tensor tells of itself: never ``None`` nor a flag.
+_METADATA_READS = frozenset({
+    'size', 'shape', 'dim', 'ndim', 'dtype', 'device', 'numel', 'ndimension'
+})
+
+
+def _metadata_read(ops: List[Any], index: int) -> bool:
+    """Whether the value instruction ``index`` of ``ops`` loads is read
+    for its metadata at once (``x.size()``, ``x.shape``, ``xs[0].shape``).
+    """
+    after = index + 1
+    while after + 1 < len(ops) and ops[after].opname in (
+            'LOAD_CONST', 'LOAD_FAST', 'LOAD_DEREF') and \
+            ops[after + 1].opname == 'BINARY_SUBSCR':
+        after += 2  # through ``inputs[0]``, to ``inputs[0].shape``
+    following = ops[after] if after < len(ops) else None
+    return following is not None and following.opname in _READS and \
+        following.argval in _METADATA_READS
+
+
+def _call_arguments(
+    ops: List[Any], index: int, derived: Dict[str, str]
+) -> Optional[Tuple[List[Optional[str]], Dict[str, str]]]:
+    """For a function loaded by instruction ``index`` of ``ops`` and
+    called right after (Python 3.11's ``PRECALL``), the parameter (of
+    ``derived``) each positional argument reads (``None`` for none), and
+    by keyword those that do; ``None`` where no argument reads one, or
+    the call cannot be followed."""
+    depth = 0
+    reads: Dict[int, str] = {}
+    keywords: Tuple = ()
+    for position in range(index + 1, min(index + 80, len(ops))):
+        op = ops[position]
+        if op.opname == 'PRECALL' and depth == op.arg:
+            if not reads:
+                return None
+            count = op.arg
+            positional = [reads.get(i) for i in range(count - len(keywords))]
+            named = {
+                name: reads[count - len(keywords) + i]
+                for i, name in enumerate(keywords)
+                if count - len(keywords) + i in reads
             }
-            if captured:
-                _find_identity_tests(const, captured, found)
+            return positional, named
+        if op.is_jump_target or op.opname.startswith('RETURN') or \
+                'JUMP' in op.opname:
+            return None
+        if op.opname == 'KW_NAMES':
+            keywords = op.argval if isinstance(op.argval, tuple) else ()
+        if op.opname in _LOCAL_LOADS and not _metadata_read(ops, position):
+            loaded = op.argval if isinstance(op.argval, tuple) else \
+                (op.argval, )
+            for name in loaded:
+                if name in derived:
+                    reads.setdefault(depth, derived[name])
+        try:
+            depth += dis.stack_effect(op.opcode, op.arg, jump=False)
+        except ValueError:
+            return None
+        if depth < 0:
+            return None
+    return None
+
+
+def _called_function(op: Any, scope: Optional[Dict[str, Any]],
+                     cls: Optional[type]) -> Any:
+    """The Python function a ``LOAD_GLOBAL`` (of ``scope``) or a method
+    load (of ``cls``, by name) gives, if it is the model's code."""
+    value = None
+    if op.opname in ('LOAD_GLOBAL', 'LOAD_NAME') and scope is not None:
+        value = scope.get(op.argval)
+    elif cls is not None:
+        value = inspect.getattr_static(cls, op.argval, None)
+    function = getattr(value, '__func__', value)
+    code = getattr(inspect.unwrap(function) if callable(function) else
+                   None, '__code__', None)
+    return function if code is not None and \
+        code_kind(code.co_filename) == 'model' else None
+
+
+def _tests_identity(function: Any, positional: List[Optional[str]],
+                    keywords: Dict[str, str], method: bool,
+                    depth: int) -> Optional[str]:
+    """The parameter (of the caller) handed to ``function`` (the model's
+    code; a method called on an object with ``method``) that it compares
+    by identity, or ``None``."""
+    if function is None or depth >= 3:
+        return None
+    function = inspect.unwrap(function)
+    code = function.__code__
+    params = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+    given = params[1:] if method else params
+    derived = {p: hit for p, hit in zip(given, positional) if hit}
+    derived.update((p, keywords[p]) for p in params if p in keywords)
+    if code.co_flags & inspect.CO_VARARGS:
+        extra = [hit for hit in positional[len(given):] if hit]
+        if extra:
+            derived[code.co_varnames[len(params)]] = extra[0]
+    if not derived:
+        return None
+    found: List[str] = []
+    _find_identity_tests(code, derived, found, function.__globals__, None,
+                         depth + 1)
+    return found[0] if found else None
+
+
+def _comprehension_source(ops: List[Any], comprehension: Any,
+                          derived: Dict[str, str]) -> Optional[str]:
+    """The parameter the iterable handed to ``comprehension`` (made and
+    called in ``ops``) reads, or ``None``."""
+    made = next((i for i, op in enumerate(ops)
+                 if op.opname == 'LOAD_CONST' and op.argval is comprehension),
+                None)
+    if made is None:
+        return None
+    for op in ops[made + 1:made + 60]:
+        if op.opname == 'GET_ITER':
+            return None
+        if op.opname in _LOCAL_LOADS:
+            loaded = op.argval if isinstance(op.argval, tuple) else \
+                (op.argval, )
+            for name in loaded:
+                if name in derived:
+                    return derived[name]
+    return None
 
 
 def _read_by_operands(ops: List[Any], index: int, operands: int,
@@ -233,7 +395,9 @@ _WALKS = frozenset({
     '__getattr__'
 })
 _READS = frozenset({'LOAD_ATTR', 'LOAD_METHOD'})
-_FORWARD_CODE: Dict[type, Tuple] = {}
+#: By class: what its code was read from, and what was read.
+_FORWARD_CODE: 'weakref.WeakKeyDictionary[type, Tuple]' = \
+    weakref.WeakKeyDictionary()
 
 
 def _forward_code(
@@ -261,33 +425,37 @@ def _forward_code(
     """
     forward = inspect.getattr_static(cls, 'forward', None)
     known = _FORWARD_CODE.get(cls)
-    if known is not None and known[0] is forward:
-        return known[1:]
+    if known is not None and all(
+            namespace.get(name, _MISSING) is value
+            for namespace, name, value in known[0]):
+        return known[1]
     bases = class_namespaces(cls)
+    # What was looked up, to tell when the class changed.
+    looked_up = [(vars(cls), 'forward', vars(cls).get('forward', _MISSING))]
     deep: Set[str] = set()
     deep_taken: Set[str] = set()
     deep_indexed: Set[str] = set()
     values: Set[str] = set()
     taken: Set[str] = set()
-    hands_on = computed = False
+    hands_on = computed = lists_taken = False
     # (Function, whether its first parameter is the module.)
     pending = [(f, True) for f in functions_in(forward)]
     seen: Set[Any] = set()
     named: Set[str] = set()
     while pending:
         function, bound = pending.pop()
-        codes = [(function.__code__, True if bound else None)]
+        code = function.__code__
+        # The module: a method's first parameter, and in the code nested
+        # in it the closure's variable of that name.
+        codes = [(code, code.co_varnames[0]
+                  if bound and code.co_argcount else None)]
         while codes:
-            code, method = codes.pop()
+            code, me = codes.pop()
             if code in seen:
                 continue
             seen.add(code)
-            # The module: a method's first parameter; in nested code, the
-            # ``self`` of the closure.
-            me = (code.co_varnames[0] if code.co_argcount else None) \
-                if method else (None if method is None else 'self')
-            codes.extend((c, False if method or method is False else None)
-                         for c in code.co_consts if hasattr(c, 'co_code'))
+            codes.extend((c, me) for c in code.co_consts
+                         if hasattr(c, 'co_code'))
             named.update(code.co_names)
             deep.update(_WALKS.intersection(code.co_names))
             ops = list(dis.get_instructions(code))
@@ -296,23 +464,22 @@ def _forward_code(
                 following = ops[index + 1] if index + 1 < len(ops) else None
                 on_me = previous is not None and previous.argval == me and \
                     previous.opname in ('LOAD_FAST', 'LOAD_DEREF')
+                # Read to call at once: ``x.conv(...)``, ``x.head.predict``
+                # (a dunder such as ``__getitem__`` takes the value).
+                called = following is not None and \
+                    following.opname in _READS and \
+                    not following.argval.startswith('__')
                 if op.opname in _READS and not on_me:
                     deep.add(op.argval)
-                    if op.opname == 'LOAD_ATTR' and (
-                            following is None
-                            or following.opname not in _READS):
-                        use = _use_of(ops, index)  # not called at once
+                    if op.opname == 'LOAD_ATTR' and not called:
+                        use = _use_of(ops, index)
                         if use == 'taken':
                             deep_taken.add(op.argval)
                         elif use == 'indexed':
                             deep_indexed.add(op.argval)
                 elif op.opname == 'LOAD_ATTR' and not (
-                        sys.version_info >= (3, 12) and op.arg & 1) and (
-                            following is None
-                            or following.opname not in _READS):
-                    # (Not ``self.head.forward(x)``, ``self.head.predict``:
-                    # a call into the child, its own code; a name below
-                    # it that the code reads counts as ``deep``.)
+                        sys.version_info >= (3, 12) and op.arg & 1) and \
+                        not called:
                     # (3.12 on: bit 0 of the argument marks a method.)
                     use = _use_of(ops, index)
                     if use != 'tested':
@@ -325,6 +492,22 @@ def _forward_code(
                     if previous is not None and \
                             previous.argval == 'getattr':
                         computed = True  # ``getattr(self, name)``
+                        if not _getattr_result_called(ops, index - 1):
+                            # ``getattr(self, 'stem')[0]`` is ``self.stem``
+                            # so used; ``getattr(self, name)`` iterated
+                            # as a list of modules is.
+                            after = ops[index + 2] \
+                                if index + 2 < len(ops) else None
+                            name = following.argval if following is not \
+                                None and following.opname == 'LOAD_CONST' \
+                                and after is not None and \
+                                after.opname in ('PRECALL', 'CALL') \
+                                else None
+                            if isinstance(name, str):
+                                values.add(name)
+                                taken.add(name)
+                            else:
+                                lists_taken = True
                     elif previous is None or previous.argval not in _LOOKS:
                         hands_on = True  # (not ``hasattr(self, 'head')``)
                 elif op.argval == 'getattr' and op.opname in (
@@ -335,17 +518,85 @@ def _forward_code(
             for name, value in namespace.items():
                 if name != '__init__' and (name in named or (
                         computed and isinstance(value, property))):
+                    looked_up.append((namespace, name, value))
                     # (A static or class method's first parameter is not
                     # the module.)
                     bound = isinstance(value, (types.FunctionType,
                                                property))
                     pending.extend((f, bound) for f in functions_in(value)
                                    if f.__code__ not in seen)
-    known = _FORWARD_CODE[cls] = (forward, frozenset(deep),
-                                  frozenset(deep_taken),
-                                  frozenset(deep_indexed), frozenset(values),
-                                  frozenset(taken), hands_on)
-    return known[1:]
+        for namespace in bases:  # names looked for, not there
+            looked_up.extend((namespace, name, _MISSING)
+                             for name in named if name not in namespace)
+    if lists_taken:
+        taken.add('')  # (some list of modules: see ``_reached_below``)
+    result = (frozenset(deep), frozenset(deep_taken), frozenset(deep_indexed),
+              frozenset(values), frozenset(taken), hands_on)
+    _FORWARD_CODE[cls] = (looked_up, result)
+    return result
+
+
+_MISSING = object()
+
+
+def _getattr_result_called(ops: List[Any], index: int) -> bool:
+    """Whether what the ``getattr`` call whose function instruction
+    ``index`` of ``ops`` loads gives is only called: at once
+    (``getattr(self, name)(x)``), or through a variable every read of
+    which calls it (``layer = getattr(self, name)`` then ``layer(x)``).
+    Python 3.11's instructions; ``False`` for others."""
+    if sys.version_info[:2] != (3, 11):
+        return False
+    depth = 0
+    for end in range(index, min(index + 40, len(ops))):
+        op = ops[end]
+        if op.is_jump_target and end > index:
+            return False
+        try:
+            depth += dis.stack_effect(op.opcode, op.arg, jump=False)
+        except ValueError:
+            return False
+        if depth == 1 and op.opname == 'CALL':
+            break
+    else:
+        return False
+    store = ops[end + 1] if end + 1 < len(ops) else None
+    if store is None:
+        return False
+    if store.opname == 'RETURN_VALUE':
+        return True  # (a property's: its callers' use counts)
+    if index and ops[index - 1].opname == 'PUSH_NULL':
+        # The callee of the call around it, if the next call there takes
+        # what is pushed above it as its arguments.
+        depth = 0
+        for op in ops[end + 1:end + 40]:
+            if op.opname == 'PRECALL' and depth == op.arg:
+                return True
+            pops = 2 if op.opname.startswith('BINARY') or op.opname in (
+                'COMPARE_OP', 'IS_OP', 'CONTAINS_OP') else (
+                    op.arg or 0) if op.opname.startswith('BUILD') else 0
+            if op.is_jump_target or depth < pops or (
+                    depth == 0 and op.opname not in (
+                        'LOAD_FAST', 'LOAD_CONST', 'LOAD_DEREF',
+                        'LOAD_GLOBAL', 'PUSH_NULL', 'KW_NAMES', 'PRECALL')):
+                return False  # what it gives is used, not called
+            try:
+                depth += dis.stack_effect(op.opcode, op.arg, jump=False)
+            except ValueError:
+                return False
+            if depth < 0:
+                return False
+        return False
+    if store.opname != 'STORE_FAST':
+        return False
+    reads = [
+        i for i, op in enumerate(ops)
+        if op.opname.startswith('LOAD_FAST') and op.argval == store.argval
+    ]
+    stores = [op for op in ops
+              if op.opname == 'STORE_FAST' and op.argval == store.argval]
+    return len(stores) == 1 and all(
+        i and ops[i - 1].opname == 'PUSH_NULL' for i in reads)
 
 
 #: Calls that only look at what they are given.
@@ -362,8 +613,8 @@ def _use_of(ops: List[Any], index: int) -> str:
     following = ops[index + 1] if index + 1 < len(ops) else None
     if following is None:
         return 'taken'
-    if 'JUMP' in following.opname and 'IF' in following.opname:
-        return 'tested'  # ``if self.block:``
+    if following.opname.startswith('POP_JUMP'):
+        return 'tested'  # ``if self.block:`` (not ``self.a or self.b``)
     callee = ops[index - 2] if index > 1 else None
     if callee is not None and callee.opname in ('LOAD_GLOBAL', 'LOAD_NAME') \
             and callee.argval in _LOOKS:
@@ -421,7 +672,8 @@ def _reached_below(module: nn.Module) -> Tuple[List[nn.Module], bool]:
     the code then calls."""
     deep, deep_taken, deep_indexed, values, taken, hands_on = \
         _forward_code(type(module))
-    lists = any(
+    # (``''``: what ``getattr(self, name)`` gives, used other than called.)
+    lists = '' in taken or any(
         name in taken and isinstance(child, (nn.ModuleList, nn.ModuleDict))
         and any(_indexable(entry) for entry in child.children())
         for name, child in module._modules.items())
@@ -465,10 +717,19 @@ def reached_inside(model: nn.Module) -> Dict[int, Set[int]]:
             if runs_class_forward(holder) else None
         for name, child in _callable_children(holder):
             everything = deep is None or id(child) in reached
+            # A module whose methods other than forward the code calls
+            # (``self.block.branch_out(x)``): anything inside it.
+            inside = {
+                id(sub)
+                for _, top in walk_modules(child)
+                if deep is not None and _calls_methods_of(top, deep)
+                for _, sub in walk_modules(top)
+            }
             for path, below in walk_modules(child):
                 if not path:
                     continue
                 if everything or id(below) in reached or \
+                        id(below) in inside or \
                         path.rpartition('.')[2] in deep:
                     # Each module on the way down holds it.
                     way = path.split('.')
@@ -478,6 +739,14 @@ def reached_inside(model: nn.Module) -> Dict[int, Set[int]]:
                         inner = inner._modules[part]
                         found.setdefault(id(inner), set()).add(id(below))
     return found
+
+
+def _calls_methods_of(module: nn.Module, names: frozenset) -> bool:
+    """Whether ``names`` (read by code above ``module``) name a method of
+    its class other than ``forward``, outside torch's classes."""
+    return any(
+        name in namespace and name != 'forward' and callable(namespace[name])
+        for namespace in class_namespaces(type(module)) for name in names)
 
 
 def _callable_children(module: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -739,7 +1008,8 @@ class _StructuralCollector:
         for names, why in (
             (_optional_parameters(forward), 'takes optional arguments ({}):'
              ' whether a call gives them cannot be traced'),
-            (_none_tested_parameters(forward), 'compares {} (or a value '
+            (_none_tested_parameters(forward, type(module)), 'compares {} '
+             '(or a value '
              'from it) by identity (is None, is a flag): a call may pass '
              'None or a flag, which a traced value never is')):
             if names:

@@ -635,15 +635,24 @@ def _may_change_input(module: nn.Module, depth: int = 0) -> bool:
     of the model's own whose traced forward does (``x.clamp_()``), or
     that cannot be traced; not a conv, a norm, an mmcv ConvModule (its
     ``inplace`` is for the activation it runs on its own conv's output)
-    or a plain Sequential whose first module does not."""
+    or a plain Sequential none of whose modules the input reaches does
+    (through modules that may return it: an Identity, a Dropout)."""
     if is_conv_layer(module) or is_norm_layer(module) or \
             is_mmcv_conv_module(module):
         return False
     if not runs_class_forward(module):
         return True
     if is_stock_sequential(module):
-        children = [m for m in module._modules.values() if m is not None]
-        return bool(children) and _may_change_input(children[0], depth)
+        # The input reaches a child as long as the ones before it may
+        # return it.
+        for child in module._modules.values():
+            if child is None:
+                continue
+            if _may_change_input(child, depth):
+                return True
+            if not _may_return_input(child):
+                return False
+        return False
     if type(module).__module__.startswith('torch.nn.') and \
             not has_children(module):
         return getattr(module, 'inplace', False) is True
