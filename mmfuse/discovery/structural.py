@@ -129,6 +129,21 @@ def _none_tested_parameters(forward: Any, cls: type) -> str:
     return names
 
 
+def _loaded(op: Any) -> Tuple[str, ...]:
+    """The variables a load of locals gives (two for Python 3.13's
+    ``LOAD_FAST_LOAD_FAST``)."""
+    return op.argval if isinstance(op.argval, tuple) else (op.argval, )
+
+
+def _stack_effect(op: Any) -> Optional[int]:
+    """How many values instruction ``op`` adds to the stack (not
+    jumping), or ``None`` where ``dis`` cannot tell."""
+    try:
+        return dis.stack_effect(op.opcode, op.arg, jump=False)
+    except ValueError:
+        return None
+
+
 #: Loads of local and closure variables.
 _LOCAL_LOADS = frozenset({
     'LOAD_FAST', 'LOAD_DEREF', 'LOAD_CLOSURE', 'LOAD_FAST_CHECK',
@@ -158,8 +173,7 @@ def _find_identity_tests(code: Any,
             if op.starts_line:
                 read = []
             if op.opname in _LOCAL_LOADS and not _metadata_read(ops, index):
-                loaded = op.argval if isinstance(op.argval, tuple) else \
-                    (op.argval, )
+                loaded = _loaded(op)
                 read.extend(derived[n] for n in loaded if n in derived)
             elif op.opname in ('STORE_FAST', 'STORE_DEREF') and read:
                 derived.setdefault(op.argval, read[0])
@@ -247,15 +261,14 @@ def _call_arguments(
         if op.opname == 'KW_NAMES':
             keywords = op.argval if isinstance(op.argval, tuple) else ()
         if op.opname in _LOCAL_LOADS and not _metadata_read(ops, position):
-            loaded = op.argval if isinstance(op.argval, tuple) else \
-                (op.argval, )
+            loaded = _loaded(op)
             for name in loaded:
                 if name in derived:
                     reads.setdefault(depth, derived[name])
-        try:
-            depth += dis.stack_effect(op.opcode, op.arg, jump=False)
-        except ValueError:
+        effect = _stack_effect(op)
+        if effect is None:
             return None
+        depth += effect
         if depth < 0:
             return None
     return None
@@ -316,8 +329,7 @@ def _comprehension_source(ops: List[Any], comprehension: Any,
         if op.opname == 'GET_ITER':
             return None
         if op.opname in _LOCAL_LOADS:
-            loaded = op.argval if isinstance(op.argval, tuple) else \
-                (op.argval, )
+            loaded = _loaded(op)
             for name in loaded:
                 if name in derived:
                     return derived[name]
@@ -335,22 +347,18 @@ def _read_by_operands(ops: List[Any], index: int, operands: int,
     while start > 0 and depth < operands:
         start -= 1
         op = ops[start]
-        if op.is_jump_target or 'JUMP' in op.opname:
+        effect = _stack_effect(op)
+        if op.is_jump_target or 'JUMP' in op.opname or effect is None:
             start = -1
             break
-        try:
-            depth += dis.stack_effect(op.opcode, op.arg, jump=False)
-        except ValueError:
-            start = -1
-            break
+        depth += effect
     if start < 0:  # the statement's reads, all of them
         start = index
         while start > 0 and not ops[start].starts_line:
             start -= 1
     for op in ops[start:index]:
         if op.opname in _LOCAL_LOADS:
-            loaded = op.argval if isinstance(op.argval, tuple) else \
-                (op.argval, )
+            loaded = _loaded(op)
             for name in loaded:
                 if name in derived:
                     return derived[name]
@@ -552,10 +560,10 @@ def _getattr_result_called(ops: List[Any], index: int) -> bool:
         op = ops[end]
         if op.is_jump_target and end > index:
             return False
-        try:
-            depth += dis.stack_effect(op.opcode, op.arg, jump=False)
-        except ValueError:
+        effect = _stack_effect(op)
+        if effect is None:
             return False
+        depth += effect
         if depth == 1 and op.opname == 'CALL':
             break
     else:
@@ -580,10 +588,10 @@ def _getattr_result_called(ops: List[Any], index: int) -> bool:
                         'LOAD_FAST', 'LOAD_CONST', 'LOAD_DEREF',
                         'LOAD_GLOBAL', 'PUSH_NULL', 'KW_NAMES', 'PRECALL')):
                 return False  # what it gives is used, not called
-            try:
-                depth += dis.stack_effect(op.opcode, op.arg, jump=False)
-            except ValueError:
+            effect = _stack_effect(op)
+            if effect is None:
                 return False
+            depth += effect
             if depth < 0:
                 return False
         return False
@@ -627,13 +635,11 @@ def _use_of(ops: List[Any], index: int) -> str:
     for op in ops[index + 1:index + 40]:
         if op.opname == 'BINARY_SUBSCR' and depth == 2:
             return 'indexed'
+        effect = _stack_effect(op)
         if op.is_jump_target or 'JUMP' in op.opname or \
-                op.opname.startswith('RETURN'):
+                op.opname.startswith('RETURN') or effect is None:
             return 'taken'
-        try:
-            depth += dis.stack_effect(op.opcode, op.arg, jump=False)
-        except ValueError:
-            return 'taken'
+        depth += effect
         if depth <= 1:
             return 'taken'  # the value (or what was pushed on it) used
     return 'taken'
