@@ -432,12 +432,14 @@ def _plain_parameters(function: Any) -> Optional[Tuple[str, ...]]:
     ``None`` unless every one is positional, without a default (no
     ``*args``, ``**kwargs``, keyword-only ones), and ``function`` is not
     a wrapper (``functools.wraps``)."""
-    code = getattr(function, '__code__', None)
-    if code is None or getattr(function, '__defaults__', True) is not None \
-            or getattr(function, '__kwdefaults__', True) is not None or \
-            hasattr(function, '__wrapped__') or code.co_kwonlyargcount or \
-            code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS) \
-            or code.co_argcount < 1:
+    if not isinstance(function, types.FunctionType) or \
+            function.__defaults__ is not None or \
+            function.__kwdefaults__ is not None or \
+            hasattr(function, '__wrapped__'):
+        return None
+    code = function.__code__
+    if code.co_kwonlyargcount or code.co_argcount < 1 or \
+            code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
         return None
     return code.co_varnames[1:code.co_argcount]
 

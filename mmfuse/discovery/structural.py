@@ -704,6 +704,14 @@ def _reached_below(module: nn.Module) -> Tuple[List[nn.Module], bool]:
     return reached, lists
 
 
+def _may_reach_below(module: nn.Module) -> bool:
+    """Whether a call of ``module`` may reach below the modules it calls,
+    or iterate a list of them that holds Sequentials (see
+    :func:`_reached_below`): then it is traced."""
+    reached, lists = _reached_below(module)
+    return bool(reached) or lists
+
+
 def reached_inside(model: nn.Module) -> Dict[int, Set[int]]:
     """What code outside each module of ``model`` may call or read inside
     it, read from the code of the modules above (no trace): by ``id`` of
@@ -1229,9 +1237,9 @@ class _StructuralCollector:
 
     def run(self) -> Evidence:
         # Tracing is the cost: first the modules that call a foldable norm,
-        # then the others with layers of their own, where they hold a
-        # linked layer (their uses of it decide whether it is folded in
-        # place, copied or left).
+        # then the others with layers of their own or code that may reach
+        # below their children, where they hold a linked layer (their uses
+        # of it decide whether it is folded in place, copied or left).
         pending = []
         for _, module in walk_modules(self.model):
             if not module._modules:
@@ -1247,7 +1255,8 @@ class _StructuralCollector:
                 layers = list(self.direct_layers(module))
                 if any(id(m) in self.foldable for m in layers):
                     self.traced(module)
-                elif layers or any(_reached_below(module)):
+                    continue
+                if layers or _may_reach_below(module):
                     pending.append(module)
         # A module that may call a linked layer (one of its own, or one it
         # may reach inside a child: ``self.block.conv(x)``, a tap between
