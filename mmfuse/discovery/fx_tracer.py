@@ -655,9 +655,7 @@ def trace_module_forward(root: nn.Module,
     # forwards do not run in the trace.)
     contents = [(value, copy.copy(value)) for module, attributes in saved
                 if module is root or module._modules
-                for name, value in attributes.items()
-                if isinstance(value, (dict, list, set))
-                and name not in MODULE_INTERNALS]
+                for value in _containers(module, attributes)]
     try:
         tracer = ModuleForwardTracer(root, list_args)
         graph = tracer.trace(root, concrete_args)
@@ -679,6 +677,26 @@ def trace_module_forward(root: nn.Module,
             else:
                 container.clear()
                 container.update(content)
+
+
+def _containers(module: nn.Module, attributes: Dict[str, Any]) -> List[Any]:
+    """The dicts, lists and sets among ``module``'s ``attributes`` (its
+    ``__dict__``, tables aside); which attributes those are is kept while
+    no module changes (the traces of a discovery put the state back)."""
+    memo = unchanged_memo('containers')
+    known = None if memo is None else memo.get(id(module))
+    if known is None or known[0] is not module:
+        known = (module, [
+            name for name, value in attributes.items()
+            if isinstance(value, (dict, list, set))
+            and name not in MODULE_INTERNALS
+        ])
+        if memo is not None:
+            memo[id(module)] = known
+    return [
+        attributes[name] for name in known[1]
+        if isinstance(attributes.get(name), (dict, list, set))
+    ]
 
 
 #: What ``nn.Module.__init__`` puts in a module's ``__dict__``: tables of
