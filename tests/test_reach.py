@@ -6,6 +6,7 @@ flow is not proven, while the usual ways of calling children still fold.
 """
 import copy
 import enum
+import operator
 import types
 
 import pytest
@@ -571,3 +572,161 @@ def test_a_sequential_passes_its_input_to_an_in_place_child():
                                            nn.ReLU(inplace=True)))
     assert not _may_change_input(
         nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(inplace=True)))
+
+
+# -- found by a third review -------------------------------------------------
+
+
+class HeldByClass(nn.Module):
+    shared = None
+
+    def __init__(self):
+        super().__init__()
+        self.seq = seq4()
+
+    def forward(self, x):
+        return self.seq(x) + self.shared[0](x)
+
+
+_REGISTRY = {}
+
+
+class HeldByGlobal(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.seq = seq4()
+        _REGISTRY['seq'] = self.seq
+
+    def forward(self, x):
+        return self.seq(x) + _REGISTRY['seq'][0](x)
+
+
+class WithLayersProperty(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.seq = seq4()
+
+    @property
+    def layers(self):
+        return self.seq
+
+    def forward(self, x):
+        return self.seq(x)
+
+
+class ReadsChildProperty(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.block = WithLayersProperty()
+
+    def forward(self, x):
+        return self.block(x) + self.block.layers[0](x)
+
+
+class GetattrKept(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.seq = seq4()
+
+    def forward(self, x):
+        kept = getattr(self, 'seq')
+        return kept[0](x)
+
+
+class Stack(nn.ModuleList):
+    """A list of modules with a forward of its own."""
+
+    def forward(self, x):
+        for block in self:
+            x = block[0](x)
+        return x
+
+
+class CallsStack(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.stack = Stack([seq4()])
+
+    def forward(self, x):
+        return self.stack(x)
+
+
+def _held_by_class():
+    model = HeldByClass()
+    HeldByClass.shared = model.seq
+    return model
+
+
+@pytest.mark.parametrize('model, kept', [
+    (_held_by_class, 'seq.1'),
+    (HeldByGlobal, 'seq.1'),
+    (ReadsChildProperty, 'block.seq.1'),
+    (GetattrKept, 'seq.1'),
+    (CallsStack, 'stack.0.1'),
+])
+def test_more_ways_to_reach_below(model, kept):
+    # (Fused as built: a deep copy would still hold the class attribute's
+    # and the registry's first module.)
+    model = randomize_norm_stats(model().eval())
+    with torch.no_grad():
+        reference = copy.deepcopy(model)(X)
+        mmfuse.fuse_conv_bn(model)
+        assert torch.allclose(model(X), reference, atol=1e-4)
+    kept_at(model, [kept])
+
+
+class Tests:
+
+    @staticmethod
+    def missing(value):
+        return value is None
+
+
+class Inner(nn.Module):
+
+    def __init__(self, test: str):
+        super().__init__()
+        self.test = test
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x, skip):
+        y = self.conv(x)
+        if self.test == 'operator.is_':
+            missing = operator.is_(skip, None)
+        elif self.test == 'static method':
+            missing = Tests.missing(skip)
+        elif self.test == 'local lambda':
+            check = lambda value: value is None  # noqa: E731
+            missing = check(skip)
+        elif self.test == 'membership':
+            missing = skip in {None}
+        else:
+            missing = id(skip) == id(None)
+        if missing:
+            return y
+        return self.bn(y) + skip
+
+
+class CallsInner(nn.Module):
+
+    def __init__(self, test: str):
+        super().__init__()
+        self.inner = Inner(test)
+
+    def forward(self, x):
+        return self.inner(x, None)
+
+
+@pytest.mark.parametrize(
+    'test',
+    ['operator.is_', 'static method', 'local lambda', 'membership', 'id'])
+def test_identity_tests_through_other_calls(test):
+    fused, _, rel = fuse_and_compare(CallsInner(test), (X, ), traced=False)
+    assert rel < 1e-5
+    kept_at(fused, ['inner.bn'])

@@ -118,13 +118,15 @@ def _none_tested_parameters(forward: Any, cls: type) -> str:
     of itself, ``x.size()[2:]``, is never ``None``: not followed.)"""
     names = _NONE_TESTED.get((forward, cls))
     if names is None:
-        code = getattr(inspect.unwrap(forward), '__code__', None)
         found: List[str] = []
-        if code is not None:
+        # The forward and what it wraps (a decorator without
+        # ``functools.wraps`` calls it from its closure).
+        for function in functions_in(forward):
+            code = function.__code__
             params = code.co_varnames[1:code.co_argcount +
                                       code.co_kwonlyargcount]
             _find_identity_tests(code, {p: p for p in params}, found,
-                                 inspect.unwrap(forward).__globals__, cls)
+                                 function.__globals__, cls)
         names = _NONE_TESTED[(forward, cls)] = ', '.join(found)
     return names
 
@@ -167,6 +169,7 @@ def _find_identity_tests(code: Any,
     ``cls``) handed such a value is read too, with all its parameters
     derived (``exists(skip)``)."""
     ops = list(dis.get_instructions(code))
+    me = code.co_varnames[0] if code.co_argcount else None
     for _ in range(2):
         read: List[str] = []  # parameters read since the statement began
         for index, op in enumerate(ops):
@@ -178,21 +181,25 @@ def _find_identity_tests(code: Any,
             elif op.opname in ('STORE_FAST', 'STORE_DEREF') and read:
                 derived.setdefault(op.argval, read[0])
             hit = None
-            if op.opname == 'IS_OP' or 'IF_NONE' in op.opname or \
-                    'IF_NOT_NONE' in op.opname:
-                operands = 2 if op.opname == 'IS_OP' else 1
+            if op.opname in ('IS_OP', 'CONTAINS_OP') or \
+                    'IF_NONE' in op.opname or 'IF_NOT_NONE' in op.opname:
+                operands = 1 if 'NONE' in op.opname else 2
                 hit = _read_by_operands(ops, index, operands, derived)
             elif op.opname in ('LOAD_GLOBAL', 'LOAD_NAME', 'LOAD_METHOD',
                                'LOAD_ATTR'):
                 given = _call_arguments(ops, index, derived)
                 if given is not None:
                     positional, keywords = given
-                    if op.argval == 'hasattr':
-                        hit = positional[0] if positional else None
+                    on_self = index > 0 and ops[index - 1].opname in (
+                        'LOAD_FAST', 'LOAD_DEREF') and \
+                        ops[index - 1].argval == me
+                    if op.argval in _IDENTITY_CALLS:
+                        hit = next((p for p in positional if p), None)
                     else:
                         hit = _tests_identity(
-                            _called_function(op, scope, cls), positional,
-                            keywords, op.opname == 'LOAD_METHOD', depth)
+                            _called_function(ops, index, scope, cls),
+                            positional, keywords,
+                            op.opname == 'LOAD_METHOD' and on_self, depth)
             if hit and hit not in found:
                 found.append(hit)
     for index, const in enumerate(code.co_consts):
@@ -202,11 +209,18 @@ def _find_identity_tests(code: Any,
             name: derived[name]
             for name in const.co_freevars if name in derived
         }
-        if '.0' in const.co_varnames[:const.co_argcount]:
+        params = const.co_varnames[:const.co_argcount +
+                                   const.co_kwonlyargcount]
+        if '.0' in params:
             # A comprehension: its iterable is its argument ``.0``.
             source = _comprehension_source(ops, const, derived)
             if source:
                 carried['.0'] = source
+        elif derived:
+            # A function or lambda made here may be handed anything the
+            # code has (``missing = lambda s: s is None``).
+            first = next(iter(derived.values()))
+            carried.update((p, first) for p in params)
         if carried:
             _find_identity_tests(const, carried, found, scope, cls, depth)
 
@@ -274,13 +288,27 @@ def _call_arguments(
     return None
 
 
-def _called_function(op: Any, scope: Optional[Dict[str, Any]],
+#: Calls that tell a value from ``None`` or a flag by identity.
+_IDENTITY_CALLS = frozenset({'hasattr', 'is_', 'is_not', 'id', 'hash'})
+
+
+def _called_function(ops: List[Any], index: int,
+                     scope: Optional[Dict[str, Any]],
                      cls: Optional[type]) -> Any:
-    """The Python function a ``LOAD_GLOBAL`` (of ``scope``) or a method
-    load (of ``cls``, by name) gives, if it is the model's code."""
+    """The Python function that instruction ``index`` of ``ops`` loads, if
+    it is the model's code: a global of ``scope``, an attribute of a
+    module or class that a global of ``scope`` names (``helpers.exists``,
+    ``Util.check``), or else a method of ``cls``."""
+    op = ops[index]
+    previous = ops[index - 1] if index else None
     value = None
     if op.opname in ('LOAD_GLOBAL', 'LOAD_NAME') and scope is not None:
         value = scope.get(op.argval)
+    elif previous is not None and previous.opname == 'LOAD_GLOBAL' and \
+            scope is not None:
+        holder = scope.get(previous.argval)
+        if isinstance(holder, (type, types.ModuleType)):
+            value = inspect.getattr_static(holder, op.argval, None)
     elif cls is not None:
         value = inspect.getattr_static(cls, op.argval, None)
     function = getattr(value, '__func__', value)
@@ -450,8 +478,11 @@ def _forward_code(
     pending = [(f, True) for f in functions_in(forward)]
     seen: Set[Any] = set()
     named: Set[str] = set()
+    scopes: List[Dict[str, Any]] = []
     while pending:
         function, bound = pending.pop()
+        if all(function.__globals__ is not scope for scope in scopes):
+            scopes.append(function.__globals__)
         code = function.__code__
         # The module: a method's first parameter, and in the code nested
         # in it the closure's variable of that name.
@@ -540,8 +571,15 @@ def _forward_code(
         taken.add('')  # (some list of modules: see ``_reached_below``)
     result = (frozenset(deep), frozenset(deep_taken), frozenset(deep_indexed),
               frozenset(values), frozenset(taken), hands_on)
-    _FORWARD_CODE[cls] = (looked_up, result)
+    _FORWARD_CODE[cls] = (looked_up, result, (scopes, frozenset(named)))
     return result
+
+
+def _forward_code_reads(cls: type) -> Tuple[List[Dict[str, Any]], frozenset]:
+    """The global scopes of the code :func:`_forward_code` reads for
+    ``cls``, and every name that code uses."""
+    _forward_code(cls)
+    return _FORWARD_CODE[cls][2]
 
 
 _MISSING = object()
@@ -574,27 +612,7 @@ def _getattr_result_called(ops: List[Any], index: int) -> bool:
     if store.opname == 'RETURN_VALUE':
         return True  # (a property's: its callers' use counts)
     if index and ops[index - 1].opname == 'PUSH_NULL':
-        # The callee of the call around it, if the next call there takes
-        # what is pushed above it as its arguments.
-        depth = 0
-        for op in ops[end + 1:end + 40]:
-            if op.opname == 'PRECALL' and depth == op.arg:
-                return True
-            pops = 2 if op.opname.startswith('BINARY') or op.opname in (
-                'COMPARE_OP', 'IS_OP', 'CONTAINS_OP') else (
-                    op.arg or 0) if op.opname.startswith('BUILD') else 0
-            if op.is_jump_target or depth < pops or (
-                    depth == 0 and op.opname not in (
-                        'LOAD_FAST', 'LOAD_CONST', 'LOAD_DEREF',
-                        'LOAD_GLOBAL', 'PUSH_NULL', 'KW_NAMES', 'PRECALL')):
-                return False  # what it gives is used, not called
-            effect = _stack_effect(op)
-            if effect is None:
-                return False
-            depth += effect
-            if depth < 0:
-                return False
-        return False
+        return _called_after(ops, end)
     if store.opname != 'STORE_FAST':
         return False
     reads = [
@@ -604,7 +622,34 @@ def _getattr_result_called(ops: List[Any], index: int) -> bool:
     stores = [op for op in ops
               if op.opname == 'STORE_FAST' and op.argval == store.argval]
     return len(stores) == 1 and all(
-        i and ops[i - 1].opname == 'PUSH_NULL' for i in reads)
+        i and ops[i - 1].opname == 'PUSH_NULL' and _called_after(ops, i)
+        for i in reads)
+
+
+def _called_after(ops: List[Any], index: int) -> bool:
+    """Whether the value instruction ``index`` of ``ops`` leaves on the
+    stack (after a ``PUSH_NULL``) is the callee of the next call: the
+    instructions after it push that call's arguments and nothing uses the
+    value first (``layer(x)``, not ``layer[0](x)``)."""
+    depth = 0
+    for op in ops[index + 1:index + 40]:
+        if op.opname == 'PRECALL' and depth == op.arg:
+            return True
+        pops = 2 if op.opname.startswith('BINARY') or op.opname in (
+            'COMPARE_OP', 'IS_OP', 'CONTAINS_OP') else (
+                op.arg or 0) if op.opname.startswith('BUILD') else 0
+        if op.is_jump_target or depth < pops or (
+                depth == 0 and op.opname not in (
+                    'LOAD_FAST', 'LOAD_CONST', 'LOAD_DEREF', 'LOAD_GLOBAL',
+                    'PUSH_NULL', 'KW_NAMES', 'PRECALL')):
+            return False  # what it gives is used, not called
+        effect = _stack_effect(op)
+        if effect is None:
+            return False
+        depth += effect
+        if depth < 0:
+            return False
+    return False
 
 
 #: Calls that only look at what they are given.
@@ -645,6 +690,13 @@ def _use_of(ops: List[Any], index: int) -> str:
     return 'taken'
 
 
+def _is_container(module: nn.Module) -> bool:
+    """Whether ``module`` is a list or dict of modules without a forward
+    of its own: its entries are what its holder's forward calls."""
+    return isinstance(module, (nn.ModuleList, nn.ModuleDict)) and \
+        type(module).forward is nn.Module.forward
+
+
 def _indexable(module: nn.Module) -> bool:
     """Whether ``module`` can be indexed or iterated to get at what it
     holds (a Sequential, a list or dict of modules, a class with its own
@@ -680,7 +732,7 @@ def _reached_below(module: nn.Module) -> Tuple[List[nn.Module], bool]:
         _forward_code(type(module))
     # (``''``: what ``getattr(self, name)`` gives, used other than called.)
     lists = '' in taken or any(
-        name in taken and isinstance(child, (nn.ModuleList, nn.ModuleDict))
+        name in taken and _is_container(child)
         and any(_indexable(entry) for entry in child.children())
         for name, child in module._modules.items())
     called = []
@@ -691,17 +743,52 @@ def _reached_below(module: nn.Module) -> Tuple[List[nn.Module], bool]:
             reached.append(child)  # taken as a value, not called
     if hands_on or deep & _WALKS or any(
             key not in MODULE_INTERNALS and modules_held_in(value)
-            for key, value in module.__dict__.items()):
+            for key, value in module.__dict__.items()) or \
+            _reads_held_modules(module):
         return called, lists
     for child in called:
         for path, below in walk_modules(child):
             name = path.rpartition('.')[2]
             if path and ((name in deep and _is_leaf_layer(below)) or (
                     _indexable(below) and (name in deep_taken or (
-                        name in deep_indexed and not isinstance(
-                            below, (nn.ModuleList, nn.ModuleDict)))))):
+                        name in deep_indexed
+                        and not _is_container(below))))):
                 reached.append(below)
+            elif _members_named(below, deep, properties_only=True):
+                reached.append(below)  # ``self.block.layers[0]``
     return reached, lists
+
+
+def _reads_held_modules(module: nn.Module) -> bool:
+    """Whether the code a call of ``module`` may run reads a global or an
+    attribute of its class that holds modules (a registry dict, a class
+    attribute set to a child): a way past its module tables."""
+    scopes, names = _forward_code_reads(type(module))
+    return any(
+        modules_held_in(scope.get(name))
+        for scope in scopes for name in names if name in scope) or any(
+            not isinstance(namespace.get(name), (types.FunctionType,
+                                                 property, staticmethod,
+                                                 classmethod))
+            and modules_held_in(namespace.get(name))
+            for namespace in class_namespaces(type(module))
+            for name in names if name in namespace)
+
+
+def _members_named(module: nn.Module, names: frozenset,
+                   properties_only: bool = False) -> bool:
+    """Whether ``names`` (read by code above ``module``) name a method or
+    property of its class other than ``forward`` (only a property, with
+    ``properties_only``), outside torch's classes."""
+    for namespace in class_namespaces(type(module)):
+        for name in names:
+            value = namespace.get(name)
+            if value is None or name == 'forward':
+                continue
+            if isinstance(value, property) or (
+                    not properties_only and callable(value)):
+                return True
+    return False
 
 
 def _may_reach_below(module: nn.Module) -> bool:
@@ -723,8 +810,7 @@ def reached_inside(model: nn.Module) -> Dict[int, Set[int]]:
     found: Dict[int, Set[int]] = {}
     for _, holder in walk_modules(model):
         if not holder._modules or is_stock_sequential(holder) or \
-                is_mmcv_conv_module(holder) or isinstance(
-                    holder, (nn.ModuleList, nn.ModuleDict)):
+                is_mmcv_conv_module(holder) or _is_container(holder):
             continue
         reached = {id(m) for m in _reached_below(holder)[0]}
         deep = _forward_code(type(holder))[0] \
@@ -736,7 +822,7 @@ def reached_inside(model: nn.Module) -> Dict[int, Set[int]]:
             inside = {
                 id(sub)
                 for _, top in walk_modules(child)
-                if deep is not None and _calls_methods_of(top, deep)
+                if deep is not None and _members_named(top, deep)
                 for _, sub in walk_modules(top)
             }
             for path, below in walk_modules(child):
@@ -755,14 +841,6 @@ def reached_inside(model: nn.Module) -> Dict[int, Set[int]]:
     return found
 
 
-def _calls_methods_of(module: nn.Module, names: frozenset) -> bool:
-    """Whether ``names`` (read by code above ``module``) name a method of
-    its class other than ``forward``, outside torch's classes."""
-    return any(
-        name in namespace and name != 'forward' and callable(namespace[name])
-        for namespace in class_namespaces(type(module)) for name in names)
-
-
 def _callable_children(module: nn.Module) -> List[Tuple[str, nn.Module]]:
     """The children of ``module`` and the entries of its lists and dicts
     of modules (its forward's callees), with their names."""
@@ -772,7 +850,7 @@ def _callable_children(module: nn.Module) -> List[Tuple[str, nn.Module]]:
         name, child = pending.pop()
         if child is None:
             continue
-        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+        if _is_container(child):
             pending.extend(child._modules.items())
         else:
             found.append((name, child))
@@ -902,7 +980,7 @@ class _StructuralCollector:
         for child in module.children():
             if self.is_leaf(child):
                 yield child
-            elif isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            elif _is_container(child):
                 yield from self.direct_layers(child)
 
     def occurrence(self, module: nn.Module, holder: nn.Module,
@@ -1250,8 +1328,7 @@ class _StructuralCollector:
                 self.sequential(module)
             elif is_mmcv_conv_module(module):
                 self.conv_module(module)
-            elif not self.is_leaf(module) and not isinstance(
-                    module, (nn.ModuleList, nn.ModuleDict)):
+            elif not self.is_leaf(module) and not _is_container(module):
                 layers = list(self.direct_layers(module))
                 if any(id(m) in self.foldable for m in layers):
                     self.traced(module)
