@@ -305,7 +305,9 @@ def _called_function(ops: List[Any], index: int,
     if op.opname in ('LOAD_GLOBAL', 'LOAD_NAME') and scope is not None:
         value = scope.get(op.argval)
     elif previous is not None and previous.opname == 'LOAD_GLOBAL' and \
-            scope is not None:
+            scope is not None and previous.argval.isidentifier():
+        # (Not names no identifier is: pytest's assertion rewriting puts
+        # ``@pytest_ar`` and its helpers in the modules it imports.)
         holder = scope.get(previous.argval)
         if isinstance(holder, (type, types.ModuleType)):
             value = inspect.getattr_static(holder, op.argval, None)
@@ -376,10 +378,13 @@ def _read_by_operands(ops: List[Any], index: int, operands: int,
         start -= 1
         op = ops[start]
         effect = _stack_effect(op)
-        if op.is_jump_target or 'JUMP' in op.opname or effect is None:
+        if 'JUMP' in op.opname or effect is None:
             start = -1
             break
         depth += effect
+        if op.is_jump_target and depth < operands:
+            start = -1  # (an operand may begin where a jump lands)
+            break
     if start < 0:  # the statement's reads, all of them
         start = index
         while start > 0 and not ops[start].starts_line:
