@@ -42,7 +42,7 @@ from torch import fx, nn
 from ..layers import (is_conv_layer, is_mmcv_conv_module, is_norm_layer,
                       is_stock_sequential, norm_fold_problem,
                       runs_class_forward)
-from ..module_walk import find_submodule, walk_modules
+from ..module_walk import find_submodule, unchanged_memo, walk_modules
 from ..plan import CONCAT, POST, PRE, SUM
 from .fx_tracer import (MODULE_INTERNALS, TENSOR_METADATA, class_namespaces,
                         code_kind, functions_in, modules_held_in)
@@ -464,11 +464,17 @@ def _forward_code(
       loaded for anything but an attribute read (``helper(self)``), or
       ``getattr`` of anything else than the module.
     """
+    # (Checked once while no module changes: classes do not either.)
+    checked = unchanged_memo('forward code')
+    if checked is not None and cls in checked:
+        return _FORWARD_CODE[cls][1]
     forward = inspect.getattr_static(cls, 'forward', None)
     known = _FORWARD_CODE.get(cls)
     if known is not None and all(
             namespace.get(name, _MISSING) is value
             for namespace, name, value in known[0]):
+        if checked is not None:
+            checked[cls] = True
         return known[1]
     bases = class_namespaces(cls)
     # What was looked up, to tell when the class changed.
@@ -577,6 +583,8 @@ def _forward_code(
     result = (frozenset(deep), frozenset(deep_taken), frozenset(deep_indexed),
               frozenset(values), frozenset(taken), hands_on)
     _FORWARD_CODE[cls] = (looked_up, result, (scopes, frozenset(named)))
+    if checked is not None:
+        checked[cls] = True
     return result
 
 
@@ -785,15 +793,33 @@ def _members_named(module: nn.Module, names: frozenset,
     """Whether ``names`` (read by code above ``module``) name a method or
     property of its class other than ``forward`` (only a property, with
     ``properties_only``), outside torch's classes."""
-    for namespace in class_namespaces(type(module)):
-        for name in names:
-            value = namespace.get(name)
-            if value is None or name == 'forward':
+    methods, properties = _class_members(type(module))
+    return bool(names & (properties if properties_only else methods))
+
+
+def _class_members(cls: type) -> Tuple[frozenset, frozenset]:
+    """The names of the methods and properties (with the methods) of
+    ``cls`` and its bases but torch's, ``forward`` aside: ``(methods and
+    properties, properties)``; kept while no module changes."""
+    memo = unchanged_memo('class members')
+    known = None if memo is None else memo.get(cls)
+    if known is not None:
+        return known
+    members, properties = set(), set()
+    for namespace in class_namespaces(cls):
+        for name, value in namespace.items():
+            if name == 'forward':
                 continue
-            if isinstance(value, property) or (
-                    not properties_only and callable(value)):
-                return True
-    return False
+            if isinstance(value, property):
+                properties.add(name)
+                members.add(name)
+            elif callable(value) or isinstance(value,
+                                               (staticmethod, classmethod)):
+                members.add(name)
+    known = (frozenset(members), frozenset(properties))
+    if memo is not None:
+        memo[cls] = known
+    return known
 
 
 def _may_reach_below(module: nn.Module) -> bool:
