@@ -146,6 +146,16 @@ def _stack_effect(op: Any) -> Optional[int]:
         return None
 
 
+def _deeper(depth: int, op: Any) -> Optional[int]:
+    """``depth`` after instruction ``op``; ``None`` where ``dis`` cannot
+    tell, or where it takes more than ``depth`` values (what was on the
+    stack before is used)."""
+    effect = _stack_effect(op)
+    if effect is None or depth + effect < 0:
+        return None
+    return depth + effect
+
+
 #: Loads of local and closure variables.
 _LOCAL_LOADS = frozenset({
     'LOAD_FAST', 'LOAD_DEREF', 'LOAD_CLOSURE', 'LOAD_FAST_CHECK',
@@ -279,11 +289,8 @@ def _call_arguments(
             for name in loaded:
                 if name in derived:
                     reads.setdefault(depth, derived[name])
-        effect = _stack_effect(op)
-        if effect is None:
-            return None
-        depth += effect
-        if depth < 0:
+        depth = _deeper(depth, op)
+        if depth is None:
             return None
     return None
 
@@ -358,11 +365,9 @@ def _comprehension_source(ops: List[Any], comprehension: Any,
     for op in ops[made + 1:made + 60]:
         if op.opname == 'GET_ITER':
             return None
-        if op.opname in _LOCAL_LOADS:
-            loaded = _loaded(op)
-            for name in loaded:
-                if name in derived:
-                    return derived[name]
+        hit = _derived_read(op, derived)
+        if hit:
+            return hit
     return None
 
 
@@ -389,13 +394,17 @@ def _read_by_operands(ops: List[Any], index: int, operands: int,
         start = index
         while start > 0 and not ops[start].starts_line:
             start -= 1
-    for op in ops[start:index]:
-        if op.opname in _LOCAL_LOADS:
-            loaded = _loaded(op)
-            for name in loaded:
-                if name in derived:
-                    return derived[name]
-    return None
+    return next((hit for hit in (_derived_read(op, derived)
+                                 for op in ops[start:index]) if hit), None)
+
+
+def _derived_read(op: Any, derived: Dict[str, str]) -> Optional[str]:
+    """The parameter a load of locals ``op`` reads a value from, or
+    ``None``."""
+    if op.opname not in _LOCAL_LOADS:
+        return None
+    return next((derived[name] for name in _loaded(op) if name in derived),
+                None)
 
 
 _CLASS_CODE: Dict[type, Tuple[frozenset, frozenset]] = {}
@@ -656,11 +665,8 @@ def _called_after(ops: List[Any], index: int) -> bool:
                     'LOAD_FAST', 'LOAD_CONST', 'LOAD_DEREF', 'LOAD_GLOBAL',
                     'PUSH_NULL', 'KW_NAMES', 'PRECALL')):
             return False  # what it gives is used, not called
-        effect = _stack_effect(op)
-        if effect is None:
-            return False
-        depth += effect
-        if depth < 0:
+        depth = _deeper(depth, op)
+        if depth is None:
             return False
     return False
 
