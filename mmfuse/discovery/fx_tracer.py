@@ -62,7 +62,8 @@ import threading
 import types
 import weakref
 from collections import Counter
-from typing import Any, Collection, Dict, List, Optional, Set, Tuple
+from typing import (Any, Collection, Dict, Iterator, List, Optional, Set,
+                    Tuple)
 
 import torch
 from torch import fx, nn
@@ -546,26 +547,33 @@ def _plain(value: Any) -> bool:
 
 
 def modules_held_in(value: Any, depth: int = 4) -> List[nn.Module]:
-    """The modules ``value`` is or holds, ``depth`` levels deep at most:
-    in containers, partials, bound methods, functions (their closures and
-    defaults) and plain objects (their attributes); not inside modules."""
-    found: List[nn.Module] = []
+    """The modules ``value`` is or holds, ``depth`` levels deep at most
+    (see :func:`_held_values`)."""
+    return [
+        item for item in _held_values(value, depth)
+        if isinstance(item, nn.Module)
+    ]
+
+
+def _held_values(value: Any, depth: int) -> Iterator[Any]:
+    """``value`` and what it holds, ``depth`` levels deep at most: in
+    containers, partials, bound methods (one of a module gives the
+    module), functions (their closures and defaults) and plain objects
+    (their attributes).  Modules, traced values and plain values are
+    given but not looked into."""
     pending = [(value, 0)]
     seen: Set[int] = set()
     while pending:
         item, level = pending.pop()
         if isinstance(item, types.MethodType) and \
                 isinstance(item.__self__, nn.Module):
-            item = item.__self__  # a bound method of a module
-        if isinstance(item, nn.Module):
-            found.append(item)
-            continue
+            item = item.__self__
+        yield item
         if level >= depth or id(item) in seen or isinstance(
-                item, _PLAIN_VALUES):
+                item, (nn.Module, fx.Proxy) + _PLAIN_VALUES):
             continue
         seen.add(id(item))
         pending.extend((child, level + 1) for child in _contents(item))
-    return found
 
 
 def _traced_tensor_tables(root: nn.Module, tracer: ModuleForwardTracer
@@ -721,21 +729,10 @@ def _stored_traced_value(saved: List[Tuple[nn.Module, Dict[str, Any]]],
 
 
 def _holds_traced_value(value: Any, depth: int = 8) -> bool:
-    """Whether ``value``, or what it holds (containers, the attributes of
-    plain objects, a partial's arguments; not modules or tensors), is a
-    traced value."""
-    pending = [(value, 0)]
-    seen = set()
-    while pending:
-        item, level = pending.pop()
-        if isinstance(item, fx.Proxy):
-            return True
-        if level >= depth or id(item) in seen or isinstance(
-                item, (nn.Module, ) + _PLAIN_VALUES):
-            continue
-        seen.add(id(item))
-        pending.extend((child, level + 1) for child in _contents(item))
-    return False
+    """Whether ``value``, or what it holds (see :func:`_held_values`), is
+    a traced value."""
+    return any(
+        isinstance(item, fx.Proxy) for item in _held_values(value, depth))
 
 
 def _contents(item: Any) -> List[Any]:

@@ -102,10 +102,10 @@ def _optional_parameters(forward: Any) -> str:
     return names
 
 
-_NONE_TESTED: Dict[Any, str] = {}
+_IDENTITY_TESTED: Dict[Any, str] = {}
 
 
-def _none_tested_parameters(forward: Any, cls: type) -> str:
+def _identity_tested_parameters(forward: Any, cls: type) -> str:
     """The names of ``forward``'s parameters whose values, or values its
     code computes from them, that code (or code nested in it, a
     comprehension, a function of the model's or a method of ``cls`` it
@@ -116,7 +116,7 @@ def _none_tested_parameters(forward: Any, cls: type) -> str:
     traced value never is, and a traced value is never identical to
     anything: the trace would take the other way.  (What a tensor tells
     of itself, ``x.size()[2:]``, is never ``None``: not followed.)"""
-    names = _NONE_TESTED.get((forward, cls))
+    names = _IDENTITY_TESTED.get((forward, cls))
     if names is None:
         found: List[str] = []
         # The forward and what it wraps (a decorator without
@@ -127,7 +127,7 @@ def _none_tested_parameters(forward: Any, cls: type) -> str:
                                       code.co_kwonlyargcount]
             _find_identity_tests(code, {p: p for p in params}, found,
                                  function.__globals__, cls)
-        names = _NONE_TESTED[(forward, cls)] = ', '.join(found)
+        names = _IDENTITY_TESTED[(forward, cls)] = ', '.join(found)
     return names
 
 
@@ -174,10 +174,12 @@ def _find_identity_tests(code: Any,
     ``derived`` maps each variable holding a value computed from a
     parameter (in a statement that reads it: ``x, skip = inputs``, ``s =
     skip``) to the parameter; it grows as the code is read (twice, for
-    loops), and closures and comprehensions carry it into nested code.  A
-    function of the model's code (a global of ``scope``, a method of
-    ``cls``) handed such a value is read too, with all its parameters
-    derived (``exists(skip)``)."""
+    loops), and closures and comprehensions carry it into nested code
+    (a function or lambda made there takes it at every parameter).  A
+    function of the model's code (a global of ``scope``, an attribute of
+    a module or class one names, a method of ``cls``) handed such a value
+    is read too, with the parameters it is handed at derived
+    (``exists(skip)``)."""
     ops = list(dis.get_instructions(code))
     me = code.co_varnames[0] if code.co_argcount else None
     for _ in range(2):
@@ -212,7 +214,7 @@ def _find_identity_tests(code: Any,
                             op.opname == 'LOAD_METHOD' and on_self, depth)
             if hit and hit not in found:
                 found.append(hit)
-    for index, const in enumerate(code.co_consts):
+    for const in code.co_consts:
         if not hasattr(const, 'co_code'):
             continue
         carried = {
@@ -284,11 +286,10 @@ def _call_arguments(
             return None
         if op.opname == 'KW_NAMES':
             keywords = op.argval if isinstance(op.argval, tuple) else ()
-        if op.opname in _LOCAL_LOADS and not _metadata_read(ops, position):
-            loaded = _loaded(op)
-            for name in loaded:
-                if name in derived:
-                    reads.setdefault(depth, derived[name])
+        hit = None if _metadata_read(ops, position) else \
+            _derived_read(op, derived)
+        if hit:
+            reads.setdefault(depth, hit)
         depth = _deeper(depth, op)
         if depth is None:
             return None
@@ -1122,9 +1123,6 @@ class _StructuralCollector:
             occ.reason = 'its parameters are used outside a call of it'
 
     def traced(self, module: nn.Module) -> None:
-        # A proxy stands for an argument given, and is never None: ``if
-        # scale is None`` then takes the way of a call that gives one,
-        # whatever the callers do.
         if not runs_class_forward(module):
             # What the trace of its class's forward shows is not what a
             # call of it runs.
@@ -1133,14 +1131,17 @@ class _StructuralCollector:
                  'is not called through its class\'s forward (a forward '
                  'of its own, or __call__ overridden)'))
             return
+        # A proxy stands for an argument given, and is never None nor
+        # identical to a flag: ``if scale is None`` then takes the way of a
+        # call that gives one, whatever the callers do.
         forward = type(module).forward
         for names, why in (
             (_optional_parameters(forward), 'takes optional arguments ({}):'
              ' whether a call gives them cannot be traced'),
-            (_none_tested_parameters(forward, type(module)), 'compares {} '
-             '(or a value '
-             'from it) by identity (is None, is a flag): a call may pass '
-             'None or a flag, which a traced value never is')):
+            (_identity_tested_parameters(forward, type(module)),
+             'compares {} (or a value from it) by identity (is None, is a '
+             'flag): a call may pass None or a flag, which a traced value '
+             'never is')):
             if names:
                 self.evidence.unproven.append(
                     (module, f'data flow not proven: {type(module).__name__}'
@@ -1429,9 +1430,10 @@ class _StructuralCollector:
         """A module's trace stands for calls that pass traced values
         (tensors) at every parameter: where the trace of a module above
         shows a call passing anything else (``None``, a flag, an enum),
-        the forward may take another way for it (``if skip is None``,
-        ``if mode is Mode.RAW``: an identity test the trace cannot see),
-        so the links of the module's own trace are undone."""
+        the forward may take another way for it (by a test the trace
+        cannot see and the reading of its code missed: an exception
+        caught, the value's text), so the links of the module's own trace
+        are undone."""
         for caller, graph in self.graphs.values():
             for node in graph.nodes:
                 if node.op != 'call_module':

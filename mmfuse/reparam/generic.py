@@ -190,6 +190,9 @@ class GenericMerger:
         self._terms: Dict[int, Tuple[nn.Module, Optional[List[Term]]]] = {}
         self.reasons: List[Tuple[str, str]] = []
         self.traces = TraceCache(model)
+        # Whether each module of the model's own a block calls may change
+        # its input (traced once, for every block and graph that calls it).
+        self.changers: Dict[int, Tuple[nn.Module, bool]] = {}
 
     # -- what one child computes ------------------------------------------
     def module_terms(self, module: nn.Module) -> Optional[List[Term]]:
@@ -229,8 +232,9 @@ class GenericMerger:
         if type(module).__module__.startswith('torch.nn.'):
             return None
         trace, _ = trace_block(module, True, self.traces)
-        if trace is None or _changes_its_input(trace.graph, module) or \
-                _changed_in_place(trace.graph, module):
+        if trace is None or _changes_its_input(
+                trace.graph, module, memo=self.changers) or \
+                _changed_in_place(trace.graph, module, self.changers):
             return None  # (``x *= 2`` is no scale: the caller's x changes)
         exprs = self._expressions(module, trace)
         output = [n for n in trace.graph.nodes if n.op == 'output'][0]
@@ -432,7 +436,7 @@ class GenericMerger:
         trace, _ = trace_block(block, False, self.traces)
         if trace is None:
             return None, []
-        changed = _changed_in_place(trace.graph, block)
+        changed = _changed_in_place(trace.graph, block, self.changers)
         if changed:
             return None, [f'the forward changes a value in place ({changed})'
                           ' that other operations read: the graph does not '
@@ -608,8 +612,10 @@ def _target_name(node: fx.Node) -> str:
         target, '__name__', '')
 
 
-def _mutates_first_argument(node: fx.Node, block: nn.Module,
-                            depth: int = 0) -> bool:
+def _mutates_first_argument(node: fx.Node,
+                            block: nn.Module,
+                            depth: int = 0,
+                            memo: Optional[Dict[int, Tuple]] = None) -> bool:
     """Whether ``node`` changes its first argument in place: a method or
     function named ``..._`` or ``__i...__``, ``x[...] = v``, an
     ``inplace=True`` argument, or a child that may change its input
@@ -617,7 +623,8 @@ def _mutates_first_argument(node: fx.Node, block: nn.Module,
     if not node.args:
         return False
     if node.op == 'call_module':
-        return _may_change_input(block.get_submodule(node.target), depth)
+        return _may_change_input(
+            block.get_submodule(node.target), depth, memo)
     if node.op not in ('call_method', 'call_function'):
         return False
     name = _target_name(node)
@@ -629,14 +636,18 @@ def _mutates_first_argument(node: fx.Node, block: nn.Module,
         node.args[_INPLACE_POSITIONS[node.target]] is True
 
 
-def _may_change_input(module: nn.Module, depth: int = 0) -> bool:
+def _may_change_input(module: nn.Module,
+                      depth: int = 0,
+                      memo: Optional[Dict[int, Tuple]] = None) -> bool:
     """Whether a call of ``module`` may change its input in place: a leaf
     of torch's with ``inplace`` set (``nn.ReLU(inplace=True)``); a module
     of the model's own whose traced forward does (``x.clamp_()``), or
     that cannot be traced; not a conv, a norm, an mmcv ConvModule (its
     ``inplace`` is for the activation it runs on its own conv's output)
     or a plain Sequential none of whose modules the input reaches does
-    (through modules that may return it: an Identity, a Dropout)."""
+    (through modules that may return it: an Identity, a Dropout).
+    ``memo`` keeps the answer for each module traced (by ``id``), for the
+    other graphs that call it."""
     if is_conv_layer(module) or is_norm_layer(module) or \
             is_mmcv_conv_module(module):
         return False
@@ -648,7 +659,7 @@ def _may_change_input(module: nn.Module, depth: int = 0) -> bool:
         for child in module._modules.values():
             if child is None:
                 continue
-            if _may_change_input(child, depth):
+            if _may_change_input(child, depth, memo):
                 return True
             if not _may_return_input(child):
                 return False
@@ -658,19 +669,27 @@ def _may_change_input(module: nn.Module, depth: int = 0) -> bool:
         return getattr(module, 'inplace', False) is True
     if depth >= 4:
         return True
+    known = None if memo is None else memo.get(id(module))
+    if known is not None and known[0] is module:
+        return known[1]
     try:
         graph = trace_module_forward(module)
+        changes = _changes_its_input(graph, module, depth + 1, memo)
     except Exception:  # fx raises many types on Python code
-        return True
-    return _changes_its_input(graph, module, depth + 1)
+        changes = True
+    if memo is not None:  # (the module is kept: its id is not reused)
+        memo[id(module)] = (module, changes)
+    return changes
 
 
-def _changes_its_input(graph: fx.Graph, block: nn.Module,
-                       depth: int = 0) -> bool:
+def _changes_its_input(graph: fx.Graph,
+                       block: nn.Module,
+                       depth: int = 0,
+                       memo: Optional[Dict[int, Tuple]] = None) -> bool:
     """Whether the graph of ``block``'s forward changes the block's input
     (or a view of it) in place, which its caller sees."""
     for node in graph.nodes:
-        if not _mutates_first_argument(node, block, depth):
+        if not _mutates_first_argument(node, block, depth, memo):
             continue
         value = node.args[0]
         while isinstance(value, fx.Node):
@@ -709,13 +728,15 @@ def _may_return_input(module: nn.Module) -> bool:
     return True
 
 
-def _changed_in_place(graph: fx.Graph, block: nn.Module) -> str:
+def _changed_in_place(graph: fx.Graph,
+                      block: nn.Module,
+                      memo: Optional[Dict[int, Tuple]] = None) -> str:
     """The first value the block changes in place while another
     operation also reads it (or a value sharing its memory: through views
     and children, which may return their input), by node name; ``''`` if
     none.  A merge reorders the reads of the block's values."""
     for node in graph.nodes:
-        if not _mutates_first_argument(node, block):
+        if not _mutates_first_argument(node, block, memo=memo):
             continue
         value = node.args[0]
         aliases = []
