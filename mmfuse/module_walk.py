@@ -7,13 +7,14 @@ modules in the same order, with one loop.
 """
 import threading
 from contextlib import contextmanager
-from typing import Any, Dict, Hashable, Iterator, List, Optional, Tuple
+from typing import (Any, Dict, Hashable, Iterator, List, NamedTuple,
+                    Optional, Tuple)
 
 from torch import nn
 
 __all__ = [
     'walk_modules', 'tree_unchanged', 'unchanged_memo', 'has_children',
-    'find_submodule', 'unique_modules'
+    'find_submodule', 'unique_modules', 'SubtreeIndex', 'subtree_span'
 ]
 
 _MEMO = threading.local()
@@ -137,3 +138,61 @@ def walk_modules(model: nn.Module,
         memo[(id(model), remove_duplicate)] = (model, found)
         return list(found)
     return found
+
+
+class SubtreeIndex(NamedTuple):
+    """A walk of a module tree by every path (``remove_duplicate=False``),
+    indexed: where each module's subtree lies in it, and where the modules
+    of each name (the last part of their paths) and of each class are.
+
+    Attributes:
+        modules: The modules in pre-order, once per path.
+        ends: For each position, where its module's subtree ends (the
+            subtree is ``modules[position:end]``, the module first).
+        by_name: For each name, the positions, ascending.
+        by_class: For each class, the positions, ascending.
+    """
+    modules: List[nn.Module]
+    ends: List[int]
+    by_name: Dict[str, List[int]]
+    by_class: Dict[type, List[int]]
+
+
+def _index_walk(root: nn.Module) -> SubtreeIndex:
+    walk = walk_modules(root, remove_duplicate=False)
+    ends = [len(walk)] * len(walk)
+    by_name: Dict[str, List[int]] = {}
+    by_class: Dict[type, List[int]] = {}
+    open_: List[Tuple[int, int]] = []  # (depth, position) not yet ended
+    for position, (path, module) in enumerate(walk):
+        depth = path.count('.') + 1 if path else 0
+        while open_ and open_[-1][0] >= depth:
+            ends[open_.pop()[1]] = position
+        open_.append((depth, position))
+        by_name.setdefault(path.rpartition('.')[2], []).append(position)
+        by_class.setdefault(type(module), []).append(position)
+    return SubtreeIndex([module for _, module in walk], ends, by_name,
+                        by_class)
+
+
+def subtree_span(module: nn.Module) -> Tuple[SubtreeIndex, int, int]:
+    """``(index, start, end)``: a :class:`SubtreeIndex` in which the
+    subtree of ``module`` is ``index.modules[start:end]`` (``module``
+    first, then what lies below it by every path).
+
+    Within :func:`tree_unchanged` one index serves every module it holds
+    (the first asked about, and all below it); outside, each call walks
+    ``module``'s subtree.
+    """
+    memo = unchanged_memo('subtree spans')
+    known = None if memo is None else memo.get(id(module))
+    if known is not None and known[0] is module:
+        return known[1:]
+    index = _index_walk(module)
+    if memo is not None:
+        for position, below in enumerate(index.modules):
+            seen = memo.get(id(below))
+            if seen is None or seen[0] is not below:
+                memo[id(below)] = (below, index, position,
+                                   index.ends[position])
+    return index, 0, len(index.modules)

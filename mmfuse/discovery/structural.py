@@ -28,6 +28,7 @@ module registered under several names gets no call site from a trace
 (the graph cannot tell which name was called).  The model is never
 mutated.
 """
+import bisect
 import dis
 import inspect
 import operator
@@ -42,7 +43,8 @@ from torch import fx, nn
 from ..layers import (is_conv_layer, is_mmcv_conv_module, is_norm_layer,
                       is_stock_sequential, norm_fold_problem,
                       runs_class_forward)
-from ..module_walk import find_submodule, unchanged_memo, walk_modules
+from ..module_walk import (SubtreeIndex, find_submodule, subtree_span,
+                           unchanged_memo, walk_modules)
 from ..plan import CONCAT, POST, PRE, SUM
 from .fx_tracer import (MODULE_INTERNALS, TENSOR_METADATA, class_namespaces,
                         code_kind, functions_in, modules_held_in)
@@ -592,6 +594,9 @@ def _forward_code(
         taken.add('')  # (some list of modules: see ``_reached_below``)
     result = (frozenset(deep), frozenset(deep_taken), frozenset(deep_indexed),
               frozenset(values), frozenset(taken), hands_on)
+    # Each lookup once (the loops above look again for every function).
+    looked_up = list({(id(namespace), name): (namespace, name, value)
+                      for namespace, name, value in looked_up}.values())
     _FORWARD_CODE[cls] = (looked_up, result, (scopes, frozenset(named)))
     if checked is not None:
         checked[cls] = True
@@ -767,16 +772,52 @@ def _reached_below(module: nn.Module) -> Tuple[List[nn.Module], bool]:
             _reads_held_modules(module):
         return called, lists
     for child in called:
-        for path, below in walk_modules(child):
-            name = path.rpartition('.')[2]
-            if path and ((name in deep and _is_leaf_layer(below)) or (
-                    _indexable(below) and (name in deep_taken or (
-                        name in deep_indexed
-                        and not _is_container(below))))):
-                reached.append(below)
-            elif _members_named(below, deep, properties_only=True):
-                reached.append(below)  # ``self.block.layers[0]``
+        # What lies below ``child`` by every path, found by name and class.
+        index, start, end = subtree_span(child)
+        for name in deep.intersection(index.by_name):
+            # (``deep`` holds ``deep_taken`` and ``deep_indexed``.)
+            for position in _positions_within(index.by_name[name],
+                                              start + 1, end):
+                below = index.modules[position]
+                if _is_leaf_layer(below) or (_indexable(below) and (
+                        name in deep_taken or (name in deep_indexed
+                                               and not _is_container(below))
+                )):
+                    reached.append(below)
+        for properties, positions in _property_classes(index):
+            if not properties.isdisjoint(deep):
+                # ``self.block.layers[0]``, a property of its class.
+                reached.extend(index.modules[position]
+                               for position in _positions_within(
+                                   positions, start, end))
     return reached, lists
+
+
+def _property_classes(index: SubtreeIndex
+                      ) -> List[Tuple[frozenset, List[int]]]:
+    """For each class in ``index`` with properties (see
+    :func:`_class_members`): its properties' names, and where its modules
+    lie in the index."""
+    memo = unchanged_memo('property classes')
+    known = None if memo is None else memo.get(id(index))
+    if known is not None and known[0] is index:
+        return known[1]
+    found = []
+    for cls, positions in index.by_class.items():
+        properties = _class_members(cls)[1]
+        if properties:
+            found.append((properties, positions))
+    if memo is not None:
+        memo[id(index)] = (index, found)
+    return found
+
+
+def _positions_within(positions: List[int], start: int,
+                      end: int) -> List[int]:
+    """The entries of ascending ``positions`` from ``start`` to before
+    ``end``."""
+    return positions[bisect.bisect_left(positions, start):bisect.
+                     bisect_left(positions, end)]
 
 
 def _reads_held_modules(module: nn.Module) -> bool:
@@ -801,7 +842,8 @@ def _members_named(module: nn.Module, names: frozenset,
     property of its class other than ``forward`` (only a property, with
     ``properties_only``), outside torch's classes."""
     methods, properties = _class_members(type(module))
-    return bool(names & (properties if properties_only else methods))
+    members = properties if properties_only else methods
+    return bool(members) and not members.isdisjoint(names)
 
 
 def _class_members(cls: type) -> Tuple[frozenset, frozenset]:
