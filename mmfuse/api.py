@@ -16,7 +16,7 @@ from .discovery import (collect_structural_evidence, collect_traced_evidence,
 from .discovery.occurrence import Evidence
 from .discovery.traced import TracedForward
 from .guards import (FusionError, as_input_tuple, check_eval,
-                     unwrap_model)
+                     fresh_inputs, unwrap_model)
 from .layers import global_hook_problem, is_norm_layer, norm_fold_problem
 from .module_walk import tree_unchanged, unique_modules
 from .plan import Fold, FusionPlan, Skip
@@ -66,6 +66,9 @@ def _unverified(plan: FusionPlan) -> FusionPlan:
     return plan
 
 
+# Outside inference mode: the tensors made are normal ones (parameters
+# that inference tensors would keep from autograd later).
+@torch.inference_mode(False)
 def fuse_model(model: nn.Module,
                example_inputs: Optional[Sequence] = None,
                *,
@@ -177,7 +180,7 @@ def fuse_model(model: nn.Module,
         def passes() -> bool:
             try:
                 with torch.no_grad():
-                    output = model(*inputs)
+                    output = model(*fresh_inputs(inputs))
             except Exception:  # a change broke the forward: it fails
                 check.no_output()
                 return False
@@ -348,6 +351,9 @@ def _evidence_after_merges(unmerged: Evidence, merges: Merges) -> Evidence:
     return evidence
 
 
+# Outside inference mode: the tensors made are normal ones (parameters
+# that inference tensors would keep from autograd later).
+@torch.inference_mode(False)
 def fuse_conv_bn(module: nn.Module, *, plain_convs: bool = True) -> nn.Module:
     """Drop-in replacement for ``mmcv.cnn.fuse_conv_bn``.
 

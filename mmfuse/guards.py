@@ -5,11 +5,15 @@ things with the same one-line errors.
 """
 from typing import Any, Tuple
 
+import torch
 from torch import nn
 
 from .module_walk import walk_modules
 
-__all__ = ['FusionError', 'unwrap_model', 'check_eval', 'as_input_tuple']
+__all__ = [
+    'FusionError', 'unwrap_model', 'check_eval', 'as_input_tuple',
+    'fresh_inputs'
+]
 
 
 class FusionError(ValueError):
@@ -57,3 +61,22 @@ def as_input_tuple(example_inputs: Any) -> Tuple:
     if isinstance(example_inputs, list):
         return tuple(example_inputs)
     return (example_inputs, )
+
+
+def fresh_inputs(inputs: Tuple) -> Tuple:
+    """A copy of the positional arguments ``inputs`` for one forward pass:
+    every tensor in them (in lists, tuples and dicts, however deep) cloned,
+    anything else passed as it is.  A model that changes its input in place
+    (``x.sub_(mean)``) changes the copy: the caller's tensors stay as given,
+    and every pass starts from the same input."""
+
+    def fresh(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        if type(value) in (tuple, list):
+            return type(value)(fresh(item) for item in value)
+        if type(value) is dict:
+            return {key: fresh(item) for key, item in value.items()}
+        return value
+
+    return tuple(fresh(value) for value in inputs)

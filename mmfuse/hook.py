@@ -21,6 +21,7 @@ from mmengine.registry import HOOKS
 from torch import nn
 
 from .api import FusionError, fuse_model, unwrap_model
+from .guards import fresh_inputs
 from .checkpoint import (convert_to_fused_structure, fused_meta,
                          fused_record_of, fusion_record, is_fused_structure,
                          mark_fused, rebuild_fused_structure, same_structure)
@@ -296,7 +297,7 @@ class FuseConvBNHook(Hook):
                 try:
                     with torch.no_grad():
                         if verify:
-                            reference = model(*example)
+                            reference = model(*fresh_inputs(example))
                     rebuild_fused_structure(model, record)
                 except Exception as error:  # noqa: B902 (as on rank 0)
                     message = f'rank {rank}: {type(error).__name__}: {error}'
@@ -306,7 +307,7 @@ class FuseConvBNHook(Hook):
                 if rank != 0 and verify:
                     with torch.no_grad():
                         _, relative = output_error(reference,
-                                                   model(*example))
+                                                   model(*fresh_inputs(example)))
                     tolerance = default_rtol(model) if self.rtol is None \
                         else self.rtol
                     if not relative <= tolerance:

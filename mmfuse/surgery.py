@@ -160,7 +160,8 @@ def _seen_only_by(module: nn.Module, name: str) -> bool:
     ``state_dict(keep_vars=True)``, a tied module), references from C++
     to its tensor (a ``torch.jit`` trace or script of the model), tensors
     using its memory (a view, a ``state_dict()`` entry).  A parameter with
-    weak references (which may be looked through later), with elements
+    weak references (which may be looked through later), an inference
+    tensor (which may not change outside inference mode), with elements
     sharing memory (an expanded tensor), or in memory that torch does not
     own (``torch.from_numpy``, a memory-mapped file) or that other
     processes share is not rewritten either.
@@ -169,6 +170,7 @@ def _seen_only_by(module: nn.Module, name: str) -> bool:
     if _STORAGE_USERS is None or \
             not isinstance(params.get(name), nn.Parameter) or \
             not hasattr(params[name], '_use_count') or \
+            params[name].is_inference() or \
             weakref.getweakrefcount(params[name]) or \
             dense_format(params[name]) is None:
         return False

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from .guards import FusionError
+from .guards import FusionError, fresh_inputs
 from .module_walk import walk_modules
 from .output_tree import (FlatOutput, UncomparableOutput, flatten_output,
                           tensors_in)
@@ -204,7 +204,7 @@ def upcast_output(model: nn.Module, inputs: Tuple, dtype: torch.dtype) -> Any:
     post = nn.modules.module.register_module_forward_hook(restore_own)
     try:
         with torch.no_grad():
-            return upcast(*cast_inputs(inputs, dtype))
+            return upcast(*fresh_inputs(cast_inputs(inputs, dtype)))
     finally:
         pre.remove()
         post.remove()
@@ -481,7 +481,7 @@ class WiderTwin:
         try:
             twin = copy.deepcopy(model)
             with torch.no_grad():
-                same = twin(*inputs)
+                same = twin(*fresh_inputs(inputs))
         except Exception as error:  # the model's code, on a copy
             raise TwinError(f'a copy of the model failed ({error})') from None
         errors = leaf_errors(check.reference, same)
@@ -510,7 +510,7 @@ class WiderTwin:
     def run(self) -> Any:
         """The twin's output as it stands."""
         with torch.no_grad():
-            return self.model(*self.inputs)
+            return self.model(*fresh_inputs(self.inputs))
 
     def holds(self) -> bool:
         """Whether the twin as it stands gives its unchanged output, each

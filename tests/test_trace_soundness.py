@@ -4,6 +4,7 @@ the model untouched), where it folded wrongly before (relative error 0.4
 to 2.5, measured)."""
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,6 +12,7 @@ from torch import nn
 import mmfuse
 from fusion_checks import fuse_and_compare, identity_at, kept_at
 from mmfuse.testing import randomize_norm_stats
+from mmfuse.verify import output_error
 
 X = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -412,3 +414,119 @@ def test_odd_state_and_norm_metadata():
     fused, _, rel = fuse_and_compare(ReadsNormDtype(), (X, ), traced=False)
     assert rel == 0
     kept_at(fused, ['bn'])
+
+
+# ------------------------------------- traced review (fuse_model with inputs)
+
+
+class ReadsByType(ConvBN):
+    """Reads the conv output again through ``Tensor.type(dtype)``: a copy,
+    not metadata (relative error 2.59 before, without verification)."""
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y), y.type(torch.float64)
+
+
+class NormThenTypeRead(nn.Module):
+    """A norm before a conv whose output is also read through ``.type``
+    (0.78 before, without verification)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.bn(x)
+        return self.conv(y), y.type(torch.float64)
+
+
+class UnbatchedConv1d(nn.Module):
+    """A Conv1d on a ``(C, L)`` input: the BatchNorm1d after it normalises
+    ``L``, not the conv's channels (1.32 before, without verification)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 1)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize('model, inputs, kept', [
+    (ReadsByType(), (torch.randn(2, 4, 8, 8), ), ['bn']),
+    (NormThenTypeRead(), (torch.randn(2, 3, 8, 8), ), ['bn']),
+    (UnbatchedConv1d(), (torch.randn(3, 4), ), ['bn']),
+])
+def test_traced_consumers_and_ranks_the_review_found(model, inputs, kept):
+    model = randomize_norm_stats(model.eval(), seed=5)
+    with torch.no_grad():
+        reference = model(*inputs)
+    report = mmfuse.fuse_model(model, inputs, verify=False)
+    assert not report.folded
+    kept_at(model, kept)
+    with torch.no_grad():
+        assert output_error(reference, model(*inputs))[1] == 0
+
+
+def test_an_unbatched_conv1d_is_reported_with_why():
+    model = randomize_norm_stats(UnbatchedConv1d().eval())
+    report = mmfuse.fuse_model(model, (torch.randn(3, 4), ))
+    reasons = [skip.reason for skip in report.left if skip.name == 'bn']
+    assert reasons and 'without a batch dim' in reasons[0]
+    # Batched, the same pair folds.
+    report = mmfuse.fuse_model(model, (torch.randn(2, 3, 4), ))
+    assert [fold.norm for fold in report.folded] == ['bn']
+
+
+class PlainConvBN(ConvBN):
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class ShiftsItsInput(ConvBN):
+    """Normalises its input in place, as some preprocessing code does."""
+
+    def forward(self, x):
+        x.sub_(0.5)
+        return self.bn(self.conv(x))
+
+
+def test_example_inputs_are_never_changed_and_each_pass_starts_alike():
+    """Every forward pass fuse_model makes gets a copy of the example input:
+    before, five passes moved the caller's tensor by 2.5, each pass saw
+    another input, and the exact fold was undone as 'off by more than
+    rtol'."""
+    model = randomize_norm_stats(ShiftsItsInput().eval(), seed=2)
+    x = torch.randn(2, 4, 8, 8)
+    given = x.clone()
+    reference = copy.deepcopy(model)
+    report = mmfuse.fuse_model(model, (x, ))
+    assert torch.equal(x, given)
+    assert [fold.norm for fold in report.folded] == ['bn']
+    assert not report.undone
+    with torch.no_grad():
+        assert output_error(reference(x.clone()), model(x.clone()))[1] < 1e-5
+
+
+def test_fusing_under_inference_mode_leaves_trainable_parameters():
+    """Folded parameters made under ``torch.inference_mode`` were inference
+    tensors: a later backward pass (fine-tuning, Grad-CAM) failed."""
+    model = randomize_norm_stats(PlainConvBN().eval(), seed=4)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.inference_mode():
+        report = mmfuse.fuse_model(copy.deepcopy(model), (x, ))
+        fused = copy.deepcopy(model)
+        mmfuse.fuse_model(fused, (x, ))
+        structural = copy.deepcopy(model)
+        mmfuse.fuse_conv_bn(structural)
+    assert report.folded
+    for module in (fused, structural):
+        assert isinstance(module.bn, nn.Identity)
+        for param in module.parameters():
+            assert not param.is_inference()
+        module(torch.randn(2, 4, 8, 8)).sum().backward()
+        assert module.conv.weight.grad is not None

@@ -27,6 +27,7 @@ from torch.nn.modules.module import (register_module_forward_hook,
 
 from torch.overrides import TorchFunctionMode
 
+from ..guards import fresh_inputs
 from ..layers import is_conv_layer, is_norm_layer
 from ..module_walk import find_submodule, has_children, walk_modules
 from ..output_tree import tensors_in
@@ -42,16 +43,16 @@ _GLOBAL_HOOKS_WITH_KWARGS = getattr(torch.nn.modules.module,
 Key = Tuple[int, int]
 
 # Tensor functions that read metadata only: folding cannot change what they
-# return, so they do not count as consumers.
+# return, so they do not count as consumers (``type`` only without
+# arguments: ``y.type(torch.float64)`` is a copy of ``y``).
 _METADATA = {
     'dim', 'size', 'shape', 'dtype', 'device', 'numel', 'ndim', 'ndimension',
     'is_contiguous', 'requires_grad', '_version', 'is_cuda', 'layout',
     '__len__', 'stride', 'storage_offset', 'is_floating_point',
     'element_size', 'nelement', 'is_sparse', 'is_quantized', 'is_complex',
     'names', 'grad_fn', 'is_leaf', 'grad', 'data_ptr', 'is_mkldnn',
-    'is_meta', 'is_nested', 'get_device', '__hash__', 'untyped_storage',
-    'is_inference', 'type', 'is_mps', 'is_xpu', 'is_cpu', 'output_nr',
-    '_base', '_is_view', 'is_sparse_csr', '__dlpack_device__', 'T_'
+    'is_meta', 'is_nested', 'get_device', '__hash__', 'is_inference',
+    'type', 'is_mps', 'is_xpu', 'is_cpu', 'output_nr', '_base', '_is_view', 'is_sparse_csr', '__dlpack_device__', 'T_'
 }
 # Functions that read only the shape, dtype or device of every tensor
 # argument, or of the one after ``self``.
@@ -144,6 +145,21 @@ def _func_name(func) -> str:
     return name
 
 
+def _batched(module: nn.Module, tensors: List[Tensor]) -> bool:
+    """Whether a linear layer's or conv's input ``tensors`` have the
+    channels of a norm next to it at dim 1: a linear layer's are 2-D (it
+    maps the last dim), a conv's batched (one dim more than its kernel: an
+    unbatched ``(C, L)`` input to a Conv1d meets a BatchNorm1d on ``L``).
+    Other modules' inputs are not judged here."""
+    if isinstance(module, nn.Linear):
+        return all(t.dim() == 2 for t in tensors)
+    if is_conv_layer(module):
+        weight = getattr(module, 'weight', None)
+        return isinstance(weight, Tensor) and all(
+            t.dim() == weight.dim() for t in tensors)
+    return True
+
+
 class _OpCall:
     """One operation run outside any leaf module."""
     __slots__ = ('name', 'inputs', 'outputs', 'shapes_match', 'plain',
@@ -211,7 +227,9 @@ class _Recorder(TorchFunctionMode):
         before = [_version_key(t) for t in _tensors_in((args, kwargs))] \
             if name in _IN_PLACE_LINEAR else None
         out = func(*args, **kwargs)
-        if name in _METADATA or name in _SHAPE_ONLY:
+        if (name in _METADATA and not (name == 'type' and
+                                       (len(args) > 1 or kwargs))) or \
+                name in _SHAPE_ONLY:
             return out
         if name in _SHAPE_ONLY_OTHER and len(args) == 2 and not kwargs:
             args = args[:1]
@@ -446,9 +464,7 @@ class TracedForward:
         try:
             call = _ModuleCall(module, self.resolve_site(caller, module),
                                self.keys(args), caller)
-            if isinstance(module, nn.Linear):
-                call.channels_dim_ok = all(
-                    t.dim() == 2 for t in _tensors_in(args))
+            call.channels_dim_ok = _batched(module, _tensors_in(args))
             for key in call.inputs:
                 self.consumers[key].append(call)
             self.active_leaf = call
@@ -496,9 +512,8 @@ class TracedForward:
                 if key is not None and key not in call.inputs:
                     call.inputs.append(key)
                     self.consumers[key].append(call)
-        if isinstance(call.module, nn.Linear):
-            call.channels_dim_ok = call.channels_dim_ok and all(
-                t.dim() == 2 for t in tensors)
+        call.channels_dim_ok = call.channels_dim_ok and _batched(
+            call.module, tensors)
 
     def pause_recording(self) -> None:
         """Take the recorder off the mode stack while a leaf runs, if it is
@@ -526,7 +541,8 @@ class TracedForward:
                     self.post_hook, with_kwargs=True, always_call=True))
             with torch.no_grad(), self.recorder:
                 try:
-                    self.output = self.model(*self.example_inputs)
+                    self.output = self.model(
+                        *fresh_inputs(self.example_inputs))
                 finally:  # in case a leaf's post hook did not run
                     self.resume_recording()
         finally:
@@ -621,6 +637,13 @@ class TracedForward:
             return f'its input is also used by {other}'
         if source is None:
             return 'its input is not produced by a traced operation'
+        if isinstance(source, _ModuleCall) and \
+                is_conv_layer(source.module) and not source.channels_dim_ok:
+            shape = 'that is not 2-D' if isinstance(
+                source.module, nn.Linear) else 'without a batch dim'
+            return (f'the {type(source.module).__name__} before it ran on '
+                    f'an input {shape}: the norm\'s channels are not its '
+                    'output channels')
         return f'input comes from {source.describe()}, not a conv'
 
     def evidence(self) -> Evidence:

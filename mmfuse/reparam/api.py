@@ -24,7 +24,7 @@ from torch import nn
 from ..discovery.structural import reached_inside
 from ..folding import norm_affines
 from ..guards import (FusionError, as_input_tuple, check_eval,
-                      unwrap_model)
+                      fresh_inputs, unwrap_model)
 from ..layers import (norm_affine_params, norm_fold_problem,
                       runs_class_forward)
 from ..module_walk import walk_modules
@@ -376,6 +376,9 @@ def _same_state(before: nn.Module, after: nn.Module) -> bool:
         else old[k] == new[k] for k in old)
 
 
+# Outside inference mode: the tensors made are normal ones (parameters
+# that inference tensors would keep from autograd later).
+@torch.inference_mode(False)
 def reparameterize(model: nn.Module,
                    example_inputs: Optional[Sequence] = None,
                    *,
@@ -454,7 +457,7 @@ class Merges:
         _undo(self.groups)
         try:
             with torch.no_grad():
-                reference = self.model(*inputs)
+                reference = self.model(*fresh_inputs(inputs))
         except BaseException:
             _redo(self.groups)
             raise
@@ -522,7 +525,7 @@ class Merges:
     def _passes(self, inputs: Tuple, check: OutputCheck) -> bool:
         try:
             with torch.no_grad():
-                output = self.model(*inputs)
+                output = self.model(*fresh_inputs(inputs))
         except Exception:  # a merge broke the forward: it counts as wrong
             check.no_output()
             return False
