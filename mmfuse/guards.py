@@ -11,8 +11,8 @@ from torch import nn
 from .module_walk import walk_modules
 
 __all__ = [
-    'FusionError', 'unwrap_model', 'check_eval', 'as_input_tuple',
-    'fresh_inputs'
+    'FusionError', 'unwrap_model', 'is_wrapper', 'check_eval',
+    'as_input_tuple', 'fresh_inputs'
 ]
 
 
@@ -21,9 +21,11 @@ class FusionError(ValueError):
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DataParallel, DDP, an MMEngine model wrapper or
-    ``torch.compile``'s wrapper (which compiles again after the fusion:
-    its guards see the changed modules)."""
+    """The model inside DataParallel, DDP, an MMEngine model wrapper, an
+    MMEngine test-time augmentation model (``BaseTTAModel``, which runs
+    the model inside on each augmentation: MMEngine loads checkpoints into
+    that one too) or ``torch.compile``'s wrapper (which compiles again
+    after the fusion: its guards see the changed modules)."""
     while True:
         compiled = getattr(model, '_orig_mod', None)
         if type(model).__name__ == 'OptimizedModule' and \
@@ -31,17 +33,22 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = compiled
             continue
         inner = getattr(model, 'module', None)
-        wrapper = isinstance(model, (nn.DataParallel,
-                                     nn.parallel.DistributedDataParallel))
-        if not wrapper:
-            try:
-                from mmengine.model import is_model_wrapper
-            except ImportError:  # mmengine is optional for plain torch use
-                is_model_wrapper = None
-            wrapper = is_model_wrapper is not None and is_model_wrapper(model)
-        if not wrapper or not isinstance(inner, nn.Module):
+        if not isinstance(inner, nn.Module) or not is_wrapper(model):
             return model
         model = inner
+
+
+def is_wrapper(model: nn.Module) -> bool:
+    """Whether ``model`` wraps the model in its ``module`` attribute (see
+    :func:`unwrap_model`; ``torch.compile``'s aside)."""
+    if isinstance(model, (nn.DataParallel,
+                          nn.parallel.DistributedDataParallel)):
+        return True
+    try:
+        from mmengine.model import BaseTTAModel, is_model_wrapper
+    except ImportError:  # mmengine is optional for plain torch use
+        return False
+    return is_model_wrapper(model) or isinstance(model, BaseTTAModel)
 
 
 def check_eval(model: nn.Module, action: str = 'fusing') -> None:

@@ -16,12 +16,13 @@ import torch
 from mmengine.dist import (all_gather_object, all_reduce, broadcast,
                            broadcast_object_list, get_rank, get_world_size)
 from mmengine.hooks import EMAHook, Hook
+from mmengine.model import BaseTTAModel
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 from torch import nn
 
 from .api import FusionError, fuse_model, unwrap_model
-from .guards import fresh_inputs
+from .guards import fresh_inputs, is_wrapper
 from .checkpoint import (convert_to_fused_structure, fused_meta,
                          fused_record_of, fusion_record, is_fused_structure,
                          mark_fused, rebuild_fused_structure, same_structure)
@@ -47,7 +48,9 @@ class FuseConvBNHook(Hook):
       ``model(inputs, data_samples, 'tensor')``; it serves discovery and
       verification.  The report is logged once, on rank 0.  With an
       ``EMAHook``, the averaged copy it keeps is fused the same way, so its
-      swap back after the test stays consistent.
+      swap back after the test stays consistent.  A test-time augmentation
+      model (``tools/test.py --tta``) is unwrapped as MMEngine's loader
+      unwraps it, and the first augmentation of the batch is the example.
     * **Validation** (``fuse_val``, off by default): each validation runs
       on a fused deep copy of the model (fused on that validation's first
       batch), so training weights, optimizer state, batch norm running
@@ -60,7 +63,8 @@ class FuseConvBNHook(Hook):
       weights load with no missing or unexpected keys; the test then runs
       the model as loaded.  This happens in ``after_load_checkpoint``, which
       MMEngine calls before it loads the weights; the hook's priority
-      (``'ABOVE_NORMAL'``) puts it before ``EMAHook``.
+      (``'ABOVE_NORMAL'``) puts it before ``EMAHook``.  A training run
+      that loads one fails before its first iteration.
     * **Distributed**: every rank starts from rank 0's weights (the ones a
       checkpoint saves; batch norm statistics can differ across ranks in
       training); rank 0 fuses with its first batch and broadcasts what it
@@ -170,6 +174,17 @@ class FuseConvBNHook(Hook):
             f'{source.get("filename")}); model turned into the fused '
             'structure')
 
+    def before_train(self, runner) -> None:
+        """Refuse to train a model in the fused structure (a fused
+        checkpoint given as ``load_from`` or resumed): its norms are gone,
+        and the optimizer, built before the checkpoint loaded, holds the
+        parameters the model had before."""
+        if is_fused_structure(unwrap_model(runner.model)):
+            raise FusionError(
+                'FuseConvBNHook: the model was loaded from a fused '
+                'checkpoint, which cannot be trained (its norms are folded '
+                'away); train from the unfused checkpoint')
+
     # -------------------------------------------------------------- test
 
     def before_test_iter(self,
@@ -183,6 +198,8 @@ class FuseConvBNHook(Hook):
         if is_fused_structure(model):
             return
         model.eval()
+        if data_batch is not None and _augments_at_test(runner.model):
+            data_batch = first_augmentation(data_batch)
         example = self._example_inputs(model, data_batch)
         record = self._fuse_everywhere(model, example, 'test')
         if record is None:
@@ -389,6 +406,30 @@ def forward_args(data: Any) -> Tuple:
     if isinstance(data, (list, tuple)):
         return tuple(data) + ('tensor', )
     return (data, )
+
+
+def _augments_at_test(model: nn.Module) -> bool:
+    """Whether ``model`` is, or wraps, an MMEngine test-time augmentation
+    model (``tools/test.py --tta``), whose batches hold each augmentation
+    of every sample."""
+    while True:
+        if isinstance(model, BaseTTAModel):
+            return True
+        if not is_wrapper(model):
+            return False
+        model = model.module
+
+
+def first_augmentation(data_batch: Any) -> Any:
+    """The batch of the first augmentation in a test-time augmentation
+    batch, split as ``BaseTTAModel.test_step`` splits it: each value of a
+    dict, or each item of a list, holds one entry per augmentation."""
+    if isinstance(data_batch, dict):
+        return {key: value[0] for key, value in data_batch.items()}
+    if isinstance(data_batch, (list, tuple)):
+        return [item[0] for item in data_batch]
+    raise FusionError('FuseConvBNHook: a test-time augmentation batch is a '
+                      f'dict or a list, not {type(data_batch).__name__}')
 
 
 def _ema_modules(runner) -> Sequence[nn.Module]:

@@ -17,11 +17,12 @@ from hook_helpers import (DEMO_CONFIG, REAL, build_from_config, demo_config,
                           write_real_config)
 from mmengine.config import Config
 from mmengine.hooks import Hook
-from mmengine.registry import HOOKS, DefaultScope
+from mmengine.model import BaseTTAModel
+from mmengine.registry import HOOKS, MODELS, DefaultScope
 from mmengine.runner import Runner
 from torch import nn
 
-from mmfuse import FuseConvBNHook
+from mmfuse import FuseConvBNHook, FusionError
 from mmfuse.checkpoint import fused_record_of, load_checkpoint_safely
 from mmfuse.cli import main as tool_main
 
@@ -194,6 +195,58 @@ def test_without_the_hook_a_fused_checkpoint_does_not_fit(
                          fused_demo_checkpoint)
     assert wrong['demo/logit_checksum'] != pytest.approx(
         unfused['demo/logit_checksum'], rel=1e-3)
+
+
+@MODELS.register_module(name='MMFuseTestFirstAugTTA', force=True)
+class FirstAugTTA(BaseTTAModel):
+    """What ``tools/test.py --tta`` wraps the model in (mmdet's, mmseg's
+    and mmpretrain's TTA models merge otherwise; the wrapping is the
+    same)."""
+
+    def merge_preds(self, data_samples_list):
+        return [samples[0] for samples in data_samples_list]
+
+
+def _with_tta(cfg):
+    cfg.model = dict(type='MMFuseTestFirstAugTTA', module=cfg.model)
+    cfg.test_dataloader.dataset.pipeline = [
+        dict(type='TestTimeAug', transforms=[[dict(type='MMFusePackImage')]])
+    ]
+    return cfg
+
+
+def test_test_time_augmentation(tmp_path, demo_checkpoint,
+                                fused_demo_checkpoint):
+    """A ``BaseTTAModel`` is unwrapped as MMEngine's loader unwraps it, and
+    the first augmentation of the first batch is the example input (before,
+    the hook called the wrapper, which raised, and a fused checkpoint did
+    not fit it)."""
+    _, unfused = _test_run(_with_tta(demo_config(str(tmp_path / 'plain'))),
+                           demo_checkpoint)
+    runner, fused = _test_run(
+        _with_tta(demo_config(str(tmp_path / 'hook'), fuse=True)),
+        demo_checkpoint)
+    _assert_metrics_close(fused, unfused)
+    report = _hook_of(runner).last_report
+    assert report.verified and report.folded
+    assert fused_record_of(runner.model.module) is not None
+    _, loaded = _test_run(
+        _with_tta(demo_config(str(tmp_path / 'ckpt'), fuse=True)),
+        fused_demo_checkpoint)
+    _assert_metrics_close(loaded, unfused)
+
+
+def test_a_fused_checkpoint_is_not_trained(tmp_path, fused_demo_checkpoint):
+    """``load_from`` a fused checkpoint in a training run: the optimizer,
+    built before it loads, held the unfused parameters (20 of 41 were
+    trained by nothing, and no norm was left), silently."""
+    cfg = demo_config(str(tmp_path), fuse=True)
+    cfg.load_from = fused_demo_checkpoint
+    runner = Runner.from_cfg(cfg)
+    with pytest.raises(FusionError, match='fused checkpoint, which cannot '
+                       'be trained'):
+        runner.train()
+    assert runner.iter == 0
 
 
 EMA = dict(type='EMAHook', momentum=0.2, update_buffers=True, priority=49)
