@@ -1,10 +1,10 @@
 """Fused checkpoints: the format, a safe loader, an atomic writer.
 
-A fused checkpoint is an ordinary MMEngine checkpoint::
+A fused checkpoint is laid out as an MMEngine checkpoint::
 
-    {'state_dict': <the fused model's weights>,
+    {'state_dict': <the fused model's weights: a FusedStateDict>,
      'meta': {'dataset_meta': <carried over from the source checkpoint>,
-              'mmfuse': {'format_version': 1,
+              'mmfuse': {'format_version': 2,
                          'mmfuse_version': '0.1.0',
                          'plan': <FusionPlan.to_dict()>,
                          'reparameterized': <merged blocks>,
@@ -13,8 +13,14 @@ A fused checkpoint is an ordinary MMEngine checkpoint::
                          'config': {'filename': ..., 'cfg_options': ...},
                          'created': <ISO 8601 time>}}}
 
-Everything in it is a tensor or a plain Python value, so it loads with
-``torch.load(weights_only=True)``.  ``reparameterized`` names every
+Everything in it is a tensor or a plain Python value, or the
+:class:`FusedStateDict` that holds the weights, so it loads with
+``torch.load(weights_only=True)`` once :mod:`mmfuse` is imported (which
+allows that one class).  The weights fit only a model in the fused
+structure: a :class:`FusedStateDict` refuses, with a line saying how to
+load it, the plain loaders that would put them into the model as built
+from the config and warn of missing and unexpected keys (MMEngine's
+``load_checkpoint``, mmdet's ``init_detector``, ``load_state_dict``).  ``reparameterized`` names every
 multi-branch block merged into one conv, the plan every norm replaced by an
 identity and every conv that absorbed one: all that is needed to turn a
 model freshly built from the original config into the fused structure
@@ -46,6 +52,7 @@ from .version import __version__
 
 __all__ = [
     'FORMAT_VERSION', 'META_KEY', 'CheckpointError', 'UnsafeCheckpointError',
+    'FusedStateDict', 'plain_state_dict',
     'load_checkpoint_safely', 'file_sha256', 'get_state_dict', 'fused_meta',
     'make_fused_checkpoint', 'atomic_save', 'save_fused_checkpoint',
     'convert_to_fused_structure', 'is_fused_structure', 'fused_record_of',
@@ -55,8 +62,9 @@ __all__ = [
     'load_fused_checkpoint', 'plain_value'
 ]
 
-#: Version of the ``meta['mmfuse']`` layout.
-FORMAT_VERSION = 1
+#: Version of the layout: 2 keeps the weights in a :class:`FusedStateDict`
+#: (1, a plain dict, is still read).
+FORMAT_VERSION = 2
 #: Key of the mmfuse record in a checkpoint's ``meta``.
 META_KEY = 'mmfuse'
 #: Attribute set on a fused model: its :func:`fusion_record`.
@@ -78,6 +86,63 @@ class UnsafeCheckpointError(CheckpointError):
             f'{path} needs unpickling {names}, which mmfuse does not load '
             'with weights_only=True; if you trust the file, pass '
             '--trust-checkpoint (Python: trust=True)')
+
+
+_PLAIN_LOAD = (
+    'these are the weights of a fused checkpoint (mmfuse), which fit only '
+    'a model in the fused structure: load it with FuseConvBNHook in the '
+    'config (custom_imports=dict(imports=[\'mmfuse\']), custom_hooks=['
+    'dict(type=\'FuseConvBNHook\')]) or mmfuse.load_fused_checkpoint('
+    'model, path), or load the unfused checkpoint')
+
+
+class FusedStateDict(OrderedDict):
+    """The weights of a fused checkpoint (its ``'state_dict'``).
+
+    They fit only a model turned into the fused structure.  A loader that
+    does not know that would load them into the model as built from the
+    config, warn of missing and unexpected keys, and leave the norms at
+    their initial values (MMEngine's ``load_checkpoint`` loads with
+    ``strict=False``, and so do mmdet's ``init_detector``, mmseg's
+    ``init_model`` and every inferencer).  Such loaders list the entries:
+    here that raises :class:`CheckpointError` saying how to load them.
+    Entries are read by key, or all at once with :meth:`tensors`.
+    """
+
+    def tensors(self) -> 'OrderedDict[str, torch.Tensor]':
+        """The entries, as a plain ordered dict (with ``_metadata``)."""
+        plain = OrderedDict(dict.items(self))
+        metadata = self.__dict__.get('_metadata')
+        if metadata is not None:
+            plain._metadata = metadata
+        return plain
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise CheckpointError(_PLAIN_LOAD)
+
+    items = keys = values = __iter__ = _refuse
+
+    def __reduce__(self) -> Tuple:
+        return type(self), (list(dict.items(self)), ), \
+            dict(self.__dict__) or None
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}({len(self)} entries)'
+
+
+def plain_state_dict(state_dict: Dict) -> Dict:
+    """The entries of a checkpoint's ``'state_dict'``, as a dict whose
+    entries may be listed (a :class:`FusedStateDict`'s :meth:`tensors`)."""
+    return state_dict.tensors() if isinstance(state_dict,
+                                              FusedStateDict) else state_dict
+
+
+# A fused checkpoint loads with ``weights_only=True`` where mmfuse is
+# imported (a config with ``custom_imports``).  (Not in the allow-list of
+# :func:`load_checkpoint_safely`: its context would remove it on exit.)
+_ADD_SAFE_GLOBALS = getattr(torch.serialization, 'add_safe_globals', None)
+if _ADD_SAFE_GLOBALS is not None:
+    _ADD_SAFE_GLOBALS([FusedStateDict])
 
 
 def _history_buffer_getattr() -> Callable[[Any, str], Any]:
@@ -132,7 +197,7 @@ def _unsafe_type_names(path: str, allowed: List) -> List[str]:
                      None)
     if finder is None:
         return []
-    names = set()
+    names = {f'{FusedStateDict.__module__}.{FusedStateDict.__qualname__}'}
     for entry in allowed:
         if isinstance(entry, tuple):
             names.add(entry[1])
@@ -246,7 +311,7 @@ def get_state_dict(checkpoint: Any) -> 'OrderedDict[str, torch.Tensor]':
     state = checkpoint
     for key in ('state_dict', 'model'):
         if isinstance(checkpoint.get(key), dict):
-            state = checkpoint[key]
+            state = plain_state_dict(checkpoint[key])
             break
     odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if odd and len(odd) == len(state):
@@ -364,12 +429,13 @@ def make_fused_checkpoint(model: nn.Module,
 
     Returns:
         ``{'state_dict': ..., 'meta': {..., 'mmfuse': {...}}}``, every
-        tensor on the CPU.
+        tensor on the CPU, the weights in a :class:`FusedStateDict`.
     """
     model = unwrap_model(model)
-    state_dict = OrderedDict(
-        (key, value.detach().cpu())
-        for key, value in model.state_dict().items())
+    weights = model.state_dict()
+    state_dict = FusedStateDict(
+        (key, value.detach().cpu()) for key, value in weights.items())
+    state_dict._metadata = weights._metadata
     meta: Dict[str, Any] = {}
     source_meta = (source_checkpoint or {}).get('meta')
     if isinstance(source_meta, dict):

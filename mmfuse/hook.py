@@ -25,7 +25,8 @@ from .api import FusionError, fuse_model, unwrap_model
 from .guards import fresh_inputs, is_wrapper
 from .checkpoint import (convert_to_fused_structure, fused_meta,
                          fused_record_of, fusion_record, is_fused_structure,
-                         mark_fused, rebuild_fused_structure, same_structure)
+                         mark_fused, plain_state_dict,
+                         rebuild_fused_structure, same_structure)
 from .report import FusionReport
 from .verify import default_rtol, output_error
 
@@ -160,8 +161,10 @@ class FuseConvBNHook(Hook):
                 raise FusionError(
                     'FuseConvBNHook: the model is already fused, with another '
                     'structure than the checkpoint being loaded')
+            self._let_load(checkpoint)
             return
         convert_to_fused_structure(model, record)
+        self._let_load(checkpoint)
         for ema_module in _ema_modules(runner):
             if not is_fused_structure(ema_module):
                 convert_to_fused_structure(ema_module, record)
@@ -184,6 +187,16 @@ class FuseConvBNHook(Hook):
                 'FuseConvBNHook: the model was loaded from a fused '
                 'checkpoint, which cannot be trained (its norms are folded '
                 'away); train from the unfused checkpoint')
+
+    @staticmethod
+    def _let_load(checkpoint: Dict) -> None:
+        """Hand the loader that comes next (MMEngine's, and ``EMAHook``'s
+        copy) the fused weights as a plain dict: a
+        :class:`~mmfuse.checkpoint.FusedStateDict` refuses plain loaders,
+        and the model now has the structure they fit."""
+        if 'state_dict' in checkpoint:
+            checkpoint['state_dict'] = plain_state_dict(
+                checkpoint['state_dict'])
 
     # -------------------------------------------------------------- test
 

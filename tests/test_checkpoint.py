@@ -18,8 +18,8 @@ from mmengine.logging import HistoryBuffer
 from mmengine.runner import Runner
 
 import mmfuse
-from mmfuse.checkpoint import (CheckpointError, UnsafeCheckpointError,
-                               atomic_save, convert_to_fused_structure,
+from mmfuse.checkpoint import (CheckpointError, FusedStateDict,
+                               UnsafeCheckpointError, atomic_save, convert_to_fused_structure,
                                file_sha256, fused_meta, fused_record_of,
                                load_checkpoint_safely, load_fused_checkpoint,
                                make_fused_checkpoint, mark_fused,
@@ -70,16 +70,21 @@ def fused_pair(tmp_path, source_checkpoint):
 
 def test_fused_checkpoint_format(fused_pair, source_checkpoint):
     model, report, path = fused_pair
-    # Plain weights_only loading, no allow-list needed.
+    # Plain weights_only loading where mmfuse is imported.
     checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     assert set(checkpoint) == {'state_dict', 'meta'}
-    assert checkpoint['state_dict'].keys() == model.state_dict().keys()
+    weights = checkpoint['state_dict']
+    assert isinstance(weights, FusedStateDict)
+    assert weights.tensors().keys() == model.state_dict().keys()
+    assert weights.tensors()._metadata == model.state_dict()._metadata
+    for key, value in model.state_dict().items():
+        assert torch.equal(weights[key], value), key
     meta = checkpoint['meta']
     assert meta['dataset_meta'] == {
         'classes': tuple(f'class_{i}' for i in range(10))
     }
     record = meta['mmfuse']
-    assert record['format_version'] == 1
+    assert record['format_version'] == 2
     assert record['mmfuse_version'] == mmfuse.__version__
     with open(source_checkpoint, 'rb') as stream:
         assert record['source_checkpoint'] == {
@@ -168,7 +173,8 @@ def test_convert_rebuilds_merged_blocks_and_folds(fused_pair):
     record = convert_to_fused_structure(fresh, checkpoint)
     assert record['plan'] == checkpoint['meta']['mmfuse']['plan']
     assert fresh.training  # the mode is left as it was
-    result = fresh.load_state_dict(checkpoint['state_dict'], strict=True)
+    result = fresh.load_state_dict(checkpoint['state_dict'].tensors(),
+                                   strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     with pytest.raises(CheckpointError, match='already fused'):
         convert_to_fused_structure(fresh, checkpoint)
