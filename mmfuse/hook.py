@@ -22,7 +22,9 @@ from mmengine.registry import HOOKS
 from torch import nn
 
 from .api import FusionError, fuse_model, unwrap_model
+from .discovery.fx_tracer import MODULE_INTERNALS
 from .guards import fresh_inputs, is_wrapper
+from .module_walk import walk_modules
 from .checkpoint import (convert_to_fused_structure, fused_meta,
                          fused_record_of, fusion_record, is_fused_structure,
                          mark_fused, plain_state_dict,
@@ -56,7 +58,9 @@ class FuseConvBNHook(Hook):
       on a fused deep copy of the model (fused on that validation's first
       batch), so training weights, optimizer state, batch norm running
       statistics and ``EMAHook`` weights are untouched.  If fusing the copy
-      fails, that validation runs unfused, with a warning.
+      fails, that validation runs unfused, with a warning.  Where the
+      model's settings changed at the first batch of another pass over
+      the data (mmdet's ``TeacherStudentValLoop``), a new copy is fused.
     * **Fused checkpoints**: when the runner loads a checkpoint whose
       ``meta`` has an ``'mmfuse'`` record (written by
       ``tools/fuse_conv_bn.py``), the freshly built model, and the copy an
@@ -146,6 +150,7 @@ class FuseConvBNHook(Hook):
         self.last_report: Optional[FusionReport] = None
         self._val_original: Optional[nn.Module] = None
         self._val_swapped = False
+        self._val_settings: List = []
 
     # ----------------------------------------------------------- loading
 
@@ -247,13 +252,25 @@ class FuseConvBNHook(Hook):
                         runner,
                         batch_idx: int,
                         data_batch: Any = None) -> None:
-        """Swap a fused copy in for this validation."""
-        if not self.fuse_val or self._val_swapped:
+        """Swap a fused copy in for this validation; at the first batch of
+        another pass over the data, make a new one if the model's settings
+        changed since (mmdet's ``TeacherStudentValLoop`` switches
+        ``semi_test_cfg['predict_on']`` between its passes, on the model
+        it holds, which the copy would not see; comparing them takes a few
+        milliseconds, so not at every batch)."""
+        if not self.fuse_val:
             return
+        if self._val_swapped:
+            if batch_idx or self._val_original is None or _settings(
+                    unwrap_model(self._val_original)) == self._val_settings:
+                return
+            runner.model = self._val_original
+            self._val_original = None
         self._val_swapped = True
         model = unwrap_model(runner.model)
         if is_fused_structure(model):
             return
+        self._val_settings = _settings(model)
         fused = copy.deepcopy(model).eval()
         for param in fused.parameters():
             param.grad = None
@@ -373,6 +390,45 @@ class FuseConvBNHook(Hook):
         if get_rank() != 0:
             return
         print_log(message, logger='current', level=getattr(logging, level))
+
+
+#: Values a setting is compared by.
+_PLAIN_SETTINGS = (bool, int, str, bytes, type(None), torch.dtype,
+                   torch.device)
+
+
+def _settings(model: nn.Module, depth: int = 3) -> List:
+    """What the forward of ``model`` may branch on besides its tensors and
+    modules, to tell whether it changed: each module's attributes (its
+    tables and torch's own aside) as plain values, down through
+    containers and plain objects' attributes ``depth`` levels; other
+    values (a tensor, a function) by identity."""
+
+    def plain(value: Any, level: int) -> Any:
+        if isinstance(value, _PLAIN_SETTINGS):
+            return value
+        if isinstance(value, float):
+            return repr(value)  # (NaN equals itself so)
+        if level >= depth or isinstance(value, (torch.Tensor, nn.Module)):
+            return type(value), id(value)
+        if isinstance(value, dict):
+            return type(value), [(plain(key, level + 1),
+                                  plain(item, level + 1))
+                                 for key, item in value.items()]
+        if isinstance(value, (list, tuple, set, frozenset)):
+            items = sorted(value, key=repr) if isinstance(
+                value, (set, frozenset)) else value
+            return type(value), [plain(item, level + 1) for item in items]
+        if type(value).__dictoffset__ and not callable(value):
+            # (Past a class's own ``__getattr__``.)
+            state = object.__getattribute__(value, '__dict__')
+            return type(value), id(value), plain(state, level + 1)
+        return type(value), id(value)
+
+    return [(path, [(name, plain(value, 0))
+                    for name, value in module.__dict__.items()
+                    if name not in MODULE_INTERNALS])
+            for path, module in walk_modules(model)]
 
 
 def _first_failure(message: Optional[str],

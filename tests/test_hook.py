@@ -7,6 +7,7 @@ models through the tool and through mmdet's and mmseg's own
 """
 import importlib
 import os
+from typing import Optional
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from hook_helpers import (DEMO_CONFIG, REAL, build_from_config, demo_config,
                           write_real_config)
 from mmengine.config import Config
 from mmengine.hooks import Hook
-from mmengine.model import BaseTTAModel
+from mmengine.model import BaseModel, BaseTTAModel
 from mmengine.registry import HOOKS, MODELS, DefaultScope
 from mmengine.runner import Runner, load_checkpoint
 from torch import nn
@@ -26,6 +27,8 @@ from mmfuse import FuseConvBNHook, FusionError
 from mmfuse.checkpoint import (CheckpointError, fused_record_of,
                                load_checkpoint_safely)
 from mmfuse.cli import main as tool_main
+from mmfuse.demo_model import DemoClassifier
+from mmfuse.testing import randomize_norm_stats
 
 
 @pytest.fixture(scope='module')
@@ -335,6 +338,64 @@ def test_validation_on_a_fused_copy_leaves_training_untouched(
                             weights_only=False)
         assert state_digest(mine['state_dict']) == \
             state_digest(theirs['state_dict'])
+
+
+@MODELS.register_module(name='MMFuseTestTeacherStudent', force=True)
+class TeacherStudent(BaseModel):
+    """mmdet's semi-supervised detectors, in small: ``semi_test_cfg``
+    says which of two models predicts."""
+
+    def __init__(self, data_preprocessor=None):
+        super().__init__(data_preprocessor=data_preprocessor)
+        torch.manual_seed(0)
+        self.teacher = randomize_norm_stats(DemoClassifier(8), 0)
+        torch.manual_seed(1)
+        self.student = randomize_norm_stats(DemoClassifier(8), 1)
+        self.semi_test_cfg = dict(predict_on='teacher')
+
+    def forward(self, inputs, data_samples=None, mode='tensor'):
+        return getattr(self, self.semi_test_cfg['predict_on'])(
+            inputs, data_samples, mode)
+
+
+def _teacher_student_val(work_dir: str, hook: Optional[dict]):
+    import mmdet.engine  # noqa: F401 (registers TeacherStudentValLoop)
+    cfg = demo_config(work_dir, hook=hook)
+    cfg.model = dict(type='MMFuseTestTeacherStudent',
+                     data_preprocessor=cfg.model.data_preprocessor)
+    cfg.val_cfg = dict(type='mmdet.TeacherStudentValLoop')
+    runner = Runner.from_cfg(cfg)
+    metrics = {}
+
+    class Recorder(Hook):  # (the loop's run returns nothing)
+        priority = 'VERY_LOW'
+
+        def after_val_epoch(self, runner, metrics=None):
+            recorded.update(metrics)
+
+    recorded = metrics
+    runner.register_hook(Recorder())
+    runner.val()
+    return runner, metrics
+
+
+def test_a_loop_that_switches_the_model_between_passes(tmp_path):
+    """mmdet's ``TeacherStudentValLoop`` sets ``predict_on`` on the model
+    it holds between its two passes: the fused copy made on the first
+    batch went on predicting with the teacher (the student's metrics were
+    the teacher's)."""
+    _, plain = _teacher_student_val(str(tmp_path / 'plain'), None)
+    runner, fused = _teacher_student_val(
+        str(tmp_path / 'hook'), dict(fuse_test=False, fuse_val=True))
+    assert plain['student/demo/logit_checksum'] != pytest.approx(
+        plain['teacher/demo/logit_checksum'], rel=1e-3)
+    for role in ('teacher', 'student'):
+        key = f'{role}/demo/logit_checksum'
+        assert fused[key] == pytest.approx(plain[key], rel=1e-5)
+    report = _hook_of(runner).last_report
+    assert report.folded and all(
+        name.startswith('student.') for name in report.folded_names)
+    assert runner.model.semi_test_cfg['predict_on'] == 'teacher'
 
 
 # ------------------------------------------------ real models, round trip
