@@ -20,12 +20,13 @@ allows that one class).  The weights fit only a model in the fused
 structure: a :class:`FusedStateDict` refuses, with a line saying how to
 load it, the plain loaders that would put them into the model as built
 from the config and warn of missing and unexpected keys (MMEngine's
-``load_checkpoint``, mmdet's ``init_detector``, ``load_state_dict``).  ``reparameterized`` names every
-multi-branch block merged into one conv, the plan every norm replaced by an
-identity and every conv that absorbed one: all that is needed to turn a
-model freshly built from the original config into the fused structure
-(:func:`convert_to_fused_structure`) so that the fused weights load with no
-missing or unexpected keys (:func:`load_fused_checkpoint`).
+``load_checkpoint``, mmdet's ``init_detector``, ``load_state_dict``).
+``reparameterized`` names every multi-branch block merged into one conv,
+the plan every norm replaced by an identity and every conv that absorbed
+one: all that is needed to turn a model freshly built from the original
+config into the fused structure (:func:`convert_to_fused_structure`) so
+that the fused weights load with no missing or unexpected keys
+(:func:`load_fused_checkpoint`).
 
 Source checkpoints are read with :func:`load_checkpoint_safely`:
 ``weights_only=True`` plus an allow-list of the benign types real OpenMMLab

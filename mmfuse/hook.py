@@ -353,8 +353,8 @@ class FuseConvBNHook(Hook):
                 _broadcast_tensors(model)
                 if rank != 0 and verify:
                     with torch.no_grad():
-                        _, relative = output_error(reference,
-                                                   model(*fresh_inputs(example)))
+                        _, relative = output_error(
+                            reference, model(*fresh_inputs(example)))
                     tolerance = default_rtol(model) if self.rtol is None \
                         else self.rtol
                     if not relative <= tolerance:

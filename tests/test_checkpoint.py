@@ -19,8 +19,9 @@ from mmengine.runner import Runner
 
 import mmfuse
 from mmfuse.checkpoint import (CheckpointError, FusedStateDict,
-                               UnsafeCheckpointError, atomic_save, convert_to_fused_structure,
-                               file_sha256, fused_meta, fused_record_of,
+                               UnsafeCheckpointError, atomic_save,
+                               convert_to_fused_structure, file_sha256,
+                               fused_meta, fused_record_of,
                                load_checkpoint_safely, load_fused_checkpoint,
                                make_fused_checkpoint, mark_fused,
                                plain_value, save_fused_checkpoint)

@@ -52,7 +52,8 @@ _METADATA = {
     'element_size', 'nelement', 'is_sparse', 'is_quantized', 'is_complex',
     'names', 'grad_fn', 'is_leaf', 'grad', 'data_ptr', 'is_mkldnn',
     'is_meta', 'is_nested', 'get_device', '__hash__', 'is_inference',
-    'type', 'is_mps', 'is_xpu', 'is_cpu', 'output_nr', '_base', '_is_view', 'is_sparse_csr', '__dlpack_device__', 'T_'
+    'type', 'is_mps', 'is_xpu', 'is_cpu', 'output_nr', '_base', '_is_view',
+    'is_sparse_csr', '__dlpack_device__', 'T_'
 }
 # Functions that read only the shape, dtype or device of every tensor
 # argument, or of the one after ``self``.
