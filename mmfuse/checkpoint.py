@@ -93,8 +93,9 @@ _PLAIN_LOAD = (
     'these are the weights of a fused checkpoint (mmfuse), which fit only '
     'a model in the fused structure: load it with FuseConvBNHook in the '
     'config (custom_imports=dict(imports=[\'mmfuse\']), custom_hooks=['
-    'dict(type=\'FuseConvBNHook\')]) or mmfuse.load_fused_checkpoint('
-    'model, path), or load the unfused checkpoint')
+    'dict(type=\'FuseConvBNHook\')], with a priority ahead of any '
+    'EMAHook\'s) or mmfuse.load_fused_checkpoint(model, path), or load '
+    'the unfused checkpoint')
 
 
 class FusedStateDict(OrderedDict):
@@ -121,7 +122,12 @@ class FusedStateDict(OrderedDict):
     def _refuse(self, *args: Any, **kwargs: Any) -> Any:
         raise CheckpointError(_PLAIN_LOAD)
 
-    items = keys = values = __iter__ = _refuse
+    items = keys = values = __iter__ = __reversed__ = popitem = _refuse
+
+    def copy(self) -> 'FusedStateDict':
+        copied = type(self)(dict.items(self))
+        copied.__dict__.update(self.__dict__)
+        return copied
 
     def __reduce__(self) -> Tuple:
         return type(self), (list(dict.items(self)), ), \

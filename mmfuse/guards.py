@@ -3,10 +3,11 @@
 Shared by the folding API and re-parameterization, so both refuse the same
 things with the same one-line errors.
 """
-from typing import Any, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from .module_walk import walk_modules
 
@@ -72,18 +73,19 @@ def as_input_tuple(example_inputs: Any) -> Tuple:
 
 def fresh_inputs(inputs: Tuple) -> Tuple:
     """A copy of the positional arguments ``inputs`` for one forward pass:
-    every tensor in them (in lists, tuples and dicts, however deep) cloned,
+    every tensor in them (in tuples, lists, dicts, named tuples, ordered
+    dicts, as deep as they go) cloned, once however often it comes, and
     anything else passed as it is.  A model that changes its input in place
     (``x.sub_(mean)``) changes the copy: the caller's tensors stay as given,
     and every pass starts from the same input."""
+    copies: Dict[int, torch.Tensor] = {}
 
     def fresh(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value.clone()
-        if type(value) in (tuple, list):
-            return type(value)(fresh(item) for item in value)
-        if type(value) is dict:
-            return {key: fresh(item) for key, item in value.items()}
-        return value
+        if not isinstance(value, torch.Tensor):
+            return value
+        copy = copies.get(id(value))
+        if copy is None:
+            copy = copies[id(value)] = value.clone()
+        return copy
 
-    return tuple(fresh(value) for value in inputs)
+    return tree_map(fresh, inputs)

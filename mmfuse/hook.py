@@ -160,6 +160,13 @@ class FuseConvBNHook(Hook):
         record = fused_meta(checkpoint)
         if record is None:
             return
+        if getattr(runner, '_resume', False):
+            # (What ``EMAHook`` reads too; resuming would fail later, on
+            # the training state a fused checkpoint does not keep.)
+            raise FusionError(
+                'FuseConvBNHook: cannot resume training from a fused '
+                'checkpoint (its norms are folded away); resume from an '
+                'unfused one')
         model = unwrap_model(runner.model)
         if is_fused_structure(model):
             if not same_structure(fused_record_of(model), record):
@@ -261,8 +268,9 @@ class FuseConvBNHook(Hook):
         if not self.fuse_val:
             return
         if self._val_swapped:
-            if batch_idx or self._val_original is None or _settings(
-                    unwrap_model(self._val_original)) == self._val_settings:
+            if batch_idx or self._val_original is None or not _on_any_rank(
+                    _settings(unwrap_model(self._val_original)) !=
+                    self._val_settings):
                 return
             runner.model = self._val_original
             self._val_original = None
@@ -415,10 +423,14 @@ def _settings(model: nn.Module, depth: int = 3) -> List:
             return type(value), [(plain(key, level + 1),
                                   plain(item, level + 1))
                                  for key, item in value.items()]
-        if isinstance(value, (list, tuple, set, frozenset)):
-            items = sorted(value, key=repr) if isinstance(
-                value, (set, frozenset)) else value
-            return type(value), [plain(item, level + 1) for item in items]
+        if isinstance(value, (set, frozenset)):
+            # (Compared whole where every item is plain: sets are not
+            # ordered.)
+            return (type(value), frozenset(value)) if all(
+                isinstance(item, _PLAIN_SETTINGS) for item in value) \
+                else (type(value), id(value))
+        if isinstance(value, (list, tuple)):
+            return type(value), [plain(item, level + 1) for item in value]
         if type(value).__dictoffset__ and not callable(value):
             # (Past a class's own ``__getattr__``.)
             state = object.__getattribute__(value, '__dict__')
@@ -429,6 +441,16 @@ def _settings(model: nn.Module, depth: int = 3) -> List:
                     for name, value in module.__dict__.items()
                     if name not in MODULE_INTERNALS])
             for path, module in walk_modules(model)]
+
+
+def _on_any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (every rank gets the answer, and
+    so takes the same way into the collective calls that follow)."""
+    if get_world_size() == 1:
+        return flag
+    count = torch.tensor([int(flag)])
+    all_reduce(count)
+    return bool(count.item())
 
 
 def _first_failure(message: Optional[str],

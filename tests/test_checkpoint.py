@@ -80,6 +80,12 @@ def test_fused_checkpoint_format(fused_pair, source_checkpoint):
     assert weights.tensors()._metadata == model.state_dict()._metadata
     for key, value in model.state_dict().items():
         assert torch.equal(weights[key], value), key
+    copied = weights.copy()
+    assert isinstance(copied, FusedStateDict)
+    assert copied.tensors()._metadata == model.state_dict()._metadata
+    for listing in (list, reversed, dict, lambda w: w.popitem()):
+        with pytest.raises(CheckpointError, match='load_fused_checkpoint'):
+            listing(weights)
     meta = checkpoint['meta']
     assert meta['dataset_meta'] == {
         'classes': tuple(f'class_{i}' for i in range(10))

@@ -24,6 +24,7 @@ from mmengine.runner import Runner, load_checkpoint
 from torch import nn
 
 from mmfuse import FuseConvBNHook, FusionError
+from mmfuse.hook import _settings
 from mmfuse.checkpoint import (CheckpointError, fused_record_of,
                                load_checkpoint_safely)
 from mmfuse.cli import main as tool_main
@@ -260,6 +261,41 @@ def test_a_fused_checkpoint_is_not_trained(tmp_path, fused_demo_checkpoint):
                        'be trained'):
         runner.train()
     assert runner.iter == 0
+
+
+def test_training_is_not_resumed_from_a_fused_checkpoint(
+        tmp_path, fused_demo_checkpoint):
+    """``resume`` failed later with ``KeyError: 'epoch'`` (a fused
+    checkpoint keeps no training state), the model converted already."""
+    cfg = demo_config(str(tmp_path), fuse=True)
+    cfg.load_from = fused_demo_checkpoint
+    cfg.resume = True
+    runner = Runner.from_cfg(cfg)
+    with pytest.raises(FusionError, match='cannot resume training from a '
+                       'fused checkpoint'):
+        runner.train()
+    assert fused_record_of(runner.model) is None
+
+
+class _Unprintable:
+
+    def __repr__(self):
+        raise RuntimeError('no repr')
+
+
+def test_settings_of_odd_attributes():
+    """The validation copy's settings are read from every attribute: odd
+    values must not fail the validation (a set whose items cannot be
+    printed did), and equal settings read alike."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1))
+    model[0].odd = {_Unprintable(), _Unprintable()}
+    model[0].mixed = {1, 'a', None}
+    model[0].nan = float('nan')
+    model[0].config = dict(mode='a', nested=dict(scales=[1, 2]))
+    before = _settings(model)
+    assert _settings(model) == before
+    model[0].config['nested']['scales'].append(3)
+    assert _settings(model) != before
 
 
 EMA = dict(type='EMAHook', momentum=0.2, update_buffers=True, priority=49)

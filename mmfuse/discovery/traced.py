@@ -149,15 +149,17 @@ def _func_name(func) -> str:
 def _batched(module: nn.Module, tensors: List[Tensor]) -> bool:
     """Whether a linear layer's or conv's input ``tensors`` have the
     channels of a norm next to it at dim 1: a linear layer's are 2-D (it
-    maps the last dim), a conv's batched (one dim more than its kernel: an
-    unbatched ``(C, L)`` input to a Conv1d meets a BatchNorm1d on ``L``).
-    Other modules' inputs are not judged here."""
+    maps the last dim), a conv's batched (two dims more than its kernel
+    has: an unbatched ``(C, L)`` input to a Conv1d meets a BatchNorm1d on
+    ``L``).  Read from the kernel size, not the weight, which a lazy conv
+    does not have yet and a parametrized one computes.  Other modules'
+    inputs are not judged here."""
     if isinstance(module, nn.Linear):
         return all(t.dim() == 2 for t in tensors)
     if is_conv_layer(module):
-        weight = getattr(module, 'weight', None)
-        return isinstance(weight, Tensor) and all(
-            t.dim() == weight.dim() for t in tensors)
+        kernel = getattr(module, 'kernel_size', None)
+        return isinstance(kernel, tuple) and all(
+            t.dim() == len(kernel) + 2 for t in tensors)
     return True
 
 
@@ -540,10 +542,10 @@ class TracedForward:
             handles.append(
                 register_module_forward_hook(
                     self.post_hook, with_kwargs=True, always_call=True))
+            inputs = fresh_inputs(self.example_inputs)
             with torch.no_grad(), self.recorder:
                 try:
-                    self.output = self.model(
-                        *fresh_inputs(self.example_inputs))
+                    self.output = self.model(*inputs)
                 finally:  # in case a leaf's post hook did not run
                     self.resume_recording()
         finally:
