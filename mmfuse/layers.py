@@ -32,6 +32,13 @@ _LINEAR_CONV_FORWARDS: Set[Callable] = {
     nn.ConvTranspose1d.forward, nn.ConvTranspose2d.forward,
     nn.ConvTranspose3d.forward, nn.Linear.forward
 }
+#: The ``_conv_forward`` of torch's convs (Conv1d/2d/3d call theirs with
+#: the weight; transposed convs do not call the one they inherit).
+_STOCK_CONV_FORWARDS = {
+    getattr(cls, '_conv_forward', None)
+    for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                nn.ConvTranspose2d, nn.ConvTranspose3d)
+}
 _LINEAR_CONV_QUALNAMES = {
     # mmcv.cnn.bricks.wrappers: fall back to the stock forward except for
     # empty inputs.
@@ -386,6 +393,11 @@ def conv_fold_problem(module: nn.Module) -> Optional[str]:
     if forward not in _LINEAR_CONV_FORWARDS and \
             _qualname(forward) not in _LINEAR_CONV_QUALNAMES:
         return f'{name} overrides forward: it may transform its weight'
+    conv_forward = getattr(type(module), '_conv_forward', None)
+    if conv_forward is not None and conv_forward not in _STOCK_CONV_FORWARDS:
+        # (What the stock forwards of Conv1d/2d/3d call with the weight.)
+        return f'{name} overrides _conv_forward: it may transform its ' \
+            'weight or pad otherwise than its attributes say'
     weight = module.weight
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
         return f'{name} has a non floating point weight'

@@ -94,6 +94,14 @@ def _set_fx_tracing(value: bool) -> bool:
     return old
 
 
+def _autocast_state() -> Tuple:
+    """Whether ``torch.autocast`` is on, and in which dtype, on the CPU
+    and on CUDA."""
+    return tuple((torch.is_autocast_enabled(device),
+                  torch.get_autocast_dtype(device))
+                 for device in ('cpu', 'cuda'))
+
+
 class ModuleForwardTracer(fx.Tracer):
     """Traces ``root.forward`` with every submodule kept as a call.
 
@@ -114,6 +122,11 @@ class ModuleForwardTracer(fx.Tracer):
         # Reads of a traced value the trace refused (its truth, length,
         # items), kept in case the forward catches the error and goes on.
         self.refused_reads: List[str] = []
+        # Operations recorded while the forward had ``torch.autocast``
+        # otherwise than at the start (a context manager the graph does
+        # not show), and that state.
+        self.autocast_ops: List[str] = []
+        self.autocast = _autocast_state()
         # ``get_attr`` proxies of parameters and buffers, by path.
         self.tensor_proxies: Dict[str, fx.Proxy] = {}
         # How often each submodule (by ``id``) was fetched from its
@@ -230,6 +243,9 @@ class ModuleForwardTracer(fx.Tracer):
         if kind not in _OPERATIONS:
             return self.graph.create_node(kind, target, args, kwargs, name,
                                           type_expr)
+        if _autocast_state() != self.autocast:
+            self.autocast_ops.append(str(getattr(target, '__name__',
+                                                 target)))
         node = self.graph.create_node(kind, target, None, None, name or 'op',
                                       type_expr)
         if args:
@@ -306,6 +322,8 @@ class ModuleForwardTracer(fx.Tracer):
                                       'call slot')
         self.type_tests.clear()
         self.refused_reads.clear()
+        self.autocast_ops.clear()
+        self.autocast = _autocast_state()
         graph = super().trace(root, concrete_args)
         self._raise_for_refusals()
         return graph
@@ -348,6 +366,8 @@ class ModuleForwardTracer(fx.Tracer):
         self.list_reads.clear()
         self.type_tests.clear()
         self.refused_reads.clear()
+        self.autocast_ops.clear()
+        self.autocast = _autocast_state()
         self.tensor_proxies.clear()
         self.fetches.clear()
         self.calls.clear()
@@ -395,7 +415,13 @@ class ModuleForwardTracer(fx.Tracer):
 
     def _raise_for_refusals(self) -> None:
         """Fail the trace where the forward tested the type of a traced
-        value, or went on after one refused a read (caught it)."""
+        value, went on after one refused a read (caught it), or ran
+        operations under another ``torch.autocast`` (in another dtype than
+        the graph would say)."""
+        if self.autocast_ops:
+            raise fx.proxy.TraceError(
+                'the forward runs operations under torch.autocast '
+                f'({self.autocast_ops[0]}), which its graph does not show')
         if self.type_tests:
             raise fx.proxy.TraceError('the forward tests the type of a '
                                       f'traced value ({self.type_tests[0]})')

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import nn
 
+from ..discovery.fx_tracer import MODULE_INTERNALS, class_namespaces
 from ..discovery.structural import reached_inside
 from ..folding import norm_affines
 from ..guards import (FusionError, as_input_tuple, check_eval,
@@ -77,6 +78,27 @@ def _first_tensor(module: nn.Module) -> Optional[torch.Tensor]:
     return None
 
 
+def _carry_attributes(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new``, which replaces the merged block ``old``, the plain
+    attributes of ``old`` that it lacks: code outside the block may read
+    them (``self.block(x) * self.block.out_channels``, which raised once
+    the block was a Sequential).  Its instance attributes and its class's
+    other than methods, properties and modules, torch's classes aside."""
+    found = {
+        name: value
+        for namespace in reversed(class_namespaces(type(old)))
+        for name, value in namespace.items()
+        if not name.startswith('__') and not callable(value)
+        and not isinstance(value, (property, staticmethod, classmethod,
+                                   nn.Module))
+    }
+    found.update((name, value) for name, value in old.__dict__.items()
+                 if name not in MODULE_INTERNALS)
+    for name, value in found.items():
+        if not hasattr(new, name):
+            new.__dict__[name] = value
+
+
 def _deploy_sequential(block: nn.Module, convs: Dict[str, nn.Conv2d],
                        layers: Sequence[Tuple[str, Optional[str]]]
                        ) -> nn.Module:
@@ -127,6 +149,7 @@ class _Walker:
     # -- bookkeeping -------------------------------------------------------
     def replace(self, parent: nn.Module, attr: str, path: str,
                 old: nn.Module, new: nn.Module, record: Dict) -> None:
+        _carry_attributes(old, new)
         parent._modules[attr] = new
         group = _Group()
         for other in list(self.groups):
@@ -727,6 +750,7 @@ def apply_reparam_structure(model: nn.Module,
                 f"mmfuse: '{path}' is a {class_path(type(block))}, the "
                 f"record was made for a {record['type']}")
         new = _rebuild(block, record)
+        _carry_attributes(block, new)
         parent_path, _, attr = path.rpartition('.')
         parent = inner.get_submodule(parent_path) if parent_path else inner
         parent._modules[attr] = new

@@ -682,6 +682,23 @@ def _may_change_input(module: nn.Module,
     return changes
 
 
+def _changed_values(node: fx.Node,
+                    block: nn.Module,
+                    depth: int = 0,
+                    memo: Optional[Dict[int, Tuple]] = None) -> List[Any]:
+    """What ``node`` changes in place: its first argument (see
+    :func:`_mutates_first_argument`), and what it writes into through
+    ``out=`` (``torch.mul(x, 0.5, out=x)``)."""
+    changed: List[Any] = []
+    if node.op in ('call_method', 'call_function'):
+        out = node.kwargs.get('out')
+        changed.extend(out if isinstance(out, (tuple, list)) else
+                       [out] if out is not None else [])
+    if _mutates_first_argument(node, block, depth, memo):
+        changed.append(node.args[0])
+    return changed
+
+
 def _changes_its_input(graph: fx.Graph,
                        block: nn.Module,
                        depth: int = 0,
@@ -689,16 +706,14 @@ def _changes_its_input(graph: fx.Graph,
     """Whether the graph of ``block``'s forward changes the block's input
     (or a view of it) in place, which its caller sees."""
     for node in graph.nodes:
-        if not _mutates_first_argument(node, block, depth, memo):
-            continue
-        value = node.args[0]
-        while isinstance(value, fx.Node):
-            if value.op == 'placeholder':
-                return True
-            if _aliases_first_argument(value, block):
-                value = value.args[0] if value.args else None
-            else:
-                break
+        for value in _changed_values(node, block, depth, memo):
+            while isinstance(value, fx.Node):
+                if value.op == 'placeholder':
+                    return True
+                if _aliases_first_argument(value, block):
+                    value = value.args[0] if value.args else None
+                else:
+                    break
     return False
 
 
@@ -736,22 +751,20 @@ def _changed_in_place(graph: fx.Graph,
     and children, which may return their input), by node name; ``''`` if
     none.  A merge reorders the reads of the block's values."""
     for node in graph.nodes:
-        if not _mutates_first_argument(node, block, memo=memo):
-            continue
-        value = node.args[0]
-        aliases = []
-        while isinstance(value, fx.Node):
-            aliases.append(value)
-            if _aliases_first_argument(value, block):
-                value = value.args[0] if value.args else None
-            else:
-                break
-        chain = set(aliases) | {node}
-        if any(user not in chain for alias in aliases
-               for user in alias.users):
-            what = _target_name(node) or str(node.target)
-            return f'{what} of the block\'s input' \
-                if aliases[-1].op == 'placeholder' else what
+        for value in _changed_values(node, block, memo=memo):
+            aliases = []
+            while isinstance(value, fx.Node):
+                aliases.append(value)
+                if _aliases_first_argument(value, block):
+                    value = value.args[0] if value.args else None
+                else:
+                    break
+            chain = set(aliases) | {node}
+            if any(user not in chain for alias in aliases
+                   for user in alias.users):
+                what = _target_name(node) or str(node.target)
+                return f'{what} of the block\'s input' \
+                    if aliases[-1].op == 'placeholder' else what
     return ''
 
 
