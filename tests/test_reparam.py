@@ -1729,8 +1729,8 @@ class _WritesThroughOut(_ThreeBranches):
     (lambda: nn.Sequential(_CustomConvBranch()), False, 1e-5),
     (lambda: nn.Sequential(_WritesThroughOut()), False, 1e-5),
 ])
-def test_merges_without_verification_the_review_found(make, merges,
-                                                       fold_rtol):
+def test_merges_without_verification_the_review_found(
+        make, merges, fold_rtol):
     torch.manual_seed(0)
     model = randomize_norm_stats(make().eval(), seed=7)
     x = torch.randn(2, 4, 9, 9)
