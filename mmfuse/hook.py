@@ -16,19 +16,19 @@ import torch
 from mmengine.dist import (all_gather_object, all_reduce, broadcast,
                            broadcast_object_list, get_rank, get_world_size)
 from mmengine.hooks import EMAHook, Hook
-from mmengine.model import BaseTTAModel
 from mmengine.logging import print_log
+from mmengine.model import BaseTTAModel
 from mmengine.registry import HOOKS
 from torch import nn
 
 from .api import FusionError, fuse_model, unwrap_model
-from .discovery.fx_tracer import MODULE_INTERNALS
-from .guards import fresh_inputs, is_wrapper
-from .module_walk import walk_modules
 from .checkpoint import (convert_to_fused_structure, fused_meta,
                          fused_record_of, fusion_record, is_fused_structure,
                          mark_fused, plain_state_dict,
                          rebuild_fused_structure, same_structure)
+from .discovery.fx_tracer import MODULE_INTERNALS
+from .guards import fresh_inputs, is_wrapper
+from .module_walk import walk_modules
 from .report import FusionReport
 from .verify import default_rtol, output_error
 
@@ -224,7 +224,7 @@ class FuseConvBNHook(Hook):
             return
         model.eval()
         if data_batch is not None and _augments_at_test(runner.model):
-            data_batch = first_augmentation(data_batch)
+            data_batch = _first_augmentation(data_batch)
         example = self._example_inputs(model, data_batch)
         record = self._fuse_everywhere(model, example, 'test')
         if record is None:
@@ -458,9 +458,7 @@ def _first_failure(message: Optional[str],
     """Agree across ranks on whether something failed: every rank gets a
     message when any rank has one."""
     message = message or extra
-    failed = torch.tensor([0 if message is None else 1])
-    all_reduce(failed)
-    if int(failed.item()) and message is None:
+    if _on_any_rank(message is not None) and message is None:
         message = 'fusion failed on another rank'
     return message
 
@@ -511,7 +509,7 @@ def _augments_at_test(model: nn.Module) -> bool:
         model = model.module
 
 
-def first_augmentation(data_batch: Any) -> Any:
+def _first_augmentation(data_batch: Any) -> Any:
     """The batch of the first augmentation in a test-time augmentation
     batch, split as ``BaseTTAModel.test_step`` splits it: each value of a
     dict, or each item of a list, holds one entry per augmentation."""

@@ -159,16 +159,18 @@ class SubtreeIndex(NamedTuple):
 
 
 def _index_walk(root: nn.Module) -> SubtreeIndex:
+    """The :class:`SubtreeIndex` of the tree under ``root``."""
     walk = walk_modules(root, remove_duplicate=False)
     ends = [len(walk)] * len(walk)
     by_name: Dict[str, List[int]] = {}
     by_class: Dict[type, List[int]] = {}
-    open_: List[Tuple[int, int]] = []  # (depth, position) not yet ended
+    # ``(depth, position)`` of the modules whose subtree has not ended.
+    unended: List[Tuple[int, int]] = []
     for position, (path, module) in enumerate(walk):
         depth = path.count('.') + 1 if path else 0
-        while open_ and open_[-1][0] >= depth:
-            ends[open_.pop()[1]] = position
-        open_.append((depth, position))
+        while unended and unended[-1][0] >= depth:
+            ends[unended.pop()[1]] = position
+        unended.append((depth, position))
         by_name.setdefault(path.rpartition('.')[2], []).append(position)
         by_class.setdefault(type(module), []).append(position)
     return SubtreeIndex([module for _, module in walk], ends, by_name,
