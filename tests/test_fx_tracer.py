@@ -1,5 +1,6 @@
 """The module-forward tracer against torch.fx's own, and its guarantees."""
 import collections.abc
+import contextlib
 import functools
 import os
 import types
@@ -10,7 +11,8 @@ from torch import fx, nn
 
 from fusion_checks import fuse_and_compare
 from mmfuse import discover_folds, fuse_model
-from mmfuse.discovery.fx_tracer import ModuleForwardTracer
+from mmfuse.discovery.fx_tracer import (ModuleForwardTracer,
+                                        trace_module_forward)
 from mmfuse.reparam.code_scan import forward_may_add
 
 
@@ -587,3 +589,34 @@ def test_a_forward_with_optional_arguments_is_not_traced():
     fused, _, rel = fuse_and_compare(Optional_(), (torch.randn(
         1, 3, 4, 4), ), traced=False)
     assert rel < 1e-5 and isinstance(fused.bn, nn.BatchNorm2d)
+
+
+class _EntersAutocast(nn.Module):
+
+    def __init__(self, **autocast):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.autocast = autocast
+
+    def forward(self, x):
+        with torch.autocast('cpu', **self.autocast):
+            return self.conv(x) + 1
+
+
+@pytest.mark.parametrize('ambient, entered', [
+    (None, dict(dtype=torch.bfloat16)),
+    (dict(dtype=torch.bfloat16), dict(enabled=False)),
+    (dict(dtype=torch.bfloat16), dict(dtype=torch.float16)),
+])
+def test_a_forward_that_enters_autocast_is_not_traced(ambient, entered):
+    """torch.fx does not record the context manager: the graph would not
+    show the operations' dtype (a merge dropped a bfloat16 region)."""
+    module = _EntersAutocast(**entered)
+    context = torch.autocast('cpu', **ambient) if ambient else \
+        contextlib.nullcontext()
+    with context, pytest.raises(fx.proxy.TraceError,
+                                match='under torch.autocast'):
+        trace_module_forward(module)
+    # Entered as it already is, it changes nothing: traced.
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        trace_module_forward(_EntersAutocast(dtype=torch.bfloat16))

@@ -102,6 +102,11 @@ def _autocast_state() -> Tuple:
                  for device in ('cpu', 'cuda'))
 
 
+#: Whether autocast is on anywhere: one call (private, torch.autocast's
+#: own), where :func:`_autocast_state` takes four.
+_ANY_AUTOCAST = getattr(torch._C, '_is_any_autocast_enabled', None)
+
+
 class ModuleForwardTracer(fx.Tracer):
     """Traces ``root.forward`` with every submodule kept as a call.
 
@@ -243,7 +248,7 @@ class ModuleForwardTracer(fx.Tracer):
         if kind not in _OPERATIONS:
             return self.graph.create_node(kind, target, args, kwargs, name,
                                           type_expr)
-        if _autocast_state() != self.autocast:
+        if self._autocast_changed():
             self.autocast_ops.append(str(getattr(target, '__name__',
                                                  target)))
         node = self.graph.create_node(kind, target, None, None, name or 'op',
@@ -253,6 +258,14 @@ class ModuleForwardTracer(fx.Tracer):
         if kwargs:
             node.kwargs = kwargs
         return node
+
+    def _autocast_changed(self) -> bool:
+        """Whether ``torch.autocast`` is otherwise than at the start of the
+        trace (by one cheap call where it was off everywhere)."""
+        if _ANY_AUTOCAST is not None and not any(
+                enabled for enabled, _ in self.autocast):
+            return _ANY_AUTOCAST()
+        return _autocast_state() != self.autocast
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         names = _plain_parameters(root_fn) \
