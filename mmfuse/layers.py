@@ -394,7 +394,9 @@ def conv_fold_problem(module: nn.Module) -> Optional[str]:
             _qualname(forward) not in _LINEAR_CONV_QUALNAMES:
         return f'{name} overrides forward: it may transform its weight'
     conv_forward = getattr(type(module), '_conv_forward', None)
-    if conv_forward is not None and conv_forward not in _STOCK_CONV_FORWARDS:
+    if '_conv_forward' in module.__dict__ or (
+            conv_forward is not None
+            and conv_forward not in _STOCK_CONV_FORWARDS):
         # (What the stock forwards of Conv1d/2d/3d call with the weight.)
         return f'{name} overrides _conv_forward: it may transform its ' \
             'weight or pad otherwise than its attributes say'

@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import mmfuse
@@ -355,3 +356,42 @@ def test_what_is_known_of_a_class_follows_changes_to_it():
     leaf, container = ChannelNorm(), ChannelNorm()
     container.inner = nn.ReLU()
     assert is_norm_layer(leaf) and not is_norm_layer(container)
+
+
+def _standardised(conv: nn.Conv2d):
+
+    def conv_forward(x, weight, bias):
+        weight = (weight - weight.mean()) / weight.std()
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding)
+
+    return conv_forward
+
+
+def _reflect_padded(conv: nn.Conv2d):
+
+    def conv_forward(x, weight, bias):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode='reflect'), weight, bias,
+                        conv.stride, 0)
+
+    return conv_forward
+
+
+@pytest.mark.parametrize('traced', [False, True])
+@pytest.mark.parametrize('own, plain', [(_standardised, True),
+                                        (_reflect_padded, False)])
+def test_a_conv_with_its_own_conv_forward(traced, own, plain):
+    """A ``_conv_forward`` of the instance's own may transform the weight
+    or pad otherwise than the conv's attributes say: the conv is folded
+    only once replaced by a plain conv that gives the same outputs (a
+    weight it standardises was folded as it stood before, 5.1 off)."""
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    conv._conv_forward = own(conv)
+    model = nn.Sequential(conv, nn.BatchNorm2d(8))
+    fused, _, rel = fuse_and_compare(model, (torch.randn(2, 3, 8, 8), ),
+                                     traced)
+    assert rel < 1e-5
+    if plain:
+        identity_at(fused, ['1'])
+        assert '_conv_forward' not in fused[0].__dict__
+    else:
+        kept_at(fused, ['1'])

@@ -615,7 +615,7 @@ def test_a_forward_that_enters_autocast_is_not_traced(ambient, entered):
     context = torch.autocast('cpu', **ambient) if ambient else \
         contextlib.nullcontext()
     with context, pytest.raises(fx.proxy.TraceError,
-                                match='under torch.autocast'):
+                                match='changes torch.autocast'):
         trace_module_forward(module)
     # Entered as it already is, it changes nothing: traced.
     with torch.autocast('cpu', dtype=torch.bfloat16):

@@ -10,6 +10,7 @@ configs.
 import contextlib
 import copy
 import json
+import pickle
 from typing import Iterator
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mmengine.model import BaseModule
 from torch import nn
 
 import mmfuse
@@ -1652,7 +1654,9 @@ def _conv_bn(conv: nn.Module, channels: int) -> nn.Sequential:
     return nn.Sequential(conv, nn.BatchNorm2d(channels))
 
 
-class _ThreeBranches(nn.Module):
+class _ThreeBranches(BaseModule):
+    """(An mmengine ``BaseModule``: its class carries ``_abc_impl``, which
+    cannot be copied, deep or pickled.)"""
 
     def __init__(self):
         super().__init__()
@@ -1680,6 +1684,33 @@ class _ReadsTheBlocksAttribute(nn.Module):
     def forward(self, x):
         return self.block(x) * (self.block.out_channels / 4) + \
             self.block.expansion
+
+
+class _UsesItsSumTwice(_ThreeBranches):
+    """Rebuilt as a GraphModule (the rest is no chain), whose deepcopy
+    keeps only what its graph names, unless told."""
+
+    def forward(self, x):
+        total = self.a(x) + self.b(x) + self.n(x)
+        return self.act(total) + total
+
+
+class _ReadsTheGraphBlocksAttribute(_ReadsTheBlocksAttribute):
+
+    def __init__(self):
+        super().__init__()
+        self.block = _UsesItsSumTwice()
+        self.block.expansion = 1
+
+
+class _WritesThroughAForeach(_ThreeBranches):
+    """``torch._foreach_mul_([x], 0.5)`` between the branches' reads (a
+    merge after it: 1.34)."""
+
+    def forward(self, x):
+        y = self.a(x) + self.n(x)
+        torch._foreach_mul_([x], 0.5)
+        return y + self.b(x)
 
 
 class _UnderAutocast(_ThreeBranches):
@@ -1724,6 +1755,8 @@ class _WritesThroughOut(_ThreeBranches):
 
 @pytest.mark.parametrize('make, merges, fold_rtol', [
     (_ReadsTheBlocksAttribute, True, 1e-5),
+    (_ReadsTheGraphBlocksAttribute, True, 1e-5),
+    (lambda: nn.Sequential(_WritesThroughAForeach()), False, 1e-5),
     # The folds inside the bfloat16 region round as any bfloat16 model's.
     (lambda: nn.Sequential(_UnderAutocast()), False, 1e-2),
     (lambda: nn.Sequential(_CustomConvBranch()), False, 1e-5),
@@ -1738,8 +1771,11 @@ def test_merges_without_verification_the_review_found(
         reference = model(x.clone())
     records = mmfuse.reparam.reparameterize(model)
     assert any(r['merged'] for r in records) == merges
-    with torch.no_grad():
-        assert output_error(reference, model(x.clone()))[1] < 1e-5
+    copied = copy.deepcopy(model)
+    pickled = pickle.loads(pickle.dumps(model))
+    for merged in (model, copied, pickled):
+        with torch.no_grad():
+            assert output_error(reference, merged(x.clone()))[1] < 1e-5
     fused = copy.deepcopy(model)
     mmfuse.fuse_conv_bn(fused)
     with torch.no_grad():

@@ -433,7 +433,7 @@ class ModuleForwardTracer(fx.Tracer):
         the graph would say)."""
         if self.autocast_ops:
             raise fx.proxy.TraceError(
-                'the forward runs operations under torch.autocast '
+                'the forward changes torch.autocast for some operations '
                 f'({self.autocast_ops[0]}), which its graph does not show')
         if self.type_tests:
             raise fx.proxy.TraceError('the forward tests the type of a '
@@ -570,14 +570,14 @@ def _held_otherwise(root: nn.Module) -> Set[int]:
         if held is None or held[0] is not module:
             held = memo[id(module)] = (module, [
                 id(inner) for name, value in module.__dict__.items()
-                if name not in MODULE_INTERNALS and not _plain(value)
+                if name not in MODULE_INTERNALS and not is_plain(value)
                 for inner in modules_held_in(value)
             ])
         found.update(key for key in held[1] if key in members)
     return found
 
 
-def _plain(value: Any) -> bool:
+def is_plain(value: Any) -> bool:
     """Whether ``value`` holds nothing of a model's for certain: a number,
     a string, ``None``, a tuple of those (most of a module's settings)."""
     kind = type(value)
@@ -758,7 +758,7 @@ def _stored_traced_value(saved: List[Tuple[nn.Module, Dict[str, Any]]],
     ``''`` if nowhere."""
     for module, _ in saved:
         for name, value in module.__dict__.items():
-            if name not in MODULE_INTERNALS and not _plain(value) and \
+            if name not in MODULE_INTERNALS and not is_plain(value) and \
                     _holds_traced_value(value):
                 return f'{type(module).__name__}.{name}'
     for container, _ in contents:

@@ -19,9 +19,9 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-from ..discovery.fx_tracer import MODULE_INTERNALS, class_namespaces
+from ..discovery.fx_tracer import class_namespaces, is_plain
 from ..discovery.structural import reached_inside
 from ..folding import norm_affines
 from ..guards import (FusionError, as_input_tuple, check_eval,
@@ -79,24 +79,30 @@ def _first_tensor(module: nn.Module) -> Optional[torch.Tensor]:
 
 
 def _carry_attributes(old: nn.Module, new: nn.Module) -> None:
-    """Give ``new``, which replaces the merged block ``old``, the plain
-    attributes of ``old`` that it lacks: code outside the block may read
-    them (``self.block(x) * self.block.out_channels``, which raised once
-    the block was a Sequential).  Its instance attributes and its class's
-    other than methods, properties and modules, torch's classes aside."""
+    """Give ``new``, which replaces the merged block ``old``, the public
+    plain attributes (numbers, strings, ``None``, tuples of them) of
+    ``old`` that it lacks, its instance's and its class's (torch's
+    classes aside): code outside the block may read them
+    (``self.block(x) * self.block.out_channels`` raised once the block was
+    a Sequential).  A ``GraphModule`` keeps them through ``deepcopy`` too
+    (torch.fx's user-preserved attributes)."""
     found = {
         name: value
         for namespace in reversed(class_namespaces(type(old)))
         for name, value in namespace.items()
-        if not name.startswith('__') and not callable(value)
-        and not isinstance(value, (property, staticmethod, classmethod,
-                                   nn.Module))
     }
-    found.update((name, value) for name, value in old.__dict__.items()
-                 if name not in MODULE_INTERNALS)
-    for name, value in found.items():
-        if not hasattr(new, name):
-            new.__dict__[name] = value
+    found.update(old.__dict__)
+    carried = {
+        name: value
+        for name, value in found.items()
+        if not name.startswith('_') and is_plain(value)
+        and not hasattr(new, name)
+    }
+    new.__dict__.update(carried)
+    preserved = getattr(fx.graph_module, '_USER_PRESERVED_ATTRIBUTES_KEY',
+                        None)
+    if carried and isinstance(new, fx.GraphModule) and preserved:
+        new.meta.setdefault(preserved, {}).update(carried)
 
 
 def _deploy_sequential(block: nn.Module, convs: Dict[str, nn.Conv2d],

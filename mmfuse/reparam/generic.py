@@ -687,16 +687,19 @@ def _changed_values(node: fx.Node,
                     depth: int = 0,
                     memo: Optional[Dict[int, Tuple]] = None) -> List[Any]:
     """What ``node`` changes in place: its first argument (see
-    :func:`_mutates_first_argument`), and what it writes into through
-    ``out=`` (``torch.mul(x, 0.5, out=x)``)."""
+    :func:`_mutates_first_argument`; each of a list of them, as
+    ``torch._foreach_mul_([x], 0.5)`` takes), and what it writes into
+    through ``out=`` (``torch.mul(x, 0.5, out=x)``)."""
     changed: List[Any] = []
     if node.op in ('call_method', 'call_function'):
-        out = node.kwargs.get('out')
-        changed.extend(out if isinstance(out, (tuple, list)) else
-                       [out] if out is not None else [])
+        changed.append(node.kwargs.get('out'))
     if _mutates_first_argument(node, block, depth, memo):
         changed.append(node.args[0])
-    return changed
+    return [
+        value for item in changed
+        for value in (item if isinstance(item, (tuple, list)) else [item])
+        if value is not None
+    ]
 
 
 def _changes_its_input(graph: fx.Graph,
