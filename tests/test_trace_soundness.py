@@ -477,9 +477,14 @@ def test_an_unbatched_conv1d_is_reported_with_why():
     report = mmfuse.fuse_model(model, (torch.randn(3, 4), ))
     reasons = [skip.reason for skip in report.left if skip.name == 'bn']
     assert reasons and 'without a batch dim' in reasons[0]
-    # Batched, the same pair folds.
-    report = mmfuse.fuse_model(model, (torch.randn(2, 3, 4), ))
+    # Batched, the same pair folds, exactly.
+    x = torch.randn(2, 3, 4)
+    reference = copy.deepcopy(model)
+    report = mmfuse.fuse_model(model, (x, ))
     assert [fold.norm for fold in report.folded] == ['bn']
+    assert isinstance(model.bn, nn.Identity)
+    with torch.no_grad():
+        assert output_error(reference(x), model(x))[1] < 1e-5
 
 
 class PlainConvBN(ConvBN):
@@ -536,17 +541,32 @@ def test_example_inputs_are_never_changed_and_each_pass_starts_alike(wrap):
                             model(*wrap(x.clone())))[1] < 1e-5
 
 
+class SeededLazyConv2d(nn.LazyConv2d):
+    """Draws the same weights in every copy when its first call makes
+    them (so an unfused copy made before is a reference)."""
+
+    def reset_parameters(self):
+        if self.has_uninitialized_params() or self.in_channels == 0:
+            return  # (not made yet)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.weight.copy_(
+                torch.randn(self.weight.shape, generator=generator))
+            self.bias.copy_(torch.randn(self.bias.shape, generator=generator))
+
+
 def test_a_lazy_conv_run_first_by_the_traced_pass():
     """The rank check reads the kernel size: a lazy conv has no weight
     until its first call, and reading it in the pass crashed."""
-    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.BatchNorm2d(4)).eval()
+    model = nn.Sequential(SeededLazyConv2d(4, 3), nn.BatchNorm2d(4)).eval()
     randomize_norm_stats(model, seed=6)
-    report = mmfuse.fuse_model(model, (torch.randn(2, 3, 8, 8), ))
-    # (A copy made before would draw weights of its own: the check is the
-    # verification against the pass that drew them.)
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8)
+    report = mmfuse.fuse_model(model, (x, ))
     assert [fold.norm for fold in report.folded] == ['1']
-    assert report.verified and report.max_rel_error < 1e-5
-    assert type(model[0]) is nn.Conv2d
+    assert type(model[0]) is nn.Conv2d and isinstance(model[1], nn.Identity)
+    with torch.no_grad():
+        assert output_error(reference(x), model(x))[1] < 1e-5
 
 
 def test_fusing_under_inference_mode_leaves_trainable_parameters():

@@ -333,10 +333,7 @@ class ModuleForwardTracer(fx.Tracer):
         if self.list_args:
             raise fx.proxy.TraceError('list arguments need the module '
                                       'call slot')
-        self.type_tests.clear()
-        self.refused_reads.clear()
-        self.autocast_ops.clear()
-        self.autocast = _autocast_state()
+        self._start_checks()
         graph = super().trace(root, concrete_args)
         self._raise_for_refusals()
         return graph
@@ -377,10 +374,7 @@ class ModuleForwardTracer(fx.Tracer):
             lambda module, args: _refuse_call(module, refused, thread))
         was_tracing = _set_fx_tracing(True)
         self.list_reads.clear()
-        self.type_tests.clear()
-        self.refused_reads.clear()
-        self.autocast_ops.clear()
-        self.autocast = _autocast_state()
+        self._start_checks()
         self.tensor_proxies.clear()
         self.fetches.clear()
         self.calls.clear()
@@ -425,6 +419,14 @@ class ModuleForwardTracer(fx.Tracer):
         if problems:
             raise fx.proxy.TraceError(problems[0])
         return self.graph
+
+    def _start_checks(self) -> None:
+        """Forget what the last trace refused, and take the autocast state
+        this one starts from (see :meth:`_raise_for_refusals`)."""
+        self.type_tests.clear()
+        self.refused_reads.clear()
+        self.autocast_ops.clear()
+        self.autocast = _autocast_state()
 
     def _raise_for_refusals(self) -> None:
         """Fail the trace where the forward tested the type of a traced
