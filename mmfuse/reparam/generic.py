@@ -708,16 +708,23 @@ def _changes_its_input(graph: fx.Graph,
                        memo: Optional[Dict[int, Tuple]] = None) -> bool:
     """Whether the graph of ``block``'s forward changes the block's input
     (or a view of it) in place, which its caller sees."""
-    for node in graph.nodes:
-        for value in _changed_values(node, block, depth, memo):
-            while isinstance(value, fx.Node):
-                if value.op == 'placeholder':
-                    return True
-                if _aliases_first_argument(value, block):
-                    value = value.args[0] if value.args else None
-                else:
-                    break
-    return False
+    return any(
+        chain and chain[-1].op == 'placeholder' for node in graph.nodes
+        for chain in (_alias_chain(value, block)
+                      for value in _changed_values(node, block, depth, memo)))
+
+
+def _alias_chain(value: Any, block: nn.Module) -> List[fx.Node]:
+    """``value`` (if a node) and the values it may share memory with, back
+    through views and children that may return their input: the last is
+    where that memory came from (a placeholder: the block's input)."""
+    chain: List[fx.Node] = []
+    while isinstance(value, fx.Node):
+        chain.append(value)
+        if not _aliases_first_argument(value, block):
+            break
+        value = value.args[0] if value.args else None
+    return chain
 
 
 def _aliases_first_argument(node: fx.Node, block: nn.Module) -> bool:
@@ -755,13 +762,7 @@ def _changed_in_place(graph: fx.Graph,
     none.  A merge reorders the reads of the block's values."""
     for node in graph.nodes:
         for value in _changed_values(node, block, memo=memo):
-            aliases = []
-            while isinstance(value, fx.Node):
-                aliases.append(value)
-                if _aliases_first_argument(value, block):
-                    value = value.args[0] if value.args else None
-                else:
-                    break
+            aliases = _alias_chain(value, block)
             chain = set(aliases) | {node}
             if any(user not in chain for alias in aliases
                    for user in alias.users):
