@@ -108,6 +108,104 @@ def test_a_caller_that_reaches_below_its_children_keeps_the_norm(
     kept_at(fused, kept)
 
 
+class Untraceable(nn.Module):
+    """Data-dependent control flow keeps its forward untraced; it calls
+    its conv itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        if x.sum() > -1e9:
+            return self.conv(x)
+        return x
+
+
+class ReachesIntoUntraced(nn.Module):
+    """Runs the untraced module's conv itself, with a norm after it: the
+    module's own call of the conv must not get the norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = stem()
+        self.inner = Untraceable()
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.inner(self.bn(self.inner.conv(x)))
+
+
+class LinearNorm(nn.Module):
+    """mmpretrain's LinearBatchNorm: a linear layer and a BN1d over the
+    flattened tokens (whether that normalises the features depends on
+    the input's rank, which structure cannot show)."""
+
+    def __init__(self, untraceable: bool = False):
+        super().__init__()
+        self.linear = nn.Linear(8, 8, bias=False)
+        self.bn = nn.BatchNorm1d(8)
+        self.untraceable = untraceable
+
+    def forward(self, x):
+        if self.untraceable and x.sum() > -1e9:
+            return self.bn(self.linear(x).flatten(0, 1)).reshape(x.shape)
+        return self.bn(self.linear(x).flatten(0, 1)).reshape(x.shape)
+
+
+class ReachesIntoLinearNorm(nn.Module):
+    """Runs the norm of a module holding only linear layers after a conv
+    of its own, and the module as well: the module's own call of the norm
+    must keep it."""
+
+    def __init__(self, untraceable: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.mix = nn.Conv1d(8, 8, 1)
+        self.tokens = LinearNorm(untraceable)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x)).flatten(2)
+        y = self.tokens.bn(self.mix(y)).transpose(1, 2)
+        return self.tokens(y)
+
+
+@pytest.mark.parametrize('model, kept, folded', [
+    (ReachesIntoUntraced, ['bn'], ['stem.1']),
+    (lambda: ReachesIntoLinearNorm(False), ['tokens.bn'], ['bn']),
+    (lambda: ReachesIntoLinearNorm(True), ['tokens.bn'], ['bn']),
+])
+def test_a_layer_of_an_untraced_module_reached_from_above_stays(
+        model, kept, folded):
+    """Folded wrongly before (3.3 and 0.97 relative error): the link made
+    by the module above stood while the untraced module's own calls of the
+    layer were not known."""
+    fused, _, rel = fuse_and_compare(model(), (X, ), traced=False)
+    assert rel < 1e-5
+    kept_at(fused, kept)
+    identity_at(fused, folded)
+    # With an example input the forward shows both calls.
+    fused, report, rel = fuse_and_compare(model(), (X, ), traced=True)
+    assert rel < 1e-5 and report.verified
+
+
+def test_a_module_of_linear_layers_is_not_traced_without_an_input():
+    """Nothing in it could fold from structure alone: it is not traced
+    (LeViT's 48 LinearBatchNorm traces), and its norm says why."""
+    model = nn.Sequential(LinearNorm(), nn.Linear(8, 8))
+    report = mmfuse.fuse_model(model.eval(), verify=False)
+    assert not report.folded
+    [left] = report.left
+    assert left.name == '0.bn'
+    assert 'LinearNorm was not traced' in left.reason
+    assert 'rank of the tensors' in left.reason
+    tokens = torch.randn(2, 5, 8)
+    fused, report, rel = fuse_and_compare(model, (tokens, ), traced=True)
+    assert rel < 1e-5 and report.folded
+
+
 class CallsChildrenPlainly(nn.Module):
     """Tests, measures and indexes its children only to call them: all
     its norms fold."""

@@ -1007,8 +1007,10 @@ class _StructuralCollector:
         # The modules holding each module (made when first needed).
         self.parents: Optional[Dict[int, List[nn.Module]]] = None
         # ids of: every leaf conv and norm; the norms; the foldable ones;
-        # modules registered under more than one name.
+        # the convs a norm may fold into here (not linear layers: see
+        # ``only_linear``); modules registered under more than one name.
         self.leaf_layers, self.norms, self.foldable = set(), set(), set()
+        self.foldable_into: Set[int] = set()
         seen, self.aliased = set(), set()
         for _, m in walk_modules(model, remove_duplicate=False):
             if id(m) in seen:
@@ -1018,6 +1020,8 @@ class _StructuralCollector:
             if not _is_leaf_layer(m):
                 continue
             self.leaf_layers.add(id(m))
+            if is_conv_layer(m) and not isinstance(m, nn.Linear):
+                self.foldable_into.add(id(m))
             if not is_conv_layer(m):
                 self.norms.add(id(m))
                 problem = self.evidence.norm_problems[id(m)] = \
@@ -1411,7 +1415,16 @@ class _StructuralCollector:
             elif not self.is_leaf(module) and not _is_container(module):
                 layers = list(self.direct_layers(module))
                 if any(id(m) in self.foldable for m in layers):
-                    self.traced(module)
+                    if self.only_linear(module):
+                        self.evidence.unproven.append((
+                            module, f'{type(module).__name__} was not traced:'
+                            ' it holds no conv but linear layers, and '
+                            'whether a norm normalises their features '
+                            'depends on the rank of the tensors, which '
+                            'structure alone cannot show (an example input '
+                            'can)'))
+                    else:
+                        self.traced(module)
                     continue
                 if layers or _may_reach_below(module):
                     pending.append(module)
@@ -1437,36 +1450,56 @@ class _StructuralCollector:
         self.check_unproven_reach()
         return self.evidence
 
+    def only_linear(self, module: nn.Module) -> bool:
+        """Whether no norm can fold into a conv below ``module`` from
+        structure alone: its only convs, if any, are linear layers (see
+        ``_Planner.conv_target``).  Its forward is then not traced, and it
+        counts as a module whose forward could not be (so nothing is
+        assumed about how it calls the layers below it, for the links
+        of modules above that reach into it)."""
+        index, start, end = subtree_span(module)
+        foldable_into = self.foldable_into
+        return not any(
+            id(below) in foldable_into for below in index.modules[start:end])
+
     def check_unproven_reach(self) -> None:
-        """A module whose forward could not be read from a trace may still
-        reach below the modules it calls (``self.stem[0](x)``): where its
-        code may (see :func:`_reached_below`; every child for a
-        forward of the instance's own), the links of the layers below
-        those modules are undone (their Sequential, ConvModule or traced
-        parent showed only the calls it makes itself)."""
+        """A module whose forward was not read from a trace may call its
+        own layers, and reach below the modules it calls
+        (``self.stem[0](x)``), in ways nothing showed: the links of its
+        own layers (made by a module above that reaches into it:
+        ``self.block.bn(...)``) are undone, and, where its code may reach
+        below (see :func:`_reached_below`; every child for a forward of
+        the instance's own), those of the layers below the modules it
+        calls (their Sequential, ConvModule or traced parent showed only
+        the calls it makes itself)."""
         layers: Dict[int, str] = {}
         for module, _ in self.evidence.unproven:
+            name = type(module).__name__
+            for layer in self.direct_layers(module):
+                layers.setdefault(
+                    id(layer), f'{name}, whose forward was not traced, may '
+                    'call this layer or its conv itself')
             reached = list(module.children()) \
                 if not runs_class_forward(module) else \
                 _reached_below(module)[0]
             for top in reached:
                 for _, below in walk_modules(top):
                     if id(below) in self.leaf_layers:
-                        layers.setdefault(id(below), type(module).__name__)
+                        layers.setdefault(
+                            id(below), f'{name}, whose forward was not '
+                            'traced, may reach below the modules it calls '
+                            '(to this layer or its conv)')
         if not layers:
             return
         for occ in self.evidence.occurrences:
             link = occ.link
             if link is None or link.norm is not occ:
                 continue
-            holder = next((layers[id(m)] for m in
-                           [occ.module] + [c.module for c in link.convs]
-                           if id(m) in layers), None)
-            if holder is not None:
-                self.unlink(
-                    occ, f'{holder}, whose forward could not be traced, '
-                    'may reach below the modules it calls (to this layer '
-                    'or its conv): data flow not proven')
+            why = next((layers[id(m)] for m in
+                        [occ.module] + [c.module for c in link.convs]
+                        if id(m) in layers), None)
+            if why is not None:
+                self.unlink(occ, f'{why}: data flow not proven')
 
     def check_call_arguments(self) -> None:
         """A module's trace stands for calls that pass traced values
