@@ -1433,11 +1433,7 @@ class _StructuralCollector:
         # the layers of a Sequential it runs itself) is traced too, and
         # its trace may link more: repeat until nothing changes.
         while pending:
-            holding = self.holders_of({
-                id(occ.module)
-                for occ in self.evidence.occurrences
-                if occ.link is not None or occ.input_link is not None
-            })
+            holding = self.holders_of(self.linked_layers())
             ready = [m for m in pending if id(m) in holding]
             if not ready:
                 break
@@ -1449,6 +1445,15 @@ class _StructuralCollector:
         self.check_call_arguments()
         self.check_unproven_reach()
         return self.evidence
+
+    def linked_layers(self) -> Set[int]:
+        """The ids of the layers linked now (a norm, or a conv on
+        either side of one)."""
+        return {
+            id(occ.module)
+            for occ in self.evidence.occurrences
+            if occ.link is not None or occ.input_link is not None
+        }
 
     def only_linear(self, module: nn.Module) -> bool:
         """Whether no norm can fold into a conv below ``module`` from
@@ -1472,8 +1477,13 @@ class _StructuralCollector:
         the instance's own), those of the layers below the modules it
         calls (their Sequential, ConvModule or traced parent showed only
         the calls it makes itself)."""
+        linked = self.linked_layers()
         layers: Dict[int, str] = {}
         for module, _ in self.evidence.unproven:
+            index, start, end = subtree_span(module)
+            if not any(id(below) in linked
+                       for below in index.modules[start:end]):
+                continue  # nothing linked below it to undo
             name = type(module).__name__
             for layer in self.direct_layers(module):
                 layers.setdefault(
