@@ -406,6 +406,9 @@ def conv_fold_problem(module: nn.Module) -> Optional[str]:
     if 'weight' in module._buffers or 'bias' in module._buffers:
         # A fold gives it parameters; the buffers would stay in its state.
         return f'{name} keeps its weight or bias as a buffer'
+    if 'weight' not in module._parameters or 'bias' in module.__dict__:
+        # (A fold sets parameters; an instance attribute would shadow it.)
+        return f'{name} keeps its weight or bias as a plain attribute'
     return None
 
 

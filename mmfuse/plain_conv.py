@@ -6,17 +6,25 @@ eval mode the result does not depend on the input, so the layer is a plain
 convolution with that *effective* weight.  :func:`plain_conv_of` finds it by
 running the layer on probe inputs and capturing the weight and bias it hands
 to ``F.convNd``; it returns a plain ``nn.ConvNd`` only if that conv gives
-bit-identical outputs on two different probes.  Layers that call the
-convolution more than once or with input-dependent weights (SAC, dynamic
-convs) are refused.  The layer itself is never changed.
+bit-identical outputs on two different probes, where the convolution's
+output is the layer's and its input the probe (padded by ``F.pad`` for a
+padding mode).  Layers that call the convolution more than once or with
+input-dependent weights (SAC, dynamic convs), that change the input or
+the output, and layers with forward hooks other than spectral or weight
+norm's or a forward of the instance's own are refused.  The layer itself
+is never changed.
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
+
+from .layers import runs_class_forward
 
 __all__ = ['plain_conv_of']
 
@@ -25,19 +33,52 @@ _PLAIN = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 class _CaptureConvCalls(TorchFunctionMode):
+    """Records each ``F.convNd`` call as ``(input, weight, bias, output)``
+    and the input of each tensor ``F.pad`` returned."""
 
     def __init__(self):
         super().__init__()
-        self.calls: List[Tuple[Tensor, Optional[Tensor]]] = []
+        self.calls: List[Tuple[Any, Any, Any, Any]] = []
+        self.padded: Dict[int, Any] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        result = func(*args, **kwargs)
         if func in _CONV_FUNCS:
-            params = list(args[1:3]) + [None, None]
-            weight = kwargs.get('weight', params[0])
-            bias = kwargs.get('bias', params[1])
-            self.calls.append((weight, bias))
-        return func(*args, **kwargs)
+            params = list(args[:3]) + [None, None, None]
+            self.calls.append((kwargs.get('input', params[0]),
+                               kwargs.get('weight', params[1]),
+                               kwargs.get('bias', params[2]), result))
+        elif func is F.pad:
+            self.padded[id(result)] = (result, kwargs.get(
+                'input', args[0] if args else None))
+        return result
+
+    def input_of_pad(self, value: Any) -> Any:
+        """What ``F.pad`` padded into ``value``, or ``None`` where no
+        ``F.pad`` call returned it."""
+        known = self.padded.get(id(value))
+        return known[1] if known is not None and known[0] is value else None
+
+
+#: Forward pre-hooks that only recompute the weight from parameters and
+#: buffers (eval mode: the stored power-iteration vectors).
+_WEIGHT_HOOKS = (SpectralNorm, WeightNorm)
+
+
+def _hook_problem(module: nn.Module) -> bool:
+    """Whether a call of ``module`` may do more than its class's forward
+    and a weight recomputation: hooks other than spectral or weight
+    norm's, a forward or ``__call__`` of the instance's own.  Such a conv
+    is never replaced (a replacement would also drop the hooks)."""
+    if module._forward_hooks or getattr(module, '_forward_hooks_with_kwargs',
+                                        None):
+        return True
+    if getattr(module, '_forward_pre_hooks_with_kwargs', None) or any(
+            not isinstance(hook, _WEIGHT_HOOKS)
+            for hook in module._forward_pre_hooks.values()):
+        return True
+    return not runs_class_forward(module)
 
 
 def _probe(module: _ConvNd, seed: int) -> Tensor:
@@ -73,7 +114,7 @@ def plain_conv_of(module: nn.Module,
         module.has_uninitialized_params()
     if isinstance(module, _ConvNd) and not module.transposed and \
             not module.training and not lazy and \
-            len(module.kernel_size) in _PLAIN:
+            len(module.kernel_size) in _PLAIN and not _hook_problem(module):
         try:
             plain = _build(module)
         except (RuntimeError, NotImplementedError, TypeError,
@@ -91,7 +132,16 @@ def _build(module: _ConvNd) -> Optional[nn.Module]:
         outputs = [module(probe) for probe in probes]
     if len(capture.calls) != 2:
         return None
-    (weight, bias), (weight2, bias2) = capture.calls
+    for probe, output, call in zip(probes, outputs, capture.calls):
+        # The conv's input is the probe (padded by F.pad for a padding
+        # mode), and its output is the module's: nothing done before or
+        # after the convolution.
+        given = call[0]
+        if given is not probe and capture.input_of_pad(given) is not probe:
+            return None
+        if call[3] is not output:
+            return None
+    (_, weight, bias, _), (_, weight2, bias2, _) = capture.calls
     if not isinstance(weight, Tensor) or not torch.equal(weight, weight2):
         return None
     if (bias is None) != (bias2 is None) or \

@@ -1,5 +1,7 @@
 """Which layers fold and which stay (core issue, section 3)."""
 import copy
+import types
+import warnings
 
 import pytest
 import torch
@@ -169,6 +171,15 @@ def _weight_transforming_convs():
         nn.Conv2d(4, 4, 3, padding=1))
     yield 'weight norm', lambda: nn.utils.parametrizations.weight_norm(
         nn.Conv2d(4, 4, 3, padding=1))
+    yield 'weight norm by a hook', lambda: _hooked_weight_norm(
+        nn.Conv2d(4, 4, 3, padding=1))
+
+
+def _hooked_weight_norm(conv: nn.Conv2d) -> nn.Conv2d:
+    """The deprecated ``nn.utils.weight_norm``: a forward pre-hook."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)
+        return nn.utils.weight_norm(conv)
 
 
 @pytest.mark.parametrize('name, make_conv', list(_weight_transforming_convs()))
@@ -193,6 +204,70 @@ def test_weight_transforming_convs_stay_unless_made_plain(name, make_conv,
     assert report.folded[0].convs[0].plain
     with torch.no_grad():
         assert output_error(reference, model(x))[1] < 1e-5
+
+
+class _ClampsOutput(nn.Conv2d):
+
+    def forward(self, x):
+        return super().forward(x).clamp(-6, 6)
+
+
+class _ClampsInput(nn.Conv2d):
+
+    def forward(self, x):
+        return super().forward(x.clamp(-6, 6))
+
+
+def _clamping_convs():
+    yield 'forward hook', lambda conv: conv.register_forward_hook(
+        lambda module, args, output: output.clamp(-5, 5))
+    yield 'forward pre-hook', lambda conv: conv.register_forward_pre_hook(
+        lambda module, args: (args[0].clamp(-5, 5), ))
+    yield 'instance forward', lambda conv: setattr(
+        conv, 'forward',
+        types.MethodType(lambda self, x: nn.Conv2d.forward(
+            self, x.clamp(-5, 5)), conv))
+    yield 'subclass clamping its output', _ClampsOutput
+    yield 'subclass clamping its input', _ClampsInput
+
+
+@pytest.mark.parametrize('name, change', list(_clamping_convs()))
+def test_convs_doing_more_than_a_convolution_stay(name, change, traced):
+    """Such a conv is never replaced by a plain one: on the probes it
+    matched one (the clamps do not act there), and folds through it were
+    off by 3.0 to 3.7; a replacement also dropped its hooks."""
+    if isinstance(change, type):
+        conv = change(3, 4, 3, padding=1)
+    else:
+        conv = nn.Conv2d(3, 4, 3, padding=1)
+        change(conv)
+    model = nn.Sequential(conv, nn.BatchNorm2d(4))
+    x = 20 * torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    fused, report, rel = fuse_and_compare(model, (x, ), traced)
+    assert rel < 1e-5
+    kept_at(fused, ['1'])
+    assert type(fused[0]) is type(conv)
+    assert len(fused[0]._forward_hooks) == len(conv._forward_hooks)
+    assert len(fused[0]._forward_pre_hooks) == len(conv._forward_pre_hooks)
+
+
+def test_a_weight_kept_as_a_plain_attribute(traced):
+    """A fold would set a parameter the attribute shadows (it crashed):
+    such a conv folds once made plain, and stays otherwise."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    weight = model[0].weight.detach().clone()
+    del model[0].weight
+    model[0].weight = weight
+    x = torch.randn(2, 3, 8, 8)
+    inputs = (x, ) if traced else None
+    kept = copy.deepcopy(model).eval()
+    report = mmfuse.fuse_model(kept, inputs, plain_convs=False)
+    assert [s.name for s in report.left] == ['1']
+    assert 'plain attribute' in report.left[0].reason
+    fused, _, rel = fuse_and_compare(model, (x, ), traced)
+    assert rel < 1e-5
+    identity_at(fused, ['1'])
+    assert 'weight' in fused[0]._parameters
 
 
 def test_switchable_atrous_conv_stays(traced):
