@@ -8,6 +8,7 @@ import copy
 import enum
 import operator
 import types
+import weakref
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import mmfuse
 from fusion_checks import fuse_and_compare, identity_at, kept_at
 from mmfuse.reparam import reparameterize
 from mmfuse.testing import randomize_norm_stats
+from mmfuse.verify import output_error
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -204,6 +206,196 @@ def test_a_module_of_linear_layers_is_not_traced_without_an_input():
     tokens = torch.randn(2, 5, 8)
     fused, report, rel = fuse_and_compare(model, (tokens, ), traced=True)
     assert rel < 1e-5 and report.folded
+
+
+class Peek(nn.Module):
+    """Calls a conv it holds in a plain list: a layer of another module."""
+
+    def __init__(self, conv: nn.Module, with_child: bool):
+        super().__init__()
+        self.held = [conv]
+        self.act = nn.ReLU() if with_child else None
+
+    def forward(self, x):
+        return self.held[0](x)
+
+
+class HoldsAnotherModulesConv(nn.Module):
+
+    def __init__(self, with_child: bool = False):
+        super().__init__()
+        self.stem = stem()
+        self.peek = Peek(self.stem[0], with_child)
+
+    def forward(self, x):
+        return self.stem(x).sum(1) + self.peek(x).sum(1)
+
+
+class HoldsWeakly(nn.Module):
+    """Holds its Sequential's conv in a weak reference and calls it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = stem()
+        self.act = nn.ReLU()
+        self.conv_ref = weakref.ref(self.stem[0])
+
+    def forward(self, x):
+        return self.act(self.stem(x)) + self.conv_ref()(x)
+
+
+class ReadsStateDict(Block):
+    """Convolves with its conv's weight read through ``state_dict()``
+    (a detached tensor, which a trace holds as a constant)."""
+
+    def forward(self, x):
+        weight = self.conv.state_dict()['weight']
+        return self.bn(self.conv(x)) + F.conv2d(x, weight, padding=1)
+
+
+class AppliesToStem(nn.Module):
+    """Runs the conv of its Sequential through ``Module.apply``."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = stem()
+
+    def forward(self, x):
+        taps = []
+        self.stem.apply(lambda m: taps.append(m(x))
+                        if isinstance(m, nn.Conv2d) else None)
+        return self.stem(x) + taps[0]
+
+
+@pytest.mark.parametrize('model, kept', [
+    (HoldsAnotherModulesConv, ['stem.1']),
+    (lambda: HoldsAnotherModulesConv(with_child=True), ['stem.1']),
+    (HoldsWeakly, ['stem.1']),
+    (ReadsStateDict, ['bn']),
+    (AppliesToStem, ['stem.1']),
+])
+def test_layers_reached_past_the_module_tables_stay(model, kept):
+    """Folded wrongly before (0.18 to 0.42): a module holding another's
+    conv in a list or a weak reference, a weight read through
+    state_dict(), a child's layers run through apply()."""
+    fused, _, rel = fuse_and_compare(model(), (X, ), traced=False)
+    assert rel < 1e-5
+    kept_at(fused, kept)
+    # The traced pass sees them too, without verification.
+    model = randomize_norm_stats(model().eval())
+    with torch.no_grad():
+        reference = model(X)
+        report = mmfuse.fuse_model(model, (X, ), verify=False)
+        assert output_error(reference, model(X))[1] < 1e-5
+    assert set(kept) <= {skip.name for skip in report.left}
+
+
+FEATURES = []
+
+
+class KeepsInGlobal(Block):
+    """Keeps its conv's output (before the norm) in a global list, which
+    the module above reads."""
+
+    def forward(self, x):
+        y = self.conv(x)
+        FEATURES.append(y)
+        return self.bn(y)
+
+
+class ReadsGlobal(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.block = KeepsInGlobal()
+
+    def forward(self, x):
+        FEATURES.clear()
+        return self.block(x) + FEATURES.pop()
+
+
+class KeepsInClass(Block):
+    """Keeps its conv's output in an attribute of its class."""
+
+    def forward(self, x):
+        y = self.conv(x)
+        KeepsInClass.last = y
+        return self.bn(y)
+
+
+class ReadsClassAttribute(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.block = KeepsInClass()
+
+    def forward(self, x):
+        return self.block(x) + KeepsInClass.last
+
+
+RESIDUAL = {}
+
+
+class ResidualByRegistry(Block):
+    """Whether it adds its conv's output is kept outside the module."""
+
+    def __init__(self, residual: bool):
+        super().__init__(8)
+        RESIDUAL[id(self)] = residual
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y if RESIDUAL[id(self)] else self.bn(y)
+
+
+class TwoByRegistry(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.stem = stem()
+        self.plain = ResidualByRegistry(False)
+        self.residual = ResidualByRegistry(True)
+
+    def forward(self, x):
+        return self.residual(self.plain(self.stem(x)))
+
+
+class ByGradMode(Block):
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) if torch.is_grad_enabled() else self.bn(y) + y
+
+
+@pytest.mark.parametrize('model, kept, folded', [
+    (ReadsGlobal, ['block.bn'], []),
+    (ReadsClassAttribute, ['block.bn'], []),
+    (ByGradMode, ['bn'], []),
+])
+def test_state_a_trace_does_not_hold_keeps_the_norm(model, kept, folded):
+    """Folded wrongly before (about 0.6): a conv output kept in a global
+    or a class attribute, a branch on the grad mode (traced with grad on,
+    run under no_grad).  The trace leaves no traced value behind."""
+    fused, _, rel = fuse_and_compare(model(), (X, ), traced=False)
+    assert rel < 1e-5
+    kept_at(fused, kept)
+    identity_at(fused, folded)
+    assert not FEATURES
+    assert not isinstance(getattr(KeepsInClass, 'last', None), torch.fx.Proxy)
+
+
+def test_modules_alike_but_for_state_outside_them_are_traced_apart():
+    """A flag kept in a global dict by ``id(self)``: one trace was shared
+    by the two blocks, alike in their own state, and the residual one's
+    norm folded (0.62 off).  Fused in place: a copy has another id."""
+    model = randomize_norm_stats(TwoByRegistry().eval())
+    with torch.no_grad():
+        reference = model(X)
+    mmfuse.fuse_conv_bn(model)
+    with torch.no_grad():
+        assert output_error(reference, model(X))[1] < 1e-5
+    kept_at(model, ['residual.bn'])
+    identity_at(model, ['plain.bn', 'stem.1'])
 
 
 class CallsChildrenPlainly(nn.Module):

@@ -107,6 +107,17 @@ def _autocast_state() -> Tuple:
 _ANY_AUTOCAST = getattr(torch._C, '_is_any_autocast_enabled', None)
 
 
+def _storage_pointer(value: Any) -> int:
+    """Where a tensor's memory lies (0 for none: no tensor, no memory, a
+    tensor whose storage cannot be read)."""
+    if not isinstance(value, torch.Tensor):
+        return 0
+    try:
+        return value.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
 class ModuleForwardTracer(fx.Tracer):
     """Traces ``root.forward`` with every submodule kept as a call.
 
@@ -141,6 +152,9 @@ class ModuleForwardTracer(fx.Tracer):
         # Submodules (ids) the module's state also holds outside the
         # module tables (a plain list, a partial, a bound method).
         self.held_otherwise: Set[int] = set()
+        # The root's parameters and buffers by where their memory lies
+        # (made when first needed).
+        self.state_storages: Optional[Dict[int, str]] = None
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _TracedValue(node, self)
@@ -233,7 +247,32 @@ class ModuleForwardTracer(fx.Tracer):
             return tuple(self.create_arg(item) for item in a)
         if kind is dict and not a:
             return {}
+        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter):
+            shared = self.state_sharing(a)
+            if shared is not None:
+                raise fx.proxy.TraceError(
+                    f'the forward uses a tensor that shares memory with '
+                    f'{shared} (read past the trace: state_dict(), '
+                    'detach())')
         return super().create_arg(a)
+
+    def state_sharing(self, tensor: torch.Tensor) -> Optional[str]:
+        """The path of a parameter or buffer of the root whose memory
+        ``tensor`` shares (a ``detach()`` or ``state_dict()`` read of
+        it, which the graph would hold as a constant), or ``None``."""
+        if self.state_storages is None:
+            self.state_storages = {}
+            for path, module in walk_modules(self.root):
+                for table in ('_parameters', '_buffers'):
+                    # (Past the trace's tables, which hand out proxies.)
+                    for name, value in dict.items(
+                            module.__dict__.get(table) or {}):
+                        pointer = _storage_pointer(value)
+                        if pointer:
+                            self.state_storages.setdefault(
+                                pointer, f'{path}.{name}' if path else name)
+        pointer = _storage_pointer(tensor)
+        return self.state_storages.get(pointer) if pointer else None
 
     def create_node(self, kind: str, target: Any, args: Tuple[Any, ...],
                     kwargs: Dict[str, Any], name: Optional[str] = None,
@@ -697,6 +736,15 @@ def trace_module_forward(root: nn.Module,
         tracer (debugger, coverage) is on (the code run is seen through
         ``sys.settrace``).
     """
+    forward_code = getattr(
+        getattr(type(root).forward, '__func__', type(root).forward),
+        '__code__', None)
+    modes = [] if forward_code is None else \
+        sorted(_MODE_READS.intersection(_global_names(forward_code)))
+    if modes:
+        raise fx.proxy.TraceError(
+            f'the forward reads a mode the trace cannot stand for '
+            f'({", ".join(modes)}): it may run otherwise at inference')
     saved = [(module, dict(module.__dict__))
              for _, module in walk_modules(root)]
     # The contents of the containers among them (a cache dict, a list):
@@ -705,12 +753,19 @@ def trace_module_forward(root: nn.Module,
     contents = [(value, copy.copy(value)) for module, attributes in saved
                 if module is root or module._modules
                 for value in _containers(module, attributes)]
+    # And those of the globals its forward names (``FEATS.append(y)``),
+    # and the attributes of its classes (``type(self).last = y``).
+    contents.extend((value, copy.copy(value))
+                    for value in _global_containers(type(root).forward))
+    classes = [(cls, dict(cls.__dict__)) for cls in type(root).__mro__
+               if not _is_library_class(cls)]
     try:
         tracer = ModuleForwardTracer(root, list_args)
         graph = tracer.trace(root, concrete_args)
         stored = _stored_traced_value(
             [(module, attributes) for module, attributes in saved
-             if module is root or module._modules], contents)
+             if module is root or module._modules], contents) or \
+            _class_traced_value(classes)
         if stored:
             raise fx.proxy.TraceError(
                 f'the forward keeps a traced value in {stored}: whatever '
@@ -726,6 +781,83 @@ def trace_module_forward(root: nn.Module,
             else:
                 container.clear()
                 container.update(content)
+        for cls, attributes in classes:
+            for name in set(cls.__dict__) - set(attributes):
+                delattr(cls, name)
+            for name, value in attributes.items():
+                if cls.__dict__.get(name, _NOTHING) is not value:
+                    setattr(cls, name, value)
+
+
+_NOTHING = object()
+
+#: Functions that read the grad, inference or autocast mode: a forward
+#: that names one may branch on it, and the mode of the trace need not be
+#: that of the calls (``if torch.is_grad_enabled(): ...``).
+_MODE_READS = frozenset({
+    'is_grad_enabled', 'is_inference_mode_enabled', 'is_autocast_enabled',
+    'is_autocast_cpu_enabled', 'get_autocast_dtype', 'get_autocast_gpu_dtype',
+    'get_autocast_cpu_dtype'
+})
+
+
+def _is_library_class(cls: type) -> bool:
+    """Whether ``cls`` is ``object`` or one of torch's classes (whose
+    attributes a forward does not set)."""
+    return cls is object or cls.__module__.split('.')[0] == 'torch'
+
+
+@functools.lru_cache(maxsize=4096)
+def _global_names(code: types.CodeType) -> Tuple[str, ...]:
+    """The names ``code`` and the code nested in it may read as globals
+    (all its names: attributes too, which look up nothing)."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.update(_global_names(const))
+    return tuple(sorted(names))
+
+
+def _global_containers(forward: Any) -> List[Any]:
+    """The dicts, lists and sets held by the globals ``forward`` names."""
+    function = getattr(forward, '__func__', forward)
+    code = getattr(function, '__code__', None)
+    scope = getattr(function, '__globals__', None)
+    if code is None or scope is None:
+        return []
+    return [
+        scope[name] for name in _global_names(code)
+        if isinstance(scope.get(name), (dict, list, set))
+    ]
+
+
+def reads_shared_containers(cls: type) -> bool:
+    """Whether ``cls.forward`` names a global, or an attribute of a class
+    of ``cls`` (torch's aside), that holds a dict, list or set: state kept
+    outside its modules (``RES[id(self)]``), which a trace of another
+    module of ``cls`` does not share."""
+    forward = getattr(cls, 'forward', None)
+    if _global_containers(forward):
+        return True
+    code = getattr(getattr(forward, '__func__', forward), '__code__', None)
+    if code is None:
+        return False
+    names = _global_names(code)
+    return any(
+        isinstance(klass.__dict__.get(name), (dict, list, set))
+        for klass in cls.__mro__ if not _is_library_class(klass)
+        for name in names)
+
+
+def _class_traced_value(classes: List[Tuple[type, Dict[str, Any]]]) -> str:
+    """Where a trace left a traced value in a class attribute it set or
+    changed (``type(self).last = y``); ``''`` if nowhere."""
+    for cls, attributes in classes:
+        for name, value in cls.__dict__.items():
+            if attributes.get(name, _NOTHING) is not value and \
+                    _holds_traced_value(value):
+                return f'{cls.__name__}.{name}'
+    return ''
 
 
 def _containers(module: nn.Module, attributes: Dict[str, Any]) -> List[Any]:
@@ -765,7 +897,7 @@ def _stored_traced_value(saved: List[Tuple[nn.Module, Dict[str, Any]]],
                 return f'{type(module).__name__}.{name}'
     for container, _ in contents:
         if _holds_traced_value(container):
-            return f'a {type(container).__name__} of a module'
+            return f'a {type(container).__name__} of a module or a global'
     return ''
 
 
@@ -777,16 +909,20 @@ def _holds_traced_value(value: Any, depth: int = 8) -> bool:
 
 
 def _contents(item: Any) -> List[Any]:
-    """What a container, a partial (its function and arguments), a bound
-    method (its object and function), a function (its defaults and what
-    its closure refers to) or a plain object (its attributes) holds;
-    ``[]`` for anything else."""
+    """What a container, a partial (its function and arguments), a weak
+    reference (what it refers to), a bound method (its object and
+    function), a function (its defaults and what its closure refers to)
+    or a plain object (its attributes) holds; ``[]`` for anything
+    else."""
     if isinstance(item, dict):
         return list(item.values())
     if isinstance(item, (list, tuple, set, frozenset)):
         return list(item)
     if isinstance(item, functools.partial):
         return [item.func, *item.args, *item.keywords.values()]
+    if isinstance(item, weakref.ref):  # WeakMethod too
+        target = item()
+        return [] if target is None else [target]
     if isinstance(item, types.MethodType):
         return [item.__self__, item.__func__]
     if isinstance(item, types.FunctionType):

@@ -51,7 +51,9 @@ from .fx_tracer import (MODULE_INTERNALS, TENSOR_METADATA, class_namespaces,
 from .occurrence import Evidence, Occurrence
 from .trace_cache import TraceCache
 
-__all__ = ['collect_structural_evidence', 'reached_inside']
+__all__ = [
+    'collect_structural_evidence', 'names_read_above', 'reached_inside'
+]
 
 
 def _is_leaf_layer(module: nn.Module) -> bool:
@@ -445,8 +447,14 @@ _WALKS = frozenset({
     'parameters', 'named_parameters', 'buffers', 'named_buffers',
     '_parameters', '_buffers', 'state_dict', 'get_submodule',
     'get_parameter', 'get_buffer', '__dict__', 'vars', '__getattribute__',
-    '__getattr__'
+    '__getattr__', '_named_members'
 })
+#: Types of attribute values that hold nothing.
+_SCALARS = frozenset({bool, int, float, str, type(None)})
+#: Methods of a module that run a function on every module below it:
+#: called on a child (``self.stem.apply(fn)``), they reach below it.  (Not
+#: walks of the module itself: MMEngine's ``BaseModel.to`` names them.)
+_APPLY = frozenset({'apply', '_apply'})
 _READS = frozenset({'LOAD_ATTR', 'LOAD_METHOD'})
 #: By class: what its code was read from, and what was read.
 _FORWARD_CODE: 'weakref.WeakKeyDictionary[type, Tuple]' = \
@@ -531,6 +539,16 @@ def _forward_code(
                 called = following is not None and \
                     following.opname in _READS and \
                     not following.argval.startswith('__')
+                if called and following.argval in _APPLY and \
+                        op.opname in _READS:
+                    # ``self.stem.apply(fn)``: every module below it.
+                    if on_me:
+                        values.add(op.argval)
+                        taken.add(op.argval)
+                    else:
+                        deep.add(op.argval)
+                        deep_taken.add(op.argval)
+                    continue
                 if op.opname in _READS and not on_me:
                     deep.add(op.argval)
                     if op.opname == 'LOAD_ATTR' and not called:
@@ -877,6 +895,36 @@ def _may_reach_below(module: nn.Module) -> bool:
     :func:`_reached_below`): then it is traced."""
     reached, lists = _reached_below(module)
     return bool(reached) or lists
+
+
+def names_read_above(model: nn.Module, path: str) -> Optional[frozenset]:
+    """The attribute names that the code of the modules above the module
+    at ``path`` may read on other objects than themselves (``self.block.
+    groups``, ``self.block.alpha``), read from their code (see
+    :func:`_forward_code`); ``None`` where a module above runs a forward
+    of its own (anything may be read)."""
+    names: Set[str] = set()
+    holders = [model]
+    for part in path.split('.')[:-1] if path else ():
+        holders.append(holders[-1]._modules.get(part))
+        if holders[-1] is None:
+            return None
+    for holder in holders if path else ():
+        read = _names_read_by(holder)
+        if read is None:
+            return None
+        names.update(read)
+    return frozenset(names)
+
+
+def _names_read_by(module: Optional[nn.Module]) -> Optional[frozenset]:
+    """What :func:`names_read_above` takes from one module (``None``: its
+    code cannot be read)."""
+    if module is None or not runs_class_forward(module):
+        return None
+    if is_stock_sequential(module) or _is_container(module):
+        return frozenset()
+    return _forward_code(type(module))[0]
 
 
 def reached_inside(model: nn.Module) -> Dict[int, Set[int]]:
@@ -1444,7 +1492,57 @@ class _StructuralCollector:
             self.unlink_norm_of(block)
         self.check_call_arguments()
         self.check_unproven_reach()
+        self.check_held_elsewhere()
         return self.evidence
+
+    def unlink_layers(self, layers: Dict[int, str]) -> None:
+        """Undo every link of the layers in ``layers`` (by ``id``, with
+        why), as the norm's or a conv's."""
+        if not layers:
+            return
+        for occ in self.evidence.occurrences:
+            link = occ.link
+            if link is None or link.norm is not occ:
+                continue
+            why = next((layers[id(m)] for m in
+                        [occ.module] + [c.module for c in link.convs]
+                        if id(m) in layers), None)
+            if why is not None:
+                self.unlink(occ, f'{why}: data flow not proven')
+
+    def check_held_elsewhere(self) -> None:
+        """A module whose state holds a module outside its own subtree
+        (``self.ref = [other.conv]``, a weak reference, a partial) may
+        call it, in ways no Sequential, ConvModule or trace showed: the
+        links of the layers in what it holds are undone.  (Held within
+        its subtree, the module's trace sees it, or its reach is read.)"""
+        linked = self.linked_layers()
+        if not linked:
+            return
+        layers: Dict[int, str] = {}
+        for path, module in walk_modules(self.model):
+            if id(module) in self.leaf_layers:
+                continue
+            state = module.__dict__
+            held = [
+                found for key in state.keys() - MODULE_INTERNALS
+                if type(state[key]) not in _SCALARS
+                for found in modules_held_in(state[key])
+            ]
+            if not held:
+                continue
+            index, start, end = subtree_span(module)
+            own = {id(below) for below in index.modules[start:end]}
+            for other in held:
+                if id(other) in own:
+                    continue
+                for _, below in walk_modules(other):
+                    if id(below) in linked:
+                        layers.setdefault(
+                            id(below), f'{type(module).__name__} ({path}) '
+                            f'holds {type(other).__name__} outside its '
+                            'module table and may call it')
+        self.unlink_layers(layers)
 
     def linked_layers(self) -> Set[int]:
         """The ids of the layers linked now (a norm, or a conv on
@@ -1499,17 +1597,7 @@ class _StructuralCollector:
                             id(below), f'{name}, whose forward was not '
                             'traced, may reach below the modules it calls '
                             '(to this layer or its conv)')
-        if not layers:
-            return
-        for occ in self.evidence.occurrences:
-            link = occ.link
-            if link is None or link.norm is not occ:
-                continue
-            why = next((layers[id(m)] for m in
-                        [occ.module] + [c.module for c in link.convs]
-                        if id(m) in layers), None)
-            if why is not None:
-                self.unlink(occ, f'{why}: data flow not proven')
+        self.unlink_layers(layers)
 
     def check_call_arguments(self) -> None:
         """A module's trace stands for calls that pass traced values

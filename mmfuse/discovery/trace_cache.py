@@ -25,10 +25,13 @@ through their subtrees, in the same order:
 * every other attribute has the same name, the same type, and compares
   equal (``==``; an attribute that cannot be compared counts as different).
 
-The values of larger floating point tensors (weights, norm statistics) are
-not compared: a forward that reads them in Python, rather than passing
-them to tensor operations (recorded as ``get_attr`` nodes, read from each
-module), would share a trace made with another module's values.
+A module whose forward names a global or class attribute holding a dict,
+list or set (state kept outside the module: ``RES[id(self)]``) is traced
+on its own.  The values of larger floating point tensors (weights, norm
+statistics) are not compared: a forward that reads them in Python, rather
+than passing them to tensor operations (recorded as ``get_attr`` nodes,
+read from each module), would share a trace made with another module's
+values.
 """
 from collections import Counter
 from typing import Any, Dict, FrozenSet, Hashable, List, Optional, Tuple
@@ -38,7 +41,7 @@ from torch import fx, nn
 
 from ..layers import is_conv_layer, is_norm_layer
 from ..module_walk import walk_modules
-from .fx_tracer import trace_module_forward
+from .fx_tracer import reads_shared_containers, trace_module_forward
 
 __all__ = ['ModuleShape', 'TraceCache']
 
@@ -206,7 +209,8 @@ class TraceCache:
         known = self.compared.get(id(module))
         if known is None:
             known = self.counts[type(module)] > 1 and \
-                _tree_size(module, self.MAX_COMPARED) <= self.MAX_COMPARED
+                _tree_size(module, self.MAX_COMPARED) <= self.MAX_COMPARED \
+                and not reads_shared_containers(type(module))
             self.compared[id(module)] = known
         return known
 

@@ -285,6 +285,13 @@ class TracedForward:
             for tensor in table.values() if tensor is not None
         }
         self.read_layers: Dict[int, nn.Module] = {}
+        # Convs and norms called inside a leaf's call, with the leaf's
+        # class, by ``id``.
+        self.layer_ids = {
+            id(m)
+            for m in self.modules if is_conv_layer(m) or is_norm_layer(m)
+        }
+        self.nested_layers: Dict[int, Tuple[nn.Module, type]] = {}
         # Modules a caller outside them reached into (see ``note_reach``):
         # the ids of the modules called inside each, by its id.
         self.reached: Dict[int, Set[int]] = {}
@@ -457,6 +464,13 @@ class TracedForward:
         caller = self.stack[-1] if self.stack else None
         self.stack.append(module)
         if self.active_leaf is not None:
+            # Called by a leaf, whose forward is not followed (a module
+            # without children holding a layer in a list): its data flow
+            # there is not seen.
+            if id(module) in self.layer_ids and \
+                    module is not self.active_leaf.module:
+                self.nested_layers.setdefault(
+                    id(module), (module, type(self.active_leaf.module)))
             return
         if caller is not None:
             self.note_reach(caller, module)
@@ -657,6 +671,11 @@ class TracedForward:
             evidence.occurrences.append(
                 Occurrence(layer, None, reason='its parameters are used '
                            'outside a call of it'))
+        for layer, leaf in self.nested_layers.values():
+            evidence.occurrences.append(
+                Occurrence(layer, None, reason=f'called inside a call of '
+                           f'{leaf.__name__}, whose forward the trace does '
+                           'not follow: data flow not seen'))
         for call in self.leaf_calls:
             if is_conv_layer(call.module) or is_norm_layer(call.module):
                 call.occurrence = Occurrence(call.module, call.site,
