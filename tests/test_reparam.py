@@ -1780,3 +1780,141 @@ def test_merges_without_verification_the_review_found(
     mmfuse.fuse_conv_bn(fused)
     with torch.no_grad():
         assert output_error(reference, fused(x.clone()))[1] < fold_rtol
+
+
+# -- second review of merges: what a merge must keep of the block -----------
+
+
+class _NamesClash(nn.Module):
+    """Keeps ``post.act`` and ``post_act`` after the sum: one name in a
+    Sequential (the ReLU was dropped: 1.0 off)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = _conv_bn(nn.Conv2d(4, 4, 3, padding=1, bias=False), 4)
+        self.b = _conv_bn(nn.Conv2d(4, 4, 1, bias=False), 4)
+        self.post = nn.Module()
+        self.post.act = nn.ReLU()
+        self.post_act = nn.Tanh()
+
+    def forward(self, x):
+        return self.post_act(self.post.act(self.a(x) + self.b(x)))
+
+
+class _ShuffleGroups(nn.Module):
+    """A branch sum that keeps its channel-shuffle groups in ``groups``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = _conv_bn(nn.Conv2d(4, 4, 3, padding=1, bias=False), 4)
+        self.b = _conv_bn(nn.Conv2d(4, 4, 1, bias=False), 4)
+        self.groups = 2
+        self.scale = nn.Parameter(torch.full((1, ), 0.5))
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+class _ReadsGroups(nn.Module):
+    """Shuffles with ``self.block.groups``: a merged conv's groups is 1
+    (0.86 off)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = _ShuffleGroups()
+
+    def forward(self, x):
+        y = self.block(x)
+        n, c, h, w = y.shape
+        groups = self.block.groups
+        return y.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(
+            n, c, h, w)
+
+
+class _ReadsScale(_ReadsGroups):
+    """Reads a parameter of the block (AttributeError once merged)."""
+
+    def forward(self, x):
+        return self.block(x) * self.block.scale
+
+
+class _ReadsInsideTheBlock(_ReadsGroups):
+    """Reads a tensor of a branch (AttributeError once merged, with an
+    example input: a pass shows calls, not reads)."""
+
+    def forward(self, x):
+        return self.block(x) + self.block.b[1].bias.mean()
+
+
+class _LayerScaled(nn.Module):
+    """A branch scaled by a ``(1, C, 1, 1)`` parameter: on an unbatched
+    input it makes the output 4-D, which one conv does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.gamma = nn.Parameter(torch.full((1, 4, 1, 1), 0.5))
+
+    def forward(self, x):
+        return self.a(x) * self.gamma + self.b(x)
+
+
+def _repvgg_with_stray_se():
+    """An mmpretrain RepVGGBlock given an SE layer its ``se_cfg`` does not
+    ask for: its forward skips it (a merge ran it: 0.49 off)."""
+    from mmpretrain.models.backbones.repvgg import RepVGGBlock
+    from mmpretrain.models.utils import SELayer
+    block = RepVGGBlock(4, 4)
+    block.se_layer = SELayer(4, ratio=2)
+    return nn.Sequential(block)
+
+
+@pytest.mark.parametrize('make, shape, merged', [
+    (lambda: nn.Sequential(_NamesClash()), (2, 4, 9, 9), True),
+    (_ReadsGroups, (2, 4, 9, 9), False),
+    (_ReadsScale, (2, 4, 9, 9), False),
+    (_ReadsInsideTheBlock, (2, 4, 9, 9), False),
+    (lambda: nn.Sequential(_LayerScaled()), (4, 9, 9), False),
+    (_repvgg_with_stray_se, (2, 4, 9, 9), False),
+])
+def test_merges_keep_what_the_block_gave(make, shape, merged):
+    """Found by a review, each wrong or raising after the merge in every
+    mode: without an input, from structure, and from a pass unverified."""
+    torch.manual_seed(0)
+    model = randomize_norm_stats(make().eval(), seed=3)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(x)
+    for merge in (reparameterize,
+                  lambda m: mmfuse.fuse_model(m).reparameterized,
+                  lambda m: mmfuse.fuse_model(m, (x, ), verify=False)
+                  .reparameterized):
+        copied = copy.deepcopy(model)
+        records = merge(copied)
+        with torch.no_grad():
+            output = copied(x)
+        assert output.shape == reference.shape
+        assert output_error(reference, output)[1] < RTOL
+        assert any(r['merged'] for r in records) == merged, records
+
+
+def test_merges_without_verification_refuse_global_hooks():
+    """A global hook on every conv runs once per branch before a merge,
+    once after (0.17 off): merges need an example input to verify them."""
+    model = _prepare(nn.Sequential(_NamesClash()))
+    x = _input(4)
+    with torch.no_grad():
+        reference = model(x)
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: output * 0.5
+        if isinstance(module, nn.Conv2d) else output)
+    try:
+        with pytest.raises(mmfuse.FusionError, match='global forward hooks'):
+            reparameterize(model)
+        records = reparameterize(model, (x, ))
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        assert output_error(reference, model(x))[1] < RTOL
+    assert not any(r['merged'] for r in records)

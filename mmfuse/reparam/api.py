@@ -22,12 +22,12 @@ import torch
 from torch import fx, nn
 
 from ..discovery.fx_tracer import class_namespaces, is_plain
-from ..discovery.structural import reached_inside
+from ..discovery.structural import names_read_above, reached_inside
 from ..folding import norm_affines
 from ..guards import (FusionError, as_input_tuple, check_eval,
                       fresh_inputs, unwrap_model)
-from ..layers import (norm_affine_params, norm_fold_problem,
-                      runs_class_forward)
+from ..layers import (global_hook_problem, norm_affine_params,
+                      norm_fold_problem, runs_class_forward)
 from ..module_walk import walk_modules
 from ..verify import (OutputCheck, default_rtol, isolate_failures,
                       output_check)
@@ -105,6 +105,41 @@ def _carry_attributes(old: nn.Module, new: nn.Module) -> None:
         new.meta.setdefault(preserved, {}).update(carried)
 
 
+def _attributes_changed(old: nn.Module, new: nn.Module) -> Set[str]:
+    """The public attributes of ``old`` (its own, its parameters, buffers
+    and children, its class's plain values and properties; torch's
+    classes aside) that ``new``, which replaces it, would not give as it
+    does (``self.block.rbr_1x1.conv.weight`` read from above):
+    it lacks them, or has them otherwise (a merged conv's ``groups`` for
+    a block's channel-shuffle ``groups``).  Properties are not run."""
+    mine: Dict[str, Any] = {}
+    properties: Set[str] = set()
+    for namespace in reversed(class_namespaces(type(old))):
+        for name, value in namespace.items():
+            if name.startswith('_'):
+                continue
+            if isinstance(value, property):
+                properties.add(name)
+            elif is_plain(value):
+                mine[name] = value
+    mine.update((name, value) for name, value in old.__dict__.items()
+                if not name.startswith('_'))
+    for table in (old._parameters, old._buffers, old._modules):
+        mine.update(table)
+    changed = set(properties)
+    for name, value in mine.items():
+        theirs = getattr(new, name, _NO_ATTRIBUTE)
+        if theirs is value:
+            continue
+        if not (is_plain(value) and type(theirs) is type(value)
+                and theirs == value):
+            changed.add(name)
+    return changed
+
+
+_NO_ATTRIBUTE = object()
+
+
 def _deploy_sequential(block: nn.Module, convs: Dict[str, nn.Conv2d],
                        layers: Sequence[Tuple[str, Optional[str]]]
                        ) -> nn.Module:
@@ -153,6 +188,24 @@ class _Walker:
         self.affine_norms: List[nn.Module] = []
 
     # -- bookkeeping -------------------------------------------------------
+    def attributes_read(self, path: str, old: nn.Module,
+                        new: nn.Module) -> Optional[str]:
+        """Why ``new`` may not replace ``old``: code above it may read an
+        attribute of ``old`` that ``new`` would give otherwise (read
+        from that code, with an example input too: a forward pass shows
+        calls, not attribute reads); ``None`` if none."""
+        _carry_attributes(old, new)
+        changed = _attributes_changed(old, new)
+        if not changed:
+            return None
+        read = names_read_above(self.model, path)
+        names = sorted(changed if read is None else changed & read)
+        if not names:
+            return None
+        return (f'code above the block may read its attribute '
+                f'{", ".join(names[:3])}, which the merged '
+                f'{type(new).__name__} would not give as the block does')
+
     def replace(self, parent: nn.Module, attr: str, path: str,
                 old: nn.Module, new: nn.Module, record: Dict) -> None:
         _carry_attributes(old, new)
@@ -266,6 +319,10 @@ class _Walker:
                 (origin.replace('.', '_'), origin) for origin in after
             ]
             new = _deploy_sequential(module, {conv_name: conv}, layers)
+            read = self.attributes_read(path, module, new)
+            if read:
+                self.left(path, module, name, read)
+                return self.visit_children(module, path)
             names = {id(m): n for n, m in module.named_modules() if n}
             record = self.merged_record(path, module, name, layers, [{
                 'name': conv_name,
@@ -296,6 +353,11 @@ class _Walker:
                     if origin is not None
                 ], same_paths=graph):
             self.left(path, module, 'generic', _REACHED)
+            rewrite = None
+        read = None if rewrite is None else self.attributes_read(
+            path, module, rewrite.module)
+        if read:
+            self.left(path, module, 'generic', read)
             rewrite = None
         if rewrite is not None:
             record = self.merged_record(path, module, 'generic',
@@ -453,6 +515,12 @@ def reparameterize(model: nn.Module,
     model = unwrap_model(model)
     check_eval(model, 're-parameterizing')
     inputs = None if example_inputs is None else as_input_tuple(example_inputs)
+    hooks = global_hook_problem()
+    if hooks and (inputs is None or not verify):
+        # A hook on every conv runs once per branch before, once after.
+        raise FusionError(f'mmfuse: cannot re-parameterize: '
+                          f'{hooks.replace("not folded", "not merged")}; '
+                          'pass example inputs to verify the merges')
     merges = merge_blocks(model, call_deploy_methods, use_registry)
     if verify and inputs is not None and merges.groups:
         tolerance = default_rtol(model) if rtol is None else rtol

@@ -139,10 +139,15 @@ def _scale_tensor(value: Union[float, Tensor],
         return torch.full((channels, ), float(value),
                           dtype=torch.float64), ''
     flat = value.detach().to(torch.float64)
-    if flat.numel() == 1 and value.dim() <= 4:
-        return flat.reshape(1).expand(channels).clone(), ''
     shape = tuple(value.shape)
-    if shape in ((channels, 1, 1), (1, channels, 1, 1)):
+    if value.dim() > 3:
+        # ``(1, C, 1, 1)`` broadcasts an unbatched ``(C, H, W)`` output to
+        # 4-D, which one conv does not.
+        return None, (f'a factor of shape {shape} may add a dimension to '
+                      'the output (an unbatched input)')
+    if flat.numel() == 1:
+        return flat.reshape(1).expand(channels).clone(), ''
+    if shape == (channels, 1, 1):
         return flat.reshape(channels), ''
     return None, f'a factor of shape {shape} is not per channel'
 
@@ -166,7 +171,7 @@ def _branch_geometry(term: Term) -> BranchGeometry:
     before, spatial, after = _split(term)
     for op in before:
         if isinstance(op.value, Tensor) and (op.value.numel() != 1
-                                             or op.value.dim() > 4):
+                                             or op.value.dim() > 3):
             raise MergeError('a per-channel factor before a convolution')
     out_channels = None
     for op in after:

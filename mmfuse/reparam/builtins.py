@@ -111,6 +111,12 @@ class MMPretrainRepVGGBlock(Reparameterizer):
         ]
         if block.branch_norm is not None:
             terms.append(Term([norm_op(block.branch_norm)]))
+        # Its forward runs ``se_layer`` where ``se_cfg`` is set, whatever
+        # the attribute holds.
+        if (getattr(block, 'se_cfg', None) is None) != \
+                (getattr(block, 'se_layer', None) is None):
+            raise ReparamRefused('se_layer and se_cfg disagree on whether '
+                                 'the block runs an SE layer')
         return BranchSum(terms, _after(block, 'se_layer', 'act'))
 
 

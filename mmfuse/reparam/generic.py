@@ -505,7 +505,12 @@ class GenericMerger:
                  if not (n.op == 'placeholder' and not n.users)]
         modules = {name: conv for name, conv in convs.items()}
         chain = _chain(nodes, trace.input)
-        if chain is not None and len(set(chain)) == len(chain):
+        # (A Sequential names each kept layer by its path, dots made
+        # underscores: ``post.act`` and ``post_act`` would be one name.)
+        if chain is not None and len(set(chain)) == len(chain) and len({
+                target if target in convs else target.replace('.', '_')
+                for target in chain
+        }) == len(chain):
             layers = []
             children = OrderedDict()
             for target in chain:
