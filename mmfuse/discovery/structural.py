@@ -451,6 +451,25 @@ _WALKS = frozenset({
 })
 #: Types of attribute values that hold nothing.
 _SCALARS = frozenset({bool, int, float, str, type(None)})
+_NO_HOLDERS = (torch.device, torch.dtype)
+def _holds_nothing(value: Any, depth: int = 3) -> bool:
+    """Whether ``value`` is plainly no holder of modules: a number, a
+    string, ``None``, or a tuple, list or dict of those (a config dict),
+    ``depth`` levels deep; ``False`` where that is not plain (then
+    ``modules_held_in`` looks)."""
+    kind = type(value)
+    if kind in _SCALARS or isinstance(value, _NO_HOLDERS):
+        return True
+    if depth <= 0:
+        return False
+    if kind is tuple or kind is list:
+        return all(_holds_nothing(item, depth - 1) for item in value)
+    if isinstance(value, dict):
+        return all(
+            _holds_nothing(item, depth - 1) for item in dict.values(value))
+    return False
+
+
 #: Methods of a module that run a function on every module below it:
 #: called on a child (``self.stem.apply(fn)``), they reach below it.  (Not
 #: walks of the module itself: MMEngine's ``BaseModel.to`` names them.)
@@ -1526,7 +1545,7 @@ class _StructuralCollector:
             state = module.__dict__
             held = [
                 found for key in state.keys() - MODULE_INTERNALS
-                if type(state[key]) not in _SCALARS
+                if not _holds_nothing(state[key])
                 for found in modules_held_in(state[key])
             ]
             if not held:
