@@ -6,12 +6,15 @@ a plain object or MMEngine's ``BaseDataElement`` (what mmdet, mmseg and
 mmpretrain return in ``predict`` mode) would be neither seen as used by
 the model's output nor compared.  Here such objects are walked too: the
 fields of a dataclass, the items of any mapping, the attributes
-(``__dict__``) of any other object.  Modules, classes, functions and
+(``__dict__``) of any other object; looking for tensors, also the items
+of a set or deque, a partial's arguments and an object's slots.  Modules, classes, functions and
 Python modules are not walked (a module passed along is a layer, not
 data).
 """
 import dataclasses
+import functools
 import types
+from collections import deque
 from collections.abc import Mapping
 from typing import Any, Hashable, Iterable, List, Optional, Tuple
 
@@ -67,6 +70,29 @@ def tensors_in(tree: Any) -> List[Tensor]:
         items = _items(item)
         if items is not None:
             pending.extend(reversed([value for _, value in items]))
+        else:
+            pending.extend(reversed(_other_contents(item)))
+    return found
+
+
+def _other_contents(item: Any) -> List[Any]:
+    """What a holder :func:`_items` does not walk holds, for finding the
+    tensors in it (not for comparing: a set has no order): the items of a
+    set or deque, a partial's arguments, the slots of an object without
+    ``__dict__``."""
+    if isinstance(item, (set, frozenset, deque)):
+        return list(item)
+    if isinstance(item, functools.partial):
+        return [*item.args, *item.keywords.values()]
+    if isinstance(item, _NOT_DATA) or isinstance(item, _CONSTANTS):
+        return []
+    found = []
+    for cls in type(item).__mro__:
+        slots = cls.__dict__.get('__slots__', ())
+        for name in (slots, ) if isinstance(slots, str) else slots:
+            value = getattr(item, name, None)
+            if value is not None:
+                found.append(value)
     return found
 
 

@@ -33,12 +33,13 @@ _PLAIN = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 class _CaptureConvCalls(TorchFunctionMode):
-    """Records each ``F.convNd`` call as ``(input, weight, bias, output)``
+    """Records each ``F.convNd`` call as ``(input, weight, bias, output,
+    the output's version)``
     and the input of each tensor ``F.pad`` returned."""
 
     def __init__(self):
         super().__init__()
-        self.calls: List[Tuple[Any, Any, Any, Any]] = []
+        self.calls: List[Tuple[Any, Any, Any, Any, Any]] = []
         self.padded: Dict[int, Any] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -48,7 +49,8 @@ class _CaptureConvCalls(TorchFunctionMode):
             params = list(args[:3]) + [None, None, None]
             self.calls.append((kwargs.get('input', params[0]),
                                kwargs.get('weight', params[1]),
-                               kwargs.get('bias', params[2]), result))
+                               kwargs.get('bias', params[2]), result,
+                               getattr(result, '_version', None)))
         elif func is F.pad:
             self.padded[id(result)] = (result, kwargs.get(
                 'input', args[0] if args else None))
@@ -127,21 +129,25 @@ def plain_conv_of(module: nn.Module,
 
 def _build(module: _ConvNd) -> Optional[nn.Module]:
     probes = [_probe(module, seed) for seed in (0, 1)]
+    kept = [probe.clone() for probe in probes]
     capture = _CaptureConvCalls()
     with capture:
         outputs = [module(probe) for probe in probes]
     if len(capture.calls) != 2:
         return None
-    for probe, output, call in zip(probes, outputs, capture.calls):
+    for probe, copy, output, call in zip(probes, kept, outputs,
+                                         capture.calls):
         # The conv's input is the probe (padded by F.pad for a padding
-        # mode), and its output is the module's: nothing done before or
-        # after the convolution.
+        # mode), unchanged, and its output is the module's, as the conv
+        # gave it: nothing done before or after the convolution, in place
+        # either.
         given = call[0]
         if given is not probe and capture.input_of_pad(given) is not probe:
             return None
-        if call[3] is not output:
+        if call[3] is not output or output._version != call[4] or \
+                not torch.equal(probe, copy):
             return None
-    (_, weight, bias, _), (_, weight2, bias2, _) = capture.calls
+    (_, weight, bias, _, _), (_, weight2, bias2, _, _) = capture.calls
     if not isinstance(weight, Tensor) or not torch.equal(weight, weight2):
         return None
     if (bias is None) != (bias2 is None) or \

@@ -110,11 +110,11 @@ _ANY_AUTOCAST = getattr(torch._C, '_is_any_autocast_enabled', None)
 def _storage_pointer(value: Any) -> int:
     """Where a tensor's memory lies (0 for none: no tensor, no memory, a
     tensor whose storage cannot be read)."""
-    if not isinstance(value, torch.Tensor):
+    if not isinstance(value, torch.Tensor) or nn.parameter.is_lazy(value):
         return 0
     try:
         return value.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError, ValueError):
         return 0
 
 
@@ -155,9 +155,20 @@ class ModuleForwardTracer(fx.Tracer):
         # The root's parameters and buffers by where their memory lies
         # (made when first needed).
         self.state_storages: Optional[Dict[int, str]] = None
+        # Every traced value made, weakly: one still alive after the trace
+        # (but the tracer's own) was kept somewhere.
+        self.made: 'weakref.WeakSet[fx.Proxy]' = weakref.WeakSet()
+
+    def kept_values(self) -> int:
+        """How many traced values outlive the trace, the tracer's own
+        ``get_attr`` proxies aside."""
+        own = {id(proxy) for proxy in self.tensor_proxies.values()}
+        return sum(1 for value in list(self.made) if id(value) not in own)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _TracedValue(node, self)
+        value = _TracedValue(node, self)
+        self.made.add(value)
+        return value
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return m is not self.root_module
@@ -265,8 +276,9 @@ class ModuleForwardTracer(fx.Tracer):
             for path, module in walk_modules(self.root):
                 for table in ('_parameters', '_buffers'):
                     # (Past the trace's tables, which hand out proxies.)
-                    for name, value in dict.items(
-                            module.__dict__.get(table) or {}):
+                    entries = module.__dict__.get(table) or {}
+                    for name, value in (dict.items(entries) if isinstance(
+                            entries, dict) else entries.items()):
                         pointer = _storage_pointer(value)
                         if pointer:
                             self.state_storages.setdefault(
@@ -736,11 +748,7 @@ def trace_module_forward(root: nn.Module,
         tracer (debugger, coverage) is on (the code run is seen through
         ``sys.settrace``).
     """
-    forward_code = getattr(
-        getattr(type(root).forward, '__func__', type(root).forward),
-        '__code__', None)
-    modes = [] if forward_code is None else \
-        sorted(_MODE_READS.intersection(_global_names(forward_code)))
+    modes = _mode_reads(type(root))
     if modes:
         raise fx.proxy.TraceError(
             f'the forward reads a mode the trace cannot stand for '
@@ -766,6 +774,9 @@ def trace_module_forward(root: nn.Module,
             [(module, attributes) for module, attributes in saved
              if module is root or module._modules], contents) or \
             _class_traced_value(classes)
+        if not stored and tracer.kept_values():
+            stored = 'a place the trace does not see (a global, an ' \
+                'attribute of a class or of an object)'
         if stored:
             raise fx.proxy.TraceError(
                 f'the forward keeps a traced value in {stored}: whatever '
@@ -797,7 +808,7 @@ _NOTHING = object()
 _MODE_READS = frozenset({
     'is_grad_enabled', 'is_inference_mode_enabled', 'is_autocast_enabled',
     'is_autocast_cpu_enabled', 'get_autocast_dtype', 'get_autocast_gpu_dtype',
-    'get_autocast_cpu_dtype'
+    'get_autocast_cpu_dtype', 'is_fx_tracing', 'is_tracing', 'is_compiling'
 })
 
 
@@ -831,22 +842,99 @@ def _global_containers(forward: Any) -> List[Any]:
     ]
 
 
+def _code_reads(cls: type) -> List[Tuple[Dict[str, Any], Tuple[str, ...]]]:
+    """The globals that a call of a ``cls`` module may read: ``(scope,
+    names)`` (names as in :func:`_global_names`) of its ``forward``, of
+    the methods and properties of its classes (torch's aside) that code
+    names, and so on, and of the model's functions that code names (one
+    step).  Kept while no module changes."""
+    memo = unchanged_memo('code reads')
+    known = None if memo is None else memo.get(cls)
+    if known is not None:
+        return known
+    namespaces = class_namespaces(cls)
+    pending = functions_in(getattr(cls, 'forward', None))
+    found, seen, named_globals = [], set(), []
+    while pending:
+        function = pending.pop()
+        if function.__code__ in seen:
+            continue
+        seen.add(function.__code__)
+        names = _global_names(function.__code__)
+        found.append((function.__globals__, names))
+        for name in names:
+            for namespace in namespaces:
+                if name in namespace and name != '__init__':
+                    pending.extend(functions_in(namespace[name]))
+            named_globals.extend(
+                value
+                for value in functions_in(function.__globals__.get(name))
+                if not _is_library_function(value))
+    for function in named_globals:
+        if function.__code__ not in seen:
+            seen.add(function.__code__)
+            found.append(
+                (function.__globals__, _global_names(function.__code__)))
+    if memo is not None:
+        memo[cls] = found
+    return found
+
+
+def _is_library_function(function: types.FunctionType) -> bool:
+    """Whether ``function`` is torch's or Python's own."""
+    module = (function.__module__ or '').split('.')[0]
+    return module in ('torch', 'builtins', 'functools', 'typing')
+
+
+#: The functions :data:`_MODE_READS` names, where this torch has them.
+_MODE_FUNCTIONS = {
+    id(function)
+    for function in (
+        getattr(torch, 'is_grad_enabled', None),
+        getattr(torch, 'is_inference_mode_enabled', None),
+        getattr(torch, 'is_autocast_enabled', None),
+        getattr(torch, 'get_autocast_dtype', None),
+        getattr(torch.fx._symbolic_trace, 'is_fx_tracing', None),
+        getattr(torch.jit, 'is_tracing', None),
+        getattr(torch.compiler, 'is_compiling', None),
+    ) if function is not None
+}
+
+
+def _mode_reads(cls: type) -> List[str]:
+    """The reads of the grad, inference, autocast or tracing mode that the
+    code of ``cls`` and the functions it names may make, by name or by
+    another name for the same function."""
+    found = set()
+    for scope, names in _code_reads(cls):
+        found.update(_MODE_READS.intersection(names))
+        found.update(name for name in names
+                     if id(scope.get(name)) in _MODE_FUNCTIONS)
+    return sorted(found)
+
+
+#: What a global or class attribute may be without being state a forward
+#: keeps outside its module.
+_NOT_STATE = (types.ModuleType, type, types.FunctionType,
+              types.BuiltinFunctionType, functools.partial, nn.Module,
+              staticmethod, classmethod, property) + _PLAIN_VALUES
+
+
 def reads_shared_containers(cls: type) -> bool:
-    """Whether ``cls.forward`` names a global, or an attribute of a class
-    of ``cls`` (torch's aside), that holds a dict, list or set: state kept
-    outside its modules (``RES[id(self)]``), which a trace of another
+    """Whether the code of ``cls`` (see :func:`_code_reads`) names a
+    global, or an attribute of a class of ``cls`` (torch's aside), that
+    holds state: a container or an object with attributes of its own
+    (``RES[id(self)]``, ``CONFIG.residual``), which a trace of another
     module of ``cls`` does not share."""
-    forward = getattr(cls, 'forward', None)
-    if _global_containers(forward):
-        return True
-    code = getattr(getattr(forward, '__func__', forward), '__code__', None)
-    if code is None:
-        return False
-    names = _global_names(code)
-    return any(
-        isinstance(klass.__dict__.get(name), (dict, list, set))
-        for klass in cls.__mro__ if not _is_library_class(klass)
-        for name in names)
+    namespaces = class_namespaces(cls)
+    for scope, names in _code_reads(cls):
+        for name in names:
+            for holder in [scope] + namespaces:
+                value = holder.get(name, _NOTHING)
+                if value is not _NOTHING and not is_plain(value) and \
+                        not isinstance(value, _NOT_STATE):
+                    return True
+    return False
 
 
 def _class_traced_value(classes: List[Tuple[type, Dict[str, Any]]]) -> str:

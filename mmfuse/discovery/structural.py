@@ -452,6 +452,34 @@ _WALKS = frozenset({
 #: Types of attribute values that hold nothing.
 _SCALARS = frozenset({bool, int, float, str, type(None)})
 _NO_HOLDERS = (torch.device, torch.dtype)
+#: How deep in containers and objects a module held outside the module
+#: tables is looked for.
+_HELD_DEPTH = 8
+
+
+def _is_torch_class(cls: type) -> bool:
+    return cls.__module__.split('.')[0] == 'torch'
+
+
+def _held_by_code_reads(module: nn.Module) -> List[nn.Module]:
+    """The modules held by the globals and class attributes that the code
+    a call of ``module`` may run reads (a global list of layers, a class
+    attribute holding one): see :func:`_reads_held_modules`."""
+    scopes, names = _forward_code_reads(type(module))
+    found = [
+        held for scope in scopes for name in names if name in scope
+        and not _holds_nothing(scope[name])
+        for held in modules_held_in(scope[name], _HELD_DEPTH)
+    ]
+    found.extend(
+        held for namespace in class_namespaces(type(module))
+        for name in names if name in namespace and not isinstance(
+            namespace[name], (types.FunctionType, property, staticmethod,
+                              classmethod))
+        for held in modules_held_in(namespace[name], _HELD_DEPTH))
+    return found
+
+
 def _holds_nothing(value: Any, depth: int = 3) -> bool:
     """Whether ``value`` is plainly no holder of modules: a number, a
     string, ``None``, or a tuple, list or dict of those (a config dict),
@@ -923,27 +951,33 @@ def names_read_above(model: nn.Module, path: str) -> Optional[frozenset]:
     :func:`_forward_code`); ``None`` where a module above runs a forward
     of its own (anything may be read)."""
     names: Set[str] = set()
-    holders = [model]
-    for part in path.split('.')[:-1] if path else ():
-        holders.append(holders[-1]._modules.get(part))
-        if holders[-1] is None:
-            return None
-    for holder in holders if path else ():
-        read = _names_read_by(holder)
+    parts = path.split('.') if path else []
+    holder = model
+    for part in parts:
+        read = _names_read_by(holder, part)
         if read is None:
             return None
         names.update(read)
+        holder = holder._modules.get(part)
+        if holder is None:
+            return None
     return frozenset(names)
 
 
-def _names_read_by(module: Optional[nn.Module]) -> Optional[frozenset]:
-    """What :func:`names_read_above` takes from one module (``None``: its
-    code cannot be read)."""
-    if module is None or not runs_class_forward(module):
+def _names_read_by(module: nn.Module, child: str) -> Optional[frozenset]:
+    """What :func:`names_read_above` takes from one module, which holds
+    the next module on the way as ``child`` (``None``: anything, where
+    its code hands the module or that child on, walks modules, or calls
+    ``getattr`` on another object: ``getattr(self.block, 'groups')``,
+    ``helper(self.block)``, ``vars(self.block)``)."""
+    if not runs_class_forward(module):
         return None
     if is_stock_sequential(module) or _is_container(module):
         return frozenset()
-    return _forward_code(type(module))[0]
+    deep, _, _, _, taken, hands_on = _forward_code(type(module))
+    if hands_on or deep & _WALKS or '' in taken or child in taken:
+        return None
+    return deep
 
 
 def reached_inside(model: nn.Module) -> Dict[int, Set[int]]:
@@ -1483,13 +1517,8 @@ class _StructuralCollector:
                 layers = list(self.direct_layers(module))
                 if any(id(m) in self.foldable for m in layers):
                     if self.only_linear(module):
-                        self.evidence.unproven.append((
-                            module, f'{type(module).__name__} was not traced:'
-                            ' it holds no conv but linear layers, and '
-                            'whether a norm normalises their features '
-                            'depends on the rank of the tensors, which '
-                            'structure alone cannot show (an example input '
-                            'can)'))
+                        self.evidence.unproven.append(
+                            (module, self.only_linear_reason(module)))
                     else:
                         self.traced(module)
                     continue
@@ -1540,14 +1569,17 @@ class _StructuralCollector:
             return
         layers: Dict[int, str] = {}
         for path, module in walk_modules(self.model):
-            if id(module) in self.leaf_layers:
-                continue
+            own_code = not _is_torch_class(type(module))
+            if id(module) in self.leaf_layers and not own_code:
+                continue  # torch's layers call nothing they hold
             state = module.__dict__
             held = [
                 found for key in state.keys() - MODULE_INTERNALS
                 if not _holds_nothing(state[key])
-                for found in modules_held_in(state[key])
+                for found in modules_held_in(state[key], _HELD_DEPTH)
             ]
+            if own_code:
+                held.extend(_held_by_code_reads(module))
             if not held:
                 continue
             index, start, end = subtree_span(module)
@@ -1583,6 +1615,19 @@ class _StructuralCollector:
         foldable_into = self.foldable_into
         return not any(
             id(below) in foldable_into for below in index.modules[start:end])
+
+    def only_linear_reason(self, module: nn.Module) -> str:
+        """Why a module :meth:`only_linear` holds is not traced."""
+        name = type(module).__name__
+        index, start, end = subtree_span(module)
+        if not any(isinstance(below, nn.Linear)
+                   for below in index.modules[start:end]):
+            return (f'{name} was not traced: it holds no conv a norm could '
+                    'fold into')
+        return (f'{name} was not traced: it holds no conv but linear '
+                'layers, and whether a norm normalises their features '
+                'depends on the rank of the tensors, which structure '
+                'alone cannot show (an example input can)')
 
     def check_unproven_reach(self) -> None:
         """A module whose forward was not read from a trace may call its

@@ -17,6 +17,7 @@ new value, and every tensor seen is kept alive until the pass ends so ids
 are not reused.  The model's parameters are never touched; the hooks are
 removed when the pass ends.
 """
+import contextlib
 from collections import Counter, defaultdict
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -32,6 +33,7 @@ from ..layers import is_conv_layer, is_norm_layer
 from ..module_walk import find_submodule, has_children, walk_modules
 from ..output_tree import tensors_in
 from ..plan import CONCAT, POST, PRE, SUM
+from .fx_tracer import MODULE_INTERNALS
 from .occurrence import Evidence, Occurrence, Site
 
 __all__ = ['collect_traced_evidence', 'TracedForward']
@@ -118,6 +120,15 @@ def _tensors_in(tree: Any) -> List[Tensor]:
         elif not isinstance(item, _SCALARS):
             found.extend(tensors_in(item))
     return found
+
+
+def _eager():
+    """A context in which compiled modules and functions run eagerly
+    (``torch.compile``'s stance): the pass's global hooks must see every
+    call, and dynamo would compile them (and fail on their state)."""
+    stance = getattr(torch.compiler, 'set_stance', None)
+    return stance('force_eager') if stance is not None else \
+        contextlib.nullcontext()
 
 
 def _version_key(tensor: Tensor) -> Key:
@@ -212,6 +223,30 @@ class _Output:
     @staticmethod
     def describe() -> str:
         return 'the model output'
+
+
+class _Write:
+    """A change in place of a value after it was read (``y.relu_()`` once
+    the norm read ``y``), as a consumer of the value as it was: once the
+    norm is folded away its output is that value, and the change would
+    reach it too."""
+
+    def __init__(self, by: Any):
+        self.by = by
+
+    def describe(self) -> str:
+        return f'a change in place by {self.by.describe()}'
+
+
+class _KeptInState:
+    """A value left in a module's attributes after the pass (read by a
+    later call, or by a module it was not passed to), as a consumer."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def describe(self) -> str:
+        return f'kept in {self.where}'
 
 
 class _Recorder(TorchFunctionMode):
@@ -339,6 +374,7 @@ class TracedForward:
                 if layer is not None:
                     self.read_layers[id(layer)] = layer
             out_tensors = _tensors_in(out)
+            previous = [self.last.get(id(t)) for t in in_tensors]
             inputs = [self.key(t) for t in in_tensors]
             outputs = [self.key(t) for t in out_tensors]
             plain = not kwargs and len(args) == 2 and len(in_tensors) == 2
@@ -359,6 +395,7 @@ class TracedForward:
                     result.shape[-1] == source.shape[-1]
             for key in inputs:
                 self.consumers[key].append(op)
+            self.note_writes(previous, inputs, op)
             for key in outputs:
                 if key not in inputs:
                     self.producer[key] = op
@@ -366,6 +403,15 @@ class TracedForward:
                                outputs)
         finally:
             self.busy = False
+
+    def note_writes(self, previous: List[Optional[Key]], now: List[Key],
+                    by: Any) -> None:
+        """Where a value was changed in place since it was last recorded
+        (by ``by``, or by something the pass did not record before it),
+        count the change as a consumer of the value as it was."""
+        for before, after in zip(previous, now):
+            if before is not None and before != after:
+                self.consumers[before].append(_Write(by))
 
     def source(self, key: Key) -> Tuple[Key, bool]:
         """``(source, through_conv)`` of the value ``key`` (itself if it
@@ -479,8 +525,11 @@ class TracedForward:
         self.pause_recording()
         self.busy = True
         try:
+            tensors = _tensors_in(args)
+            previous = [self.last.get(id(t)) for t in tensors]
             call = _ModuleCall(module, self.resolve_site(caller, module),
-                               self.keys(args), caller)
+                               [self.key(t) for t in tensors], caller)
+            self.note_writes(previous, call.inputs, call)
             call.channels_dim_ok = _batched(module, _tensors_in(args))
             for key in call.inputs:
                 self.consumers[key].append(call)
@@ -557,11 +606,13 @@ class TracedForward:
                 register_module_forward_hook(
                     self.post_hook, with_kwargs=True, always_call=True))
             inputs = fresh_inputs(self.example_inputs)
-            with torch.no_grad(), self.recorder:
+            tensors_before = self.layer_state()
+            with torch.no_grad(), self.recorder, _eager():
                 try:
                     self.output = self.model(*inputs)
                 finally:  # in case a leaf's post hook did not run
                     self.resume_recording()
+            self.note_replaced(tensors_before)
         finally:
             for handle in handles:
                 handle.remove()
@@ -573,7 +624,45 @@ class TracedForward:
             self.stack.clear()
         for key in self.keys(self.output):
             self.consumers[key].append(_Output())
+        self.note_kept_in_state()
         return self.output
+
+    def layer_state(self) -> Dict[int, List[Tuple[str, int]]]:
+        """The parameters and buffers of every conv and norm, by name and
+        ``id``, by the layer's ``id``."""
+        return {
+            id(m): [(name, id(t)) for table in (m._parameters, m._buffers)
+                    for name, t in table.items()]
+            for m in self.modules if id(m) in self.layer_ids
+        }
+
+    def note_replaced(self, before: Dict[int, List[Tuple[str, int]]]
+                      ) -> None:
+        """A layer whose parameters or buffers the forward set (``self.conv
+        .weight = self.shared``): the next call would set them again over
+        a fold's."""
+        for layer, state in zip(self.modules, (before.get(id(m))
+                                               for m in self.modules)):
+            if state is not None and state != [
+                    (name, id(t)) for table in (layer._parameters,
+                                                layer._buffers)
+                    for name, t in table.items()]:
+                self.nested_layers.setdefault(id(layer), (layer, None))
+
+    def note_kept_in_state(self) -> None:
+        """A value the pass left in a module's attributes (``self.prev =
+        y``, ``self.add.ref = y``) may be read later, by a call or a
+        module it was not passed to: it counts as consumed there."""
+        for path, module in walk_modules(self.model):
+            for name, value in module.__dict__.items():
+                if name in MODULE_INTERNALS or \
+                        isinstance(value, (nn.Module, ) + _SCALARS):
+                    continue
+                for tensor in _tensors_in(value):
+                    key = self.last.get(id(tensor))
+                    if key is not None:
+                        self.consumers[key].append(_KeptInState(
+                            f'{path}.{name}' if path else name))
 
     def let_go(self) -> None:
         """Let go of every tensor the pass kept (all the model's
@@ -673,9 +762,11 @@ class TracedForward:
                            'outside a call of it'))
         for layer, leaf in self.nested_layers.values():
             evidence.occurrences.append(
-                Occurrence(layer, None, reason=f'called inside a call of '
-                           f'{leaf.__name__}, whose forward the trace does '
-                           'not follow: data flow not seen'))
+                Occurrence(layer, None, reason='its parameters or buffers '
+                           'are set by the forward' if leaf is None else
+                           f'called inside a call of {leaf.__name__}, whose '
+                           'forward the trace does not follow: data flow '
+                           'not seen'))
         for call in self.leaf_calls:
             if is_conv_layer(call.module) or is_norm_layer(call.module):
                 call.occurrence = Occurrence(call.module, call.site,
@@ -704,10 +795,14 @@ class TracedForward:
             occ = call.occurrence
             out = call.outputs[0]
             users = self.consumers.get(out, [])
+            # (Once folded, the norm's output is its input: neither may
+            # change in place after the norm read it.)
             if len(users) == 1 and isinstance(users[0], _ModuleCall) and \
                     users[0].occurrence is not None and \
                     is_conv_layer(users[0].module) and \
-                    users[0].inputs == [out] and users[0].channels_dim_ok:
+                    users[0].inputs == [out] and users[0].channels_dim_ok \
+                    and not any(isinstance(c, _Write) for c in
+                                self.consumers.get(call.inputs[0], ())):
                 evidence.link(PRE, occ, [users[0].occurrence], 'traced')
             else:
                 occ.reason = self.describe_source(call.inputs[0], call)
