@@ -7,9 +7,9 @@ mmpretrain return in ``predict`` mode) would be neither seen as used by
 the model's output nor compared.  Here such objects are walked too: the
 fields of a dataclass, the items of any mapping, the attributes
 (``__dict__``) of any other object; looking for tensors, also the items
-of a set or deque, a partial's arguments and an object's slots.  Modules, classes, functions and
-Python modules are not walked (a module passed along is a layer, not
-data).
+of a set or deque, a partial's arguments and an object's slots.
+Modules, classes, functions and Python modules are not walked (a module
+passed along is a layer, not data).
 """
 import dataclasses
 import functools

@@ -1020,3 +1020,113 @@ def test_identity_tests_through_other_calls(test):
     fused, _, rel = fuse_and_compare(CallsInner(test), (X, ), traced=False)
     assert rel < 1e-5
     kept_at(fused, ['inner.bn'])
+
+
+# -- third review: more ways past the trace --------------------------------
+
+
+SHARED_LAYERS = []
+LAST = None
+
+
+class CallsAGlobalList(nn.Module):
+    """Runs a conv kept in a global list (a layer of another module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(SHARED_LAYERS[0](x))
+
+
+class WithAGlobalLayerUser(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.stem = stem()
+        self.user = CallsAGlobalList()
+        SHARED_LAYERS[:] = [self.stem[0]]
+
+    def forward(self, x):
+        return self.stem(x) + self.user(x)
+
+
+def _keep(y):
+    global LAST
+    LAST = y
+
+
+class KeepsThroughAFunction(Block):
+
+    def forward(self, x):
+        y = self.conv(x)
+        _keep(y)
+        return self.bn(y)
+
+
+class ReadsWhatAFunctionKept(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.block = KeepsThroughAFunction()
+
+    def forward(self, x):
+        return self.block(x) + LAST
+
+
+grad_on = torch.is_grad_enabled
+
+
+class ByGradModeInAHelper(Block):
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + (0 if self._training_like() else y)
+
+    def _training_like(self):
+        return grad_on()
+
+
+FLAGS = weakref.WeakKeyDictionary()
+
+
+class ResidualByWeakRegistry(Block):
+
+    def __init__(self, residual: bool):
+        super().__init__(8)
+        FLAGS[self] = residual
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y if FLAGS[self] else self.bn(y)
+
+
+class TwoByWeakRegistry(TwoByRegistry):
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.stem = stem()
+        self.plain = ResidualByWeakRegistry(False)
+        self.residual = ResidualByWeakRegistry(True)
+
+
+@pytest.mark.parametrize('model, kept, folded', [
+    (WithAGlobalLayerUser, ['stem.1'], []),
+    (ReadsWhatAFunctionKept, ['block.bn'], []),
+    (ByGradModeInAHelper, ['bn'], []),
+    (TwoByWeakRegistry, ['residual.bn'], ['plain.bn', 'stem.1']),
+])
+def test_more_ways_past_the_trace_keep_the_norm(model, kept, folded):
+    """Folded wrongly before (0.34 to 0.68): a layer run from a global
+    list, a conv output kept by a function the forward calls, a grad-mode
+    read in a helper under another name, a flag in a weak registry.
+    Fused in place: a copy would not be in the global list or registry."""
+    model = randomize_norm_stats(model().eval())
+    with torch.no_grad():
+        reference = model(X)
+    mmfuse.fuse_conv_bn(model)
+    with torch.no_grad():
+        assert output_error(reference, model(X))[1] < 1e-5
+    kept_at(model, kept)
+    identity_at(model, folded)

@@ -1918,3 +1918,35 @@ def test_merges_without_verification_refuse_global_hooks():
     with torch.no_grad():
         assert output_error(reference, model(x))[1] < RTOL
     assert not any(r['merged'] for r in records)
+
+
+def _groups_of(block):
+    return block.groups
+
+
+class _ReadsGroupsThroughGetattr(_ReadsGroups):
+
+    def forward(self, x):
+        return self.block(x) * getattr(self.block, 'groups')
+
+
+class _ReadsGroupsThroughAFunction(_ReadsGroups):
+
+    def forward(self, x):
+        return self.block(x) * _groups_of(self.block)
+
+
+@pytest.mark.parametrize('make', [_ReadsGroupsThroughGetattr,
+                                  _ReadsGroupsThroughAFunction])
+def test_attributes_read_past_the_code_above_keep_the_block(make):
+    """``getattr(self.block, 'groups')``, ``helper(self.block)``: the
+    names are not in the code above, which hands the block on (1.22 off
+    with an example input, unverified)."""
+    model = randomize_norm_stats(make().eval(), seed=3)
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        reference = model(x)
+    report = mmfuse.fuse_model(model, (x, ), verify=False)
+    assert not any(r['merged'] for r in report.reparameterized)
+    with torch.no_grad():
+        assert output_error(reference, model(x))[1] < RTOL
