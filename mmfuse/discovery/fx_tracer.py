@@ -48,10 +48,12 @@ with that argument a *symbolic list* (``list_args``): a list whose length
 and items no Python code may read (see :class:`_SymbolicList`), so that the
 graph holds for a list of any length.
 """
+import bisect
 import builtins
 import copy
 import dis
 import functools
+import gc
 import heapq
 import inspect
 import operator
@@ -161,9 +163,16 @@ class ModuleForwardTracer(fx.Tracer):
 
     def kept_values(self) -> int:
         """How many traced values outlive the trace, the tracer's own
-        ``get_attr`` proxies aside."""
+        ``get_attr`` proxies aside (after a garbage collection, where any
+        seem to: a reference cycle of the model's code may hold some
+        until then)."""
         own = {id(proxy) for proxy in self.tensor_proxies.values()}
-        return sum(1 for value in list(self.made) if id(value) not in own)
+        kept = sum(1 for value in list(self.made) if id(value) not in own)
+        if kept:
+            gc.collect()
+            kept = sum(1 for value in list(self.made)
+                       if id(value) not in own)
+        return kept
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         value = _TracedValue(node, self)
@@ -1237,6 +1246,22 @@ class _TracedValue(fx.Proxy):
 
     def __getattr__(self, name: str) -> fx.Proxy:
         return _traced_attribute(self, name)
+
+    def __iter__(self) -> Iterator[fx.Proxy]:
+        # ``fx.Proxy.__iter__`` keeps its frame in a local: a reference
+        # cycle that keeps the forward's frame, and its traced values,
+        # alive until the garbage collector runs (see ``kept_values``).
+        caller = inspect.currentframe().f_back
+        try:
+            code, last = caller.f_code, caller.f_lasti
+        finally:
+            del caller
+        ops = list(dis.get_instructions(code))
+        index = bisect.bisect_left([op.offset for op in ops], last) \
+            if sys.version_info >= (3, 11) else last // 2
+        if index < len(ops) and ops[index].opname == 'UNPACK_SEQUENCE':
+            return iter([self[i] for i in range(ops[index].argval)])
+        return self.tracer.iter(self)
 
     def __len__(self) -> int:
         self.tracer.refused_reads.append('its length')
