@@ -1248,20 +1248,7 @@ class _TracedValue(fx.Proxy):
         return _traced_attribute(self, name)
 
     def __iter__(self) -> Iterator[fx.Proxy]:
-        # ``fx.Proxy.__iter__`` keeps its frame in a local: a reference
-        # cycle that keeps the forward's frame, and its traced values,
-        # alive until the garbage collector runs (see ``kept_values``).
-        caller = inspect.currentframe().f_back
-        try:
-            code, last = caller.f_code, caller.f_lasti
-        finally:
-            del caller
-        ops = list(dis.get_instructions(code))
-        index = bisect.bisect_left([op.offset for op in ops], last) \
-            if sys.version_info >= (3, 11) else last // 2
-        if index < len(ops) and ops[index].opname == 'UNPACK_SEQUENCE':
-            return iter([self[i] for i in range(ops[index].argval)])
-        return self.tracer.iter(self)
+        return _iterate(self, inspect.currentframe().f_back)
 
     def __len__(self) -> int:
         self.tracer.refused_reads.append('its length')
@@ -1303,6 +1290,24 @@ class _TracedValue(fx.Proxy):
         return flag
 
 
+def _iterate(value: fx.Proxy, caller: Any) -> Iterator[fx.Proxy]:
+    """What ``fx.Proxy.__iter__`` does (the items of an unpacking,
+    ``a, b = x.chunk(2)``; else the tracer's ``iter``), without keeping a
+    frame in a local: it kept its frame, and through it the forward's
+    and their traced values, in a reference cycle until the garbage
+    collector ran (see ``ModuleForwardTracer.kept_values``)."""
+    try:
+        code, last = caller.f_code, caller.f_lasti
+    finally:
+        del caller
+    ops = list(dis.get_instructions(code))
+    index = bisect.bisect_left([op.offset for op in ops], last) \
+        if sys.version_info >= (3, 11) else last // 2
+    if index < len(ops) and ops[index].opname == 'UNPACK_SEQUENCE':
+        return iter([value[i] for i in range(ops[index].argval)])
+    return value.tracer.iter(value)
+
+
 class _TracedAttribute(fx.proxy.Attribute):
     """An attribute of a traced value (``x.shape``), which remembers type
     tests as :class:`_TracedValue` does."""
@@ -1311,6 +1316,9 @@ class _TracedAttribute(fx.proxy.Attribute):
 
     def __getattr__(self, name: str) -> fx.Proxy:
         return _traced_attribute(self, name)
+
+    def __iter__(self) -> Iterator[fx.Proxy]:
+        return _iterate(self, inspect.currentframe().f_back)
 
     def __len__(self) -> int:
         self.tracer.refused_reads.append('its length')
