@@ -451,10 +451,18 @@ _WALKS = frozenset({
 })
 #: Types of attribute values that hold nothing.
 _SCALARS = frozenset({bool, int, float, str, type(None)})
-_NO_HOLDERS = (torch.device, torch.dtype)
+_NO_HOLDERS = (torch.device, torch.dtype, torch.Tensor, types.ModuleType)
 #: How deep in containers and objects a module held outside the module
 #: tables is looked for.
 _HELD_DEPTH = 8
+
+
+def _reads_any_attribute(cls: type) -> bool:
+    """Whether the code of ``cls`` may read an attribute of its module not
+    by name: it hands the module on, walks modules, or calls ``getattr``
+    with a name made at run time."""
+    deep, _, _, _, taken, hands_on = _forward_code(cls)
+    return hands_on or bool(deep & _WALKS) or '' in taken
 
 
 def _is_torch_class(cls: type) -> bool:
@@ -464,8 +472,14 @@ def _is_torch_class(cls: type) -> bool:
 def _held_by_code_reads(module: nn.Module) -> List[nn.Module]:
     """The modules held by the globals and class attributes that the code
     a call of ``module`` may run reads (a global list of layers, a class
-    attribute holding one): see :func:`_reads_held_modules`."""
-    scopes, names = _forward_code_reads(type(module))
+    attribute holding one): see :func:`_reads_held_modules`.  The same for
+    every module of a class: kept while no module changes."""
+    cls = type(module)
+    memo = unchanged_memo('held by code reads')
+    known = None if memo is None else memo.get(cls)
+    if known is not None:
+        return known
+    scopes, names = _forward_code_reads(cls)
     found = [
         held for scope in scopes for name in names if name in scope
         and not _holds_nothing(scope[name])
@@ -477,6 +491,8 @@ def _held_by_code_reads(module: nn.Module) -> List[nn.Module]:
             namespace[name], (types.FunctionType, property, staticmethod,
                               classmethod))
         for held in modules_held_in(namespace[name], _HELD_DEPTH))
+    if memo is not None:
+        memo[cls] = found
     return found
 
 
@@ -974,10 +990,10 @@ def _names_read_by(module: nn.Module, child: str) -> Optional[frozenset]:
         return None
     if is_stock_sequential(module) or _is_container(module):
         return frozenset()
-    deep, _, _, _, taken, hands_on = _forward_code(type(module))
-    if hands_on or deep & _WALKS or '' in taken or child in taken:
+    if _reads_any_attribute(type(module)) or \
+            child in _forward_code(type(module))[4]:
         return None
-    return deep
+    return _forward_code(type(module))[0]
 
 
 def reached_inside(model: nn.Module) -> Dict[int, Set[int]]:
@@ -1568,18 +1584,48 @@ class _StructuralCollector:
         if not linked:
             return
         layers: Dict[int, str] = {}
-        for path, module in walk_modules(self.model):
-            own_code = not _is_torch_class(type(module))
+        walk = walk_modules(self.model)
+        # Only attributes some code may read can be used: those the
+        # module's own code names, and those any code names on another
+        # object (``self.peek.held[0](x)``); all where that is not known.
+        read_above: Optional[Set[str]] = set()
+        for cls in {type(module) for _, module in walk}:
+            if not _is_torch_class(cls):
+                read_above.update(_forward_code(cls)[0])
+        if any(not runs_class_forward(module) for _, module in walk):
+            read_above = None
+        # By class: whether its code is torch's, the attribute names its
+        # modules' state may be read by (``None``: any), and the modules
+        # held by what its code reads past its modules.
+        by_class: Dict[type, Tuple[bool, Optional[Set[str]], List]] = {}
+        for path, module in walk:
+            cls = type(module)
+            info = by_class.get(cls)
+            if info is None:
+                own_code = not _is_torch_class(cls)
+                names = None
+                if read_above is not None and \
+                        cls.__call__ is nn.Module.__call__ and \
+                        cls._call_impl is nn.Module._call_impl:
+                    if not own_code:
+                        names = read_above
+                    elif not _reads_any_attribute(cls):
+                        names = read_above | _forward_code_reads(cls)[1]
+                info = by_class[cls] = (
+                    own_code, names,
+                    _held_by_code_reads(module) if own_code else [])
+            own_code, names, code_held = info
             if id(module) in self.leaf_layers and not own_code:
                 continue  # torch's layers call nothing they hold
             state = module.__dict__
+            keys = state.keys() - MODULE_INTERNALS
+            if names is not None and 'forward' not in state:
+                keys &= names  # (not for a forward of its own)
             held = [
-                found for key in state.keys() - MODULE_INTERNALS
-                if not _holds_nothing(state[key])
+                found for key in keys if not _holds_nothing(state[key])
                 for found in modules_held_in(state[key], _HELD_DEPTH)
             ]
-            if own_code:
-                held.extend(_held_by_code_reads(module))
+            held.extend(code_held)
             if not held:
                 continue
             index, start, end = subtree_span(module)
