@@ -159,24 +159,28 @@ class ModuleForwardTracer(fx.Tracer):
         self.state_storages: Optional[Dict[int, str]] = None
         # Every traced value made, weakly: one still alive after the trace
         # (but the tracer's own) was kept somewhere.
-        self.made: 'weakref.WeakSet[fx.Proxy]' = weakref.WeakSet()
+        self.made: List[weakref.ref] = []
 
     def kept_values(self) -> int:
         """How many traced values outlive the trace, the tracer's own
         ``get_attr`` proxies aside (after a garbage collection, where any
         seem to: a reference cycle of the model's code may hold some
         until then)."""
-        own = {id(proxy) for proxy in self.tensor_proxies.values()}
-        kept = sum(1 for value in list(self.made) if id(value) not in own)
+        def count() -> int:
+            alive = [ref() for ref in self.made]
+            own = {id(proxy) for proxy in self.tensor_proxies.values()}
+            return sum(1 for value in alive
+                       if value is not None and id(value) not in own)
+
+        kept = count()
         if kept:
             gc.collect()
-            kept = sum(1 for value in list(self.made)
-                       if id(value) not in own)
+            kept = count()
         return kept
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         value = _TracedValue(node, self)
-        self.made.add(value)
+        self.made.append(weakref.ref(value))
         return value
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -281,19 +285,32 @@ class ModuleForwardTracer(fx.Tracer):
         ``tensor`` shares (a ``detach()`` or ``state_dict()`` read of
         it, which the graph would hold as a constant), or ``None``."""
         if self.state_storages is None:
-            self.state_storages = {}
-            for path, module in walk_modules(self.root):
-                for table in ('_parameters', '_buffers'):
-                    # (Past the trace's tables, which hand out proxies.)
-                    entries = module.__dict__.get(table) or {}
-                    for name, value in (dict.items(entries) if isinstance(
-                            entries, dict) else entries.items()):
-                        pointer = _storage_pointer(value)
-                        if pointer:
-                            self.state_storages.setdefault(
-                                pointer, f'{path}.{name}' if path else name)
+            # (The same for every trace of a discovery: no module changes.)
+            memo = unchanged_memo('state storages')
+            known = None if memo is None else memo.get(id(self.root))
+            if known is not None and known[0] is self.root:
+                self.state_storages = known[1]
+            else:
+                self.state_storages = self._state_storages()
+                if memo is not None:
+                    memo[id(self.root)] = (self.root, self.state_storages)
         pointer = _storage_pointer(tensor)
         return self.state_storages.get(pointer) if pointer else None
+
+    def _state_storages(self) -> Dict[int, str]:
+        """The root's parameters and buffers by where their memory lies."""
+        storages: Dict[int, str] = {}
+        for path, module in walk_modules(self.root):
+            for table in ('_parameters', '_buffers'):
+                # (Past the trace's tables, which hand out proxies.)
+                entries = module.__dict__.get(table) or {}
+                for name, value in (dict.items(entries) if isinstance(
+                        entries, dict) else entries.items()):
+                    pointer = _storage_pointer(value)
+                    if pointer:
+                        storages.setdefault(
+                            pointer, f'{path}.{name}' if path else name)
+        return storages
 
     def create_node(self, kind: str, target: Any, args: Tuple[Any, ...],
                     kwargs: Dict[str, Any], name: Optional[str] = None,
@@ -913,13 +930,21 @@ _MODE_FUNCTIONS = {
 def _mode_reads(cls: type) -> List[str]:
     """The reads of the grad, inference, autocast or tracing mode that the
     code of ``cls`` and the functions it names may make, by name or by
-    another name for the same function."""
+    another name for the same function (kept while no module
+    changes)."""
+    memo = unchanged_memo('mode reads')
+    known = None if memo is None else memo.get(cls)
+    if known is not None:
+        return known
     found = set()
     for scope, names in _code_reads(cls):
         found.update(_MODE_READS.intersection(names))
         found.update(name for name in names
                      if id(scope.get(name)) in _MODE_FUNCTIONS)
-    return sorted(found)
+    known = sorted(found)
+    if memo is not None:
+        memo[cls] = known
+    return known
 
 
 #: What a global or class attribute may be without being state a forward
@@ -935,15 +960,20 @@ def reads_shared_containers(cls: type) -> bool:
     holds state: a container or an object with attributes of its own
     (``RES[id(self)]``, ``CONFIG.residual``), which a trace of another
     module of ``cls`` does not share."""
+    memo = unchanged_memo('shared containers')
+    known = None if memo is None else memo.get(cls)
+    if known is not None:
+        return known
     namespaces = class_namespaces(cls)
-    for scope, names in _code_reads(cls):
-        for name in names:
-            for holder in [scope] + namespaces:
-                value = holder.get(name, _NOTHING)
-                if value is not _NOTHING and not is_plain(value) and \
-                        not isinstance(value, _NOT_STATE):
-                    return True
-    return False
+    found = any(
+        value is not _NOTHING and not is_plain(value)
+        and not isinstance(value, _NOT_STATE)
+        for scope, names in _code_reads(cls) for name in names
+        for value in (holder.get(name, _NOTHING)
+                      for holder in [scope] + namespaces))
+    if memo is not None:
+        memo[cls] = found
+    return found
 
 
 def _class_traced_value(classes: List[Tuple[type, Dict[str, Any]]]) -> str:
