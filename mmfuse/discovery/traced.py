@@ -122,6 +122,24 @@ def _tensors_in(tree: Any) -> List[Tensor]:
     return found
 
 
+_SCALAR_TYPES = frozenset({int, float, bool, str, type(None)})
+
+
+def _no_tensor(value: Any, depth: int = 3) -> bool:
+    """Whether ``value`` plainly holds no tensor: a number, a string,
+    ``None``, or a tuple, list or dict of those (a module's settings, a
+    config dict), ``depth`` levels deep."""
+    if isinstance(value, _SCALARS):
+        return True
+    if depth <= 0:
+        return False
+    if type(value) in (tuple, list):
+        return all(_no_tensor(item, depth - 1) for item in value)
+    if isinstance(value, dict):
+        return all(_no_tensor(item, depth - 1) for item in dict.values(value))
+    return False
+
+
 def _eager():
     """A context in which compiled modules and functions run eagerly
     (``torch.compile``'s stance): the pass's global hooks must see every
@@ -641,22 +659,25 @@ class TracedForward:
         """A layer whose parameters or buffers the forward set (``self.conv
         .weight = self.shared``): the next call would set them again over
         a fold's."""
-        for layer, state in zip(self.modules, (before.get(id(m))
-                                               for m in self.modules)):
-            if state is not None and state != [
-                    (name, id(t)) for table in (layer._parameters,
-                                                layer._buffers)
-                    for name, t in table.items()]:
+        after = self.layer_state()
+        for layer in self.modules:
+            state = before.get(id(layer))
+            if state is not None and state != after[id(layer)]:
                 self.nested_layers.setdefault(id(layer), (layer, None))
 
     def note_kept_in_state(self) -> None:
         """A value the pass left in a module's attributes (``self.prev =
         y``, ``self.add.ref = y``) may be read later, by a call or a
         module it was not passed to: it counts as consumed there."""
+        scalars = _SCALAR_TYPES
         for path, module in walk_modules(self.model):
             for name, value in module.__dict__.items():
+                kind = type(value)
+                if kind in scalars or (kind is tuple and all(
+                        type(item) in scalars for item in value)):
+                    continue  # (most settings: ints, flags, sizes)
                 if name in MODULE_INTERNALS or \
-                        isinstance(value, (nn.Module, ) + _SCALARS):
+                        isinstance(value, nn.Module) or _no_tensor(value):
                     continue
                 for tensor in _tensors_in(value):
                     key = self.last.get(id(tensor))
