@@ -738,3 +738,49 @@ def test_traced_values_kept_only_by_a_cycle_do_not_fail_the_trace():
             gc.enable()
     assert rel < 1e-5
     identity_at(fused, ['bn'])
+
+
+class PreNormResidual(nn.Module):
+    """A norm before a 1x1 conv, the conv's output added in place to the
+    norm's input afterwards (``x += conv(bn(x))``): the change comes
+    after the conv read the norm's output, and the fold is exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = x * 1
+        x += self.conv(self.bn(x))
+        return x
+
+
+class TracingFlag(ConvBN):
+    """A module flag named like a function that reads a mode."""
+
+    is_tracing = False
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y * 2 if self.is_tracing else y
+
+
+@pytest.mark.parametrize('model, traced', [(PreNormResidual, True),
+                                           (TracingFlag, False)])
+def test_changes_after_the_conv_and_flags_named_like_modes_fold(
+        model, traced):
+    """Refused before (a review of the mends): a change in place counted
+    wherever it came, and a flag counted as a mode read by its name."""
+    model = randomize_norm_stats(model().eval())
+    with torch.no_grad():
+        reference = model(X)
+    if traced:
+        report = mmfuse.fuse_model(model, (X, ), verify=False,
+                                   reparameterize=False)
+        assert [fold.norm for fold in report.folded] == ['bn']
+    else:
+        mmfuse.fuse_conv_bn(model)
+        identity_at(model, ['bn'])
+    with torch.no_grad():
+        assert output_error(reference, model(X))[1] < 1e-5

@@ -828,13 +828,15 @@ def trace_module_forward(root: nn.Module,
 
 _NOTHING = object()
 
-#: Functions that read the grad, inference or autocast mode: a forward
-#: that names one may branch on it, and the mode of the trace need not be
-#: that of the calls (``if torch.is_grad_enabled(): ...``).
+#: Functions that read the grad, inference, autocast or fx-tracing mode:
+#: a forward that names one may branch on it, and the mode of the trace
+#: need not be that of the calls (``if torch.is_grad_enabled(): ...``).
+#: (Names a flag may have too, ``is_tracing``, count only where they are
+#: one of these functions: :data:`_MODE_FUNCTIONS`.)
 _MODE_READS = frozenset({
     'is_grad_enabled', 'is_inference_mode_enabled', 'is_autocast_enabled',
     'is_autocast_cpu_enabled', 'get_autocast_dtype', 'get_autocast_gpu_dtype',
-    'get_autocast_cpu_dtype', 'is_fx_tracing', 'is_tracing', 'is_compiling'
+    'get_autocast_cpu_dtype', 'is_fx_tracing'
 })
 
 
@@ -921,7 +923,6 @@ _MODE_FUNCTIONS = {
         getattr(torch, 'is_autocast_enabled', None),
         getattr(torch, 'get_autocast_dtype', None),
         getattr(torch.fx._symbolic_trace, 'is_fx_tracing', None),
-        getattr(torch.jit, 'is_tracing', None),
         getattr(torch.compiler, 'is_compiling', None),
     ) if function is not None
 }

@@ -217,11 +217,13 @@ class _OpCall:
 class _ModuleCall:
     """One call of a leaf module."""
     __slots__ = ('module', 'site', 'inputs', 'outputs', 'occurrence',
-                 'channels_dim_ok', 'caller')
+                 'channels_dim_ok', 'caller', 'order')
 
     def __init__(self, module: nn.Module, site: Site, inputs: List[Key],
-                 caller: Optional[nn.Module] = None):
+                 caller: Optional[nn.Module] = None, order: int = 0):
         self.module = module
+        # When it ran, among the calls and changes in place recorded.
+        self.order = order
         self.site = site
         self.caller = caller
         self.inputs = inputs
@@ -249,8 +251,10 @@ class _Write:
     norm is folded away its output is that value, and the change would
     reach it too."""
 
-    def __init__(self, by: Any):
+    def __init__(self, by: Any, order: int):
         self.by = by
+        # When it happened, among the calls and changes recorded.
+        self.order = order
 
     def describe(self) -> str:
         return f'a change in place by {self.by.describe()}'
@@ -338,6 +342,8 @@ class TracedForward:
             for tensor in table.values() if tensor is not None
         }
         self.read_layers: Dict[int, nn.Module] = {}
+        # How many leaf calls and changes in place were recorded so far.
+        self.order = 0
         # Convs and norms called inside a leaf's call, with the leaf's
         # class, by ``id``.
         self.layer_ids = {
@@ -429,7 +435,8 @@ class TracedForward:
         count the change as a consumer of the value as it was."""
         for before, after in zip(previous, now):
             if before is not None and before != after:
-                self.consumers[before].append(_Write(by))
+                self.order += 1
+                self.consumers[before].append(_Write(by, self.order))
 
     def source(self, key: Key) -> Tuple[Key, bool]:
         """``(source, through_conv)`` of the value ``key`` (itself if it
@@ -545,8 +552,10 @@ class TracedForward:
         try:
             tensors = _tensors_in(args)
             previous = [self.last.get(id(t)) for t in tensors]
+            self.order += 1
             call = _ModuleCall(module, self.resolve_site(caller, module),
-                               [self.key(t) for t in tensors], caller)
+                               [self.key(t) for t in tensors], caller,
+                               self.order)
             self.note_writes(previous, call.inputs, call)
             call.channels_dim_ok = _batched(module, _tensors_in(args))
             for key in call.inputs:
@@ -817,13 +826,15 @@ class TracedForward:
             out = call.outputs[0]
             users = self.consumers.get(out, [])
             # (Once folded, the norm's output is its input: neither may
-            # change in place after the norm read it.)
+            # change in place between the norm's call and the conv's.)
             if len(users) == 1 and isinstance(users[0], _ModuleCall) and \
                     users[0].occurrence is not None and \
                     is_conv_layer(users[0].module) and \
                     users[0].inputs == [out] and users[0].channels_dim_ok \
-                    and not any(isinstance(c, _Write) for c in
-                                self.consumers.get(call.inputs[0], ())):
+                    and not any(
+                        isinstance(c, _Write)
+                        and call.order < c.order < users[0].order
+                        for c in self.consumers.get(call.inputs[0], ())):
                 evidence.link(PRE, occ, [users[0].occurrence], 'traced')
             else:
                 occ.reason = self.describe_source(call.inputs[0], call)
