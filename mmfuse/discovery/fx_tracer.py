@@ -664,6 +664,26 @@ def is_plain(value: Any) -> bool:
         type(item) in _PLAIN_TYPES for item in value))
 
 
+def holds_only_settings(value: Any, also: Tuple[type, ...] = (),
+                        depth: int = 3) -> bool:
+    """Whether ``value`` is plainly settings, holding no module or tensor
+    of a model's: a number, a string, ``None``, an instance of ``also``,
+    or a tuple, list or dict of those (a config dict), ``depth`` levels
+    deep; ``False`` where that is not plain."""
+    kind = type(value)
+    if kind in _PLAIN_TYPES or (also and isinstance(value, also)):
+        return True
+    if depth <= 0:
+        return False
+    if kind is tuple or kind is list:
+        return all(holds_only_settings(item, also, depth - 1)
+                   for item in value)
+    if isinstance(value, dict):
+        return all(holds_only_settings(item, also, depth - 1)
+                   for item in dict.values(value))
+    return False
+
+
 def modules_held_in(value: Any, depth: int = 4) -> List[nn.Module]:
     """The modules ``value`` is or holds, ``depth`` levels deep at most
     (see :func:`_held_values`)."""
@@ -787,10 +807,10 @@ def trace_module_forward(root: nn.Module,
     contents = [(value, copy.copy(value)) for module, attributes in saved
                 if module is root or module._modules
                 for value in _containers(module, attributes)]
-    # And those of the globals its forward names (``FEATS.append(y)``),
-    # and the attributes of its classes (``type(self).last = y``).
+    # And those of the globals its code names (``FEATS.append(y)``), and
+    # the attributes of its classes (``type(self).last = y``).
     contents.extend((value, copy.copy(value))
-                    for value in _global_containers(type(root).forward))
+                    for value in _global_containers(type(root)))
     classes = [(cls, dict(cls.__dict__)) for cls in type(root).__mro__
                if not _is_library_class(cls)]
     try:
@@ -857,17 +877,16 @@ def _global_names(code: types.CodeType) -> Tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def _global_containers(forward: Any) -> List[Any]:
-    """The dicts, lists and sets held by the globals ``forward`` names."""
-    function = getattr(forward, '__func__', forward)
-    code = getattr(function, '__code__', None)
-    scope = getattr(function, '__globals__', None)
-    if code is None or scope is None:
-        return []
-    return [
-        scope[name] for name in _global_names(code)
-        if isinstance(scope.get(name), (dict, list, set))
-    ]
+def _global_containers(cls: type) -> List[Any]:
+    """The dicts, lists and sets held by the globals the code of ``cls``
+    names (see :func:`_code_reads`), each once."""
+    found: Dict[int, Any] = {}
+    for scope, names in _code_reads(cls):
+        for name in names:
+            value = scope.get(name)
+            if isinstance(value, (dict, list, set)):
+                found.setdefault(id(value), value)
+    return list(found.values())
 
 
 def _code_reads(cls: type) -> List[Tuple[Dict[str, Any], Tuple[str, ...]]]:

@@ -47,7 +47,8 @@ from ..module_walk import (SubtreeIndex, find_submodule, subtree_span,
                            unchanged_memo, walk_modules)
 from ..plan import CONCAT, POST, PRE, SUM
 from .fx_tracer import (MODULE_INTERNALS, TENSOR_METADATA, class_namespaces,
-                        code_kind, functions_in, modules_held_in)
+                        code_kind, functions_in, holds_only_settings,
+                        modules_held_in)
 from .occurrence import Evidence, Occurrence
 from .trace_cache import TraceCache
 
@@ -449,8 +450,7 @@ _WALKS = frozenset({
     'get_parameter', 'get_buffer', '__dict__', 'vars', '__getattribute__',
     '__getattr__', '_named_members'
 })
-#: Types of attribute values that hold nothing.
-_SCALARS = frozenset({bool, int, float, str, type(None)})
+#: Values that hold no module, besides numbers and strings.
 _NO_HOLDERS = (torch.device, torch.dtype, torch.Tensor, types.ModuleType)
 #: How deep in containers and objects a module held outside the module
 #: tables is looked for.
@@ -472,8 +472,8 @@ def _is_torch_class(cls: type) -> bool:
 def _held_by_code_reads(module: nn.Module) -> List[nn.Module]:
     """The modules held by the globals and class attributes that the code
     a call of ``module`` may run reads (a global list of layers, a class
-    attribute holding one): see :func:`_reads_held_modules`.  The same for
-    every module of a class: kept while no module changes."""
+    attribute holding one).  The same for every module of a class: kept
+    while no module changes."""
     cls = type(module)
     memo = unchanged_memo('held by code reads')
     known = None if memo is None else memo.get(cls)
@@ -482,7 +482,7 @@ def _held_by_code_reads(module: nn.Module) -> List[nn.Module]:
     scopes, names = _forward_code_reads(cls)
     found = [
         held for scope in scopes for name in names if name in scope
-        and not _holds_nothing(scope[name])
+        and not holds_only_settings(scope[name], _NO_HOLDERS)
         for held in modules_held_in(scope[name], _HELD_DEPTH)
     ]
     found.extend(
@@ -494,24 +494,6 @@ def _held_by_code_reads(module: nn.Module) -> List[nn.Module]:
     if memo is not None:
         memo[cls] = found
     return found
-
-
-def _holds_nothing(value: Any, depth: int = 3) -> bool:
-    """Whether ``value`` is plainly no holder of modules: a number, a
-    string, ``None``, or a tuple, list or dict of those (a config dict),
-    ``depth`` levels deep; ``False`` where that is not plain (then
-    ``modules_held_in`` looks)."""
-    kind = type(value)
-    if kind in _SCALARS or isinstance(value, _NO_HOLDERS):
-        return True
-    if depth <= 0:
-        return False
-    if kind is tuple or kind is list:
-        return all(_holds_nothing(item, depth - 1) for item in value)
-    if isinstance(value, dict):
-        return all(
-            _holds_nothing(item, depth - 1) for item in dict.values(value))
-    return False
 
 
 #: Methods of a module that run a function on every module below it:
@@ -905,16 +887,7 @@ def _reads_held_modules(module: nn.Module) -> bool:
     """Whether the code a call of ``module`` may run reads a global or an
     attribute of its class that holds modules (a registry dict, a class
     attribute set to a child): a way past its module tables."""
-    scopes, names = _forward_code_reads(type(module))
-    return any(
-        modules_held_in(scope.get(name))
-        for scope in scopes for name in names if name in scope) or any(
-            not isinstance(namespace.get(name), (types.FunctionType,
-                                                 property, staticmethod,
-                                                 classmethod))
-            and modules_held_in(namespace.get(name))
-            for namespace in class_namespaces(type(module))
-            for name in names if name in namespace)
+    return bool(_held_by_code_reads(module))
 
 
 def _members_named(module: nn.Module, names: frozenset,
@@ -1622,7 +1595,8 @@ class _StructuralCollector:
             if names is not None and 'forward' not in state:
                 keys &= names  # (not for a forward of its own)
             held = [
-                found for key in keys if not _holds_nothing(state[key])
+                found for key in keys
+                if not holds_only_settings(state[key], _NO_HOLDERS)
                 for found in modules_held_in(state[key], _HELD_DEPTH)
             ]
             held.extend(code_held)

@@ -33,7 +33,7 @@ from ..layers import is_conv_layer, is_norm_layer
 from ..module_walk import find_submodule, has_children, walk_modules
 from ..output_tree import tensors_in
 from ..plan import CONCAT, POST, PRE, SUM
-from .fx_tracer import MODULE_INTERNALS
+from .fx_tracer import MODULE_INTERNALS, holds_only_settings, is_plain
 from .occurrence import Evidence, Occurrence, Site
 
 __all__ = ['collect_traced_evidence', 'TracedForward']
@@ -122,22 +122,8 @@ def _tensors_in(tree: Any) -> List[Tensor]:
     return found
 
 
-_SCALAR_TYPES = frozenset({int, float, bool, str, type(None)})
-
-
-def _no_tensor(value: Any, depth: int = 3) -> bool:
-    """Whether ``value`` plainly holds no tensor: a number, a string,
-    ``None``, or a tuple, list or dict of those (a module's settings, a
-    config dict), ``depth`` levels deep."""
-    if isinstance(value, _SCALARS):
-        return True
-    if depth <= 0:
-        return False
-    if type(value) in (tuple, list):
-        return all(_no_tensor(item, depth - 1) for item in value)
-    if isinstance(value, dict):
-        return all(_no_tensor(item, depth - 1) for item in dict.values(value))
-    return False
+#: What a module's settings may also hold, besides numbers and strings.
+_SETTINGS = (torch.dtype, torch.device)
 
 
 def _eager():
@@ -678,15 +664,13 @@ class TracedForward:
         """A value the pass left in a module's attributes (``self.prev =
         y``, ``self.add.ref = y``) may be read later, by a call or a
         module it was not passed to: it counts as consumed there."""
-        scalars = _SCALAR_TYPES
         for path, module in walk_modules(self.model):
             for name, value in module.__dict__.items():
-                kind = type(value)
-                if kind in scalars or (kind is tuple and all(
-                        type(item) in scalars for item in value)):
+                if is_plain(value):
                     continue  # (most settings: ints, flags, sizes)
                 if name in MODULE_INTERNALS or \
-                        isinstance(value, nn.Module) or _no_tensor(value):
+                        isinstance(value, nn.Module) or \
+                        holds_only_settings(value, _SETTINGS):
                     continue
                 for tensor in _tensors_in(value):
                     key = self.last.get(id(tensor))
