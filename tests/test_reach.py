@@ -1130,3 +1130,58 @@ def test_more_ways_past_the_trace_keep_the_norm(model, kept, folded):
         assert output_error(reference, model(X))[1] < 1e-5
     kept_at(model, kept)
     identity_at(model, folded)
+
+
+# -- a head iterated only where it is a list of heads --------------------
+
+
+class IterableBlock(Block):
+    """A block that can be iterated: its conv, then its norm."""
+
+    def __iter__(self):
+        return iter([self.conv, self.bn])
+
+
+class AuxiliaryHeads(nn.Module):
+    """An mmseg segmentor's training step: a list of auxiliary heads is
+    iterated, a single head called (its forward is not traced: the mode
+    argument has a default).  In ``'taps'`` mode the heads' layers are run
+    one by one and the output of each kept."""
+
+    def __init__(self, aux: nn.Module):
+        super().__init__()
+        self.backbone = stem()
+        self.aux = aux
+
+    def forward(self, x, mode='tensor'):
+        y = self.backbone(x)
+        if mode == 'tensor':
+            return y
+        if mode == 'taps' or isinstance(self.aux, nn.ModuleList):
+            outs = []
+            for layer in self.aux:
+                y = layer(y)
+                outs.append(y)
+            return tuple(outs)
+        return self.aux(y)
+
+
+def test_a_head_iterated_only_where_it_is_a_list_folds():
+    # Iterating a module that cannot be iterated fails: that path cannot
+    # reach into the block (it was taken to reach anywhere below it).
+    fused, _, rel = fuse_and_compare(AuxiliaryHeads(Block(8)), (X, 'loss'),
+                                     traced=False)
+    assert rel < 1e-5
+    identity_at(fused, ['backbone.1', 'aux.bn'])
+
+
+@pytest.mark.parametrize('aux', [
+    lambda: IterableBlock(8),
+    lambda: nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)),
+])
+def test_a_head_that_can_be_iterated_stays_where_it_is(aux):
+    model = AuxiliaryHeads(aux())
+    fused, _, rel = fuse_and_compare(model, (X, 'taps'), traced=False)
+    assert rel < 1e-5
+    kept_at(fused, ['aux.bn' if isinstance(model.aux, Block) else 'aux.1'])
+    identity_at(fused, ['backbone.1'])

@@ -461,7 +461,7 @@ def _reads_any_attribute(cls: type) -> bool:
     """Whether the code of ``cls`` may read an attribute of its module not
     by name: it hands the module on, walks modules, or calls ``getattr``
     with a name made at run time."""
-    deep, _, _, _, taken, hands_on = _forward_code(cls)
+    deep, _, _, _, taken, hands_on, _ = _forward_code(cls)
     return hands_on or bool(deep & _WALKS) or '' in taken
 
 
@@ -508,7 +508,8 @@ _FORWARD_CODE: 'weakref.WeakKeyDictionary[type, Tuple]' = \
 
 def _forward_code(
     cls: type
-) -> Tuple[frozenset, frozenset, frozenset, frozenset, frozenset, bool]:
+) -> Tuple[frozenset, frozenset, frozenset, frozenset, frozenset, bool,
+           frozenset]:
     """What the code a call of a ``cls`` module may run does with names,
     read from its ``forward`` and, by the names that code uses, the
     methods and properties of ``cls`` and its bases but torch's (nested
@@ -527,7 +528,9 @@ def _forward_code(
       does not just index (``self.layers[i]``);
     * whether it may hand the module itself on: its first parameter
       loaded for anything but an attribute read (``helper(self)``), or
-      ``getattr`` of anything else than the module.
+      ``getattr`` of anything else than the module;
+    * of the attributes it takes, those it neither just indexes nor just
+      iterates (``helper(self.block)``, ``self.block.apply(fn)``).
     """
     # (Checked once while no module changes: classes do not either.)
     checked = unchanged_memo('forward code')
@@ -549,6 +552,7 @@ def _forward_code(
     deep_indexed: Set[str] = set()
     values: Set[str] = set()
     taken: Set[str] = set()
+    passed: Set[str] = set()
     hands_on = computed = lists_taken = False
     # (Function, whether its first parameter is the module.)
     pending = [(f, True) for f in functions_in(forward)]
@@ -590,6 +594,7 @@ def _forward_code(
                     if on_me:
                         values.add(op.argval)
                         taken.add(op.argval)
+                        passed.add(op.argval)
                     else:
                         deep.add(op.argval)
                         deep_taken.add(op.argval)
@@ -598,7 +603,7 @@ def _forward_code(
                     deep.add(op.argval)
                     if op.opname == 'LOAD_ATTR' and not called:
                         use = _use_of(ops, index)
-                        if use == 'taken':
+                        if use in ('taken', 'iterated'):
                             deep_taken.add(op.argval)
                         elif use == 'indexed':
                             deep_indexed.add(op.argval)
@@ -610,6 +615,8 @@ def _forward_code(
                     if use != 'tested':
                         values.add(op.argval)
                     if use == 'taken':
+                        passed.add(op.argval)
+                    if use in ('taken', 'iterated'):
                         taken.add(op.argval)
                 if op.opname in ('LOAD_FAST', 'LOAD_DEREF') and \
                         op.argval == me and (following is None or
@@ -631,6 +638,7 @@ def _forward_code(
                             if isinstance(name, str):
                                 values.add(name)
                                 taken.add(name)
+                                passed.add(name)
                             else:
                                 lists_taken = True
                     elif previous is None or previous.argval not in _LOOKS:
@@ -655,8 +663,10 @@ def _forward_code(
                              for name in named if name not in namespace)
     if lists_taken:
         taken.add('')  # (some list of modules: see ``_reached_below``)
+        passed.add('')
     result = (frozenset(deep), frozenset(deep_taken), frozenset(deep_indexed),
-              frozenset(values), frozenset(taken), hands_on)
+              frozenset(values), frozenset(taken), hands_on,
+              frozenset(passed))
     # Each lookup once (the loops above look again for every function).
     looked_up = list({(id(namespace), name): (namespace, name, value)
                       for namespace, name, value in looked_up}.values())
@@ -742,6 +752,10 @@ def _called_after(ops: List[Any], index: int) -> bool:
 
 #: Calls that only look at what they are given.
 _LOOKS = frozenset({'len', 'isinstance', 'hasattr', 'id', 'bool', 'type'})
+#: Calls that iterate what they are given first (which fails on a module
+#: that cannot be iterated).
+_ITERATES = frozenset({'enumerate', 'iter', 'list', 'tuple', 'zip',
+                       'reversed'})
 
 
 def _use_of(ops: List[Any], index: int) -> str:
@@ -749,7 +763,8 @@ def _use_of(ops: List[Any], index: int) -> str:
     ``ops`` pushes: ``'tested'`` (its truth, ``is None``; or given to
     ``len``, ``isinstance``...), ``'indexed'`` (what a subscript indexes,
     ``self.layers[n - 1 - i]``, followed through the index expression by
-    the stack effects of its instructions) or ``'taken'`` (anything
+    the stack effects of its instructions), ``'iterated'`` (``for m in
+    self.layers``, ``enumerate(self.layers)``) or ``'taken'`` (anything
     else)."""
     following = ops[index + 1] if index + 1 < len(ops) else None
     if following is None:
@@ -760,6 +775,11 @@ def _use_of(ops: List[Any], index: int) -> str:
     if callee is not None and callee.opname in ('LOAD_GLOBAL', 'LOAD_NAME') \
             and callee.argval in _LOOKS:
         return 'tested'  # ``len(self.layers)``, ``isinstance(self.x, T)``
+    if following.opname == 'GET_ITER' or (
+            callee is not None and callee.opname in ('LOAD_GLOBAL',
+                                                     'LOAD_NAME')
+            and callee.argval in _ITERATES):
+        return 'iterated'  # ``for m in self.layers``, ``enumerate(...)``
     after = ops[index + 2] if index + 2 < len(ops) else None
     if following.opname == 'LOAD_CONST' and following.argval is None and \
             after is not None and after.opname == 'IS_OP':
@@ -808,7 +828,10 @@ def _reached_below(module: nn.Module) -> Tuple[List[nn.Module], bool]:
     It may reach below every one where the code walks modules or tensors
     or hands the module on, or where the module holds modules outside its
     module table (a list, a partial); below a child it takes as a value
-    (``self.stem[0]``, a loop over a Sequential's layers); a layer below
+    (``self.stem[0]``, a loop over a Sequential's layers; not where it
+    only indexes or iterates a child that can be neither, which fails:
+    ``for head in self.aux_head`` under ``isinstance(self.aux_head,
+    nn.ModuleList)``, an mmseg segmentor's training step); a layer below
     them that the code reads by name (``self.block.conv``), and below a
     Sequential or list of modules so read other than to call it.  An
     entry taken from a list of modules by index is taken to be called (not
@@ -816,7 +839,7 @@ def _reached_below(module: nn.Module) -> Tuple[List[nn.Module], bool]:
     (``self.det.neck(x)``, ``self.det.head.predict(x)``), and
     ``getattr(self, name)`` to give a child or an attribute, not a method
     the code then calls."""
-    deep, deep_taken, deep_indexed, values, taken, hands_on = \
+    deep, deep_taken, deep_indexed, values, taken, hands_on, passed = \
         _forward_code(type(module))
     # (``''``: what ``getattr(self, name)`` gives, used other than called.)
     lists = '' in taken or any(
@@ -827,7 +850,8 @@ def _reached_below(module: nn.Module) -> Tuple[List[nn.Module], bool]:
     reached: List[nn.Module] = []
     for name, child in _callable_children(module):
         called.append(child)
-        if name in values:
+        # (Indexing or iterating a module that cannot be either fails.)
+        if name in values and (name in passed or _indexable(child)):
             reached.append(child)  # taken as a value, not called
     if hands_on or deep & _WALKS or any(
             key not in MODULE_INTERNALS and modules_held_in(value)
