@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Tuple
 
 __all__ = [
-    'POST', 'PRE', 'SUM', 'CONCAT', 'ConvTarget', 'Fold', 'Skip', 'FusionPlan'
+    'POST', 'PRE', 'SUM', 'CONCAT', 'NOT_RUN', 'ConvTarget', 'Fold', 'Skip',
+    'FusionPlan'
 ]
 
 #: A norm right after a conv: folded into the conv's output channels.
@@ -20,6 +21,9 @@ PRE = 'pre'
 SUM = 'sum'
 #: A norm over a channel concat of convs: each conv takes its slice.
 CONCAT = 'concat'
+#: Added to a fold's evidence where the fold was proven from structure for
+#: layers that a traced forward pass never ran (``fuse_model``).
+NOT_RUN = 'not run by the example input'
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,9 @@ class Fold:
         norm_sites: Every path where the norm is replaced by an identity.
         convs: The layers that absorb it.
         evidence: How the data flow was proven (``'traced'``,
-            ``'sequential'``, ``'conv_module'``, ``'fx'``).
+            ``'sequential'``, ``'conv_module'``, ``'fx'``; with
+            ``'; '`` and :data:`NOT_RUN` after it for layers the traced
+            pass of ``fuse_model`` did not run).
     """
     kind: str
     norm: str

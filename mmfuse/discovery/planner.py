@@ -23,11 +23,17 @@ from ..layers import (conv_fold_problem, conv_in_channels, conv_out_channels,
                       norm_fold_problem)
 from ..module_walk import find_submodule, has_children, walk_modules
 from ..plain_conv import plain_conv_of
-from ..plan import (CONCAT, POST, PRE, SUM, ConvTarget, Fold, FusionPlan,
-                    Skip)
+from ..plan import (CONCAT, NOT_RUN, POST, PRE, SUM, ConvTarget, Fold,
+                    FusionPlan, Skip)
 from .occurrence import Evidence, Link, Occurrence, Site
 
-__all__ = ['module_paths', 'plan_folds', 'plan_and_count']
+__all__ = [
+    'module_paths', 'plan_folds', 'plan_and_count', 'NOT_CALLED',
+    'folds_not_run'
+]
+
+#: Why a traced plan leaves a norm the forward pass never called.
+NOT_CALLED = 'not called in the traced forward pass'
 
 
 def module_paths(model: nn.Module) -> Dict[int, List[str]]:
@@ -90,7 +96,7 @@ class _Planner:
                 if id(holder) in self.unproven:
                     return self.unproven[id(holder)]
         if self.evidence.mode == 'traced':
-            return 'not called in the traced forward pass'
+            return NOT_CALLED
         return ('data flow not proven: not called as a module by any '
                 'analysable parent forward')
 
@@ -300,3 +306,35 @@ def plan_and_count(model: nn.Module,
     planner = _Planner(model, evidence, plain_convs)
     plan = planner.run()
     return plan, planner.num_norms, planner.num_foldable
+
+
+def folds_not_run(model: nn.Module, plan: FusionPlan,
+                  structural: FusionPlan, called: Set[int]) -> List[Fold]:
+    """The folds of ``structural`` (structure-only discovery of the same
+    model) that change nothing a traced forward pass ran: those of norms
+    ``plan``, made from the pass, leaves as never called
+    (:data:`NOT_CALLED`: an mmseg segmentor's auxiliary heads, run only in
+    its training step), into convs the pass never called either.  Their
+    evidence is marked :data:`~mmfuse.plan.NOT_RUN`, and their norms are
+    taken off ``plan.skipped``.
+
+    Args:
+        model: The model both plans were made for.
+        plan: The traced pass's plan; its ``skipped`` changes.
+        structural: The structure-only plan.
+        called: ``id`` of every conv and norm the pass saw called or
+            otherwise used.
+    """
+    not_run = {skip.name for skip in plan.skipped
+               if skip.reason == NOT_CALLED}
+    found = []
+    for fold in structural.folds:
+        if fold.norm not in not_run or any(
+                id(find_submodule(model, name)) in called
+                for name in fold.norm_sites +
+                tuple(target.name for target in fold.convs)):
+            continue
+        found.append(replace(fold, evidence=f'{fold.evidence}; {NOT_RUN}'))
+    folded = {fold.norm for fold in found}
+    plan.skipped = [skip for skip in plan.skipped if skip.name not in folded]
+    return found

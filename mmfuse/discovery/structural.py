@@ -35,7 +35,8 @@ import operator
 import sys
 import types
 import weakref
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import (Any, Collection, Dict, Iterator, List, Optional, Set,
+                    Tuple)
 
 import torch
 from torch import fx, nn
@@ -1101,7 +1102,8 @@ def _reads_a_proxy(error: Exception) -> bool:
 
 class _StructuralCollector:
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module,
+                 norms: Optional[Collection[int]] = None):
         self.model = model
         self.evidence = Evidence(mode='structural')
         self.traces = TraceCache(model)
@@ -1140,8 +1142,17 @@ class _StructuralCollector:
                 self.norms.add(id(m))
                 problem = self.evidence.norm_problems[id(m)] = \
                     norm_fold_problem(m)
-                if problem is None:
+                if problem is None and (norms is None or id(m) in norms):
                     self.foldable.add(id(m))
+        # Norms whose links are looked for (``None``: all).
+        self.wanted = None if norms is None else set(norms)
+
+    def link(self, kind: str, norm: Occurrence, convs: List[Occurrence],
+             evidence: str) -> None:
+        """Link ``norm`` to ``convs`` (see :meth:`Evidence.link`), where
+        its links are looked for."""
+        if self.wanted is None or id(norm.module) in self.wanted:
+            self.evidence.link(kind, norm, convs, evidence)
 
     def ancestors(self, module: nn.Module) -> List[nn.Module]:
         """Every module above ``module`` (through any of its names)."""
@@ -1203,14 +1214,14 @@ class _StructuralCollector:
                 continue
             prev = occs[index - 1]
             if prev is not None and is_conv_layer(prev.module):
-                self.evidence.link(POST, occ, [prev], 'sequential')
+                self.link(POST, occ, [prev], 'sequential')
         for index, occ in enumerate(occs):
             if occ is None or not self.is_norm(occ.module) or \
                     occ.link is not None or occ.reason is not None:
                 continue
             nxt = occs[index + 1] if index + 1 < len(occs) else None
             if nxt is not None and is_conv_layer(nxt.module):
-                self.evidence.link(PRE, occ, [nxt], 'sequential')
+                self.link(PRE, occ, [nxt], 'sequential')
             else:
                 before = type(items[index - 1][1]).__name__ \
                     if index > 0 else 'the Sequential input'
@@ -1239,9 +1250,9 @@ class _StructuralCollector:
                  if layer != 'act' or block.with_activation]
         conv_at, norm_at = order.index('conv'), order.index('norm')
         if norm_at == conv_at + 1:
-            self.evidence.link(POST, norm_occ, [conv_occ], 'conv_module')
+            self.link(POST, norm_occ, [conv_occ], 'conv_module')
         elif conv_at == norm_at + 1 and not block.with_explicit_padding:
-            self.evidence.link(PRE, norm_occ, [conv_occ], 'conv_module')
+            self.link(PRE, norm_occ, [conv_occ], 'conv_module')
         elif conv_at == norm_at + 1:
             norm_occ.reason = ('runs before an explicit padding layer and '
                                'the conv')
@@ -1365,13 +1376,13 @@ class _StructuralCollector:
             if convs is None:
                 pending.append((node, occ))
                 continue
-            self.evidence.link(kind, occ, [occs[c] for c in convs], 'fx')
+            self.link(kind, occ, [occs[c] for c in convs], 'fx')
         for node, occ in pending:
             users = list(node.users)
             if len(users) == 1 and users[0] in occs and \
                     is_conv_layer(occs[users[0]].module) and \
                     users[0].args == (node, ) and not users[0].kwargs:
-                self.evidence.link(PRE, occ, [occs[users[0]]], 'fx')
+                self.link(PRE, occ, [occs[users[0]]], 'fx')
             else:
                 occ.reason = self._describe(node.args[0])
 
@@ -1779,6 +1790,15 @@ class _StructuralCollector:
         return found
 
 
-def collect_structural_evidence(model: nn.Module) -> Evidence:
-    """Prove conv/norm data flow in ``model`` from its structure alone."""
-    return _StructuralCollector(model).run()
+def collect_structural_evidence(
+        model: nn.Module,
+        norms: Optional[Collection[int]] = None) -> Evidence:
+    """Prove conv/norm data flow in ``model`` from its structure alone.
+
+    Args:
+        model: The model.
+        norms: Only links of these norms (by ``id``) are looked for, the
+            others are taken as norms that cannot fold (less to trace);
+            by default those of every foldable norm.
+    """
+    return _StructuralCollector(model, norms).run()

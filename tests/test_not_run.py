@@ -1,0 +1,180 @@
+"""Layers an example input does not run (an mmseg segmentor's auxiliary
+heads, run only in its training step): ``fuse_model`` folds them where
+structure proves the data flow, as ``fuse_conv_bn`` does, and only where
+the traced pass called neither the norm nor its conv."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mmfuse
+from fusion_checks import changed_where_marked, identity_at, kept_at
+from mmfuse.discovery.planner import NOT_CALLED
+from mmfuse.plan import NOT_RUN
+from mmfuse.testing import randomize_norm_stats
+from mmfuse.verify import output_error
+
+X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def conv_bn(channels: int = 8) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+
+class AuxHead(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class Segmentor(nn.Module):
+    """The auxiliary head runs in ``'loss'`` mode only (the list branch is
+    an mmseg segmentor's: never taken for a single head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = conv_bn(3)
+        self.aux = AuxHead()
+        self.aux_seq = conv_bn()
+
+    def forward(self, x, mode='tensor'):
+        y = self.backbone(x)
+        if mode == 'tensor':
+            return y
+        if isinstance(self.aux, nn.ModuleList):
+            return tuple(head(y) for head in self.aux)
+        return self.aux(y) + self.aux_seq(y)
+
+
+class FeaturesHead(AuxHead):
+
+    def features(self, x):
+        return self.conv(x)
+
+
+class ConvAlsoRun(Segmentor):
+    """The auxiliary head's conv also runs in tensor mode, without its
+    norm, through a method structure takes to call the head's layers as
+    its forward does (an assumption, see the README): folding the norm
+    into it would change the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux = FeaturesHead()
+
+    def forward(self, x, mode='tensor'):
+        y = self.backbone(x)
+        if mode == 'tensor':
+            return self.aux.features(y)
+        return self.aux(y) + self.aux_seq(y)
+
+
+def _fused(model: nn.Module, **options) -> mmfuse.FusionReport:
+    return mmfuse.fuse_model(model, (X, ), **options)
+
+
+@pytest.mark.parametrize('verify', [True, False])
+def test_layers_the_input_does_not_run_fold_from_structure(verify):
+    model = randomize_norm_stats(Segmentor().eval(), seed=1)
+    fused = copy.deepcopy(model)
+    report = _fused(fused, verify=verify)
+    assert sorted(report.folded_names) == ['aux.bn', 'aux_seq.1',
+                                           'backbone.1']
+    assert not report.left
+    evidence = {fold.norm: fold.evidence for fold in report.folded}
+    assert evidence['aux.bn'].endswith(NOT_RUN)
+    assert evidence['aux_seq.1'] == f'sequential; {NOT_RUN}'
+    assert NOT_RUN not in evidence['backbone.1']
+    identity_at(fused, ['aux.bn', 'aux_seq.1', 'backbone.1'])
+    with torch.no_grad():
+        # The mode the example input did not run gives the same output.
+        assert output_error(model(X, 'loss'), fused(X, 'loss'))[1] < 1e-5
+    plan = mmfuse.discover_folds(model, (X, ))
+    assert sorted(fold.norm for fold in plan.folds) == sorted(
+        report.folded_names)
+
+
+def test_a_norm_not_run_stays_where_its_conv_was_run():
+    model = randomize_norm_stats(ConvAlsoRun().eval(), seed=1)
+    fused = copy.deepcopy(model)
+    report = _fused(fused)
+    assert not report.undone  # left, not folded and then undone
+    left = {skip.name: skip.reason for skip in report.left}
+    assert left['aux.bn'] == NOT_CALLED
+    kept_at(fused, ['aux.bn'])
+    # (Structure alone folds it: what the trace adds.)
+    identity_at(mmfuse.fuse_conv_bn(copy.deepcopy(model)), ['aux.bn'])
+    identity_at(fused, ['aux_seq.1'])
+    with torch.no_grad():
+        for mode in ('tensor', 'loss'):
+            assert output_error(model(X, mode), fused(X, mode))[1] < 1e-5
+
+
+def test_layers_not_run_stay_under_global_hooks():
+    # A global hook may act on the layers when they do run; nothing would
+    # judge their folds.
+    model = randomize_norm_stats(Segmentor().eval(), seed=1)
+    with changed_where_marked('never_marked', lambda output: output):
+        report = _fused(copy.deepcopy(model))
+    assert report.folded_names == ['backbone.1']
+    left = {skip.name: skip.reason for skip in report.left}
+    assert left == {'aux.bn': NOT_CALLED, 'aux_seq.1': NOT_CALLED}
+
+
+def test_fold_not_run_false_leaves_them():
+    model = randomize_norm_stats(Segmentor().eval(), seed=1)
+    fused = copy.deepcopy(model)
+    report = _fused(fused, fold_not_run=False)
+    assert report.folded_names == ['backbone.1']
+    left = {skip.name: skip.reason for skip in report.left}
+    assert left == {'aux.bn': NOT_CALLED, 'aux_seq.1': NOT_CALLED}
+    kept_at(fused, ['aux.bn', 'aux_seq.1'])
+
+
+class UsesConv(nn.Module):
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(x) * 2
+
+
+class SharedNotRun(nn.Module):
+    """Two heads the example input does not run share a conv: one runs
+    it before its norm, the other without."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = conv_bn(3)
+        conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Sequential(conv, nn.BatchNorm2d(8))
+        self.plain = UsesConv(conv)
+
+    def forward(self, x, mode='tensor'):
+        y = self.backbone(x)
+        if mode == 'tensor':
+            return y
+        return self.head(y) + self.plain(y)
+
+
+def test_a_conv_shared_by_layers_not_run_is_seen_whole():
+    # Structure is read for the norms not run alone; the other calls of
+    # their convs still count: as with structure alone, the norm stays.
+    model = randomize_norm_stats(SharedNotRun().eval(), seed=1)
+    fused = copy.deepcopy(model)
+    report = _fused(fused)
+    assert report.folded_names == ['backbone.1']
+    kept_at(fused, ['head.1'])
+    kept_at(mmfuse.fuse_conv_bn(copy.deepcopy(model)), ['head.1'])
+    with torch.no_grad():
+        assert output_error(model(X, 'loss'), fused(X, 'loss'))[1] < 1e-5
