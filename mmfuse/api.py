@@ -14,7 +14,7 @@ from torch import nn
 from .discovery import (collect_structural_evidence, collect_traced_evidence,
                         plan_and_count, plan_folds)
 from .discovery.occurrence import Evidence
-from .discovery.planner import NOT_CALLED, folds_not_run
+from .discovery.planner import add_folds_not_run, not_called_norms
 from .discovery.traced import TracedForward
 from .guards import (FusionError, as_input_tuple, check_eval,
                      fresh_inputs, unwrap_model)
@@ -54,47 +54,43 @@ def discover_folds(model: nn.Module,
         else:
             evidence, _ = collect_traced_evidence(
                 model, as_input_tuple(example_inputs))
-        plan = plan_folds(model, evidence, plain_convs)
-        plan.folds.extend(
-            _folds_not_run(model, plan, (evidence, ), plain_convs))
-        return _unverified(plan)
+        return _unverified(plan_folds(model, evidence, plain_convs))
 
 
-def _folds_not_run(model: nn.Module, plan: FusionPlan,
-                   evidences: Sequence[Optional[Evidence]],
-                   plain_convs: bool) -> List[Fold]:
-    """The folds structure proves for norms that the traced pass behind
-    ``plan`` never called, into convs it never called (see
-    :func:`~mmfuse.discovery.planner.folds_not_run`, which takes their
-    norms off ``plan.skipped``); structure is read for those norms alone.
-    None with global module hooks registered: they may act on those
-    layers when they do run, and no output check judges these folds.
+def _add_folds_not_run(model: nn.Module, plan: FusionPlan,
+                       evidences: Sequence[Optional[Evidence]],
+                       plain_convs: bool) -> None:
+    """Add to ``plan``, made from the traced pass's ``evidences[0]``, the
+    folds structure proves for the norms the pass never called, into
+    convs it never called (see
+    :func:`~mmfuse.discovery.planner.add_folds_not_run`); structure is
+    read for those norms alone.  For a plan whose output is checked: the
+    check shows the folds change nothing the pass ran (code that runs may
+    still read a norm it does not call: ``isinstance(self.head.bn, ...)``,
+    a shallow copy may share a conv's parameters).  None with global
+    module hooks registered: they may act on those layers when they do
+    run.
 
     Args:
         model: The model, as ``plan`` finds it.
-        plan: The plan made from ``evidences[0]``.
+        plan: The plan, changed in place.
         evidences: What the pass found (and, after merges, what it found
             before them; or ``None``): whatever was called in either is
             left alone.
         plain_convs: See :func:`fuse_model`.
     """
-    if evidences[0].mode != 'traced' or global_hook_problem():
-        return []
-    not_run = {
-        id(model.get_submodule(skip.name))
-        for skip in plan.skipped if skip.reason == NOT_CALLED
-    }
-    if not not_run:
-        return []
-    structural = plan_folds(model,
-                            collect_structural_evidence(model, not_run),
+    names = not_called_norms(plan)
+    if not names or global_hook_problem():
+        return
+    norms = {id(model.get_submodule(name)) for name in names}
+    structural = plan_folds(model, collect_structural_evidence(model, norms),
                             plain_convs)
     called = {
         id(occ.module)
         for evidence in evidences if evidence is not None
         for occ in evidence.occurrences
     }
-    return folds_not_run(model, plan, structural, called)
+    add_folds_not_run(model, plan, structural, called)
 
 
 def _unverified(plan: FusionPlan) -> FusionPlan:
@@ -157,13 +153,13 @@ def fuse_model(model: nn.Module,
             Merges and folds are verified together, in one pass; only when
             that fails are the merges judged alone (those that fail
             undone) and then the folds.
-        fold_not_run: With an example input, also fold the norms that the
-            forward pass did not run (an mmseg segmentor's auxiliary
-            heads), where structure proves the data flow and the pass
-            called neither the norm nor its conv, as
-            :func:`fuse_conv_bn` would; made after verification, which
-            cannot judge them (a few ms of structure-only discovery, and
-            the folds' own cost).
+        fold_not_run: With an example input and verification, also fold
+            the norms that the forward pass did not run (an mmseg
+            segmentor's auxiliary heads), where structure proves the data
+            flow, as :func:`fuse_conv_bn` would, and the pass called
+            neither the norm nor its conv; the output check shows they
+            change nothing it ran (they cost a few ms of structure-only
+            discovery, and the folds' own time).
 
     Returns:
         A :class:`FusionReport`.
@@ -214,10 +210,9 @@ def fuse_model(model: nn.Module,
             evidence = collect_structural_evidence(model)
         plan, num_norms, num_foldable = plan_and_count(
             model, evidence, plain_convs)
-        # (Made last: see below.)
-        not_run = _folds_not_run(model, plan,
-                                 (evidence, unmerged_evidence),
-                                 plain_convs) if fold_not_run else []
+        if fold_not_run and tolerance is not None:
+            _add_folds_not_run(model, plan, (evidence, unmerged_evidence),
+                               plain_convs)
         if tolerance is None:
             plan = _unverified(plan)
     report = FusionReport(
@@ -256,9 +251,10 @@ def fuse_model(model: nn.Module,
                                                       merges)
                     plan, num_norms, num_foldable = plan_and_count(
                         model, evidence, plain_convs)
-                    not_run = _folds_not_run(
-                        model, plan, (evidence, unmerged_evidence),
-                        plain_convs) if fold_not_run else []
+                    if fold_not_run:
+                        _add_folds_not_run(model, plan,
+                                           (evidence, unmerged_evidence),
+                                           plain_convs)
                 report.left = list(plan.skipped)
                 report.num_norms, report.num_foldable = num_norms, \
                     num_foldable
@@ -333,11 +329,6 @@ def fuse_model(model: nn.Module,
         report.yardstick = check.yardstick
         report.precise_rel_error = check.precise_error
         report.unfused_precise_rel_error = check.own_error
-    # The folds of layers the pass did not run change no output a check
-    # could judge: made after it, once, in place where nobody else can
-    # see a weight (a new weight for a large conv costs more: fresh
-    # memory).
-    applied.extend(apply_plan(model, FusionPlan(), not_run, undoable=False))
     report.folded = [a.fold for a in applied]
     report.seconds = time.perf_counter() - start
     return report

@@ -12,7 +12,7 @@ evidence proves a fold and where the folded parameters go:
 
 Everything that is not folded is listed with the reason.
 """
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import replace
 from typing import Dict, List, Optional, Set, Tuple
 
@@ -29,7 +29,7 @@ from .occurrence import Evidence, Link, Occurrence, Site
 
 __all__ = [
     'module_paths', 'plan_folds', 'plan_and_count', 'NOT_CALLED',
-    'folds_not_run'
+    'not_called_norms', 'add_folds_not_run'
 ]
 
 #: Why a traced plan leaves a norm the forward pass never called.
@@ -68,6 +68,9 @@ class _Planner:
         self.plain_cache: Dict[int, Optional[nn.Module]] = {}
         self.evidence = evidence
         self.paths = module_paths(model)
+        # How many modules hold each table of parameters (by ``id``; made
+        # when first needed): a module and its ``copy.copy`` hold one.
+        self.tables: Optional[Counter] = None
         self.calls: Dict[int, List[Occurrence]] = defaultdict(list)
         for occ in evidence.occurrences:
             self.calls[id(occ.module)].append(occ)
@@ -119,6 +122,14 @@ class _Planner:
                     None)
         if used:
             return None, f'{self.name(conv)}: {used}'
+        if self.tables is None:
+            self.tables = Counter(
+                id(module._parameters)
+                for _, module in walk_modules(self.model))
+        if self.tables[id(conv._parameters)] > 1:
+            return None, (f'{self.name(conv)} shares its table of '
+                          'parameters with another module (a shallow '
+                          'copy): a fold would change that one too')
         plain = False
         if problem and self.plain_convs and \
                 plain_conv_of(conv, self.plain_cache) is not None:
@@ -308,33 +319,57 @@ def plan_and_count(model: nn.Module,
     return plan, planner.num_norms, planner.num_foldable
 
 
-def folds_not_run(model: nn.Module, plan: FusionPlan,
-                  structural: FusionPlan, called: Set[int]) -> List[Fold]:
-    """The folds of ``structural`` (structure-only discovery of the same
-    model) that change nothing a traced forward pass ran: those of norms
-    ``plan``, made from the pass, leaves as never called
-    (:data:`NOT_CALLED`: an mmseg segmentor's auxiliary heads, run only in
-    its training step), into convs the pass never called either.  Their
-    evidence is marked :data:`~mmfuse.plan.NOT_RUN`, and their norms are
-    taken off ``plan.skipped``.
+def not_called_norms(plan: FusionPlan) -> List[str]:
+    """The norms ``plan``, made from a traced forward pass, leaves
+    because the pass never called them (:data:`NOT_CALLED`)."""
+    return [skip.name for skip in plan.skipped if skip.reason == NOT_CALLED]
+
+
+def add_folds_not_run(model: nn.Module, plan: FusionPlan,
+                      structural: FusionPlan, called: Set[int]) -> None:
+    """Add to ``plan``, made from a traced forward pass, the folds of
+    ``structural`` (structure-only discovery of the same model, for the
+    norms of :func:`not_called_norms` alone: an mmseg segmentor's
+    auxiliary heads, run only in its training step) into convs the pass
+    never called either, in model order, their evidence marked
+    :data:`~mmfuse.plan.NOT_RUN`; their norms are taken off
+    ``plan.skipped``, and the others there say why structure did not
+    fold them.
 
     Args:
         model: The model both plans were made for.
-        plan: The traced pass's plan; its ``skipped`` changes.
+        plan: The traced pass's plan; changed in place.
         structural: The structure-only plan.
         called: ``id`` of every conv and norm the pass saw called or
             otherwise used.
     """
-    not_run = {skip.name for skip in plan.skipped
-               if skip.reason == NOT_CALLED}
     found = []
+    # Why each norm not called stays, where structure says more.
+    why = {
+        skip.name: f'{NOT_CALLED}; from structure: {skip.reason}'
+        for skip in structural.skipped
+    }
     for fold in structural.folds:
-        if fold.norm not in not_run or any(
-                id(find_submodule(model, name)) in called
-                for name in fold.norm_sites +
-                tuple(target.name for target in fold.convs)):
-            continue
-        found.append(replace(fold, evidence=f'{fold.evidence}; {NOT_RUN}'))
+        ran = next((target.name for target in fold.convs
+                    if id(find_submodule(model, target.name)) in called),
+                   None)
+        if ran is None:
+            found.append(
+                replace(fold, evidence=f'{fold.evidence}; {NOT_RUN}'))
+        else:
+            why[fold.norm] = f'{NOT_CALLED}, but its conv {ran} was'
     folded = {fold.norm for fold in found}
-    plan.skipped = [skip for skip in plan.skipped if skip.name not in folded]
-    return found
+    plan.skipped = [
+        Skip(skip.name, why.get(skip.name, skip.reason))
+        if skip.reason == NOT_CALLED else skip for skip in plan.skipped
+        if skip.name not in folded
+    ]
+    if not found:
+        return
+    order = {
+        name: index
+        for index, (name, _) in enumerate(
+            walk_modules(model, remove_duplicate=False))
+    }
+    plan.folds = sorted(plan.folds + found,
+                        key=lambda fold: order.get(fold.norm, len(order)))

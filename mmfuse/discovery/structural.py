@@ -29,6 +29,7 @@ module registered under several names gets no call site from a trace
 mutated.
 """
 import bisect
+import builtins
 import dis
 import inspect
 import operator
@@ -462,7 +463,7 @@ def _reads_any_attribute(cls: type) -> bool:
     """Whether the code of ``cls`` may read an attribute of its module not
     by name: it hands the module on, walks modules, or calls ``getattr``
     with a name made at run time."""
-    deep, _, _, _, taken, hands_on, _ = _forward_code(cls)
+    deep, _, _, _, taken, hands_on, _, _ = _forward_code(cls)
     return hands_on or bool(deep & _WALKS) or '' in taken
 
 
@@ -510,7 +511,7 @@ _FORWARD_CODE: 'weakref.WeakKeyDictionary[type, Tuple]' = \
 def _forward_code(
     cls: type
 ) -> Tuple[frozenset, frozenset, frozenset, frozenset, frozenset, bool,
-           frozenset]:
+           frozenset, frozenset]:
     """What the code a call of a ``cls`` module may run does with names,
     read from its ``forward`` and, by the names that code uses, the
     methods and properties of ``cls`` and its bases but torch's (nested
@@ -531,7 +532,9 @@ def _forward_code(
       loaded for anything but an attribute read (``helper(self)``), or
       ``getattr`` of anything else than the module;
     * of the attributes it takes, those it neither just indexes nor just
-      iterates (``helper(self.block)``, ``self.block.apply(fn)``).
+      iterates (``helper(self.block)``, ``self.block.apply(fn)``); and
+      the same of the attributes of anything else
+      (``helper(self.body.block)``).
     """
     # (Checked once while no module changes: classes do not either.)
     checked = unchanged_memo('forward code')
@@ -551,6 +554,7 @@ def _forward_code(
     deep: Set[str] = set()
     deep_taken: Set[str] = set()
     deep_indexed: Set[str] = set()
+    deep_passed: Set[str] = set()
     values: Set[str] = set()
     taken: Set[str] = set()
     passed: Set[str] = set()
@@ -599,20 +603,23 @@ def _forward_code(
                     else:
                         deep.add(op.argval)
                         deep_taken.add(op.argval)
+                        deep_passed.add(op.argval)
                     continue
                 if op.opname in _READS and not on_me:
                     deep.add(op.argval)
                     if op.opname == 'LOAD_ATTR' and not called:
-                        use = _use_of(ops, index)
+                        use = _use_of(ops, index, function.__globals__)
                         if use in ('taken', 'iterated'):
                             deep_taken.add(op.argval)
+                        if use == 'taken':
+                            deep_passed.add(op.argval)
                         elif use == 'indexed':
                             deep_indexed.add(op.argval)
                 elif op.opname == 'LOAD_ATTR' and not (
                         sys.version_info >= (3, 12) and op.arg & 1) and \
                         not called:
                     # (3.12 on: bit 0 of the argument marks a method.)
-                    use = _use_of(ops, index)
+                    use = _use_of(ops, index, function.__globals__)
                     if use != 'tested':
                         values.add(op.argval)
                     if use == 'taken':
@@ -667,7 +674,7 @@ def _forward_code(
         passed.add('')
     result = (frozenset(deep), frozenset(deep_taken), frozenset(deep_indexed),
               frozenset(values), frozenset(taken), hands_on,
-              frozenset(passed))
+              frozenset(passed), frozenset(deep_passed))
     # Each lookup once (the loops above look again for every function).
     looked_up = list({(id(namespace), name): (namespace, name, value)
                       for namespace, name, value in looked_up}.values())
@@ -755,14 +762,31 @@ def _called_after(ops: List[Any], index: int) -> bool:
 _LOOKS = frozenset({'len', 'isinstance', 'hasattr', 'id', 'bool', 'type'})
 #: Calls that iterate what they are given first (which fails on a module
 #: that cannot be iterated).
-_ITERATES = frozenset({'enumerate', 'iter', 'list', 'tuple', 'zip',
-                       'reversed'})
+_ITERATES = frozenset({'enumerate', 'iter', 'list', 'tuple', 'zip'})
 
 
-def _use_of(ops: List[Any], index: int) -> str:
+def _is_builtin(op: Any, names: frozenset, scope: Dict[str, Any]) -> bool:
+    """Whether instruction ``op`` loads a global that is one of the
+    builtins ``names`` (not a function of that name in ``scope``, the
+    code's globals, nor one its ``__builtins__`` puts there)."""
+    if op is None or op.opname not in ('LOAD_GLOBAL', 'LOAD_NAME') or \
+            op.argval not in names:
+        return False
+    name = op.argval
+    if name in scope:
+        value = scope[name]
+    else:
+        table = scope.get('__builtins__', builtins)
+        value = table.get(name) if isinstance(table, dict) else getattr(
+            table, name, None)
+    return value is getattr(builtins, name)
+
+
+def _use_of(ops: List[Any], index: int, scope: Dict[str, Any]) -> str:
     """What the code does next with the value instruction ``index`` of
     ``ops`` pushes: ``'tested'`` (its truth, ``is None``; or given to
-    ``len``, ``isinstance``...), ``'indexed'`` (what a subscript indexes,
+    builtin ``len``, ``isinstance``...; ``scope``: the code's globals),
+    ``'indexed'`` (what a subscript indexes,
     ``self.layers[n - 1 - i]``, followed through the index expression by
     the stack effects of its instructions), ``'iterated'`` (``for m in
     self.layers``, ``enumerate(self.layers)``) or ``'taken'`` (anything
@@ -773,13 +797,10 @@ def _use_of(ops: List[Any], index: int) -> str:
     if following.opname.startswith('POP_JUMP'):
         return 'tested'  # ``if self.block:`` (not ``self.a or self.b``)
     callee = ops[index - 2] if index > 1 else None
-    if callee is not None and callee.opname in ('LOAD_GLOBAL', 'LOAD_NAME') \
-            and callee.argval in _LOOKS:
+    if _is_builtin(callee, _LOOKS, scope):
         return 'tested'  # ``len(self.layers)``, ``isinstance(self.x, T)``
-    if following.opname == 'GET_ITER' or (
-            callee is not None and callee.opname in ('LOAD_GLOBAL',
-                                                     'LOAD_NAME')
-            and callee.argval in _ITERATES):
+    if following.opname == 'GET_ITER' or _is_builtin(callee, _ITERATES,
+                                                     scope):
         return 'iterated'  # ``for m in self.layers``, ``enumerate(...)``
     after = ops[index + 2] if index + 2 < len(ops) else None
     if following.opname == 'LOAD_CONST' and following.argval is None and \
@@ -834,14 +855,15 @@ def _reached_below(module: nn.Module) -> Tuple[List[nn.Module], bool]:
     ``for head in self.aux_head`` under ``isinstance(self.aux_head,
     nn.ModuleList)``, an mmseg segmentor's training step); a layer below
     them that the code reads by name (``self.block.conv``), and below a
-    Sequential or list of modules so read other than to call it.  An
+    Sequential or list of modules so read other than to call it, or any
+    module so read and handed on (``helper(self.body.block)``).  An
     entry taken from a list of modules by index is taken to be called (not
     indexed in turn), another module below read by name to be called
     (``self.det.neck(x)``, ``self.det.head.predict(x)``), and
     ``getattr(self, name)`` to give a child or an attribute, not a method
     the code then calls."""
-    deep, deep_taken, deep_indexed, values, taken, hands_on, passed = \
-        _forward_code(type(module))
+    deep, deep_taken, deep_indexed, values, taken, hands_on, passed, \
+        deep_passed = _forward_code(type(module))
     # (``''``: what ``getattr(self, name)`` gives, used other than called.)
     lists = '' in taken or any(
         name in taken and _is_container(child)
@@ -867,10 +889,10 @@ def _reached_below(module: nn.Module) -> Tuple[List[nn.Module], bool]:
             for position in _positions_within(index.by_name[name],
                                               start + 1, end):
                 below = index.modules[position]
-                if _is_leaf_layer(below) or (_indexable(below) and (
-                        name in deep_taken or (name in deep_indexed
-                                               and not _is_container(below))
-                )):
+                if _is_leaf_layer(below) or name in deep_passed or (
+                        _indexable(below) and
+                    (name in deep_taken or
+                     (name in deep_indexed and not _is_container(below)))):
                     reached.append(below)
         for properties, positions in _property_classes(index):
             if not properties.isdisjoint(deep):
@@ -1127,6 +1149,8 @@ class _StructuralCollector:
         # ``only_linear``); modules registered under more than one name.
         self.leaf_layers, self.norms, self.foldable = set(), set(), set()
         self.foldable_into: Set[int] = set()
+        # Norms whose links are looked for (``None``: all).
+        self.wanted = None if norms is None else set(norms)
         seen, self.aliased = set(), set()
         for _, m in walk_modules(model, remove_duplicate=False):
             if id(m) in seen:
@@ -1142,10 +1166,9 @@ class _StructuralCollector:
                 self.norms.add(id(m))
                 problem = self.evidence.norm_problems[id(m)] = \
                     norm_fold_problem(m)
-                if problem is None and (norms is None or id(m) in norms):
+                if problem is None and (self.wanted is None
+                                        or id(m) in self.wanted):
                     self.foldable.add(id(m))
-        # Norms whose links are looked for (``None``: all).
-        self.wanted = None if norms is None else set(norms)
 
     def link(self, kind: str, norm: Occurrence, convs: List[Occurrence],
              evidence: str) -> None:
