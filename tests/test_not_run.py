@@ -54,27 +54,18 @@ class Segmentor(nn.Module):
         return self.aux(y) + self.aux_seq(y)
 
 
-class FeaturesHead(AuxHead):
-
-    def features(self, x):
-        return self.conv(x)
-
-
-class ConvAlsoRun(Segmentor):
+def conv_also_run() -> nn.Module:
     """The auxiliary head's conv also runs in tensor mode, without its
-    norm, through a method structure takes to call the head's layers as
-    its forward does (an assumption, see the README): folding the norm
-    into it would change the output."""
+    norm, from a forward hook on the model (structure does not read
+    hooks): folding the norm into it would change the output."""
+    model = Segmentor()
 
-    def __init__(self):
-        super().__init__()
-        self.aux = FeaturesHead()
+    def hook(module, args, output):
+        return module.aux.conv(output) if args[1:] in ((), ('tensor', )) \
+            else output
 
-    def forward(self, x, mode='tensor'):
-        y = self.backbone(x)
-        if mode == 'tensor':
-            return self.aux.features(y)
-        return self.aux(y) + self.aux_seq(y)
+    model.register_forward_hook(hook)
+    return model
 
 
 def _fused(model: nn.Module, **options) -> mmfuse.FusionReport:
@@ -137,15 +128,43 @@ class ReadsTheNormNotRun(nn.Module):
         return y[:, :self.aux.norm_channels()]
 
 
+def reads_in_a_hook() -> nn.Module:
+    """The same read, from a forward hook (structure does not read
+    hooks)."""
+    model = Segmentor()
+
+    def hook(module, args, output):
+        return output * 2 if isinstance(module.aux.bn,
+                                         nn.BatchNorm2d) else output
+
+    model.register_forward_hook(hook)
+    return model
+
+
 @pytest.mark.parametrize('read', ['type', 'size'])
-def test_a_norm_not_run_that_the_pass_reads_stays(read):
+def test_a_norm_not_run_that_a_method_reads_stays(read):
     # Its fold changed the checked output by 0.5, or made it raise
-    # (folded after the check).
+    # (folded after the check); structure alone also folded it.
     model = randomize_norm_stats(ReadsTheNormNotRun(read).eval(), seed=1)
     fused = copy.deepcopy(model)
     report = _fused(fused)
     assert report.folded_names == ['backbone.1']
+    reason = report.left[0].reason
+    assert reason.startswith(f'{NOT_CALLED}; from structure:')
+    assert 'ReadHead.norm' in reason or 'ReadHead.normalised' in reason
+    kept_at(fused, ['aux.bn'])
+    kept_at(mmfuse.fuse_conv_bn(copy.deepcopy(model)), ['aux.bn'])
+    with torch.no_grad():
+        for mode in ('tensor', 'loss'):
+            assert output_error(model(X, mode), fused(X, mode))[1] < 1e-5
+
+
+def test_a_fold_not_run_that_changes_the_checked_output_is_undone():
+    model = randomize_norm_stats(reads_in_a_hook().eval(), seed=1)
+    fused = copy.deepcopy(model)
+    report = _fused(fused)
     assert [skip.name for skip in report.undone] == ['aux.bn']
+    assert report.folded_names == ['backbone.1', 'aux_seq.1']
     kept_at(fused, ['aux.bn'])
     with torch.no_grad():
         for mode in ('tensor', 'loss'):
@@ -185,16 +204,16 @@ def test_a_conv_sharing_its_parameter_table_is_not_folded_into(traced):
 
 
 def test_a_norm_not_run_stays_where_its_conv_was_run():
-    model = randomize_norm_stats(ConvAlsoRun().eval(), seed=1)
+    model = randomize_norm_stats(conv_also_run().eval(), seed=1)
     fused = copy.deepcopy(model)
     report = _fused(fused)
     assert not report.undone  # left, not folded and then undone
     left = {skip.name: skip.reason for skip in report.left}
     assert left['aux.bn'] == f'{NOT_CALLED}, but its conv aux.conv was'
     kept_at(fused, ['aux.bn'])
+    identity_at(fused, ['aux_seq.1'])
     # (Structure alone folds it: what the trace adds.)
     identity_at(mmfuse.fuse_conv_bn(copy.deepcopy(model)), ['aux.bn'])
-    identity_at(fused, ['aux_seq.1'])
     with torch.no_grad():
         for mode in ('tensor', 'loss'):
             assert output_error(model(X, mode), fused(X, mode))[1] < 1e-5

@@ -459,6 +459,11 @@ _NO_HOLDERS = (torch.device, torch.dtype, torch.Tensor, types.ModuleType)
 _HELD_DEPTH = 8
 
 
+#: The entries of the code a call of a module runs (see
+#: :func:`_forward_code`).
+_FORWARD = frozenset({'forward'})
+
+
 def _reads_any_attribute(cls: type) -> bool:
     """Whether the code of ``cls`` may read an attribute of its module not
     by name: it hands the module on, walks modules, or calls ``getattr``
@@ -471,17 +476,25 @@ def _is_torch_class(cls: type) -> bool:
     return cls.__module__.split('.')[0] == 'torch'
 
 
-def _held_by_code_reads(module: nn.Module) -> List[nn.Module]:
+def _held_by_code_reads(module: nn.Module,
+                        entries: frozenset = _FORWARD) -> List[nn.Module]:
     """The modules held by the globals and class attributes that the code
     a call of ``module`` may run reads (a global list of layers, a class
-    attribute holding one).  The same for every module of a class: kept
-    while no module changes."""
+    attribute holding one); or the code of its methods and properties
+    ``entries``.  The same for every module of a class: kept while no
+    module changes."""
     cls = type(module)
     memo = unchanged_memo('held by code reads')
-    known = None if memo is None else memo.get(cls)
+    known = None if memo is None else memo.get((cls, entries))
     if known is not None:
         return known
-    scopes, names = _forward_code_reads(cls)
+    scopes: List[Dict[str, Any]] = []
+    names: Set[str] = set()
+    for entry in entries:
+        entry_scopes, entry_names = _forward_code_reads(cls, entry)
+        scopes.extend(scope for scope in entry_scopes
+                      if all(scope is not seen for seen in scopes))
+        names.update(entry_names)
     found = [
         held for scope in scopes for name in names if name in scope
         and not holds_only_settings(scope[name], _NO_HOLDERS)
@@ -494,7 +507,7 @@ def _held_by_code_reads(module: nn.Module) -> List[nn.Module]:
                               classmethod))
         for held in modules_held_in(namespace[name], _HELD_DEPTH))
     if memo is not None:
-        memo[cls] = found
+        memo[(cls, entries)] = found
     return found
 
 
@@ -503,17 +516,21 @@ def _held_by_code_reads(module: nn.Module) -> List[nn.Module]:
 #: walks of the module itself: MMEngine's ``BaseModel.to`` names them.)
 _APPLY = frozenset({'apply', '_apply'})
 _READS = frozenset({'LOAD_ATTR', 'LOAD_METHOD'})
-#: By class: what its code was read from, and what was read.
-_FORWARD_CODE: 'weakref.WeakKeyDictionary[type, Tuple]' = \
+#: By class, and by the method or property whose code is read
+#: (``'forward'``, or one called from above): what its code was read
+#: from, and what was read.
+_FORWARD_CODE: 'weakref.WeakKeyDictionary[type, Dict[str, Tuple]]' = \
     weakref.WeakKeyDictionary()
 
 
 def _forward_code(
-    cls: type
+    cls: type,
+    entry: str = 'forward'
 ) -> Tuple[frozenset, frozenset, frozenset, frozenset, frozenset, bool,
            frozenset, frozenset]:
     """What the code a call of a ``cls`` module may run does with names,
-    read from its ``forward`` and, by the names that code uses, the
+    read from its ``forward`` (or the method or property ``entry``) and,
+    by the names that code uses, the
     methods and properties of ``cls`` and its bases but torch's (nested
     code, decorators, closures too; where it calls ``getattr(self, name)``
     with a name made at run time, every property's):
@@ -538,19 +555,22 @@ def _forward_code(
     """
     # (Checked once while no module changes: classes do not either.)
     checked = unchanged_memo('forward code')
-    if checked is not None and cls in checked:
-        return _FORWARD_CODE[cls][1]
-    forward = inspect.getattr_static(cls, 'forward', None)
-    known = _FORWARD_CODE.get(cls)
+    if checked is not None and (cls, entry) in checked:
+        return _FORWARD_CODE[cls][entry][1]
+    forward = inspect.getattr_static(cls, entry, None)
+    known = _FORWARD_CODE.get(cls, {}).get(entry)
     if known is not None and all(
             namespace.get(name, _MISSING) is value
             for namespace, name, value in known[0]):
         if checked is not None:
-            checked[cls] = True
+            checked[(cls, entry)] = True
         return known[1]
     bases = class_namespaces(cls)
     # What was looked up, to tell when the class changed.
-    looked_up = [(vars(cls), 'forward', vars(cls).get('forward', _MISSING))]
+    looked_up = [(vars(cls), entry, vars(cls).get(entry, _MISSING))]
+    looked_up.extend(
+        (namespace, entry, namespace.get(entry, _MISSING))
+        for namespace in bases)
     deep: Set[str] = set()
     deep_taken: Set[str] = set()
     deep_indexed: Set[str] = set()
@@ -560,7 +580,9 @@ def _forward_code(
     passed: Set[str] = set()
     hands_on = computed = lists_taken = False
     # (Function, whether its first parameter is the module.)
-    pending = [(f, True) for f in functions_in(forward)]
+    bound = not isinstance(forward, (staticmethod, classmethod))
+    pending = [(f, bound) for f in functions_in(forward)]
+    skipped = {'__init__'} if entry == 'forward' else {'__init__', 'forward'}
     seen: Set[Any] = set()
     named: Set[str] = set()
     scopes: List[Dict[str, Any]] = []
@@ -649,6 +671,17 @@ def _forward_code(
                                 passed.add(name)
                             else:
                                 lists_taken = True
+                    elif previous is not None and \
+                            previous.opname == 'PUSH_NULL' and \
+                            sys.version_info[:2] == (3, 11):
+                        pass  # ``self(x)``: its own forward, called
+                    elif _stored(ops, index) is not None:
+                        # ``self.cache = x``, ``self.calls += 1``: a child
+                        # so set is taken (changed).
+                        name = _stored(ops, index)
+                        values.add(name)
+                        taken.add(name)
+                        passed.add(name)
                     elif previous is None or previous.argval not in _LOOKS:
                         hands_on = True  # (not ``hasattr(self, 'head')``)
                 elif op.argval == 'getattr' and op.opname in (
@@ -657,7 +690,9 @@ def _forward_code(
                     hands_on = True
         for namespace in bases:
             for name, value in namespace.items():
-                if name != '__init__' and (name in named or (
+                # (Another entry's ``self.forward(x)`` calls the forward,
+                # whose calls its own reading covers.)
+                if name not in skipped and (name in named or (
                         computed and isinstance(value, property))):
                     looked_up.append((namespace, name, value))
                     # (A static or class method's first parameter is not
@@ -678,20 +713,56 @@ def _forward_code(
     # Each lookup once (the loops above look again for every function).
     looked_up = list({(id(namespace), name): (namespace, name, value)
                       for namespace, name, value in looked_up}.values())
-    _FORWARD_CODE[cls] = (looked_up, result, (scopes, frozenset(named)))
+    _FORWARD_CODE.setdefault(cls, {})[entry] = (looked_up, result,
+                                                (scopes, frozenset(named)))
     if checked is not None:
-        checked[cls] = True
+        checked[(cls, entry)] = True
     return result
 
 
-def _forward_code_reads(cls: type) -> Tuple[List[Dict[str, Any]], frozenset]:
+def _code_of(
+    cls: type, entries: frozenset
+) -> Tuple[frozenset, frozenset, frozenset, frozenset, frozenset, bool,
+           frozenset, frozenset]:
+    """:func:`_forward_code` of each of ``entries``, together."""
+    if entries == _FORWARD:
+        return _forward_code(cls)
+    parts = [_forward_code(cls, entry) for entry in sorted(entries)]
+    return tuple(
+        any(part[index] for part in parts) if index == 5 else frozenset().
+        union(*(part[index] for part in parts))
+        for index in range(8))  # type: ignore
+
+
+def _forward_code_reads(
+        cls: type,
+        entry: str = 'forward') -> Tuple[List[Dict[str, Any]], frozenset]:
     """The global scopes of the code :func:`_forward_code` reads for
-    ``cls``, and every name that code uses."""
-    _forward_code(cls)
-    return _FORWARD_CODE[cls][2]
+    ``cls`` (and ``entry``), and every name that code uses."""
+    _forward_code(cls, entry)
+    return _FORWARD_CODE[cls][entry][2]
 
 
 _MISSING = object()
+
+
+def _stored(ops: List[Any], index: int) -> Optional[str]:
+    """The attribute set or deleted on the value instruction ``index`` of
+    ``ops`` loads (``self.x = v``, ``del self.x``, ``self.x += 1``), or
+    ``None``."""
+    following = ops[index + 1] if index + 1 < len(ops) else None
+    if following is None:
+        return None
+    if following.opname in ('STORE_ATTR', 'DELETE_ATTR'):
+        return following.argval
+    after = ops[index + 2] if index + 2 < len(ops) else None
+    if following.opname == 'COPY' and following.arg == 1 and \
+            after is not None and after.opname == 'LOAD_ATTR':
+        # ``self.x += 1``: the attribute read, changed and set again.
+        for op in ops[index + 3:index + 12]:
+            if op.opname == 'STORE_ATTR' and op.argval == after.argval:
+                return op.argval
+    return None
 
 
 def _getattr_result_called(ops: List[Any], index: int) -> bool:
@@ -838,11 +909,14 @@ def _indexable(module: nn.Module) -> bool:
         getattr(cls, '__iter__', None) is not None
 
 
-def _reached_below(module: nn.Module) -> Tuple[List[nn.Module], bool]:
+def _reached_below(
+        module: nn.Module,
+        entries: frozenset = _FORWARD) -> Tuple[List[nn.Module], bool]:
     """The modules below those ``module`` calls (its children, and the
     entries of its lists and dicts of modules) that a call of it may reach
     (call, read the tensors of, index, iterate), read from the code it may
-    run (see :func:`_forward_code`); and whether it may also hand on or
+    run (see :func:`_forward_code`; or the code of its methods and
+    properties ``entries``); and whether it may also hand on or
     iterate a list of modules that holds Sequentials (``multi_apply(
     self.forward_single, feats, self.cls_convs)``, which calls them, or
     ``for m in self.stages[0]``, which reaches into one).
@@ -863,7 +937,7 @@ def _reached_below(module: nn.Module) -> Tuple[List[nn.Module], bool]:
     ``getattr(self, name)`` to give a child or an attribute, not a method
     the code then calls."""
     deep, deep_taken, deep_indexed, values, taken, hands_on, passed, \
-        deep_passed = _forward_code(type(module))
+        deep_passed = _code_of(type(module), entries)
     # (``''``: what ``getattr(self, name)`` gives, used other than called.)
     lists = '' in taken or any(
         name in taken and _is_container(child)
@@ -879,7 +953,7 @@ def _reached_below(module: nn.Module) -> Tuple[List[nn.Module], bool]:
     if hands_on or deep & _WALKS or any(
             key not in MODULE_INTERNALS and modules_held_in(value)
             for key, value in module.__dict__.items()) or \
-            _reads_held_modules(module):
+            _held_by_code_reads(module, entries):
         return called, lists
     for child in called:
         # What lies below ``child`` by every path, found by name and class.
@@ -928,13 +1002,6 @@ def _positions_within(positions: List[int], start: int,
     ``end``."""
     return positions[bisect.bisect_left(positions, start):bisect.
                      bisect_left(positions, end)]
-
-
-def _reads_held_modules(module: nn.Module) -> bool:
-    """Whether the code a call of ``module`` may run reads a global or an
-    attribute of its class that holds modules (a registry dict, a class
-    attribute set to a child): a way past its module tables."""
-    return bool(_held_by_code_reads(module))
 
 
 def _members_named(module: nn.Module, names: frozenset,
@@ -1587,6 +1654,7 @@ class _StructuralCollector:
             self.unlink_norm_of(block)
         self.check_call_arguments()
         self.check_unproven_reach()
+        self.check_methods_called_from_above()
         self.check_held_elsewhere()
         return self.evidence
 
@@ -1739,6 +1807,81 @@ class _StructuralCollector:
                             id(below), f'{name}, whose forward was not '
                             'traced, may reach below the modules it calls '
                             '(to this layer or its conv)')
+        self.unlink_layers(layers)
+
+    def check_methods_called_from_above(self) -> None:
+        """A module's links hold for calls of its forward (its trace, its
+        Sequential or ConvModule showed those).  Code above that calls
+        another of its methods, or reads a property
+        (``self.head.predict(x)``, ``self.block.features(x)``; by name:
+        any module below whose class has one), runs that code instead,
+        read from its bytecode as a forward's is, and the methods it
+        names in turn: the links of the module's own layers that code
+        names (calls or reads: ``self.conv(x)``, ``isinstance(self.bn,
+        ...)``), and of the layers below what it reaches (see
+        :func:`_reached_below`), are undone; of every layer below the
+        module where that code hands the module on (but ``self(x)``, its
+        forward), walks modules or calls ``getattr`` with a name made at
+        run time."""
+        linked = self.linked_layers()
+        if not linked:
+            return
+        pending: List[Tuple[nn.Module, frozenset, str]] = []
+        classes: Dict[type, frozenset] = {}
+
+        def note_calls(holder: nn.Module, deep: frozenset,
+                       caller: str) -> None:
+            index, start, end = subtree_span(holder)
+            for cls, positions in index.by_class.items():
+                names = classes.get(cls)
+                if names is None:
+                    names = classes[cls] = _class_members(cls)[0]
+                names = names & deep
+                if names:
+                    pending.extend(
+                        (index.modules[position], names, caller)
+                        for position in _positions_within(
+                            positions, start + 1, end))
+
+        for _, holder in walk_modules(self.model):
+            if holder._modules and not is_stock_sequential(holder) and \
+                    not _is_container(holder) and runs_class_forward(holder):
+                note_calls(holder,
+                           _forward_code(type(holder))[0],
+                           type(holder).__name__)
+        layers: Dict[int, str] = {}
+        done: Set[Tuple[int, frozenset]] = set()
+        while pending:
+            module, names, caller = pending.pop()
+            if (id(module), names) in done:
+                continue
+            done.add((id(module), names))
+            index, start, end = subtree_span(module)
+            if not any(id(below) in linked
+                       for below in index.modules[start:end]):
+                continue  # nothing linked below it to undo
+            cls = type(module)
+            deep, _, _, _, taken, hands_on, _, _ = _code_of(cls, names)
+            why = (f'{caller} calls {cls.__name__}.'
+                   f'{"/".join(sorted(names))} (not its forward), whose '
+                   'code may call or read this layer or its conv')
+            if hands_on or deep & _WALKS or '' in taken:
+                reached = [module]
+            else:
+                used: Set[str] = set()
+                for entry in names:
+                    used.update(_forward_code_reads(cls, entry)[1])
+                reached = [
+                    child for attr, child in module._modules.items()
+                    if attr in used and child is not None and (
+                        self.is_leaf(child) or _is_container(child))
+                ]
+                reached.extend(_reached_below(module, names)[0])
+            for top in reached:
+                for _, below in walk_modules(top):
+                    if id(below) in self.leaf_layers:
+                        layers.setdefault(id(below), why)
+            note_calls(module, deep, cls.__name__)
         self.unlink_layers(layers)
 
     def check_call_arguments(self) -> None:
