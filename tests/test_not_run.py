@@ -134,8 +134,8 @@ def reads_in_a_hook() -> nn.Module:
     model = Segmentor()
 
     def hook(module, args, output):
-        return output * 2 if isinstance(module.aux.bn,
-                                         nn.BatchNorm2d) else output
+        normalised = isinstance(module.aux.bn, nn.BatchNorm2d)
+        return output * 2 if normalised else output
 
     model.register_forward_hook(hook)
     return model

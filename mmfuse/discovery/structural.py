@@ -541,13 +541,15 @@ def _forward_code(
       of those attributes the ones it takes as values (see below), and the
       ones it indexes;
     * the attributes of the module it takes as values other than to call
-      them at once (``self.layers`` iterated, indexed, passed on; not
+      them at once (``self.layers`` iterated, indexed, passed on, set; not
       ``self.conv(x)`` or ``self.conv.forward(x)``; nor only tested:
       ``if self.block``, ``len(self.layers)``), and of those the ones it
       does not just index (``self.layers[i]``);
     * whether it may hand the module itself on: its first parameter
-      loaded for anything but an attribute read (``helper(self)``), or
-      ``getattr`` of anything else than the module;
+      loaded for anything but an attribute read, a call of it (its
+      forward: ``self(x)``) or setting an attribute (``self.x = v``, which
+      takes ``x``), as in ``helper(self)``; or ``getattr`` of anything
+      else than the module;
     * of the attributes it takes, those it neither just indexes nor just
       iterates (``helper(self.block)``, ``self.block.apply(fn)``); and
       the same of the attributes of anything else
@@ -963,10 +965,11 @@ def _reached_below(
             for position in _positions_within(index.by_name[name],
                                               start + 1, end):
                 below = index.modules[position]
+                indexed = name in deep_indexed and \
+                    not _is_container(below)
                 if _is_leaf_layer(below) or name in deep_passed or (
-                        _indexable(below) and
-                    (name in deep_taken or
-                     (name in deep_indexed and not _is_container(below)))):
+                        _indexable(below) and (name in deep_taken
+                                               or indexed)):
                     reached.append(below)
         for properties, positions in _property_classes(index):
             if not properties.isdisjoint(deep):
