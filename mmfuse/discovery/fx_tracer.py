@@ -1138,7 +1138,8 @@ def functions_in(value: Any) -> List[types.FunctionType]:
     """The Python functions that calling or reading ``value`` may run: a
     function, what it wraps (``__wrapped__``, as ``functools.wraps``
     sets, and the functions in its closure), a method's, a static or class
-    method's, a property's getter, a ``functools.partial``'s."""
+    method's, a property's getter, a ``functools.partial``'s,
+    ``partialmethod``'s or ``cached_property``'s."""
     found: List[types.FunctionType] = []
     seen: Set[int] = set()
     stack = [value]
@@ -1151,7 +1152,8 @@ def functions_in(value: Any) -> List[types.FunctionType]:
             stack.append(value.__func__)
         elif isinstance(value, property):
             stack.append(value.fget)
-        elif isinstance(value, functools.partial):
+        elif isinstance(value, (functools.partial, functools.partialmethod,
+                                functools.cached_property)):
             stack.append(value.func)
         elif isinstance(value, types.FunctionType):
             found.append(value)

@@ -31,6 +31,7 @@ mutated.
 import bisect
 import builtins
 import dis
+import functools
 import inspect
 import operator
 import sys
@@ -462,13 +463,16 @@ _HELD_DEPTH = 8
 #: The entries of the code a call of a module runs (see
 #: :func:`_forward_code`).
 _FORWARD = frozenset({'forward'})
+#: What runs code when read on a module, as a property does.
+_PROPERTIES = (property, functools.cached_property)
 
 
-def _reads_any_attribute(cls: type) -> bool:
-    """Whether the code of ``cls`` may read an attribute of its module not
-    by name: it hands the module on, walks modules, or calls ``getattr``
+def _reads_any_attribute(cls: type, entries: frozenset = _FORWARD) -> bool:
+    """Whether the code of ``cls`` (its ``forward``, or the methods and
+    properties ``entries``) may read an attribute of its module not by
+    name: it hands the module on, walks modules, or calls ``getattr``
     with a name made at run time."""
-    deep, _, _, _, taken, hands_on, _, _ = _forward_code(cls)
+    deep, _, _, _, taken, hands_on, _, _ = _code_of(cls, entries)
     return hands_on or bool(deep & _WALKS) or '' in taken
 
 
@@ -488,13 +492,7 @@ def _held_by_code_reads(module: nn.Module,
     known = None if memo is None else memo.get((cls, entries))
     if known is not None:
         return known
-    scopes: List[Dict[str, Any]] = []
-    names: Set[str] = set()
-    for entry in entries:
-        entry_scopes, entry_names = _forward_code_reads(cls, entry)
-        scopes.extend(scope for scope in entry_scopes
-                      if all(scope is not seen for seen in scopes))
-        names.update(entry_names)
+    scopes, names = _forward_code_reads(cls, entries)
     found = [
         held for scope in scopes for name in names if name in scope
         and not holds_only_settings(scope[name], _NO_HOLDERS)
@@ -570,9 +568,8 @@ def _forward_code(
     bases = class_namespaces(cls)
     # What was looked up, to tell when the class changed.
     looked_up = [(vars(cls), entry, vars(cls).get(entry, _MISSING))]
-    looked_up.extend(
-        (namespace, entry, namespace.get(entry, _MISSING))
-        for namespace in bases)
+    looked_up.extend((namespace, entry, namespace.get(entry, _MISSING))
+                     for namespace in bases if namespace is not vars(cls))
     deep: Set[str] = set()
     deep_taken: Set[str] = set()
     deep_indexed: Set[str] = set()
@@ -584,7 +581,11 @@ def _forward_code(
     # (Function, whether its first parameter is the module.)
     bound = not isinstance(forward, (staticmethod, classmethod))
     pending = [(f, bound) for f in functions_in(forward)]
-    skipped = {'__init__'} if entry == 'forward' else {'__init__', 'forward'}
+    # Another entry's ``self.forward(x)`` calls the forward the class
+    # resolves, whose calls its own reading covers (not a base's,
+    # ``super().forward(x)``).
+    resolved = inspect.getattr_static(cls, 'forward', None) \
+        if entry != 'forward' else _MISSING
     seen: Set[Any] = set()
     named: Set[str] = set()
     scopes: List[Dict[str, Any]] = []
@@ -650,12 +651,20 @@ def _forward_code(
                         passed.add(op.argval)
                     if use in ('taken', 'iterated'):
                         taken.add(op.argval)
+                stored = _stored(ops, index) if op.argval == me else None
                 if op.opname in ('LOAD_FAST', 'LOAD_DEREF') and \
                         op.argval == me and (following is None or
                                              following.opname not in _READS):
                     if previous is not None and \
                             previous.argval == 'getattr':
                         computed = True  # ``getattr(self, name)``
+                        constant = following.argval if following is not \
+                            None and following.opname == 'LOAD_CONST' \
+                            else None
+                        # What it gives may be called: it names the
+                        # attribute (``''``: any).
+                        named.add(constant if isinstance(constant, str)
+                                  else '')
                         if not _getattr_result_called(ops, index - 1):
                             # ``getattr(self, 'stem')[0]`` is ``self.stem``
                             # so used; ``getattr(self, name)`` iterated
@@ -675,15 +684,16 @@ def _forward_code(
                                 lists_taken = True
                     elif previous is not None and \
                             previous.opname == 'PUSH_NULL' and \
-                            sys.version_info[:2] == (3, 11):
+                            sys.version_info[:2] == (3, 11) and \
+                            _called_after(ops, index):
                         pass  # ``self(x)``: its own forward, called
-                    elif _stored(ops, index) is not None:
+                    elif stored is not None and \
+                            _plain_store(bases, stored, pending, seen):
                         # ``self.cache = x``, ``self.calls += 1``: a child
                         # so set is taken (changed).
-                        name = _stored(ops, index)
-                        values.add(name)
-                        taken.add(name)
-                        passed.add(name)
+                        values.add(stored)
+                        taken.add(stored)
+                        passed.add(stored)
                     elif previous is None or previous.argval not in _LOOKS:
                         hands_on = True  # (not ``hasattr(self, 'head')``)
                 elif op.argval == 'getattr' and op.opname in (
@@ -692,15 +702,15 @@ def _forward_code(
                     hands_on = True
         for namespace in bases:
             for name, value in namespace.items():
-                # (Another entry's ``self.forward(x)`` calls the forward,
-                # whose calls its own reading covers.)
-                if name not in skipped and (name in named or (
-                        computed and isinstance(value, property))):
+                if name != '__init__' and value is not resolved and (
+                        name in named or
+                        (computed and isinstance(value, _PROPERTIES))):
                     looked_up.append((namespace, name, value))
                     # (A static or class method's first parameter is not
                     # the module.)
                     bound = isinstance(value, (types.FunctionType,
-                                               property))
+                                               functools.partialmethod) +
+                                       _PROPERTIES)
                     pending.extend((f, bound) for f in functions_in(value)
                                    if f.__code__ not in seen)
         for namespace in bases:  # names looked for, not there
@@ -738,14 +748,49 @@ def _code_of(
 
 def _forward_code_reads(
         cls: type,
-        entry: str = 'forward') -> Tuple[List[Dict[str, Any]], frozenset]:
+        entries: frozenset = _FORWARD
+) -> Tuple[List[Dict[str, Any]], frozenset]:
     """The global scopes of the code :func:`_forward_code` reads for
-    ``cls`` (and ``entry``), and every name that code uses."""
-    _forward_code(cls, entry)
-    return _FORWARD_CODE[cls][entry][2]
+    ``cls`` (and each of ``entries``), and every name that code uses
+    (``''``: any attribute, where it calls ``getattr(self, name)`` with a
+    name made at run time)."""
+    scopes: List[Dict[str, Any]] = []
+    names: Set[str] = set()
+    for entry in entries:
+        _forward_code(cls, entry)
+        entry_scopes, entry_names = _FORWARD_CODE[cls][entry][2]
+        scopes.extend(scope for scope in entry_scopes
+                      if all(scope is not seen for seen in scopes))
+        names.update(entry_names)
+    return scopes, frozenset(names)
 
 
 _MISSING = object()
+
+
+def _plain_store(bases: List[Dict[str, Any]], name: str,
+                 pending: List[Tuple[Any, bool]], seen: Set[Any]) -> bool:
+    """Whether setting or deleting attribute ``name`` of a module whose
+    class and bases have namespaces ``bases`` runs no code but what is
+    then added to ``pending`` (a property's setter and deleter): not
+    where the class has its own ``__setattr__`` or ``__delattr__``, or
+    ``name`` is another descriptor that can be set."""
+    for namespace in bases:
+        if '__setattr__' in namespace or '__delattr__' in namespace:
+            return False
+    for namespace in bases:
+        value = namespace.get(name, _MISSING)
+        if value is _MISSING:
+            continue
+        if isinstance(value, property):
+            pending.extend(
+                (f, True) for accessor in (value.fset, value.fdel)
+                if accessor is not None for f in functions_in(accessor)
+                if f.__code__ not in seen)
+            return True
+        return not (hasattr(type(value), '__set__')
+                    or hasattr(type(value), '__delete__'))
+    return True
 
 
 def _stored(ops: List[Any], index: int) -> Optional[str]:
@@ -1030,11 +1075,12 @@ def _class_members(cls: type) -> Tuple[frozenset, frozenset]:
         for name, value in namespace.items():
             if name == 'forward':
                 continue
-            if isinstance(value, property):
+            if isinstance(value, _PROPERTIES):
                 properties.add(name)
                 members.add(name)
-            elif callable(value) or isinstance(value,
-                                               (staticmethod, classmethod)):
+            elif callable(value) or isinstance(
+                    value,
+                (staticmethod, classmethod, functools.partialmethod)):
                 members.add(name)
     known = (frozenset(members), frozenset(properties))
     if memo is not None:
@@ -1221,6 +1267,9 @@ class _StructuralCollector:
         self.foldable_into: Set[int] = set()
         # Norms whose links are looked for (``None``: all).
         self.wanted = None if norms is None else set(norms)
+        # The methods and properties code above may call on each module
+        # (by ``id``): see ``check_methods_called_from_above``.
+        self.called_entries: Dict[int, frozenset] = {}
         seen, self.aliased = set(), set()
         for _, m in walk_modules(model, remove_duplicate=False):
             if id(m) in seen:
@@ -1639,7 +1688,8 @@ class _StructuralCollector:
                     else:
                         self.traced(module)
                     continue
-                if layers or _may_reach_below(module):
+                if layers or _may_reach_below(module) or \
+                        not runs_class_forward(module):
                     pending.append(module)
         # A module that may call a linked layer (one of its own, or one it
         # may reach inside a child: ``self.block.conv(x)``, a tap between
@@ -1713,12 +1763,22 @@ class _StructuralCollector:
                         names = read_above
                     elif not _reads_any_attribute(cls):
                         names = read_above | _forward_code_reads(cls)[1]
+                        if '' in names:  # ``getattr(self, name)(x)``
+                            names = None
                 info = by_class[cls] = (
                     own_code, names,
                     _held_by_code_reads(module) if own_code else [])
             own_code, names, code_held = info
             if id(module) in self.leaf_layers and not own_code:
                 continue  # torch's layers call nothing they hold
+            entries = self.called_entries.get(id(module))
+            if entries and own_code:
+                # Methods code above calls (see
+                # ``check_methods_called_from_above``) read more.
+                extra = _forward_code_reads(cls, entries)[1]
+                names = None if names is None or '' in extra or \
+                    _reads_any_attribute(cls, entries) else names | extra
+                code_held = code_held + _held_by_code_reads(module, entries)
             state = module.__dict__
             keys = state.keys() - MODULE_INTERNALS
             if names is not None and 'forward' not in state:
@@ -1836,10 +1896,13 @@ class _StructuralCollector:
                        caller: str) -> None:
             index, start, end = subtree_span(holder)
             for cls, positions in index.by_class.items():
-                names = classes.get(cls)
-                if names is None:
-                    names = classes[cls] = _class_members(cls)[0]
-                names = names & deep
+                members = classes.get(cls)
+                if members is None:
+                    members = classes[cls] = _class_members(cls)[0]
+                names = members & deep
+                if '__getattr__' in members and deep - members:
+                    # (Its own ``__getattr__`` may answer any name.)
+                    names |= {'__getattr__'}
                 if names:
                     pending.extend(
                         (index.modules[position], names, caller)
@@ -1859,21 +1922,21 @@ class _StructuralCollector:
             if (id(module), names) in done:
                 continue
             done.add((id(module), names))
+            self.called_entries[id(module)] = self.called_entries.get(
+                id(module), frozenset()) | names
             index, start, end = subtree_span(module)
             if not any(id(below) in linked
                        for below in index.modules[start:end]):
                 continue  # nothing linked below it to undo
             cls = type(module)
-            deep, _, _, _, taken, hands_on, _, _ = _code_of(cls, names)
+            deep = _code_of(cls, names)[0]
+            used = _forward_code_reads(cls, names)[1]
             why = (f'{caller} calls {cls.__name__}.'
                    f'{"/".join(sorted(names))} (not its forward), whose '
                    'code may call or read this layer or its conv')
-            if hands_on or deep & _WALKS or '' in taken:
+            if _reads_any_attribute(cls, names) or '' in used:
                 reached = [module]
             else:
-                used: Set[str] = set()
-                for entry in names:
-                    used.update(_forward_code_reads(cls, entry)[1])
                 reached = [
                     child for attr, child in module._modules.items()
                     if attr in used and child is not None and (
