@@ -463,8 +463,10 @@ _HELD_DEPTH = 8
 #: The entries of the code a call of a module runs (see
 #: :func:`_forward_code`).
 _FORWARD = frozenset({'forward'})
-#: What runs code when read on a module, as a property does.
+#: What runs code when read on a module, as a property does; and what
+#: is a method though not callable itself.
 _PROPERTIES = (property, functools.cached_property)
+_METHODS = (staticmethod, classmethod, functools.partialmethod)
 
 
 def _reads_any_attribute(cls: type, entries: frozenset = _FORWARD) -> bool:
@@ -1078,9 +1080,7 @@ def _class_members(cls: type) -> Tuple[frozenset, frozenset]:
             if isinstance(value, _PROPERTIES):
                 properties.add(name)
                 members.add(name)
-            elif callable(value) or isinstance(
-                    value,
-                (staticmethod, classmethod, functools.partialmethod)):
+            elif callable(value) or isinstance(value, _METHODS):
                 members.add(name)
     known = (frozenset(members), frozenset(properties))
     if memo is not None:
