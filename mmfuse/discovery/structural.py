@@ -466,7 +466,8 @@ _FORWARD = frozenset({'forward'})
 #: What runs code when read on a module, as a property does; and what
 #: is a method though not callable itself.
 _PROPERTIES = (property, functools.cached_property)
-_METHODS = (staticmethod, classmethod, functools.partialmethod)
+_METHODS = (staticmethod, classmethod, functools.partialmethod,
+            functools.singledispatchmethod)
 
 
 def _reads_any_attribute(cls: type, entries: frozenset = _FORWARD) -> bool:
@@ -495,6 +496,7 @@ def _held_by_code_reads(module: nn.Module,
     if known is not None:
         return known
     scopes, names = _forward_code_reads(cls, entries)
+    names = names | entries  # (an entry that is itself a held module)
     found = [
         held for scope in scopes for name in names if name in scope
         and not holds_only_settings(scope[name], _NO_HOLDERS)
@@ -503,8 +505,7 @@ def _held_by_code_reads(module: nn.Module,
     found.extend(
         held for namespace in class_namespaces(type(module))
         for name in names if name in namespace and not isinstance(
-            namespace[name], (types.FunctionType, property, staticmethod,
-                              classmethod))
+            namespace[name], (types.FunctionType, ) + _METHODS + _PROPERTIES)
         for held in modules_held_in(namespace[name], _HELD_DEPTH))
     if memo is not None:
         memo[(cls, entries)] = found
@@ -572,6 +573,10 @@ def _forward_code(
     looked_up = [(vars(cls), entry, vars(cls).get(entry, _MISSING))]
     looked_up.extend((namespace, entry, namespace.get(entry, _MISSING))
                      for namespace in bases if namespace is not vars(cls))
+    # (What a store on the module runs: see ``_plain_store``.)
+    looked_up.extend((namespace, name, namespace.get(name, _MISSING))
+                     for namespace in bases
+                     for name in ('__setattr__', '__delattr__'))
     deep: Set[str] = set()
     deep_taken: Set[str] = set()
     deep_indexed: Set[str] = set()
@@ -660,24 +665,19 @@ def _forward_code(
                     if previous is not None and \
                             previous.argval == 'getattr':
                         computed = True  # ``getattr(self, name)``
-                        constant = following.argval if following is not \
+                        after = ops[index + 2] \
+                            if index + 2 < len(ops) else None
+                        name = following.argval if following is not \
                             None and following.opname == 'LOAD_CONST' \
-                            else None
+                            and after is not None and \
+                            after.opname in ('PRECALL', 'CALL') else None
                         # What it gives may be called: it names the
                         # attribute (``''``: any).
-                        named.add(constant if isinstance(constant, str)
-                                  else '')
+                        named.add(name if isinstance(name, str) else '')
                         if not _getattr_result_called(ops, index - 1):
                             # ``getattr(self, 'stem')[0]`` is ``self.stem``
                             # so used; ``getattr(self, name)`` iterated
                             # as a list of modules is.
-                            after = ops[index + 2] \
-                                if index + 2 < len(ops) else None
-                            name = following.argval if following is not \
-                                None and following.opname == 'LOAD_CONST' \
-                                and after is not None and \
-                                after.opname in ('PRECALL', 'CALL') \
-                                else None
                             if isinstance(name, str):
                                 values.add(name)
                                 taken.add(name)
@@ -696,7 +696,8 @@ def _forward_code(
                         values.add(stored)
                         taken.add(stored)
                         passed.add(stored)
-                    elif previous is None or previous.argval not in _LOOKS:
+                    elif not _is_builtin(previous, _LOOKS,
+                                         function.__globals__):
                         hands_on = True  # (not ``hasattr(self, 'head')``)
                 elif op.argval == 'getattr' and op.opname in (
                         'LOAD_GLOBAL', 'LOAD_NAME') and (
@@ -708,6 +709,8 @@ def _forward_code(
                         name in named or
                         (computed and isinstance(value, _PROPERTIES))):
                     looked_up.append((namespace, name, value))
+                    if _opaque(value):
+                        hands_on = True  # (what it runs is not read)
                     # (A static or class method's first parameter is not
                     # the module.)
                     bound = isinstance(value, (types.FunctionType,
@@ -770,6 +773,20 @@ def _forward_code_reads(
 _MISSING = object()
 
 
+def _opaque(value: Any) -> bool:
+    """Whether a class attribute ``value`` runs code when read or called
+    that :func:`~mmfuse.discovery.fx_tracer.functions_in` does not give: a
+    property of a class with its own ``__get__``, a callable object other
+    than a function or class (``functools.lru_cache``'s wrapper, a
+    decorator class), a ``singledispatchmethod``."""
+    if isinstance(value, property):
+        return type(value).__get__ is not property.__get__
+    if isinstance(value, functools.singledispatchmethod):
+        return True
+    return callable(value) and not isinstance(value, type) and \
+        not functions_in(value)
+
+
 def _plain_store(bases: List[Dict[str, Any]], name: str,
                  pending: List[Tuple[Any, bool]], seen: Set[Any]) -> bool:
     """Whether setting or deleting attribute ``name`` of a module whose
@@ -784,7 +801,9 @@ def _plain_store(bases: List[Dict[str, Any]], name: str,
         value = namespace.get(name, _MISSING)
         if value is _MISSING:
             continue
-        if isinstance(value, property):
+        if isinstance(value, property) and \
+                type(value).__set__ is property.__set__ and \
+                type(value).__delete__ is property.__delete__:
             pending.extend(
                 (f, True) for accessor in (value.fset, value.fdel)
                 if accessor is not None for f in functions_in(accessor)
@@ -1086,6 +1105,17 @@ def _class_members(cls: type) -> Tuple[frozenset, frozenset]:
     if memo is not None:
         memo[cls] = known
     return known
+
+
+#: Methods by which a class answers reads of its attributes itself.
+_LOOKUP_HOOKS = frozenset({'__getattr__', '__getattribute__'})
+
+
+def _unread_member(cls: type, name: str) -> bool:
+    """Whether member ``name`` of ``cls`` runs code no reading of
+    :func:`_forward_code` sees (see :func:`_opaque`), or none at all."""
+    value = inspect.getattr_static(cls, name, None)
+    return _opaque(value) or not functions_in(value)
 
 
 def _may_reach_below(module: nn.Module) -> bool:
@@ -1900,9 +1930,10 @@ class _StructuralCollector:
                 if members is None:
                     members = classes[cls] = _class_members(cls)[0]
                 names = members & deep
-                if '__getattr__' in members and deep - members:
-                    # (Its own ``__getattr__`` may answer any name.)
-                    names |= {'__getattr__'}
+                # (Its own ``__getattr__`` may answer any name, in code
+                # above or in its methods; ``__getattribute__`` every one.)
+                names |= members & _LOOKUP_HOOKS if names or \
+                    deep - members else frozenset()
                 if names:
                     pending.extend(
                         (index.modules[position], names, caller)
@@ -1910,11 +1941,16 @@ class _StructuralCollector:
                             positions, start + 1, end))
 
         for _, holder in walk_modules(self.model):
-            if holder._modules and not is_stock_sequential(holder) and \
-                    not _is_container(holder) and runs_class_forward(holder):
-                note_calls(holder,
-                           _forward_code(type(holder))[0],
-                           type(holder).__name__)
+            if not holder._modules or is_stock_sequential(holder) or \
+                    _is_container(holder):
+                continue
+            cls = type(holder)
+            if runs_class_forward(holder):
+                note_calls(holder, _forward_code(cls)[0], cls.__name__)
+            elif '__call__' in _class_members(cls)[0]:
+                # A ``__call__`` of its own: what a call of it runs.
+                pending.append((holder, frozenset({'__call__'}),
+                                f'a call of {cls.__name__}'))
         layers: Dict[int, str] = {}
         done: Set[Tuple[int, frozenset]] = set()
         while pending:
@@ -1924,17 +1960,21 @@ class _StructuralCollector:
             done.add((id(module), names))
             self.called_entries[id(module)] = self.called_entries.get(
                 id(module), frozenset()) | names
+            cls = type(module)
+            deep = _code_of(cls, names)[0]
+            # What those methods call on modules below, in turn.
+            note_calls(module, deep, cls.__name__)
             index, start, end = subtree_span(module)
             if not any(id(below) in linked
                        for below in index.modules[start:end]):
                 continue  # nothing linked below it to undo
-            cls = type(module)
-            deep = _code_of(cls, names)[0]
             used = _forward_code_reads(cls, names)[1]
             why = (f'{caller} calls {cls.__name__}.'
                    f'{"/".join(sorted(names))} (not its forward), whose '
                    'code may call or read this layer or its conv')
-            if _reads_any_attribute(cls, names) or '' in used:
+            if _reads_any_attribute(cls, names) or '' in used or \
+                    '__getattribute__' in names or \
+                    any(_unread_member(cls, name) for name in names):
                 reached = [module]
             else:
                 reached = [
@@ -1947,7 +1987,6 @@ class _StructuralCollector:
                 for _, below in walk_modules(top):
                     if id(below) in self.leaf_layers:
                         layers.setdefault(id(below), why)
-            note_calls(module, deep, cls.__name__)
         self.unlink_layers(layers)
 
     def check_call_arguments(self) -> None:
