@@ -1920,15 +1920,22 @@ class _StructuralCollector:
         if not linked:
             return
         pending: List[Tuple[nn.Module, frozenset, str]] = []
-        classes: Dict[type, frozenset] = {}
+        classes = {
+            cls: _class_members(cls)[0]
+            for cls in subtree_span(self.model)[0].by_class
+        }
+        # Any member of a class of the model; and whether one of them
+        # answers reads of any name itself.
+        every = frozenset().union(*classes.values())
+        hooked = not every.isdisjoint(_LOOKUP_HOOKS)
 
         def note_calls(holder: nn.Module, deep: frozenset,
                        caller: str) -> None:
+            if not hooked and every.isdisjoint(deep):
+                return  # (most modules: nothing to look for)
             index, start, end = subtree_span(holder)
             for cls, positions in index.by_class.items():
-                members = classes.get(cls)
-                if members is None:
-                    members = classes[cls] = _class_members(cls)[0]
+                members = classes[cls]
                 names = members & deep
                 # (Its own ``__getattr__`` may answer any name, in code
                 # above or in its methods; ``__getattribute__`` every one.)
