@@ -66,10 +66,9 @@ def _add_folds_not_run(model: nn.Module, plan: FusionPlan,
     :func:`~mmfuse.discovery.planner.add_folds_not_run`); structure is
     read for those norms alone.  For a plan whose output is checked: the
     check shows the folds change nothing the pass ran (code that runs may
-    still read a norm it does not call: ``isinstance(self.head.bn, ...)``,
-    a shallow copy may share a conv's parameters).  None with global
-    module hooks registered: they may act on those layers when they do
-    run.
+    still read a norm it does not call, from a hook structure does not
+    read: ``isinstance(model.head.bn, ...)``).  None with global module
+    hooks registered: they may act on those layers when they do run.
 
     Args:
         model: The model, as ``plan`` finds it.

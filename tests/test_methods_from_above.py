@@ -288,7 +288,8 @@ def test_layers_run_other_than_by_their_forward_keep_their_norm(
 
 
 class Peeker(nn.Module):
-    """Holds a sibling in a plain list; its method ``go`` uses it."""
+    """Holds a sibling in a plain list; its method ``go`` uses it (a
+    ``PeerHead`` by another name: only the wrapper's method calls it)."""
 
     def __init__(self, neck: nn.Module):
         super().__init__()
