@@ -37,8 +37,8 @@ import operator
 import sys
 import types
 import weakref
-from typing import (Any, Collection, Dict, Iterator, List, Optional, Set,
-                    Tuple)
+from typing import (Any, Collection, Dict, Iterator, List, NamedTuple,
+                    Optional, Set, Tuple)
 
 import torch
 from torch import fx, nn
@@ -460,6 +460,18 @@ _NO_HOLDERS = (torch.device, torch.dtype, torch.Tensor, types.ModuleType)
 _HELD_DEPTH = 8
 
 
+class _CodeReading(NamedTuple):
+    """What :func:`_forward_code` read of a class's code (see there)."""
+    deep: frozenset
+    deep_taken: frozenset
+    deep_indexed: frozenset
+    values: frozenset
+    taken: frozenset
+    hands_on: bool
+    passed: frozenset
+    deep_passed: frozenset
+
+
 #: The entries of the code a call of a module runs (see
 #: :func:`_forward_code`).
 _FORWARD = frozenset({'forward'})
@@ -475,8 +487,19 @@ def _reads_any_attribute(cls: type, entries: frozenset = _FORWARD) -> bool:
     properties ``entries``) may read an attribute of its module not by
     name: it hands the module on, walks modules, or calls ``getattr``
     with a name made at run time."""
-    deep, _, _, _, taken, hands_on, _, _ = _code_of(cls, entries)
-    return hands_on or bool(deep & _WALKS) or '' in taken
+    code = _code_of(cls, entries)
+    return code.hands_on or bool(code.deep & _WALKS) or '' in code.taken
+
+
+def _names_used(cls: type,
+                entries: frozenset = _FORWARD) -> Optional[frozenset]:
+    """Every name the code of ``cls`` (its ``forward``, or ``entries``)
+    uses, or ``None`` where it may read any attribute of its module
+    (:func:`_reads_any_attribute`, or ``getattr(self, name)`` called with
+    a name made at run time)."""
+    names = _forward_code_reads(cls, entries)[1]
+    return None if '' in names or _reads_any_attribute(cls, entries) \
+        else names
 
 
 def _is_torch_class(cls: type) -> bool:
@@ -527,8 +550,7 @@ _FORWARD_CODE: 'weakref.WeakKeyDictionary[type, Dict[str, Tuple]]' = \
 def _forward_code(
     cls: type,
     entry: str = 'forward'
-) -> Tuple[frozenset, frozenset, frozenset, frozenset, frozenset, bool,
-           frozenset, frozenset]:
+) -> _CodeReading:
     """What the code a call of a ``cls`` module may run does with names,
     read from its ``forward`` (or the method or property ``entry``) and,
     by the names that code uses, the
@@ -724,9 +746,10 @@ def _forward_code(
     if lists_taken:
         taken.add('')  # (some list of modules: see ``_reached_below``)
         passed.add('')
-    result = (frozenset(deep), frozenset(deep_taken), frozenset(deep_indexed),
-              frozenset(values), frozenset(taken), hands_on,
-              frozenset(passed), frozenset(deep_passed))
+    result = _CodeReading(frozenset(deep), frozenset(deep_taken),
+                          frozenset(deep_indexed), frozenset(values),
+                          frozenset(taken), hands_on, frozenset(passed),
+                          frozenset(deep_passed))
     # Each lookup once (the loops above look again for every function).
     looked_up = list({(id(namespace), name): (namespace, name, value)
                       for namespace, name, value in looked_up}.values())
@@ -737,18 +760,14 @@ def _forward_code(
     return result
 
 
-def _code_of(
-    cls: type, entries: frozenset
-) -> Tuple[frozenset, frozenset, frozenset, frozenset, frozenset, bool,
-           frozenset, frozenset]:
+def _code_of(cls: type, entries: frozenset) -> _CodeReading:
     """:func:`_forward_code` of each of ``entries``, together."""
     if entries == _FORWARD:
         return _forward_code(cls)
     parts = [_forward_code(cls, entry) for entry in sorted(entries)]
-    return tuple(
-        any(part[index] for part in parts) if index == 5 else frozenset().
-        union(*(part[index] for part in parts))
-        for index in range(8))  # type: ignore
+    return _CodeReading(*(
+        any(values) if field == 'hands_on' else frozenset().union(*values)
+        for field, values in zip(_CodeReading._fields, zip(*parts))))
 
 
 def _forward_code_reads(
@@ -1005,7 +1024,7 @@ def _reached_below(
     ``getattr(self, name)`` to give a child or an attribute, not a method
     the code then calls."""
     deep, deep_taken, deep_indexed, values, taken, hands_on, passed, \
-        deep_passed = _code_of(type(module), entries)
+        deep_passed = _code_of(type(module), entries)  # (every field)
     # (``''``: what ``getattr(self, name)`` gives, used other than called.)
     lists = '' in taken or any(
         name in taken and _is_container(child)
@@ -1157,9 +1176,9 @@ def _names_read_by(module: nn.Module, child: str) -> Optional[frozenset]:
     if is_stock_sequential(module) or _is_container(module):
         return frozenset()
     if _reads_any_attribute(type(module)) or \
-            child in _forward_code(type(module))[4]:
+            child in _forward_code(type(module)).taken:
         return None
-    return _forward_code(type(module))[0]
+    return _forward_code(type(module)).deep
 
 
 def reached_inside(model: nn.Module) -> Dict[int, Set[int]]:
@@ -1176,7 +1195,7 @@ def reached_inside(model: nn.Module) -> Dict[int, Set[int]]:
                 is_mmcv_conv_module(holder) or _is_container(holder):
             continue
         reached = {id(m) for m in _reached_below(holder)[0]}
-        deep = _forward_code(type(holder))[0] \
+        deep = _forward_code(type(holder)).deep \
             if runs_class_forward(holder) else None
         for name, child in _callable_children(holder):
             everything = deep is None or id(child) in reached
@@ -1773,7 +1792,7 @@ class _StructuralCollector:
         read_above: Optional[Set[str]] = set()
         for cls in {type(module) for _, module in walk}:
             if not _is_torch_class(cls):
-                read_above.update(_forward_code(cls)[0])
+                read_above.update(_forward_code(cls).deep)
         if any(not runs_class_forward(module) for _, module in walk):
             read_above = None
         # By class: whether its code is torch's, the attribute names its
@@ -1791,10 +1810,9 @@ class _StructuralCollector:
                         cls._call_impl is nn.Module._call_impl:
                     if not own_code:
                         names = read_above
-                    elif not _reads_any_attribute(cls):
-                        names = read_above | _forward_code_reads(cls)[1]
-                        if '' in names:  # ``getattr(self, name)(x)``
-                            names = None
+                    else:
+                        used = _names_used(cls)
+                        names = None if used is None else read_above | used
                 info = by_class[cls] = (
                     own_code, names,
                     _held_by_code_reads(module) if own_code else [])
@@ -1805,9 +1823,9 @@ class _StructuralCollector:
             if entries and own_code:
                 # Methods code above calls (see
                 # ``check_methods_called_from_above``) read more.
-                extra = _forward_code_reads(cls, entries)[1]
-                names = None if names is None or '' in extra or \
-                    _reads_any_attribute(cls, entries) else names | extra
+                extra = _names_used(cls, entries)
+                names = None if names is None or extra is None else \
+                    names | extra
                 code_held = code_held + _held_by_code_reads(module, entries)
             state = module.__dict__
             keys = state.keys() - MODULE_INTERNALS
@@ -1953,7 +1971,7 @@ class _StructuralCollector:
                 continue
             cls = type(holder)
             if runs_class_forward(holder):
-                note_calls(holder, _forward_code(cls)[0], cls.__name__)
+                note_calls(holder, _forward_code(cls).deep, cls.__name__)
             elif '__call__' in _class_members(cls)[0]:
                 # A ``__call__`` of its own: what a call of it runs.
                 pending.append((holder, frozenset({'__call__'}),
@@ -1968,19 +1986,18 @@ class _StructuralCollector:
             self.called_entries[id(module)] = self.called_entries.get(
                 id(module), frozenset()) | names
             cls = type(module)
-            deep = _code_of(cls, names)[0]
+            deep = _code_of(cls, names).deep
             # What those methods call on modules below, in turn.
             note_calls(module, deep, cls.__name__)
             index, start, end = subtree_span(module)
             if not any(id(below) in linked
                        for below in index.modules[start:end]):
                 continue  # nothing linked below it to undo
-            used = _forward_code_reads(cls, names)[1]
+            used = _names_used(cls, names)
             why = (f'{caller} calls {cls.__name__}.'
                    f'{"/".join(sorted(names))} (not its forward), whose '
                    'code may call or read this layer or its conv')
-            if _reads_any_attribute(cls, names) or '' in used or \
-                    '__getattribute__' in names or \
+            if used is None or '__getattribute__' in names or \
                     any(_unread_member(cls, name) for name in names):
                 reached = [module]
             else:
