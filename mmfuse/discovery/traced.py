@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..guards import fresh_inputs
 from ..layers import is_conv_layer, is_norm_layer
-from ..module_walk import find_submodule, has_children, walk_modules
+from ..module_walk import find_submodule, walk_modules
 from ..output_tree import tensors_in
 from ..plan import CONCAT, POST, PRE, SUM
 from .fx_tracer import MODULE_INTERNALS, holds_only_settings, is_plain
@@ -312,44 +312,45 @@ class TracedForward:
         self.paused = False
         # Conv and norm layers count as leaves even with children (e.g. a
         # parametrized weight): what they compute inside is theirs.
-        self.leaves = {
-            id(m)
-            for m in self.modules
-            if not has_children(m) or is_conv_layer(m) or is_norm_layer(m)
-        }
+        self.leaves: Set[int] = set()
         # The parameters and buffers of convs and norms, by ``id``: an
         # operation outside the layer's own call that reads one (``F.conv2d
         # (x, self.conv.weight)``, ``self.bn.weight.view(...)``) uses the
         # layer's tensors as they are, which a fold would change.
-        self.layer_tensors: Dict[int, nn.Module] = {
-            id(tensor): m
-            for m in self.modules if is_conv_layer(m) or is_norm_layer(m)
-            for table in (m._parameters, m._buffers)
-            for tensor in table.values() if tensor is not None
-        }
+        self.layer_tensors: Dict[int, nn.Module] = {}
+        # The convs and norms, by ``id`` and in model order.
+        self.layer_ids: Set[int] = set()
+        self.layers: List[nn.Module] = []
+        # Where each module registered only once in the whole model lies:
+        # its one ``(parent, attr)`` (see ``resolve_site``).
+        self.holders: Dict[int, Tuple[nn.Module, str]] = {}
+        for m in self.modules:  # one pass for all of these
+            children = m._modules
+            if is_conv_layer(m) or is_norm_layer(m):
+                self.leaves.add(id(m))
+                self.layer_ids.add(id(m))
+                self.layers.append(m)
+                for table in (m._parameters, m._buffers):
+                    for tensor in table.values():
+                        if tensor is not None:
+                            self.layer_tensors[id(tensor)] = m
+            elif not any(child is not None for child in children.values()):
+                self.leaves.add(id(m))
+            for attr, child in children.items():
+                if child is not None:
+                    self.holders[id(child)] = (m, attr)
         self.read_layers: Dict[int, nn.Module] = {}
         # How many leaf calls and changes in place were recorded so far.
         self.order = 0
         # Convs and norms called inside a leaf's call, with the leaf's
         # class, by ``id``.
-        self.layer_ids = {
-            id(m)
-            for m in self.modules if is_conv_layer(m) or is_norm_layer(m)
-        }
         self.nested_layers: Dict[int, Tuple[nn.Module, type]] = {}
         # Modules a caller outside them reached into (see ``note_reach``):
         # the ids of the modules called inside each, by its id.
         self.reached: Dict[int, Set[int]] = {}
-        # Where each module registered only once in the whole model lies:
-        # its one ``(parent, attr)`` (see ``resolve_site``).
-        self.paths = Counter()
-        self.holders: Dict[int, Tuple[nn.Module, str]] = {}
-        for parent in self.modules:
-            for attr, child in parent._modules.items():
-                if child is not None:
-                    self.holders[id(child)] = (parent, attr)
-        for _, module in walk_modules(model, remove_duplicate=False):
-            self.paths[id(module)] += 1
+        self.paths = Counter(
+            id(module)
+            for _, module in walk_modules(model, remove_duplicate=False))
         # ``key -> (source, through_conv)`` for a value that is linear in
         # an earlier value ``source`` (leaf convs, norms, pools and sums of
         # such), and whether a conv lies on the way; see ``sum_blocks``.
@@ -543,7 +544,7 @@ class TracedForward:
                                [self.key(t) for t in tensors], caller,
                                self.order)
             self.note_writes(previous, call.inputs, call)
-            call.channels_dim_ok = _batched(module, _tensors_in(args))
+            call.channels_dim_ok = _batched(module, tensors)
             for key in call.inputs:
                 self.consumers[key].append(call)
             self.active_leaf = call
@@ -646,7 +647,7 @@ class TracedForward:
         return {
             id(m): [(name, id(t)) for table in (m._parameters, m._buffers)
                     for name, t in table.items()]
-            for m in self.modules if id(m) in self.layer_ids
+            for m in self.layers
         }
 
     def note_replaced(self, before: Dict[int, List[Tuple[str, int]]]
@@ -655,25 +656,26 @@ class TracedForward:
         .weight = self.shared``): the next call would set them again over
         a fold's."""
         after = self.layer_state()
-        for layer in self.modules:
-            state = before.get(id(layer))
-            if state is not None and state != after[id(layer)]:
+        for layer in self.layers:
+            if before[id(layer)] != after[id(layer)]:
                 self.nested_layers.setdefault(id(layer), (layer, None))
 
     def note_kept_in_state(self) -> None:
         """A value the pass left in a module's attributes (``self.prev =
         y``, ``self.add.ref = y``) may be read later, by a call or a
         module it was not passed to: it counts as consumed there."""
+        last = self.last
+        # (Walked again: the pass may have added modules.)
         for path, module in walk_modules(self.model):
             for name, value in module.__dict__.items():
-                if is_plain(value):
-                    continue  # (most settings: ints, flags, sizes)
-                if name in MODULE_INTERNALS or \
+                # (The module's own tables, then most settings: ints,
+                # flags, sizes.)
+                if name in MODULE_INTERNALS or is_plain(value) or \
                         isinstance(value, nn.Module) or \
                         holds_only_settings(value, _SETTINGS):
                     continue
                 for tensor in _tensors_in(value):
-                    key = self.last.get(id(tensor))
+                    key = last.get(id(tensor))
                     if key is not None:
                         self.consumers[key].append(_KeptInState(
                             f'{path}.{name}' if path else name))
