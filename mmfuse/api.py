@@ -25,7 +25,8 @@ from .reparam import Merges, has_registered_blocks, merge_blocks
 from .report import FusionReport
 from .surgery import apply_plan, undo_folds
 from .verify import (OutputCheck, TwinError, WiderTwin, default_rtol,
-                     isolate_failures, output_check, precise_dtype)
+                     isolate_failures, output_check, precise_dtype,
+                     search_checks)
 
 __all__ = ['FusionError', 'fuse_model', 'fuse_conv_bn', 'discover_folds',
            'unwrap_model']
@@ -279,7 +280,7 @@ def fuse_model(model: nn.Module,
             # acceptable.
             if unmerged_evidence is not None:
                 merges.measure_unmerged(check, inputs)
-            bad, dropped = [], []
+            bad, dropped, unchecked = [], [], []
             wide = check.passes_wider(model, inputs)
             judged = None
             if not wide and check.too_rough and unmerged_evidence is None:
@@ -289,7 +290,7 @@ def fuse_model(model: nn.Module,
             if wide:
                 applied = apply_plan(model, plan)
             elif judged is not None:
-                right, wrong, unreproduced = judged
+                right, wrong, unreproduced, not_reached = judged
                 report.twin = check.yardstick
                 for fold in wrong:
                     report.undone.append(
@@ -300,20 +301,21 @@ def fuse_model(model: nn.Module,
                     report.undone.append(
                         Skip(fold.norm, 'undone: the twin\'s output could '
                              'not be reproduced, with it or without'))
+                _note_unchecked(report, not_reached, 'the twin')
                 applied = apply_plan(model, FusionPlan(), right)
                 if not passes():
                     # Exact folds, yet the model's dtype makes too much of
                     # some (an overflow): bisect on the model itself.
                     undo_folds(applied)
-                    applied, bad, dropped = isolate_failures(
+                    applied, bad, dropped, unchecked = isolate_failures(
                         right,
                         lambda folds: apply_plan(model, FusionPlan(), folds),
-                        undo_folds, passes)
+                        undo_folds, passes, search_checks(len(right)))
             else:  # all the folds together fail this check: bisect
-                applied, bad, dropped = isolate_failures(
+                applied, bad, dropped, unchecked = isolate_failures(
                     plan.folds,
                     lambda folds: apply_plan(model, FusionPlan(), folds),
-                    undo_folds, passes)
+                    undo_folds, passes, search_checks(len(plan.folds)))
             for fold in bad:
                 report.undone.append(
                     Skip(fold.norm, 'undone: verification found the output '
@@ -322,6 +324,7 @@ def fuse_model(model: nn.Module,
                 report.undone.append(
                     Skip(kept.fold.norm, 'undone: the output could not be '
                          'reproduced, fused or not'))
+            _note_unchecked(report, unchecked, 'the model')
         report.verified = True
         report.max_abs_error = check.abs_error
         report.max_rel_error = check.rel_error
@@ -350,10 +353,12 @@ def _judge_on_twin(
         check: The check whose yardstick was too rough.
 
     Returns:
-        ``(right, wrong, unreproduced)``: the folds that leave the twin's
-        output where it was, those that move it, and those whose output
-        the bisection could not reproduce; ``None`` where no twin can be
-        made or changed (the reason is added to ``check.yardstick``).
+        ``(right, wrong, unreproduced, unchecked)``: the folds that leave
+        the twin's output where it was, those that move it, those whose
+        output the bisection could not reproduce and those it did not
+        reach (see :func:`~mmfuse.verify.search_checks`); ``None`` where
+        no twin can be made or changed (the reason is added to
+        ``check.yardstick``).
     """
     dtype = precise_dtype(model)
     try:
@@ -364,17 +369,29 @@ def _judge_on_twin(
         check.yardstick += f'; no twin: {error}'
         return None
     if twin.holds():
-        right, wrong, unreproduced = list(plan.folds), [], []
+        right, wrong, unreproduced, unchecked = list(plan.folds), [], [], []
     else:
         undo_folds(tried)
-        kept, wrong, dropped = isolate_failures(
+        kept, wrong, dropped, unchecked = isolate_failures(
             plan.folds,
             lambda folds: apply_plan(twin.model, FusionPlan(), folds),
-            undo_folds, twin.holds)
+            undo_folds, twin.holds, search_checks(len(plan.folds)))
         right = [applied.fold for applied in kept]
         unreproduced = [applied.fold for applied in dropped]
     check.use_twin(twin)
-    return right, list(wrong), unreproduced
+    return right, list(wrong), unreproduced, list(unchecked)
+
+
+def _note_unchecked(report: FusionReport, unchecked: List[Fold],
+                    where: str) -> None:
+    """Report the folds a search on ``where`` (the model, its twin) for
+    those that fail verification did not reach (see
+    :func:`~mmfuse.verify.search_checks`): they stay undone."""
+    for fold in unchecked:
+        report.undone.append(
+            Skip(fold.norm, 'undone: not checked: the search on '
+                 f'{where} for the folds that fail verification stopped '
+                 'after its checks (a forward pass each) before this one'))
 
 
 def _evidence_after_merges(unmerged: Evidence, merges: Merges) -> Evidence:

@@ -15,8 +15,8 @@ already is.
 """
 import copy
 import math
-from typing import (Any, Callable, Dict, List, Optional, Sequence,
-                    Tuple, TypeVar)
+from typing import (Any, Callable, Dict, Generic, List, NamedTuple,
+                    Optional, Sequence, Tuple, TypeVar)
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,8 @@ from .output_tree import (FlatOutput, UncomparableOutput, flatten_output,
                           tensors_in)
 
 __all__ = [
-    'output_error', 'default_rtol', 'isolate_failures', 'is_low_precision',
+    'output_error', 'default_rtol', 'isolate_failures', 'Isolated',
+    'search_checks', 'is_low_precision',
     'precise_dtype', 'upcast_output', 'OutputCheck', 'WiderTwin', 'TwinError',
     'output_check'
 ]
@@ -528,11 +529,38 @@ class TwinError(Exception):
     """Why no :class:`WiderTwin` can be made."""
 
 
+class Isolated(NamedTuple, Generic[Item, Applied]):
+    """What :func:`isolate_failures` found.
+
+    Attributes:
+        kept: What stays applied.
+        bad: The items found to fail.
+        dropped: What was undone at the end because the kept set failed.
+        unchecked: The items the search did not reach within its checks
+            (left unapplied).
+    """
+    kept: List[Applied]
+    bad: List[Item]
+    dropped: List[Applied]
+    unchecked: List[Item]
+
+
+def search_checks(count: int) -> int:
+    """The checks :func:`isolate_failures` may make among ``count`` items:
+    enough to find two that fail (a bisection takes two checks per level),
+    and four more.  Where most items fail (an output that jumps with the
+    rounding of any change: a threshold, a top-k, a point NMS), finding
+    every one of them would take a check per item, each a forward pass."""
+    levels = max(1, math.ceil(math.log2(max(count, 1))))
+    return 4 * levels + 4
+
+
 def isolate_failures(
-        items: Sequence[Item], apply: Callable[[List[Item]], List[Applied]],
+        items: Sequence[Item],
+        apply: Callable[[List[Item]], List[Applied]],
         undo: Callable[[List[Applied]], None],
-        passes: Callable[[], bool]
-) -> Tuple[List[Applied], List[Item], List[Applied]]:
+        passes: Callable[[], bool],
+        max_checks: Optional[int] = None) -> Isolated:
     """Apply as many ``items`` as keep ``passes()`` true, given that all of
     them together fail it (the caller has just checked that).
 
@@ -548,15 +576,20 @@ def isolate_failures(
         apply: Applies a list of items, returns what it applied.
         undo: Undoes what ``apply`` returned.
         passes: Checks the model as it is now.
+        max_checks: At most this many checks in the search (the one on
+            what stays, if needed, aside); the items it has not reached
+            then stay unapplied.  No limit by default.
 
     Returns:
-        ``(kept, bad, dropped)``: what stays applied, the items found to
-        fail, and what was undone at the end because the kept set failed.
+        An :class:`Isolated`.
     """
     kept: List[Applied] = []
     bad: List[Item] = []
-    # Whether the last check was of the state as it is now, and passed.
+    unchecked: List[Item] = []
+    # Whether the last check was of the state as it is now, and passed;
+    # and the checks left.
     checked = [False]
+    left = [math.inf if max_checks is None else max_checks]
 
     def bisect(failing: List[Item]) -> None:
         """None of ``failing`` is applied; all of them together fail."""
@@ -565,6 +598,10 @@ def isolate_failures(
             return
         middle = len(failing) // 2
         for half in (failing[:middle], failing[middle:]):
+            if left[0] <= 0:
+                unchecked.extend(half)
+                continue
+            left[0] -= 1
             applied = apply(half)
             checked[0] = passes()
             if checked[0]:
@@ -580,4 +617,4 @@ def isolate_failures(
         undo(kept)
         dropped, kept = kept, []
         passes()
-    return kept, bad, dropped
+    return Isolated(kept, bad, dropped, unchecked)

@@ -829,19 +829,20 @@ def test_isolate_failures_keeps_nothing_when_the_kept_set_fails():
         for item in reversed(applied):
             state.remove(item)
 
-    kept, bad, dropped = isolate_failures(['a', 'b', 'c'], apply, undo,
-                                          lambda: next(answers))
-    assert (kept, bad, dropped, state) == ([], ['c'], ['a', 'b'], [])
+    kept, bad, dropped, unchecked = isolate_failures(
+        ['a', 'b', 'c'], apply, undo, lambda: next(answers))
+    assert (kept, bad, dropped, unchecked, state) == ([], ['c'], ['a', 'b'],
+                                                      [], [])
     assert next(answers, None) is None
     # A reproducible check finds the bad item and keeps the rest, from
     # the halves (the whole set is not checked again) and with no check
     # repeating the last one on the same state.
     calls = []
-    kept, bad, dropped = isolate_failures(
+    kept, bad, dropped, unchecked = isolate_failures(
         ['a', 'b', 'c'], apply, undo,
         lambda: calls.append(list(state)) or 'b' not in state)
-    assert (kept, bad, dropped, state) == (['a', 'c'], ['b'], [],
-                                           ['a', 'c'])
+    assert (kept, bad, dropped + unchecked,
+            state) == (['a', 'c'], ['b'], [], ['a', 'c'])
     assert calls == [['a'], ['a', 'b', 'c'], ['a', 'b'], ['a', 'c']]
     # One item that fails with nothing else applied: found with no
     # check but the last, of the state without it.
@@ -849,8 +850,58 @@ def test_isolate_failures_keeps_nothing_when_the_kept_set_fails():
     calls = []
     assert isolate_failures(
         ['a'], apply, undo,
-        lambda: calls.append(list(state)) or True) == ([], ['a'], [])
+        lambda: calls.append(list(state)) or True) == ([], ['a'], [], [])
     assert calls == [[]]
+
+
+def test_isolate_failures_stops_after_its_checks():
+    """Where most items fail (an output that jumps with the rounding of
+    any change), the search stops after the checks it may make: the items
+    it did not reach stay unapplied and are returned as unchecked; with
+    enough checks for the bad items it finds what an unbounded search
+    finds."""
+    from mmfuse.verify import isolate_failures, search_checks
+    state = []
+
+    def apply(items):
+        state.extend(items)
+        return list(items)
+
+    def undo(applied):
+        for item in reversed(applied):
+            state.remove(item)
+
+    items = list(range(32))
+    calls = []
+    found = isolate_failures(
+        items, apply, undo,
+        lambda: calls.append(list(state)) or not state, max_checks=10)
+    # Ten checks in the search (every state with an item fails), then the
+    # one of what stays (nothing): each failing half is split until one
+    # item is left, found bad without a check of its own.
+    assert len(calls) == 11 and calls[-1] == []
+    assert found.kept == [] and found.dropped == [] and state == []
+    assert found.bad and found.unchecked
+    assert sorted(found.bad + found.unchecked) == items
+    # An unbounded search checks every item (63 checks: a check per half).
+    calls.clear()
+    assert isolate_failures(
+        items, apply, undo,
+        lambda: calls.append(list(state)) or not state).bad == items
+    assert len(calls) == 63
+    # Two bad items among 100: the default number of checks finds both.
+    for bad in ([3, 71], [50, 51]):
+        items = list(range(100))
+        calls.clear()
+        state.clear()
+        found = isolate_failures(
+            items, apply, undo,
+            lambda: calls.append(list(state)) or not set(bad) & set(state),
+            max_checks=search_checks(len(items)))
+        assert found.bad == bad and found.unchecked == []
+        assert sorted(found.kept) == sorted(set(items) - set(bad))
+        assert sorted(state) == found.kept
+        assert len(calls) <= search_checks(len(items))
 
 
 def test_walks_of_an_unchanged_tree_are_made_once_and_handed_out_as_copies():
@@ -952,3 +1003,64 @@ def test_a_fold_that_breaks_the_forward_is_undone_not_raised():
     assert isinstance(model.bn, nn.BatchNorm2d)
     with torch.no_grad():
         assert torch.equal(model(x), expected)
+
+
+class _UnderflowingBranches(nn.Module):
+    """``n`` conv-norm branches, each an output; in float16 the folds of the
+    ``underflowing`` ones lose their precision (a weight of 1e-3 scaled by
+    1e-4 is a subnormal, 19 % off), while the unfused branches, whose input
+    is large, do not.  Counts its forward passes."""
+
+    def __init__(self, n: int, underflowing: set):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv2d(1, 1, 1, bias=False) for _ in range(n))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(1) for _ in range(n))
+        with torch.no_grad():
+            for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+                small = i in underflowing
+                conv.weight.fill_(1e-3 if small else 1.0)
+                bn.weight.fill_(2e-4 if small else 2.0)
+                bn.running_mean.fill_(0.0 if small else 0.5)
+                bn.running_var.fill_(4.0)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return [bn(conv(x)) for conv, bn in zip(self.convs, self.bns)]
+
+
+def test_search_for_failing_folds_stops_after_its_checks():
+    """Where most folds fail verification (here float16 precision lost to
+    subnormal weights; also an output that jumps with rounding, as mmdet's
+    decoupled SOLO's point NMS does), finding each would take a forward
+    pass per fold: the search stops after ``search_checks`` passes, and
+    the folds it did not reach stay undone, each with its reason.  The
+    model stays right."""
+    from mmfuse.verify import search_checks
+    n = 48
+    underflowing = set(range(0, n, 2)) | {1, 3, 5}
+    model = _UnderflowingBranches(n, underflowing).half().eval()
+    x = torch.full((1, 1, 2, 2), 1e3).half()
+    with torch.no_grad():
+        reference = [y.clone() for y in model(x)]
+    model.calls = 0
+    report = mmfuse.fuse_model(model, (x, ), reparameterize=False)
+    # The traced pass, the check of every fold, the wider check, then the
+    # search, and the check of what stays (96 passes without a limit).
+    assert model.calls <= 3 + search_checks(n) + 1
+    reasons = {s.name: s.reason for s in report.undone}
+    not_reached = [name for name, reason in reasons.items()
+                   if reason.startswith('undone: not checked: the search')]
+    found = [name for name, reason in reasons.items()
+             if reason.startswith('undone: verification found')]
+    assert not_reached and found
+    folded = {f.norm for f in report.folded}
+    assert folded and len(folded) + len(reasons) == n
+    assert all(int(name.split('.')[1]) in underflowing for name in found)
+    assert not any(int(name.split('.')[1]) in underflowing
+                   for name in folded)
+    with torch.no_grad():
+        assert output_error(reference, model(x))[1] <= report.rtol
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == \
+        len(reasons)

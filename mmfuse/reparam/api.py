@@ -30,7 +30,7 @@ from ..layers import (global_hook_problem, norm_affine_params,
                       norm_fold_problem, runs_class_forward)
 from ..module_walk import walk_modules
 from ..verify import (OutputCheck, default_rtol, isolate_failures,
-                      output_check)
+                      output_check, search_checks)
 from .branches import build_conv, describe_term, merge_terms, norm_ops
 from .generic import BlockRewrite, GenericMerger
 from .merge import ConvGeometry, MergeError
@@ -659,13 +659,18 @@ class Merges:
         """With every merge undone (all of them together fail
         ``check``), redo those that keep the output acceptable to it;
         record why the others stay undone."""
-        _, bad, dropped = isolate_failures(
-            self.groups, _redo, _undo, lambda: self._passes(inputs, check))
+        _, bad, dropped, unchecked = isolate_failures(
+            self.groups, _redo, _undo, lambda: self._passes(inputs, check),
+            search_checks(len(self.groups)))
         failed = ('undone: verification found the output '
                   f'{check.failure("unmerged")} with it')
         unreproducible = ('undone: the output could not be reproduced, '
                           'merged or not')
-        for groups, reason in ((bad, failed), (dropped, unreproducible)):
+        not_reached = ('undone: not checked: the search for the merges '
+                       'that fail verification stopped after its checks '
+                       '(a forward pass each) before this one')
+        for groups, reason in ((bad, failed), (dropped, unreproducible),
+                               (unchecked, not_reached)):
             for group in groups:
                 for record in group.records:
                     record['merged'] = False
