@@ -1064,3 +1064,59 @@ def test_search_for_failing_folds_stops_after_its_checks():
         assert output_error(reference, model(x))[1] <= report.rtol
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == \
         len(reasons)
+
+
+def _overflowing_half_model(pre: bool) -> nn.Module:
+    """A float16 model whose first norm, folded into its conv, takes a
+    weight of 100 past 65504 (scale 1000), while the unfused model, on a
+    small input, stays finite; ``pre``: that norm runs before the conv
+    (a 1x1 conv without padding, where a fold before it is exact)."""
+    torch.manual_seed(0)
+    if pre:
+        model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1),
+                              nn.ReLU(), nn.Conv2d(4, 4, 3),
+                              nn.BatchNorm2d(4))
+        norm, conv = model[0], model[1]
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4),
+                              nn.ReLU(), nn.Conv2d(4, 4, 3),
+                              nn.BatchNorm2d(4))
+        norm, conv = model[1], model[0]
+    randomize_norm_stats(model, seed=1)
+    with torch.no_grad():
+        conv.weight.fill_(100.0)
+        norm.weight.fill_(1e3)
+        norm.running_var.fill_(1.0)
+        norm.running_mean.zero_()
+    return model.half().eval()
+
+
+@pytest.mark.parametrize('pre', [False, True], ids=['after', 'before'])
+def test_fold_that_would_overflow_float16_is_left_with_its_reason(pre):
+    """A folded float16 weight past 65504 is inf: mmcv's fold (and, before
+    this check, ``fuse_conv_bn``'s) gave an output of inf and nan.  The
+    planner computes such a fold first and leaves the norm, naming the
+    conv and the dtype; the other norm folds."""
+    model = _overflowing_half_model(pre)
+    x = (torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+         * 1e-3).half()
+    with torch.no_grad():
+        reference = model(x)
+    assert torch.isfinite(reference).all()
+    norm_name, conv_name = ('0', '1') if pre else ('1', '0')
+    fused = mmfuse.fuse_conv_bn(copy.deepcopy(model))
+    assert isinstance(fused[int(norm_name)], nn.BatchNorm2d)
+    assert isinstance(fused[4], nn.Identity)
+    with torch.no_grad():
+        output = fused(x)
+    assert torch.isfinite(output).all()
+    assert output_error(reference, output)[1] <= 5e-2
+    traced = copy.deepcopy(model)
+    report = mmfuse.fuse_model(traced, (x, ))
+    assert [f.norm for f in report.folded] == ['4'] and not report.undone
+    reason = dict((s.name, s.reason) for s in report.left)[norm_name]
+    assert reason == (f'folding it would take the weight of {conv_name} '
+                      'out of the range of float16 (past 65504)')
+    # In float32 the same fold fits.
+    wide = _overflowing_half_model(pre).float()
+    assert len(mmfuse.fuse_model(wide, (x.float(), )).folded) == 2

@@ -16,11 +16,14 @@ from collections import Counter, defaultdict
 from dataclasses import replace
 from typing import Dict, List, Optional, Set, Tuple
 
+import torch
 from torch import nn
 
-from ..layers import (conv_fold_problem, conv_in_channels, conv_out_channels,
-                      input_fold_problem, is_norm_layer, norm_channels,
-                      norm_fold_problem)
+from ..folding import (fold_affine_into_input, fold_affine_into_output,
+                       norm_affine)
+from ..layers import (conv_fold_problem, conv_geometry, conv_in_channels,
+                      conv_out_channels, input_fold_problem, is_norm_layer,
+                      norm_affine_params, norm_channels, norm_fold_problem)
 from ..module_walk import find_submodule, has_children, walk_modules
 from ..plain_conv import plain_conv_of
 from ..plan import (CONCAT, NOT_RUN, POST, PRE, SUM, ConvTarget, Fold,
@@ -57,6 +60,55 @@ def _site_name(site: Site, paths: Dict[int, List[str]]) -> Optional[str]:
 
 #: Not yet asked (``norm_fold_problem`` answers ``None`` for foldable).
 _UNKNOWN = object()
+
+#: Dtypes whose range a folded weight or bias may leave: a norm's scale
+#: (``gamma / sqrt(var + eps)``, up to ``gamma / sqrt(eps)``) can take a
+#: float16 weight past 65504, which rounds to inf.  (bfloat16 has the
+#: range of float32.)
+_NARROW_RANGE = (torch.float16, )
+
+
+def overflow_problem(kind: str, norm: nn.Module,
+                     convs: List[Tuple[nn.Module, ConvTarget]]
+                     ) -> Optional[str]:
+    """Why folding ``norm`` into ``convs`` (each conv with its target)
+    would give a weight or bias its dtype cannot hold, or ``None``.
+
+    Only convs of a narrow-range dtype (float16) are asked: there the fold
+    is computed once here, as surgery would compute it, and its values
+    tested (a bound on them would refuse folds whose largest products
+    still fit).  A value already infinite in the conv is not the fold's.
+    """
+    narrow = [(conv, target) for conv, target in convs
+              if conv.weight.dtype in _NARROW_RANGE]
+    if not narrow:
+        return None
+    scale, shift = norm_affine(*norm_affine_params(norm))
+    for conv, target in narrow:
+        transposed, groups = conv_geometry(conv)
+        with torch.no_grad():
+            if kind == PRE:
+                weight, bias = fold_affine_into_input(
+                    conv.weight, conv.bias, scale, shift, groups)
+            else:
+                part = slice(target.offset,
+                             target.offset + conv_out_channels(conv)) \
+                    if kind == CONCAT else slice(None)
+                weight, bias = fold_affine_into_output(
+                    conv.weight, conv.bias, scale[part],
+                    shift[part] if target.shift else None, transposed,
+                    groups)
+        for name, value, before in (('weight', weight, conv.weight),
+                                    ('bias', bias, conv.bias)):
+            finite = torch.isfinite(value)
+            if before is not None:
+                finite |= ~torch.isfinite(before.detach())
+            if not bool(finite.all()):
+                return (f'folding it would take the {name} of '
+                        f'{target.name} out of the range of '
+                        f'{str(value.dtype).replace("torch.", "")} (past '
+                        f'{torch.finfo(value.dtype).max:g})')
+    return None
 
 
 class _Planner:
@@ -210,6 +262,8 @@ class _Planner:
                       'be resolved')
             return
         targets: List[ConvTarget] = []
+        # Each target with the conv whose weight it folds into.
+        convs: List[Tuple[nn.Module, ConvTarget]] = []
         for occ in calls:
             link = occ.link
             offset = 0
@@ -239,6 +293,7 @@ class _Planner:
                     return
                 if target not in targets:
                     targets.append(target)
+                    convs.append((conv_occ.module, target))
         if kind in (SUM, CONCAT) and (len(calls) != 1 or any(
                 len(self.calls[id(c.module)]) != 1
                 for c in calls[0].link.convs)):
@@ -260,6 +315,13 @@ class _Planner:
             if owner is not None:
                 self.skip(name, f'{target.name} already absorbs {owner}')
                 return
+        problem = overflow_problem(
+            kind, norm,
+            [(plain_conv_of(conv, self.plain_cache) if target.plain else conv,
+              target) for conv, target in convs])
+        if problem:
+            self.skip(name, problem)
+            return
         for target in targets:
             self.used_targets[(target.name, side)] = name
             if target.copy or target.plain:
