@@ -339,7 +339,7 @@ def fuse_model(model: nn.Module,
 def _judge_on_twin(
         model: nn.Module, inputs: Tuple, plan: FusionPlan,
         check: OutputCheck
-) -> Optional[Tuple[List[Fold], List[Fold], List[Fold]]]:
+) -> Optional[Tuple[List[Fold], List[Fold], List[Fold], List[Fold]]]:
     """Judge the folds of ``plan`` on a :class:`WiderTwin` of ``model``
     (unfused now, and too rough in its dtype to judge them by): those that
     change the twin's output are wrong, found by bisection there in exact

@@ -16,7 +16,8 @@ class FusionReport:
             ``'structural'`` (proven from the model's structure).
         folded: The folds applied, in model order.
         left: Normalisation layers left unfolded, with the reason.
-        undone: Folds undone because verification found them wrong.
+        undone: Folds undone because verification found them wrong (or
+            its search for those did not reach them: ``not checked``).
         num_norms: Normalisation layers in the model before fusion.
         num_foldable: Of those, the ones whose type and mode allow folding
             (batch norms with running statistics, in eval mode).

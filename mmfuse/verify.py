@@ -15,8 +15,8 @@ already is.
 """
 import copy
 import math
-from typing import (Any, Callable, Dict, Generic, List, NamedTuple,
-                    Optional, Sequence, Tuple, TypeVar)
+from typing import (Any, Callable, Dict, List, NamedTuple, Optional,
+                    Sequence, Tuple, TypeVar)
 
 import torch
 from torch import Tensor, nn
@@ -529,8 +529,9 @@ class TwinError(Exception):
     """Why no :class:`WiderTwin` can be made."""
 
 
-class Isolated(NamedTuple, Generic[Item, Applied]):
-    """What :func:`isolate_failures` found.
+class Isolated(NamedTuple):
+    """What :func:`isolate_failures` found (a plain named tuple: one that
+    is also ``Generic`` needs Python 3.11).
 
     Attributes:
         kept: What stays applied.
@@ -539,18 +540,19 @@ class Isolated(NamedTuple, Generic[Item, Applied]):
         unchecked: The items the search did not reach within its checks
             (left unapplied).
     """
-    kept: List[Applied]
-    bad: List[Item]
-    dropped: List[Applied]
-    unchecked: List[Item]
+    kept: List[Any]
+    bad: List[Any]
+    dropped: List[Any]
+    unchecked: List[Any]
 
 
 def search_checks(count: int) -> int:
     """The checks :func:`isolate_failures` may make among ``count`` items:
-    enough to find two that fail (a bisection takes two checks per level),
-    and four more.  Where most items fail (an output that jumps with the
-    rounding of any change: a threshold, a top-k, a point NMS), finding
-    every one of them would take a check per item, each a forward pass."""
+    enough to find two that fail, where the check gives the same answer
+    each time (a bisection takes two checks per level), and four more.
+    Where most items fail (an output that jumps with the rounding of any
+    change: a threshold, a top-k, a point NMS), finding every one of them
+    would take a check per item, each a forward pass."""
     levels = max(1, math.ceil(math.log2(max(count, 1))))
     return 4 * levels + 4
 
@@ -576,9 +578,9 @@ def isolate_failures(
         apply: Applies a list of items, returns what it applied.
         undo: Undoes what ``apply`` returned.
         passes: Checks the model as it is now.
-        max_checks: At most this many checks in the search (the one on
-            what stays, if needed, aside); the items it has not reached
-            then stay unapplied.  No limit by default.
+        max_checks: At most this many checks in the search (the one or
+            two on what stays, where needed, aside); the items it has not
+            reached then stay unapplied.  No limit by default.
 
     Returns:
         An :class:`Isolated`.

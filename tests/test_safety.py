@@ -1120,3 +1120,49 @@ def test_fold_that_would_overflow_float16_is_left_with_its_reason(pre):
     # In float32 the same fold fits.
     wide = _overflowing_half_model(pre).float()
     assert len(mmfuse.fuse_model(wide, (x.float(), )).folded) == 2
+
+
+def test_folds_on_both_sides_of_a_float16_conv_are_checked_together():
+    """A conv takes a norm before it and one after it: each fold alone
+    keeps its float16 weight in range (100 x 20, 100 x 40), both together
+    do not (80000), as surgery applies them in turn.  The second norm
+    planned is left, with both folds named; a conv that already holds an
+    inf is not the fold's doing, and its fold is not refused."""
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1),
+                          nn.BatchNorm2d(4))
+    randomize_norm_stats(model, seed=2)
+    with torch.no_grad():
+        model[1].weight.fill_(100.0)
+        for bn, gamma in ((model[0], 20.0), (model[2], 40.0)):
+            bn.weight.fill_(gamma)
+            bn.running_var.fill_(1.0)
+            bn.running_mean.zero_()
+    model = model.half().eval()
+    x = (torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+         * 1e-3).half()
+    with torch.no_grad():
+        reference = model(x)
+    assert torch.isfinite(reference).all()
+    fused = mmfuse.fuse_conv_bn(copy.deepcopy(model))
+    assert [type(m) for m in fused] == [nn.BatchNorm2d, nn.Conv2d,
+                                        nn.Identity]
+    with torch.no_grad():
+        output = fused(x)
+    assert output_error(reference, output)[1] <= 5e-2
+    report = mmfuse.fuse_model(copy.deepcopy(model), (x, ))
+    assert [f.norm for f in report.folded] == ['2'] and not report.undone
+    assert [(s.name, s.reason) for s in report.left] == [
+        ('0', 'folding it would take the weight of 1 (which also takes a '
+         'norm on its other side) out of the range of float16 (past '
+         '65504)')]
+    # Each alone fits: either one folds where the other is not there.
+    for keep in (0, 2):
+        single = nn.Sequential(*[copy.deepcopy(m) for i, m in
+                                 enumerate(model) if i in (keep, 1)]).eval()
+        assert len(mmfuse.fuse_model(single, (x, )).folded) == 1
+    # An inf already in the conv: the fold is not refused for it.
+    with torch.no_grad():
+        model[1].weight[0, 0] = float('inf')
+    plan = mmfuse.discover_folds(model, (x, ))
+    assert '0' not in {s.name for s in plan.skipped
+                       if 'range of float16' in s.reason}

@@ -8,7 +8,9 @@ evidence proves a fold and where the folded parameters go:
   place it is registered, feeds that norm; a conv shared between places
   (e.g. one conv called once per pyramid level, each time through another
   parent, with a BN per level) gets a folded copy at each place instead;
-* a conv absorbs at most one norm after it and one right before it.
+* a conv absorbs at most one norm after it and one right before it;
+* no fold may take a float16 weight or bias out of its range (it would
+  be inf): such a fold is computed first.
 
 Everything that is not folded is listed with the reason.
 """
@@ -68,46 +70,76 @@ _UNKNOWN = object()
 _NARROW_RANGE = (torch.float16, )
 
 
+def _folded(kind: str, norm: nn.Module, conv: nn.Module,
+            target: ConvTarget, weight: torch.Tensor,
+            bias: Optional[torch.Tensor]
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(weight, bias)`` of ``conv`` once ``norm`` is folded into it, from
+    ``weight`` and ``bias``, as surgery computes them."""
+    scale, shift = norm_affine(*norm_affine_params(norm))
+    transposed, groups = conv_geometry(conv)
+    with torch.no_grad():
+        if kind == PRE:
+            return fold_affine_into_input(weight, bias, scale, shift, groups)
+        part = slice(target.offset, target.offset + conv_out_channels(conv)) \
+            if kind == CONCAT else slice(None)
+        return fold_affine_into_output(weight, bias, scale[part],
+                                       shift[part] if target.shift else None,
+                                       transposed, groups)
+
+
+def _all_finite(*tensors: Optional[torch.Tensor]) -> bool:
+    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
+
+
+#: A fold into a conv: ``(kind, norm, target)``.
+_FoldInto = Tuple[str, nn.Module, ConvTarget]
+
+
 def overflow_problem(kind: str, norm: nn.Module,
-                     convs: List[Tuple[nn.Module, ConvTarget]]
+                     convs: List[Tuple[nn.Module, ConvTarget]],
+                     across: Optional[Dict[int, _FoldInto]] = None
                      ) -> Optional[str]:
-    """Why folding ``norm`` into ``convs`` (each conv with its target)
-    would give a weight or bias its dtype cannot hold, or ``None``.
+    """Why folding ``norm`` (a fold of ``kind``) into ``convs`` (each conv
+    with its target) would give a weight or bias its dtype cannot hold, or
+    ``None``.
 
     Only convs of a narrow-range dtype (float16) are asked: there the fold
     is computed once here, as surgery would compute it, and its values
     tested (a bound on them would refuse folds whose largest products
-    still fit).  A value already infinite in the conv is not the fold's.
+    still fit).  Where a conv also takes a fold on its other side
+    (``across``, by the conv's ``id``), surgery applies the two in turn,
+    the second to what the first wrote, in the order of their norms in
+    the model: both orders are computed.  A conv or norm whose values are
+    not all finite to begin with is not asked (whatever its fold gives is
+    not the fold's doing).
     """
     narrow = [(conv, target) for conv, target in convs
               if conv.weight.dtype in _NARROW_RANGE]
-    if not narrow:
+    if not narrow or not _all_finite(*norm_affine(
+            *norm_affine_params(norm))):
         return None
-    scale, shift = norm_affine(*norm_affine_params(norm))
     for conv, target in narrow:
-        transposed, groups = conv_geometry(conv)
-        with torch.no_grad():
-            if kind == PRE:
-                weight, bias = fold_affine_into_input(
-                    conv.weight, conv.bias, scale, shift, groups)
-            else:
-                part = slice(target.offset,
-                             target.offset + conv_out_channels(conv)) \
-                    if kind == CONCAT else slice(None)
-                weight, bias = fold_affine_into_output(
-                    conv.weight, conv.bias, scale[part],
-                    shift[part] if target.shift else None, transposed,
-                    groups)
-        for name, value, before in (('weight', weight, conv.weight),
-                                    ('bias', bias, conv.bias)):
-            finite = torch.isfinite(value)
-            if before is not None:
-                finite |= ~torch.isfinite(before.detach())
-            if not bool(finite.all()):
-                return (f'folding it would take the {name} of '
-                        f'{target.name} out of the range of '
-                        f'{str(value.dtype).replace("torch.", "")} (past '
-                        f'{torch.finfo(value.dtype).max:g})')
+        if not _all_finite(conv.weight, conv.bias):
+            continue
+        this = (kind, norm, target)
+        other = (across or {}).get(id(conv))
+        orders = [[this]] if other is None or not _all_finite(
+            *norm_affine(*norm_affine_params(other[1]))) else \
+            [[this, other], [other, this]]
+        for order in orders:
+            weight, bias = conv.weight, conv.bias
+            for kind, folded_norm, folded_target in order:
+                weight, bias = _folded(kind, folded_norm, conv,
+                                       folded_target, weight, bias)
+            for name, value in (('weight', weight), ('bias', bias)):
+                if not _all_finite(value):
+                    both = '' if len(order) == 1 else \
+                        ' (which also takes a norm on its other side)'
+                    return (f'folding it would take the {name} of '
+                            f'{target.name}{both} out of the range of '
+                            f'{str(value.dtype).replace("torch.", "")} '
+                            f'(past {torch.finfo(value.dtype).max:g})')
     return None
 
 
@@ -134,6 +166,9 @@ class _Planner:
         # Of those, the ones whose fold replaces the conv (a copy, a plain
         # conv): nothing else may fold into it.
         self.replaced: Set[Tuple[str, str]] = set()
+        # The fold each conv folded in place takes on each side, by the
+        # conv's ``id`` and the side.
+        self.folds_into: Dict[Tuple[int, str], _FoldInto] = {}
         # Norm layers of the model (each module once), and of those the
         # foldable ones.
         self.num_norms = self.num_foldable = 0
@@ -318,10 +353,15 @@ class _Planner:
         problem = overflow_problem(
             kind, norm,
             [(plain_conv_of(conv, self.plain_cache) if target.plain else conv,
-              target) for conv, target in convs])
+              target) for conv, target in convs],
+            {id(conv): self.folds_into[(id(conv), other)]
+             for conv, _ in convs if (id(conv), other) in self.folds_into})
         if problem:
             self.skip(name, problem)
             return
+        for conv, target in convs:
+            if not (target.copy or target.plain):
+                self.folds_into[(id(conv), side)] = (kind, norm, target)
         for target in targets:
             self.used_targets[(target.name, side)] = name
             if target.copy or target.plain:
