@@ -810,25 +810,32 @@ def test_output_check_ignores_an_overflowing_yardstick():
     assert check(reference.clone())
 
 
+class _AppliedItems:
+    """Items applied to a list (``state``), for ``isolate_failures``."""
+
+    def __init__(self):
+        self.state = []
+
+    def apply(self, items):
+        self.state.extend(items)
+        return list(items)
+
+    def undo(self, applied):
+        for item in reversed(applied):
+            self.state.remove(item)
+
+
 def test_isolate_failures_keeps_nothing_when_the_kept_set_fails():
     """A check that disagrees with itself (an output that is not
     reproducible): the set the bisection kept, last checked with one more
     item, fails once more on its own, so it is undone and reported as
     dropped."""
     from mmfuse.verify import isolate_failures
-    state = []
+    items = _AppliedItems()
+    state, apply, undo = items.state, items.apply, items.undo
     # (abc fails: the caller's word) a passes; bc fails; b passes; c
     # fails; then a+b, which passed before, fails; nothing passes.
     answers = iter([True, False, True, False, False, True])
-
-    def apply(items):
-        state.extend(items)
-        return list(items)
-
-    def undo(applied):
-        for item in reversed(applied):
-            state.remove(item)
-
     kept, bad, dropped, unchecked = isolate_failures(
         ['a', 'b', 'c'], apply, undo, lambda: next(answers))
     assert (kept, bad, dropped, unchecked, state) == ([], ['c'], ['a', 'b'],
@@ -861,16 +868,8 @@ def test_isolate_failures_stops_after_its_checks():
     enough checks for the bad items it finds what an unbounded search
     finds."""
     from mmfuse.verify import isolate_failures, search_checks
-    state = []
-
-    def apply(items):
-        state.extend(items)
-        return list(items)
-
-    def undo(applied):
-        for item in reversed(applied):
-            state.remove(item)
-
+    applied = _AppliedItems()
+    state, apply, undo = applied.state, applied.apply, applied.undo
     items = list(range(32))
     calls = []
     found = isolate_failures(
