@@ -129,8 +129,8 @@ def overflow_problem(kind: str, norm: nn.Module,
             [[this, other], [other, this]]
         for order in orders:
             weight, bias = conv.weight, conv.bias
-            for kind, folded_norm, folded_target in order:
-                weight, bias = _folded(kind, folded_norm, conv,
+            for folded_kind, folded_norm, folded_target in order:
+                weight, bias = _folded(folded_kind, folded_norm, conv,
                                        folded_target, weight, bias)
             for name, value in (('weight', weight), ('bias', bias)):
                 if not _all_finite(value):
