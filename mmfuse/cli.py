@@ -375,6 +375,15 @@ def _final_table(report: FusionReport, progress: _Progress,
         rows.append(('max abs / rel error',
                      f'{report.max_abs_error:.3g} / '
                      f'{report.max_rel_error:.3g} (rtol {report.rtol:g})'))
+        if report.precise_rel_error is not None:
+            # Past rtol, the output was judged against a wider copy: a
+            # bare figure over rtol would read as a failure.
+            rows.append((f'rel error against {report.yardstick}',
+                         f'{report.precise_rel_error:.3g} (the unfused '
+                         f'model: {report.unfused_precise_rel_error:.3g})'))
+        if report.twin is not None:
+            rows.append(('folds judged on', f'a {report.twin} twin of the '
+                         'model (its own rounding is too rough)'))
     else:
         rows.append(('verified', 'no'))
     rows.append(('parameters', f'{before[0]:,} -> {after[0]:,}'))

@@ -456,3 +456,37 @@ def test_a_zip_or_pickle_that_is_no_checkpoint_is_not_replaced(
         status, stdout, err = tool(DEMO_CONFIG, checkpoint, out)
         assert status == 2 and 'is not a checkpoint' in err, stdout + err
         assert file_digest(out) == before
+
+
+def test_final_table_says_what_an_error_over_rtol_was_judged_against():
+    """A float32 model whose own rounding exceeds rtol: the folds stand,
+    judged against its float64 copy, and the tool's final table says so
+    next to the error over rtol (which alone would read as a failure)."""
+    from fusion_checks import CoarseRounding
+
+    import mmfuse
+    from mmfuse.cli import _final_table, _Progress
+    from mmfuse.testing import randomize_norm_stats
+    torch.manual_seed(0)
+    model = randomize_norm_stats(
+        torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16),
+            CoarseRounding(), torch.nn.Conv2d(16, 16, 3, padding=1),
+            torch.nn.BatchNorm2d(16), CoarseRounding(),
+            torch.nn.Conv2d(16, 8, 3, padding=1),
+            torch.nn.BatchNorm2d(8)).eval(),
+        seed=0)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    report = mmfuse.fuse_model(model, (x, ))
+    assert report.max_rel_error > report.rtol  # the premise
+    table = _final_table(report, _Progress(5, quiet=True), (1, 2), (1, 2),
+                         'out.pth', '0' * 64)
+    rows = {
+        line[:line.index('  ')]: line[line.index('  '):].strip()
+        for line in table.splitlines() if '  ' in line
+    }
+    assert rows['rel error against float64'] == (
+        f'{report.precise_rel_error:.3g} (the unfused model: '
+        f'{report.unfused_precise_rel_error:.3g})')
+    assert report.precise_rel_error <= 2 * report.unfused_precise_rel_error
+    assert 'folds judged on' not in rows  # the twin was not needed
