@@ -376,8 +376,9 @@ def _final_table(report: FusionReport, progress: _Progress,
                      f'{report.max_abs_error:.3g} / '
                      f'{report.max_rel_error:.3g} (rtol {report.rtol:g})'))
         if report.precise_rel_error is not None:
-            # Past rtol, the output was judged against a wider copy: a
-            # bare figure over rtol would read as a failure.
+            # The output was also judged against a wider copy (where it
+            # failed rtol at first): a bare figure over rtol would read
+            # as a failure.
             rows.append((f'rel error against {report.yardstick}',
                          f'{report.precise_rel_error:.3g} (the unfused '
                          f'model: {report.unfused_precise_rel_error:.3g})'))

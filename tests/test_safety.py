@@ -1159,9 +1159,36 @@ def test_folds_on_both_sides_of_a_float16_conv_are_checked_together():
         single = nn.Sequential(*[copy.deepcopy(m) for i, m in
                                  enumerate(model) if i in (keep, 1)]).eval()
         assert len(mmfuse.fuse_model(single, (x, )).folded) == 1
-    # An inf already in the conv: the fold is not refused for it.
+    # An inf already in the conv is not the fold's doing: a norm before
+    # it with a small scale and a shift (whose fold sums the weights
+    # times the shift into the bias) is not refused for it.
+    small = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1))
+    randomize_norm_stats(small, seed=3)
     with torch.no_grad():
-        model[1].weight[0, 0] = float('inf')
-    plan = mmfuse.discover_folds(model, (x, ))
-    assert '0' not in {s.name for s in plan.skipped
-                       if 'range of float16' in s.reason}
+        small[1].weight[0, 0] = float('inf')
+    plan = mmfuse.discover_folds(small.half().eval())
+    assert [f.norm for f in plan.folds] == ['0'] and not plan.skipped
+
+
+@pytest.mark.parametrize('where', ['conv', 'norm'])
+def test_a_value_already_not_finite_does_not_excuse_an_overflow(where):
+    """One inf in the conv's weight (or a nan in the norm's statistics)
+    is not the fold's doing, and neither excuses the fold's own overflow
+    in the other channels: the norm is still left, and ``fuse_conv_bn``
+    keeps those channels finite."""
+    model = _overflowing_half_model(pre=False)
+    with torch.no_grad():
+        if where == 'conv':
+            model[0].weight[0, 0] = float('inf')
+        else:
+            model[1].running_var[0] = float('nan')
+    x = (torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+         * 1e-3).half()
+    plan = mmfuse.discover_folds(model)
+    assert '1' in {s.name for s in plan.skipped
+                   if 'out of the range of float16' in s.reason}
+    fused = mmfuse.fuse_conv_bn(copy.deepcopy(model))
+    with torch.no_grad():
+        unfused, output = model[:2](x), fused[:2](x)
+    assert torch.equal(torch.isfinite(unfused), torch.isfinite(output))
+    assert torch.isfinite(unfused[:, 1:]).all()

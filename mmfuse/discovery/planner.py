@@ -70,13 +70,31 @@ _UNKNOWN = object()
 _NARROW_RANGE = (torch.float16, )
 
 
-def _folded(kind: str, norm: nn.Module, conv: nn.Module,
-            target: ConvTarget, weight: torch.Tensor,
+def _finite(tensor: Optional[torch.Tensor],
+            fill: float) -> Optional[torch.Tensor]:
+    """``tensor`` with every inf or nan replaced by ``fill`` (a copy)."""
+    if tensor is None:
+        return None
+    tensor = tensor.detach()
+    return torch.where(torch.isfinite(tensor), tensor,
+                       torch.full_like(tensor, fill))
+
+
+def _finite_affine(norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``norm``'s ``(scale, shift)`` with what is not finite made the
+    identity's (1 and 0)."""
+    scale, shift = norm_affine(*norm_affine_params(norm))
+    return _finite(scale, 1.0), _finite(shift, 0.0)
+
+
+def _folded(kind: str, affine: Tuple[torch.Tensor, torch.Tensor],
+            conv: nn.Module, target: ConvTarget, weight: torch.Tensor,
             bias: Optional[torch.Tensor]
             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(weight, bias)`` of ``conv`` once ``norm`` is folded into it, from
-    ``weight`` and ``bias``, as surgery computes them."""
-    scale, shift = norm_affine(*norm_affine_params(norm))
+    """``(weight, bias)`` of ``conv`` once the norm whose ``(scale,
+    shift)`` is ``affine`` is folded into it, from ``weight`` and
+    ``bias``, as surgery computes them."""
+    scale, shift = affine
     transposed, groups = conv_geometry(conv)
     with torch.no_grad():
         if kind == PRE:
@@ -86,10 +104,6 @@ def _folded(kind: str, norm: nn.Module, conv: nn.Module,
         return fold_affine_into_output(weight, bias, scale[part],
                                        shift[part] if target.shift else None,
                                        transposed, groups)
-
-
-def _all_finite(*tensors: Optional[torch.Tensor]) -> bool:
-    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
 
 
 #: A fold into a conv: ``(kind, norm, target)``.
@@ -110,30 +124,31 @@ def overflow_problem(kind: str, norm: nn.Module,
     still fit).  Where a conv also takes a fold on its other side
     (``across``, by the conv's ``id``), surgery applies the two in turn,
     the second to what the first wrote, in the order of their norms in
-    the model: both orders are computed.  A conv or norm whose values are
-    not all finite to begin with is not asked (whatever its fold gives is
-    not the fold's doing).
+    the model: that is tested too, in both orders, after the fold alone.
+    Values not finite to begin with (in the conv's weight or bias, in a
+    norm's statistics) are not the fold's doing: they are computed as 0
+    (the conv's) or as the identity (the norm's), so that only what the
+    fold itself takes out of range counts.
     """
     narrow = [(conv, target) for conv, target in convs
               if conv.weight.dtype in _NARROW_RANGE]
-    if not narrow or not _all_finite(*norm_affine(
-            *norm_affine_params(norm))):
+    if not narrow:
         return None
+    affine = _finite_affine(norm)
     for conv, target in narrow:
-        if not _all_finite(conv.weight, conv.bias):
-            continue
-        this = (kind, norm, target)
+        this = (kind, affine, target)
         other = (across or {}).get(id(conv))
-        orders = [[this]] if other is None or not _all_finite(
-            *norm_affine(*norm_affine_params(other[1]))) else \
-            [[this, other], [other, this]]
+        orders = [[this]]
+        if other is not None:
+            theirs = (other[0], _finite_affine(other[1]), other[2])
+            orders += [[this, theirs], [theirs, this]]
         for order in orders:
-            weight, bias = conv.weight, conv.bias
-            for folded_kind, folded_norm, folded_target in order:
-                weight, bias = _folded(folded_kind, folded_norm, conv,
+            weight, bias = _finite(conv.weight, 0.0), _finite(conv.bias, 0.0)
+            for folded_kind, folded_affine, folded_target in order:
+                weight, bias = _folded(folded_kind, folded_affine, conv,
                                        folded_target, weight, bias)
             for name, value in (('weight', weight), ('bias', bias)):
-                if not _all_finite(value):
+                if not bool(torch.isfinite(value).all()):
                     both = '' if len(order) == 1 else \
                         ' (which also takes a norm on its other side)'
                     return (f'folding it would take the {name} of '
