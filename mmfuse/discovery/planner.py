@@ -112,7 +112,7 @@ _FoldInto = Tuple[str, nn.Module, ConvTarget]
 
 def overflow_problem(kind: str, norm: nn.Module,
                      convs: List[Tuple[nn.Module, ConvTarget]],
-                     across: Optional[Dict[int, _FoldInto]] = None
+                     across: Optional[Dict[str, _FoldInto]] = None
                      ) -> Optional[str]:
     """Why folding ``norm`` (a fold of ``kind``) into ``convs`` (each conv
     with its target) would give a weight or bias its dtype cannot hold, or
@@ -122,7 +122,7 @@ def overflow_problem(kind: str, norm: nn.Module,
     is computed once here, as surgery would compute it, and its values
     tested (a bound on them would refuse folds whose largest products
     still fit).  Where a conv also takes a fold on its other side
-    (``across``, by the conv's ``id``), surgery applies the two in turn,
+    (``across``, by the target's name), surgery applies the two in turn,
     the second to what the first wrote, in the order of their norms in
     the model: that is tested too, in both orders, after the fold alone.
     Values not finite to begin with (in the conv's weight or bias, in a
@@ -137,7 +137,7 @@ def overflow_problem(kind: str, norm: nn.Module,
     affine = _finite_affine(norm)
     for conv, target in narrow:
         this = (kind, affine, target)
-        other = (across or {}).get(id(conv))
+        other = (across or {}).get(target.name)
         orders = [[this]]
         if other is not None:
             theirs = (other[0], _finite_affine(other[1]), other[2])
@@ -182,8 +182,8 @@ class _Planner:
         # conv): nothing else may fold into it.
         self.replaced: Set[Tuple[str, str]] = set()
         # The fold each conv folded in place takes on each side, by the
-        # conv's ``id`` and the side.
-        self.folds_into: Dict[Tuple[int, str], _FoldInto] = {}
+        # conv's path and the side (``used_targets`` names its norm).
+        self.folds_into: Dict[Tuple[str, str], _FoldInto] = {}
         # Norm layers of the model (each module once), and of those the
         # foldable ones.
         self.num_norms = self.num_foldable = 0
@@ -369,14 +369,15 @@ class _Planner:
             kind, norm,
             [(plain_conv_of(conv, self.plain_cache) if target.plain else conv,
               target) for conv, target in convs],
-            {id(conv): self.folds_into[(id(conv), other)]
-             for conv, _ in convs if (id(conv), other) in self.folds_into})
+            {target.name: self.folds_into[(target.name, other)]
+             for target in targets
+             if (target.name, other) in self.folds_into})
         if problem:
             self.skip(name, problem)
             return
-        for conv, target in convs:
+        for target in targets:
             if not (target.copy or target.plain):
-                self.folds_into[(id(conv), side)] = (kind, norm, target)
+                self.folds_into[(target.name, side)] = (kind, norm, target)
         for target in targets:
             self.used_targets[(target.name, side)] = name
             if target.copy or target.plain:
