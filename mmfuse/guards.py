@@ -3,6 +3,7 @@
 Shared by the folding API and re-parameterization, so both refuse the same
 things with the same one-line errors.
 """
+import copy
 from typing import Any, Dict, Tuple
 
 import torch
@@ -71,21 +72,38 @@ def as_input_tuple(example_inputs: Any) -> Tuple:
     return (example_inputs, )
 
 
+def _is_data_element(value: Any) -> bool:
+    """Whether ``value`` is an MMEngine data element (``DetDataSample``,
+    ``SegDataSample``, ...: what OpenMMLab models take beside images)."""
+    try:
+        from mmengine.structures import BaseDataElement
+    except ImportError:  # mmengine is optional for plain torch use
+        return False
+    return isinstance(value, BaseDataElement)
+
+
 def fresh_inputs(inputs: Tuple) -> Tuple:
     """A copy of the positional arguments ``inputs`` for one forward pass:
     every tensor in them (in tuples, lists, dicts, named tuples, ordered
-    dicts, as deep as they go) cloned, once however often it comes, and
-    anything else passed as it is.  A model that changes its input in place
-    (``x.sub_(mean)``) changes the copy: the caller's tensors stay as given,
-    and every pass starts from the same input."""
-    copies: Dict[int, torch.Tensor] = {}
+    dicts, as deep as they go) cloned, and every MMEngine data element
+    deep-copied (with the tensors it holds), each once however often it
+    comes; anything else is passed as it is.  A model that changes its
+    input in place (``x.sub_(mean)``, a data sample's metainfo or
+    instances) changes the copy: the caller's inputs stay as given, and
+    every pass starts from the same input."""
+    # Copies by the id of what they copy: deepcopy's memo, so that a
+    # tensor both given and held by a data element is copied once.
+    copies: Dict[int, Any] = {}
 
     def fresh(value: Any) -> Any:
-        if not isinstance(value, torch.Tensor):
-            return value
-        copy = copies.get(id(value))
-        if copy is None:
-            copy = copies[id(value)] = value.clone()
-        return copy
+        copied = copies.get(id(value))
+        if copied is not None:
+            return copied
+        if isinstance(value, torch.Tensor):
+            copied = copies[id(value)] = value.clone()
+            return copied
+        if _is_data_element(value):
+            return copy.deepcopy(value, copies)
+        return value
 
     return tree_map(fresh, inputs)

@@ -541,6 +541,44 @@ def test_example_inputs_are_never_changed_and_each_pass_starts_alike(wrap):
                             model(*wrap(x.clone())))[1] < 1e-5
 
 
+class WritesItsSample(ConvBN):
+    """Reads its data sample and writes into it, as a model that puts its
+    results (and notes) into the data samples it is given."""
+
+    def forward(self, x, data_samples):
+        sample = data_samples[0]
+        y = self.bn(self.conv(x)) * sample.metainfo['gain'] + sample.shift
+        sample.shift.add_(1.0)
+        sample.set_metainfo({'gain': sample.metainfo['gain'] + 1})
+        sample.pred = y.detach()
+        return y
+
+
+def test_data_samples_are_copied_for_each_pass():
+    """Every pass gets its own deep copy of an MMEngine data element: the
+    traced pass wrote into the caller's sample (its shift and gain moved),
+    the verification pass read the changed one, and the exact fold was
+    undone as off by more than rtol."""
+    from mmengine.structures import BaseDataElement
+    model = randomize_norm_stats(WritesItsSample().eval(), seed=3)
+    x = torch.randn(2, 4, 8, 8)
+
+    def sample():
+        return BaseDataElement(metainfo=dict(gain=2), shift=torch.ones(1))
+
+    given = sample()
+    reference = copy.deepcopy(model)
+    report = mmfuse.fuse_model(model, (x, [given]))
+    assert given.metainfo['gain'] == 2 and torch.equal(given.shift,
+                                                       torch.ones(1))
+    assert 'pred' not in given
+    assert [fold.norm for fold in report.folded] == ['bn']
+    assert not report.undone and report.max_rel_error < 1e-5
+    with torch.no_grad():
+        assert output_error(reference(x, [sample()]),
+                            model(x, [sample()]))[1] < 1e-5
+
+
 class SeededLazyConv2d(nn.LazyConv2d):
     """Draws the same weights in every copy when its first call makes
     them (so an unfused copy made before is a reference)."""
