@@ -6,13 +6,15 @@ eval mode the result does not depend on the input, so the layer is a plain
 convolution with that *effective* weight.  :func:`plain_conv_of` finds it by
 running the layer on probe inputs and capturing the weight and bias it hands
 to ``F.convNd``; it returns a plain ``nn.ConvNd`` only if that conv gives
-bit-identical outputs on two different probes, where the convolution's
-output is the layer's and its input the probe (padded by ``F.pad`` for a
-padding mode).  Layers that call the convolution more than once or with
-input-dependent weights (SAC, dynamic convs), that change the input or
-the output, and layers with forward hooks other than spectral or weight
-norm's or a forward of the instance's own are refused.  The layer itself
-is never changed.
+bit-identical outputs on two probes of different sizes, where the
+convolution's output is the layer's and its input the probe (padded by
+``F.pad`` as the layer's padding mode pads, for one), with the layer's
+stride, padding, dilation and groups: padding computed from the input's
+size (TF-style "same") is refused.  Layers that call the convolution more
+than once or with input-dependent weights (SAC, dynamic convs), that
+change the input or the output, and layers with forward hooks other than
+spectral or weight norm's or a forward of the instance's own are refused.
+The layer itself is never changed.
 """
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -32,35 +34,84 @@ _CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _PLAIN = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
+_CONV_ARGS = ('input', 'weight', 'bias', 'stride', 'padding', 'dilation',
+              'groups')
+_CONV_DEFAULTS = (None, None, None, 1, 0, 1, 1)
+_PAD_ARGS = ('input', 'pad', 'mode', 'value')
+_PAD_DEFAULTS = (None, None, 'constant', None)
+
+
+def _arguments(args: Tuple, kwargs: Dict, names: Tuple[str, ...],
+               defaults: Tuple) -> List[Any]:
+    """The values of a call's arguments, in the order of ``names``."""
+    values = list(args[:len(names)]) + list(defaults[len(args):])
+    return [kwargs.get(name, value) for name, value in zip(names, values)]
+
+
 class _CaptureConvCalls(TorchFunctionMode):
-    """Records each ``F.convNd`` call as ``(input, weight, bias, output,
-    the output's version)``
-    and the input of each tensor ``F.pad`` returned."""
+    """Records each ``F.convNd`` call as ``(input, weight, bias, stride,
+    padding, dilation, groups, output, the output's version)`` and each
+    tensor ``F.pad`` returned, with its ``(input, pad, mode, value)``."""
 
     def __init__(self):
         super().__init__()
-        self.calls: List[Tuple[Any, Any, Any, Any, Any]] = []
-        self.padded: Dict[int, Any] = {}
+        self.calls: List[List[Any]] = []
+        self.padded: Dict[int, Tuple[Any, List[Any]]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         if func in _CONV_FUNCS:
-            params = list(args[:3]) + [None, None, None]
-            self.calls.append((kwargs.get('input', params[0]),
-                               kwargs.get('weight', params[1]),
-                               kwargs.get('bias', params[2]), result,
-                               getattr(result, '_version', None)))
+            self.calls.append(
+                _arguments(args, kwargs, _CONV_ARGS, _CONV_DEFAULTS) +
+                [result, getattr(result, '_version', None)])
         elif func is F.pad:
-            self.padded[id(result)] = (result, kwargs.get(
-                'input', args[0] if args else None))
+            self.padded[id(result)] = (result,
+                                       _arguments(args, kwargs, _PAD_ARGS,
+                                                  _PAD_DEFAULTS))
         return result
 
-    def input_of_pad(self, value: Any) -> Any:
-        """What ``F.pad`` padded into ``value``, or ``None`` where no
-        ``F.pad`` call returned it."""
+    def pad_of(self, value: Any) -> Optional[List[Any]]:
+        """``(input, pad, mode, value)`` of the ``F.pad`` call that
+        returned ``value``, or ``None`` where none did."""
         known = self.padded.get(id(value))
         return known[1] if known is not None and known[0] is value else None
+
+
+def _as_tuple(value: Any, dims: int) -> Any:
+    """A stride, padding or dilation as a tuple of ``dims`` (a padding
+    string as it is)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return (value, ) * dims
+    return tuple(value)
+
+
+def _runs_as_plain(module: _ConvNd, call: List[Any], probe: Tensor,
+                   capture: _CaptureConvCalls) -> bool:
+    """Whether the conv ``call`` is what a plain conv of ``module``'s
+    geometry runs on ``probe``: the probe itself, or the probe padded by
+    ``F.pad`` exactly as its ``padding_mode`` pads (then with no padding
+    in the conv), and the module's stride, dilation and groups.  Padding
+    computed from the input's size (TF-style "same") differs with the
+    size, even where it comes out as the module's at the probe's."""
+    dims = len(module.kernel_size)
+    given, padding = call[0], _as_tuple(module.padding, dims)
+    if module.padding_mode != 'zeros':
+        pad = capture.pad_of(given)
+        if pad is None or pad[0] is not probe or \
+                tuple(pad[1]) != tuple(
+                    module._reversed_padding_repeated_twice) or \
+                pad[2] != module.padding_mode or pad[3] not in (None, 0):
+            return False
+        padding = (0, ) * dims
+    elif given is not probe:
+        return False
+    return (_as_tuple(call[3], dims) == tuple(module.stride)
+            and _as_tuple(call[4], dims) == padding
+            and _as_tuple(call[5], dims) == tuple(module.dilation)
+            and call[6] == module.groups)
 
 
 #: Forward pre-hooks that only recompute the weight from parameters and
@@ -84,9 +135,13 @@ def _hook_problem(module: nn.Module) -> bool:
 
 
 def _probe(module: _ConvNd, seed: int) -> Tensor:
+    """A float64-drawn probe input for ``module``; each seed gives another
+    size, one larger in every dim than the seed before (and the dims of
+    one probe differ)."""
     dims = len(module.kernel_size)
-    size = [(k - 1) * d + 2 * s + 3 for k, d, s in zip(
-        module.kernel_size, module.dilation, module.stride)]
+    size = [(k - 1) * d + 2 * s + 3 + seed + dim for dim, (k, d, s) in
+            enumerate(zip(module.kernel_size, module.dilation,
+                          module.stride))]
     weight = next(module.parameters())
     gen = torch.Generator().manual_seed(seed)
     probe = torch.randn(2, module.in_channels, *size[:dims], generator=gen,
@@ -141,13 +196,12 @@ def _build(module: _ConvNd) -> Optional[nn.Module]:
         # mode), unchanged, and its output is the module's, as the conv
         # gave it: nothing done before or after the convolution, in place
         # either.
-        given = call[0]
-        if given is not probe and capture.input_of_pad(given) is not probe:
+        if not _runs_as_plain(module, call, probe, capture):
             return None
-        if call[3] is not output or output._version != call[4] or \
+        if call[7] is not output or output._version != call[8] or \
                 not torch.equal(probe, copy):
             return None
-    (_, weight, bias, _, _), (_, weight2, bias2, _, _) = capture.calls
+    (weight, bias), (weight2, bias2) = [call[1:3] for call in capture.calls]
     if not isinstance(weight, Tensor) or not torch.equal(weight, weight2):
         return None
     if (bias is None) != (bias2 is None) or \

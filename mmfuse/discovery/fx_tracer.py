@@ -278,7 +278,21 @@ class ModuleForwardTracer(fx.Tracer):
                     f'the forward uses a tensor that shares memory with '
                     f'{shared} (read past the trace: state_dict(), '
                     'detach())')
+            if a not in self.tensor_attrs:
+                self._name_submodule_attribute(a)
         return super().create_arg(a)
+
+    def _name_submodule_attribute(self, tensor: torch.Tensor) -> None:
+        """Give ``tensor`` its path in the graph (a ``get_attr`` node, not
+        a constant) where it is a plain attribute of a submodule: a read
+        of a conv's weight that a spectral or weight norm hook sets is a
+        read of that conv's state."""
+        for path, module in self.root.named_modules():
+            for key, value in module.__dict__.items():
+                if value is tensor:
+                    self.tensor_attrs[tensor] = f'{path}.{key}' \
+                        if path else key
+                    return
 
     def state_sharing(self, tensor: torch.Tensor) -> Optional[str]:
         """The path of a parameter or buffer of the root whose memory

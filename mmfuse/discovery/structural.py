@@ -1470,19 +1470,46 @@ class _StructuralCollector:
         place.  A read of only its dtype, device or shape
         (``metadata_only``) keeps a norm (a fold leaves an Identity, which
         has none), not a conv."""
-        owner_path, _, name = path.rpartition('.')
-        if not owner_path:
-            return
+        owner_path = path.rpartition('.')[0]
+        if owner_path:
+            self.used_inside(root, owner_path, metadata_only)
+
+    def used_inside(self, root: nn.Module, path: str,
+                    metadata_only: bool = False) -> None:
+        """The module at ``path`` below ``root`` (a conv or norm, or a
+        module inside one: the parametrization that computes a conv's
+        weight) was used outside a call of the layer: see
+        :meth:`parameter_read`."""
         try:
-            owner = find_submodule(root, owner_path)
+            found = self.layer_at_or_above(root, path)
         except AttributeError:
             return  # not a submodule's tensor (a constant of the trace)
-        if metadata_only and not self.is_norm(owner):
+        if found is None:
+            return
+        layer_path, layer = found
+        if metadata_only and not self.is_norm(layer):
             return  # a conv that takes a fold keeps its tensors' kind
-        if self.is_leaf(owner) and (name in owner._parameters
-                                    or name in owner._buffers):
-            occ = self.call_occurrence(root, owner_path, owner)
-            occ.reason = 'its parameters are used outside a call of it'
+        occ = self.call_occurrence(root, layer_path, layer)
+        occ.reason = 'its parameters are used outside a call of it'
+
+    def layer_at_or_above(self, root: nn.Module, path: str
+                          ) -> Optional[Tuple[str, nn.Module]]:
+        """The conv or norm at ``path`` below ``root``, or the nearest one
+        above it there (a read of ``conv.parametrizations.weight`` is a
+        read of ``conv``'s weight), as ``(its path, it)``; ``None`` if
+        there is none.
+
+        Raises:
+            AttributeError: Nothing is registered at ``path``.
+        """
+        module = find_submodule(root, path)
+        while True:
+            if self.is_leaf(module):
+                return path, module
+            if '.' not in path:
+                return None
+            path = path.rpartition('.')[0]
+            module = find_submodule(root, path)
 
     def traced(self, module: nn.Module) -> None:
         if not runs_class_forward(module):
@@ -1543,6 +1570,10 @@ class _StructuralCollector:
             if is_mmcv_conv_module(target) and _skips_norm(node):
                 self.norm_skipped[id(target)] = target
             if not self.is_leaf(target):
+                if '.' in node.target:
+                    # A module inside a conv or norm (a parametrization
+                    # computing its weight) called from outside it.
+                    self.used_inside(module, node.target)
                 continue
             occ = self.call_occurrence(module, node.target, target)
             self.traced_calls.setdefault(id(module), []).append(occ)
