@@ -45,9 +45,29 @@ class _Terminated(BaseException):
     file is removed."""
 
 
+def _config_options_action() -> type:
+    """MMEngine's ``DictAction``, with a malformed pair an argparse usage
+    error (exit 2, one line) instead of the ``ValueError`` it raises."""
+    from mmengine.config import DictAction
+
+    class ConfigOptions(DictAction):
+
+        def __call__(self, parser, namespace, values, option_string=None):
+            for pair in values:
+                if '=' not in pair or not pair.partition('=')[0]:
+                    raise argparse.ArgumentError(
+                        self, f'{pair!r} is not KEY=VALUE')
+            try:
+                super().__call__(parser, namespace, values, option_string)
+            except (ValueError, SyntaxError) as error:
+                raise argparse.ArgumentError(
+                    self, f'{" ".join(values)!r}: {error}') from None
+
+    return ConfigOptions
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, OpenMMLab style."""
-    from mmengine.config import DictAction
     parser = argparse.ArgumentParser(
         prog=PROG,
         description='Fold batch norms into convolutions where the data flow '
@@ -58,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         '--cfg-options',
         nargs='+',
-        action=DictAction,
+        action=_config_options_action(),
         help='override config settings, key=value pairs as in OpenMMLab '
         'tools (xxx=yyy, xxx=[a,b], xxx.yyy=zzz); recorded in OUT')
     parser.add_argument(
@@ -270,7 +290,9 @@ def _build_model(args: argparse.Namespace) -> Tuple[nn.Module, Any]:
 
 
 def _load_weights(model: nn.Module, args: argparse.Namespace,
-                  progress: _Progress) -> Dict:
+                  progress: _Progress) -> Tuple[Dict, Optional[str]]:
+    """Load the checkpoint into ``model``; returns it, and a note where
+    its floating point tensors are of another dtype than the model's."""
     try:
         checkpoint = load_checkpoint_safely(
             args.checkpoint, trust=args.trust_checkpoint)
@@ -299,7 +321,27 @@ def _load_weights(model: nn.Module, args: argparse.Namespace,
                 f'{args.config}: {mismatch}; pass --allow-key-mismatch to '
                 'fuse anyway')
         progress.say(f'      warning: {mismatch}')
-    return checkpoint
+    return checkpoint, _dtype_note(model, state_dict)
+
+
+def _dtype_note(model: nn.Module, state_dict: Dict) -> Optional[str]:
+    """A note where the checkpoint's floating point tensors are of another
+    dtype than the model built from the config (a float16 checkpoint in a
+    float32 model): the model fuses, and OUT is written, in its dtype."""
+    dtype = next((p.dtype for p in model.parameters()
+                  if p.is_floating_point()), None)
+    other = sorted({
+        str(value.dtype).replace('torch.', '')
+        for value in state_dict.values() if isinstance(value, torch.Tensor)
+        and value.is_floating_point() and value.dtype != dtype
+    })
+    if dtype is None or not other:
+        return None
+    name = str(dtype).replace('torch.', '')
+    return (f'CHECKPOINT holds {" and ".join(other)} tensors, loaded into '
+            f'the {name} model the config builds: the model is fused, '
+            f'verified and written in {name} (folded weights rounded to '
+            f'{other[0]} would move the output further)')
 
 
 def _pipeline_input(model: nn.Module, cfg: Any,
@@ -307,7 +349,8 @@ def _pipeline_input(model: nn.Module, cfg: Any,
     from mmengine.dataset import Compose, pseudo_collate
 
     from .hook import forward_args
-    from .synthetic import find_test_pipeline, strip_loading, synthetic_results
+    from .synthetic import (find_test_pipeline, image_annotations,
+                            strip_loading, synthetic_results)
     pipeline = find_test_pipeline(cfg)
     if not pipeline:
         raise InputError(
@@ -316,13 +359,17 @@ def _pipeline_input(model: nn.Module, cfg: Any,
     height, width = (args.shape * 2)[:2] if args.shape else (256, 256)
     results = synthetic_results(0, height, width, args.seed)
     if args.image is not None:
-        results = dict(img_path=args.image, img_id=0, sample_idx=0, id=0,
-                       seg_fields=[], reduce_zero_label=False, instances=[],
-                       gt_label=0)
+        # (The box a top-down pipeline crops is set once the image is
+        # loaded: see strip_loading.)
+        results = image_annotations(0, 0, 0)
+        results['img_path'] = args.image
+        del results['bbox']
     transforms = strip_loading(pipeline,
                                keep_image_loading=args.image is not None)
     what = f'image {args.image}' if args.image else \
         f'a synthetic {height}x{width} image'
+    others = '--raw-shape or --no-input' if args.image else \
+        '--image, --raw-shape or --no-input'
     try:
         packed = Compose(transforms)(results)
         if packed is None:
@@ -335,8 +382,7 @@ def _pipeline_input(model: nn.Module, cfg: Any,
     except Exception as error:  # transforms raise anything
         raise InputError(
             f'the test pipeline failed on {what}: {type(error).__name__}: '
-            f'{_first_line(error)}; pass --image, --raw-shape or --no-input'
-        ) from None
+            f'{_first_line(error)}; pass {others}') from None
     return forward_args(data)
 
 
@@ -348,8 +394,15 @@ def _example_inputs(model: nn.Module, cfg: Any, args: argparse.Namespace,
         generator = torch.Generator().manual_seed(args.seed)
         dtype = next((p.dtype for p in model.parameters()
                       if p.is_floating_point()), torch.float32)
-        return (torch.randn(args.raw_shape, generator=generator).to(
-            device=device, dtype=dtype), )
+        images = torch.randn(args.raw_shape, generator=generator).to(
+            device=device, dtype=dtype)
+        from mmengine.model import BaseModel
+        if isinstance(model, BaseModel):
+            # As the pipeline's input is given: in 'tensor' mode, with no
+            # data samples (a pose estimator's forward requires the
+            # argument).
+            return (images, None, 'tensor')
+        return (images, )
     return _pipeline_input(model, cfg, args)
 
 
@@ -409,7 +462,7 @@ def _run(args: argparse.Namespace) -> int:
     with progress.step('building the model', f' from {args.config}'):
         model, cfg = _build_model(args)
     with progress.step('loading the checkpoint', f' {args.checkpoint}'):
-        source = _load_weights(model, args, progress)
+        source, dtype_note = _load_weights(model, args, progress)
         source_sha256 = file_sha256(args.checkpoint)
     try:
         model.to(device)
@@ -439,7 +492,7 @@ def _run(args: argparse.Namespace) -> int:
                 '--shape, --image, --raw-shape or --no-input') from None
     progress.say(str(report))
     after = _count(model)
-    notes: List[str] = []
+    notes: List[str] = [dtype_note] if dtype_note else []
     with progress.step('writing the fused checkpoint', f' {args.out}'):
         save_fused_checkpoint(
             model,
@@ -486,13 +539,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f'{PROG}: error: {_first_line(error)}', file=sys.stderr)
         return 1
     except (KeyboardInterrupt, _Terminated):
-        print(f'{PROG}: interrupted; {args.out} was not written (an '
-              'existing file is left as it was)',
-              file=sys.stderr)
-        return 130
+        return _interrupted(args)
+    except Exception as error:
+        # An interrupt inside torch.save comes out as the error its zip
+        # writer raises while unwinding.
+        if _caused_by_interrupt(error):
+            return _interrupted(args)
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(args: argparse.Namespace) -> int:
+    print(f'{PROG}: interrupted; {args.out} was not written (an existing '
+          'file is left as it was)',
+          file=sys.stderr)
+    return 130
+
+
+def _caused_by_interrupt(error: BaseException) -> bool:
+    """Whether ``error`` was raised while an interrupt (Ctrl-C, SIGTERM)
+    was being handled."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (KeyboardInterrupt, _Terminated)):
+            return True
+        seen.add(id(error))
+        error = error.__context__ or error.__cause__
+    return False
 
 
 def console_main() -> None:

@@ -21,7 +21,8 @@ from mmengine.registry import DATASETS, TRANSFORMS
 from torch.utils.data import Dataset
 
 __all__ = [
-    'synthetic_image', 'synthetic_results', 'strip_loading',
+    'synthetic_image', 'synthetic_results', 'image_annotations',
+    'strip_loading', 'WholeImageBox',
     'find_test_pipeline', 'SyntheticImageDataset', 'PackImage'
 ]
 
@@ -52,6 +53,15 @@ def synthetic_results(index: int,
         img=image,
         img_shape=(height, width),
         ori_shape=(height, width),
+        **image_annotations(index, height, width, label))
+
+
+def image_annotations(index: int, height: int, width: int,
+                      label: int = 0) -> Dict[str, Any]:
+    """What a dataset hands each codebase's test pipeline besides the image
+    (its ids, an empty annotation, and for a top-down pose estimator,
+    which crops a person's box, the whole image as that box)."""
+    return dict(
         img_path=f'synthetic_{index}.png',
         img_id=index,
         sample_idx=index,
@@ -60,6 +70,8 @@ def synthetic_results(index: int,
         seg_fields=[],
         reduce_zero_label=False,
         instances=[],
+        bbox=np.array([[0, 0, width, height]], dtype=np.float32),
+        bbox_score=np.ones(1, dtype=np.float32),
     )
 
 
@@ -79,7 +91,7 @@ def strip_loading(pipeline: Sequence[Any],
         pipeline: Transform configs or transforms.
         keep_image_loading: Keep the transforms that load the image
             (``LoadImageFromFile`` and the like), dropping only the ones that
-            load annotations.
+            load annotations; a :class:`WholeImageBox` follows them.
     """
     kept = []
     for transform in pipeline:
@@ -89,7 +101,21 @@ def strip_loading(pipeline: Sequence[Any],
         elif keep_image_loading and 'Image' in name and 'Annotation' \
                 not in name:
             kept.append(transform)
+            kept.append(WholeImageBox())
     return kept
+
+
+class WholeImageBox:
+    """Sets a loaded image's whole extent as the person box that a
+    top-down pose estimator's pipeline crops (``bbox``), where none is
+    set."""
+
+    def __call__(self, results: Dict) -> Dict:
+        if 'bbox' not in results and 'img' in results:
+            height, width = results['img'].shape[:2]
+            results['bbox'] = np.array([[0, 0, width, height]],
+                                       dtype=np.float32)
+        return results
 
 
 def _dataset_pipeline(dataset_cfg: Any) -> Optional[List]:

@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import textwrap
+from typing import Tuple
 
 import pytest
 import torch
@@ -298,6 +299,20 @@ def test_unknown_option(tool, tmp_path, checkpoint):
     assert status == 2 and 'unrecognized arguments' in err
 
 
+@pytest.mark.parametrize('pair', ['model.head.num_classes', '=3'])
+def test_malformed_config_options(tool, tmp_path, checkpoint, pair):
+    """A pair without a key and '=' was a 24-line traceback from MMEngine's
+    DictAction, exit 1."""
+    status, _, err = tool(DEMO_CONFIG, checkpoint, str(tmp_path / 'out.pth'),
+                          '--cfg-options', pair)
+    assert status == 2, err
+    assert 'Traceback' not in err
+    assert err.strip().splitlines()[-1] == (
+        f"fuse_conv_bn: error: argument --cfg-options: {pair!r} is not "
+        'KEY=VALUE')
+    assert os.listdir(tmp_path) == ['demo.pth']
+
+
 def test_config_without_a_test_pipeline(tool, tmp_path, checkpoint):
     config = tmp_path / 'nopipe.py'
     config.write_text(
@@ -318,8 +333,12 @@ def test_model_failing_on_the_input(tool, tmp_path, checkpoint):
 # ------------------------------------------------------- interrupted write
 
 
+@pytest.mark.parametrize('replaced', [False, True])
 def test_interrupted_write_through_main(tmp_path, checkpoint, monkeypatch,
-                                        capsys):
+                                        capsys, replaced):
+    """Ctrl-C while OUT is written; ``replaced``: as torch.save's zip
+    writer does it, raising its own error while the interrupt unwinds
+    (that error's traceback came out, exit 1)."""
     out = tmp_path / 'out.pth'
     torch.save({'state_dict': {'older': torch.zeros(1)}}, str(out))
     older = out.read_bytes()
@@ -327,7 +346,12 @@ def test_interrupted_write_through_main(tmp_path, checkpoint, monkeypatch,
 
     def interrupted(obj, stream, *args, **kwargs):
         stream.write(b'x' * 1000)
-        raise KeyboardInterrupt
+        try:
+            raise KeyboardInterrupt
+        finally:
+            if replaced:
+                raise RuntimeError('[enforce fail at inline_container.cc] '
+                                   'unexpected pos')
 
     monkeypatch.setattr(torch, 'save', interrupted)
     status = main([DEMO_CONFIG, checkpoint, str(out)])
@@ -490,3 +514,70 @@ def test_final_table_says_what_an_error_over_rtol_was_judged_against():
         f'{report.unfused_precise_rel_error:.3g})')
     assert report.precise_rel_error <= 2 * report.unfused_precise_rel_error
     assert 'folds judged on' not in rows  # the twin was not needed
+
+
+# ---------------------------------------------------- real configs, dtypes
+
+
+def _pose_checkpoint(tmp_path) -> Tuple[str, str]:
+    """mmpose RTMPose-t's shipped config and a checkpoint of random
+    weights and norm statistics for it."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmpose.registry import MODELS
+    from real_models import config_root
+    from mmfuse.testing import randomize_norm_stats
+    config = os.path.join(config_root('mmpose'), 'body_2d_keypoint',
+                          'rtmpose', 'coco',
+                          'rtmpose-t_8xb256-420e_coco-256x192.py')
+    cfg = Config.fromfile(config)
+    init_default_scope('mmpose')
+    model = randomize_norm_stats(MODELS.build(cfg.model).eval(), seed=1)
+    path = str(tmp_path / 'pose.pth')
+    torch.save({'state_dict': model.state_dict()}, path)
+    return config, path
+
+
+@pytest.mark.parametrize('how', ['synthetic', 'image', 'raw'])
+def test_a_top_down_pose_config_is_fused_with_an_input(tmp_path, capsys,
+                                                       how):
+    """A top-down pose pipeline crops the person's box: the synthetic
+    image had none ('KeyError: bbox', then a hint to pass --image, which
+    failed the same way), and --raw-shape called the pose estimator
+    without its data samples.  The whole image is the box now, and a raw
+    tensor is given as the pipeline's input is (in 'tensor' mode)."""
+    import cv2
+    config, checkpoint = _pose_checkpoint(tmp_path)
+    args = {'synthetic': [],
+            'image': ['--image', str(tmp_path / 'person.png')],
+            'raw': ['--raw-shape', '1', '3', '256', '192']}[how]
+    cv2.imwrite(str(tmp_path / 'person.png'),
+                (torch.rand(200, 120, 3) * 255).byte().numpy())
+    out = str(tmp_path / 'out.pth')
+    assert main([config, checkpoint, out, '--quiet', *args]) == 0, \
+        capsys.readouterr().err
+    report = torch.load(out, weights_only=True)['meta']['mmfuse']['report']
+    assert report['verified'] and report['num_folded'] > 30
+    assert report['max_rel_error'] < 1e-4
+
+
+def test_a_float16_checkpoint_is_noted(tmp_path, checkpoint, capsys):
+    """Its tensors load into the float32 model the config builds, which is
+    fused and written in float32: said, not silent (the file doubled)."""
+    source = torch.load(checkpoint, weights_only=True)
+    source['state_dict'] = {
+        key: value.half() if value.is_floating_point() else value
+        for key, value in source['state_dict'].items()
+    }
+    half = str(tmp_path / 'half.pth')
+    torch.save(source, half)
+    out = str(tmp_path / 'out.pth')
+    assert main([DEMO_CONFIG, half, out]) == 0
+    printed = capsys.readouterr().out
+    assert 'note: CHECKPOINT holds float16 tensors, loaded into the ' \
+        'float32 model' in printed
+    weights = load_checkpoint_safely(out)['state_dict'].tensors()
+    assert {value.dtype for value in weights.values()
+            if value.is_floating_point()} == {torch.float32}
+    assert main([DEMO_CONFIG, checkpoint, str(tmp_path / 'out32.pth')]) == 0
+    assert 'note: CHECKPOINT' not in capsys.readouterr().out
