@@ -145,6 +145,10 @@ class ModuleForwardTracer(fx.Tracer):
         # not show), and that state.
         self.autocast_ops: List[str] = []
         self.autocast = _autocast_state()
+        # The root and its submodules' tensor attributes, ``(tensor,
+        # path)`` by ``id``, once a trace has looked for one.
+        self._submodule_attributes: Optional[Tuple[
+            nn.Module, Dict[int, Tuple[torch.Tensor, str]]]] = None
         # ``get_attr`` proxies of parameters and buffers, by path.
         self.tensor_proxies: Dict[str, fx.Proxy] = {}
         # How often each submodule (by ``id``) was fetched from its
@@ -286,13 +290,21 @@ class ModuleForwardTracer(fx.Tracer):
         """Give ``tensor`` its path in the graph (a ``get_attr`` node, not
         a constant) where it is a plain attribute of a submodule: a read
         of a conv's weight that a spectral or weight norm hook sets is a
-        read of that conv's state."""
-        for path, module in self.root.named_modules():
-            for key, value in module.__dict__.items():
-                if value is tensor:
-                    self.tensor_attrs[tensor] = f'{path}.{key}' \
-                        if path else key
-                    return
+        read of that conv's state.  The submodules' tensor attributes are
+        read once per trace, at its first constant."""
+        found = self._submodule_attributes
+        if found is None or found[0] is not self.root:
+            paths = {}
+            for path, module in self.root.named_modules():
+                for key, value in module.__dict__.items():
+                    if isinstance(value, torch.Tensor):
+                        paths.setdefault(
+                            id(value), (value,
+                                        f'{path}.{key}' if path else key))
+            found = self._submodule_attributes = (self.root, paths)
+        known = found[1].get(id(tensor))
+        if known is not None and known[0] is tensor:
+            self.tensor_attrs[tensor] = known[1]
 
     def state_sharing(self, tensor: torch.Tensor) -> Optional[str]:
         """The path of a parameter or buffer of the root whose memory
@@ -518,6 +530,8 @@ class ModuleForwardTracer(fx.Tracer):
         self.refused_reads.clear()
         self.autocast_ops.clear()
         self.autocast = _autocast_state()
+        # (Read again by each trace: a forward may set attributes.)
+        self._submodule_attributes = None
 
     def _raise_for_refusals(self) -> None:
         """Fail the trace where the forward tested the type of a traced
