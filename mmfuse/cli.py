@@ -59,7 +59,8 @@ def _config_options_action() -> type:
                         self, f'{pair!r} is not KEY=VALUE')
             try:
                 super().__call__(parser, namespace, values, option_string)
-            except (ValueError, SyntaxError) as error:
+            except (ValueError, SyntaxError, AssertionError) as error:
+                # (DictAction asserts that brackets balance.)
                 raise argparse.ArgumentError(
                     self, f'{" ".join(values)!r}: {error}') from None
 
@@ -276,7 +277,12 @@ def _build_model(args: argparse.Namespace) -> Tuple[nn.Module, Any]:
                          f'{type(error).__name__}: {_first_line(error)}'
                          ) from None
     if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+        try:
+            cfg.merge_from_dict(args.cfg_options)
+        except Exception as error:  # MMEngine raises what a merge meets
+            raise InputError(f'--cfg-options do not fit {args.config}: '
+                             f'{type(error).__name__}: {_first_line(error)}'
+                             ) from None
     if not isinstance(cfg.get('model'), dict):
         raise InputError(f'config {args.config} has no model')
     init_default_scope(cfg.get('default_scope', None) or 'mmengine')

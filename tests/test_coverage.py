@@ -362,6 +362,18 @@ def test_a_read_of_a_computed_weight_keeps_its_conv(name, make, traced):
     kept_at(fused, [norm])
 
 
+def test_a_conv_whose_forward_fails_on_the_probe_stays():
+    """mmpretrain's SparseConv2d reads a mask its caller sets: on the probe
+    its forward raised AttributeError, which came out of fuse_model."""
+    from mmpretrain.models.utils.sparse_modules import SparseConv2d
+    model = nn.Sequential(SparseConv2d(3, 8, 3, padding=1),
+                          nn.BatchNorm2d(8)).eval()
+    report = mmfuse.fuse_model(model)
+    assert not report.folded and [s.name for s in report.left] == ['1']
+    assert 'overrides forward' in report.left[0].reason
+    kept_at(model, ['1'])
+
+
 def test_a_weight_kept_as_a_plain_attribute(traced):
     """A fold would set a parameter the attribute shadows (it crashed):
     such a conv folds once made plain, and stays otherwise."""
