@@ -675,8 +675,28 @@ def convert_to_fused_structure(model: nn.Module,
         record = checkpoint_or_record
     if record is None:
         raise CheckpointError('not a fused checkpoint (no meta.mmfuse)')
+    if record is not checkpoint_or_record and any(
+            block.get('structure') == 'graph'
+            for block in record.get('reparameterized', [])):
+        # A merged block rebuilt as a graph is traced again: its forward
+        # reads the values it held when fused (a flag kept in a buffer).
+        _load_what_fits(unwrap_model(model),
+                        get_state_dict(checkpoint_or_record))
     rebuild_fused_structure(model, record)
     return fused_record_of(model)
+
+
+def _load_what_fits(model: nn.Module, state_dict: Dict) -> None:
+    """Load the entries of ``state_dict`` that ``model`` has, of the same
+    shape (the rest waits for the model's fused structure)."""
+    own = model.state_dict()
+    model.load_state_dict(
+        {
+            key: value
+            for key, value in state_dict.items()
+            if key in own and own[key].shape == value.shape
+        },
+        strict=False)
 
 
 def load_fused_checkpoint(model: nn.Module,

@@ -175,11 +175,11 @@ class FuseConvBNHook(Hook):
                     'structure than the checkpoint being loaded')
             self._let_load(checkpoint)
             return
-        convert_to_fused_structure(model, record)
+        convert_to_fused_structure(model, checkpoint)
         self._let_load(checkpoint)
         for ema_module in _ema_modules(runner):
             if not is_fused_structure(ema_module):
-                convert_to_fused_structure(ema_module, record)
+                convert_to_fused_structure(ema_module, checkpoint)
         source = record.get('source_checkpoint') or {}
         self._log(
             f'FuseConvBNHook: loading a fused checkpoint (mmfuse '

@@ -1950,3 +1950,125 @@ def test_attributes_read_past_the_code_above_keep_the_block(make):
     assert not any(r['merged'] for r in report.reparameterized)
     with torch.no_grad():
         assert output_error(reference, model(x))[1] < RTOL
+
+
+# -------------------------------------------- dtypes and rebuilt structures
+
+
+class _NormFirstSum(nn.Module):
+    """An identity-norm branch listed before the conv branch."""
+
+    def __init__(self, channels: int = 8):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return self.bn(x) + self.bn3(self.conv(x))
+
+
+def _half_convs_float_norms(block: nn.Module) -> nn.Module:
+    """``block`` in float16 with its norms kept in float32 (mixed
+    precision's "keep batch norm in float32")."""
+    model = randomize_norm_stats(nn.Sequential(block).eval(), seed=3)
+    model.half()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.float()
+    return model
+
+
+def _mixed_precision_blocks():
+    from mmpretrain.models.backbones.mobileone import MobileOneBlock
+    yield 'MobileOneBlock', lambda: MobileOneBlock(8, 8, 3, 2)
+    yield 'generic', _NormFirstSum
+
+
+@pytest.mark.parametrize('name, make', list(_mixed_precision_blocks()))
+@pytest.mark.parametrize('how', ['reparameterize', 'fuse_model'])
+def test_a_merged_conv_takes_the_dtype_of_the_convs(name, make, how):
+    """float16 convs beside float32 norms: where a norm-only branch came
+    first, the merged conv took the norm's float32 and the model raised on
+    its float16 input; a fused checkpoint rebuilt it from the block's
+    first tensor, a float32 norm, and raised too."""
+    from mmfuse.checkpoint import (load_fused_checkpoint,
+                                   make_fused_checkpoint)
+    torch.manual_seed(0)
+    model = _half_convs_float_norms(make())
+    x = torch.randn(1, 8, 7, 7).half()
+    with torch.no_grad():
+        reference = model(x)
+    if how == 'reparameterize':
+        records = reparameterize(model)
+        report = mmfuse.fuse_model(model, (x, ), reparameterize=False)
+        report.reparameterized = records
+    else:
+        report = mmfuse.fuse_model(model)
+    assert _merged(report.reparameterized)
+    assert {p.dtype for m in model.modules() if isinstance(m, nn.Conv2d)
+            for p in m.parameters()} == {torch.float16}
+    with torch.no_grad():
+        fused = model(x)
+    assert fused.dtype == torch.float16
+    assert output_error(reference, fused)[1] < 1e-2
+    torch.manual_seed(1)
+    fresh = _half_convs_float_norms(make())
+    load_fused_checkpoint(fresh, make_fused_checkpoint(model, report))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), fused)
+
+
+class _FlagInABuffer(nn.Module):
+    """A sum merged into a graph, and code after it that a flag kept in a
+    buffer turns on (set by training, not by the config)."""
+
+    def __init__(self, channels: int = 8):
+        super().__init__()
+        self.c3 = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels))
+        self.c1 = nn.Sequential(
+            nn.Conv2d(channels, channels, 1, bias=False),
+            nn.BatchNorm2d(channels))
+        self.gamma = nn.Parameter(torch.ones(channels, 1, 1))
+        self.register_buffer('use_shortcut', torch.tensor(False))
+
+    def forward(self, x):
+        out = torch.relu(self.c3(x) + self.c1(x)) * self.gamma
+        if self.use_shortcut:
+            out = out + x
+        return out
+
+
+def test_a_graph_rebuilt_from_a_checkpoint_reads_the_flags_it_was_fused_with():
+    """The merged block's graph was traced again from the fresh model,
+    whose flag was still off, before the weights loaded: the residual was
+    gone, 0.67 off, and the strict load said nothing.  The fused state
+    dict's values that fit the fresh model load first now; a record made
+    from another graph is refused."""
+    from mmfuse.checkpoint import (CheckpointError, load_fused_checkpoint,
+                                   make_fused_checkpoint)
+    model = randomize_norm_stats(nn.Sequential(_FlagInABuffer()).eval())
+    model[0].use_shortcut.fill_(True)
+    x = torch.randn(1, 8, 9, 9)
+    with torch.no_grad():
+        reference = model(x)
+    report = mmfuse.fuse_model(model, (x, ))
+    assert [r['structure'] for r in _merged(report.reparameterized)] == [
+        'graph']
+    checkpoint = make_fused_checkpoint(model, report)
+    fresh = nn.Sequential(_FlagInABuffer()).eval()
+    load_fused_checkpoint(fresh, checkpoint)
+    with torch.no_grad():
+        assert output_error(reference, fresh(x))[1] < 1e-5
+    # Without the fused values, the graph traced from the fresh block is
+    # another one: refused.
+    record = checkpoint['meta']['mmfuse']['reparameterized']
+    with pytest.raises(mmfuse.FusionError, match='another graph'):
+        apply_reparam_structure(nn.Sequential(_FlagInABuffer()).eval(),
+                                record)
+    with pytest.raises(CheckpointError, match='another graph'):
+        mmfuse.checkpoint.convert_to_fused_structure(
+            nn.Sequential(_FlagInABuffer()).eval(),
+            checkpoint['meta']['mmfuse'])

@@ -26,8 +26,9 @@ from ..discovery.structural import names_read_above, reached_inside
 from ..folding import norm_affines
 from ..guards import (FusionError, as_input_tuple, check_eval,
                       fresh_inputs, unwrap_model)
-from ..layers import (global_hook_problem, norm_affine_params,
-                      norm_fold_problem, runs_class_forward)
+from ..layers import (global_hook_problem, is_conv_layer,
+                      norm_affine_params, norm_fold_problem,
+                      runs_class_forward)
 from ..module_walk import walk_modules
 from ..verify import (OutputCheck, default_rtol, isolate_failures,
                       output_check, search_checks)
@@ -363,6 +364,8 @@ class _Walker:
             record = self.merged_record(path, module, 'generic',
                                         rewrite.layers, rewrite.convs)
             record['structure'] = rewrite.structure
+            if graph:
+                record['code'] = graph_code(rewrite.module)
             self.replace(parent, attr, path, module, rewrite.module, record)
         return True
 
@@ -752,7 +755,13 @@ def merge_blocks(model: nn.Module,
 
 def _rebuild(block: nn.Module, record: Dict) -> nn.Module:
     structure = record['structure']
-    like = _first_tensor(block)
+    # As for the merge: the convs' dtype (float16 convs beside float32
+    # norms merge into a float16 conv), else the block's first tensor's.
+    like = next((m.weight for m in block.modules()
+                 if is_conv_layer(m) and isinstance(
+                     getattr(m, 'weight', None), torch.Tensor)), None)
+    if like is None:
+        like = _first_tensor(block)
     if structure in ('conv', 'sequential'):
         convs = {
             c['name']: build_conv(ConvGeometry.from_dict(c['geometry']),
@@ -775,6 +784,13 @@ def _rebuild(block: nn.Module, record: Dict) -> nn.Module:
             raise FusionError(f"mmfuse: cannot rebuild '{record['module']}'"
                               f": {'; '.join(reasons) or 'no branch sum'}")
         _check_same_convs(record, rewrite)
+        code = graph_code(rewrite.module)
+        if 'code' in record and record['code'] != code:
+            raise FusionError(
+                f"mmfuse: '{record['module']}' traces into another graph "
+                'than the fused model\'s (its forward reads values that '
+                'differ here, a flag held in a tensor?): load the fused '
+                'state dict first, or fuse again')
         rewrite.module.train(block.training)
         return rewrite.module
     if structure == 'method':
@@ -782,6 +798,12 @@ def _rebuild(block: nn.Module, record: Dict) -> nn.Module:
         return block
     raise FusionError(f'mmfuse: unknown re-parameterized structure '
                       f'{structure!r}')
+
+
+def graph_code(module: nn.Module) -> str:
+    """The Python code of a merged block's ``GraphModule``: what it runs
+    after the merged convs, which a rebuild must give again."""
+    return module.code.strip()
 
 
 def _check_same_convs(record: Dict, rewrite: BlockRewrite) -> None:

@@ -355,7 +355,22 @@ def _merged_weight(branches: Sequence[_Branch], kernel_size: Tuple[int, int],
 
 
 def _reference(terms: Sequence[Term]) -> Tensor:
-    """A tensor whose dtype and device the merged conv takes."""
+    """A tensor whose dtype and device the merged conv takes: the weight of
+    the branches' convs (a norm's output has its input's dtype, not that
+    of its parameters: float32 norms beside float16 convs give float16).
+
+    Raises:
+        MergeError: The convs' weights differ in dtype or device.
+    """
+    weights = [op.module.weight for term in terms for op in term.ops
+               if op.kind == CONV and isinstance(
+                   getattr(op.module, 'weight', None), Tensor)]
+    kinds = {(w.dtype, w.device) for w in weights}
+    if len(kinds) > 1:
+        raise MergeError('convs of different dtypes or devices: ' + ', '.join(
+            sorted(f'{dtype} on {device}' for dtype, device in kinds)))
+    if weights:
+        return weights[0]
     for term in terms:
         for op in term.ops:
             if op.module is not None:
