@@ -23,7 +23,7 @@ from .module_walk import tree_unchanged, unique_modules
 from .plan import Fold, FusionPlan, Skip
 from .reparam import Merges, has_registered_blocks, merge_blocks
 from .report import FusionReport
-from .surgery import apply_plan, undo_folds
+from .surgery import AppliedFold, apply_plan, undo_folds
 from .verify import (OutputCheck, TwinError, WiderTwin, default_rtol,
                      isolate_failures, output_check, precise_dtype,
                      search_checks)
@@ -180,160 +180,178 @@ def fuse_model(model: nn.Module,
             has_registered_blocks(model)
         if inputs is not None:
             observed = TracedForward(model, inputs)
+    # What this call changes, put back if it raises (a model whose
+    # forward, or output check, fails on a change): every fold made
+    # (undoing one twice changes nothing) and every merge.
+    made: List[AppliedFold] = []
     merges = None
-    reference = None
-    unmerged_evidence = None
-    if inputs is None:
-        if reparameterize:
-            merges = merge_blocks(model)
-        evidence = None  # read from structure, below
-    else:
-        # The model as given, observed once: its data flow, its output
-        # (the reference) and the blocks that may sum branches a merge
-        # can take; only those are traced for the generic merge, registry
-        # entries apply anywhere.  The merged model is not observed
-        # again: the flow the merges leave alone is the one observed.
-        reference = observed.run()
-        if tolerance is not None:
-            check = output_check(reference, tolerance)
-        evidence = observed.evidence()
-        observed.let_go()
-        if reparameterize and (registered or observed.sum_blocks):
-            merges = merge_blocks(model,
-                                  generic_blocks=observed.sum_blocks,
-                                  reached=observed.reached)
-            if merges.groups:
-                unmerged_evidence = evidence
-                evidence = _evidence_after_merges(unmerged_evidence, merges)
-    with tree_unchanged():  # discovery walks the model many times
-        if evidence is None:
-            evidence = collect_structural_evidence(model)
-        plan, num_norms, num_foldable = plan_and_count(
-            model, evidence, plain_convs)
-        if fold_not_run and tolerance is not None:
-            _add_folds_not_run(model, plan, (evidence, unmerged_evidence),
-                               plain_convs)
-        if tolerance is None:
-            plan = _unverified(plan)
-    report = FusionReport(
-        mode=evidence.mode,
-        left=list(plan.skipped),
-        num_norms=num_norms,
-        num_foldable=num_foldable,
-        reparameterized=[] if merges is None else merges.records)
-    applied = apply_plan(model, plan)
-    if tolerance is not None:
-        report.rtol = tolerance
 
-        def passes() -> bool:
-            try:
-                with torch.no_grad():
-                    output = model(*fresh_inputs(inputs))
-            except Exception:  # a change broke the forward: it fails
-                check.no_output()
-                return False
-            return check(output)
+    def apply(fold_plan: FusionPlan,
+              folds: Optional[List[Fold]] = None) -> List[AppliedFold]:
+        done = apply_plan(model, fold_plan, folds)
+        made.extend(done)
+        return done
 
-        # With nothing changed the model is the one whose output the
-        # reference is (the traced pass ran it as it stands): another
-        # forward pass would give the same output.
-        changed = bool(applied) or unmerged_evidence is not None
-        passed = passes() if changed else check(reference)
-        if not passed and unmerged_evidence is not None:
-            # Merges and folds together fail: judge the merges alone
-            # (undoing those that fail), then the folds on what stands.
-            together = check.kept_output()  # None: the forward raised
-            undo_folds(applied)
-            undone = merges.verify(inputs, check)
-            if undone:
-                with tree_unchanged():
+    try:
+        reference = None
+        unmerged_evidence = None
+        if inputs is None:
+            if reparameterize:
+                merges = merge_blocks(model)
+            evidence = None  # read from structure, below
+        else:
+            # The model as given, observed once: its data flow, its output
+            # (the reference) and the blocks that may sum branches a merge
+            # can take; only those are traced for the generic merge, registry
+            # entries apply anywhere.  The merged model is not observed
+            # again: the flow the merges leave alone is the one observed.
+            reference = observed.run()
+            if tolerance is not None:
+                check = output_check(reference, tolerance)
+            evidence = observed.evidence()
+            observed.let_go()
+            if reparameterize and (registered or observed.sum_blocks):
+                merges = merge_blocks(model,
+                                      generic_blocks=observed.sum_blocks,
+                                      reached=observed.reached)
+                if merges.groups:
+                    unmerged_evidence = evidence
                     evidence = _evidence_after_merges(unmerged_evidence,
                                                       merges)
-                    plan, num_norms, num_foldable = plan_and_count(
-                        model, evidence, plain_convs)
-                    if fold_not_run:
-                        _add_folds_not_run(model, plan,
-                                           (evidence, unmerged_evidence),
-                                           plain_convs)
-                report.left = list(plan.skipped)
-                report.num_norms, report.num_foldable = num_norms, \
-                    num_foldable
-            applied = apply_plan(model, plan)
-            if not applied:
-                passed = True  # the merges alone, just verified
-            elif undone or together is None:
-                passed = passes()
-            else:
-                # Every merge stands: the same folds again give the same
-                # weights, and the output that failed together (judged
-                # again, against what the merges' check may have added).
-                passed = check(together)
-        elif unmerged_evidence is not None:
-            merges.record_check(check)
-        if not passed:
-            undo_folds(applied)
-            # The unfused model's own rounding may be what failed: measure
-            # it once in a wider dtype (see OutputCheck), unmerged where
-            # merges stand (every change judged from the model as given).
-            # If the fused output passes then, every fold stands (made
-            # again: the same weights); else keep the folds that stay
-            # acceptable.
-            if unmerged_evidence is not None:
-                merges.measure_unmerged(check, inputs)
-            bad, dropped, unchecked = [], [], []
-            wide = check.passes_wider(model, inputs)
-            judged = None
-            if not wide and check.too_rough and unmerged_evidence is None:
-                # Too rough in its dtype to judge folds by: judge them on
-                # a wider twin, where exact ones change nothing.
-                judged = _judge_on_twin(model, inputs, plan, check)
-            if wide:
-                applied = apply_plan(model, plan)
-            elif judged is not None:
-                right, wrong, unreproduced, not_reached = judged
-                report.twin = check.yardstick
-                for fold in wrong:
-                    report.undone.append(
-                        Skip(fold.norm, 'undone: it changes the output of '
-                             f'the {report.twin} twin by more than '
-                             f'rtol={tolerance:g}'))
-                for fold in unreproduced:
-                    report.undone.append(
-                        Skip(fold.norm, 'undone: the twin\'s output could '
-                             'not be reproduced, with it or without'))
-                _note_unchecked(report, not_reached, 'the twin')
-                applied = apply_plan(model, FusionPlan(), right)
-                if not passes():
-                    # Exact folds, yet the model's dtype makes too much of
-                    # some (an overflow): bisect on the model itself.
-                    undo_folds(applied)
+        with tree_unchanged():  # discovery walks the model many times
+            if evidence is None:
+                evidence = collect_structural_evidence(model)
+            plan, num_norms, num_foldable = plan_and_count(
+                model, evidence, plain_convs)
+            if fold_not_run and tolerance is not None:
+                _add_folds_not_run(model, plan, (evidence, unmerged_evidence),
+                                   plain_convs)
+            if tolerance is None:
+                plan = _unverified(plan)
+        report = FusionReport(
+            mode=evidence.mode,
+            left=list(plan.skipped),
+            num_norms=num_norms,
+            num_foldable=num_foldable,
+            reparameterized=[] if merges is None else merges.records)
+        applied = apply(plan)
+        if tolerance is not None:
+            report.rtol = tolerance
+
+            def passes() -> bool:
+                try:
+                    with torch.no_grad():
+                        output = model(*fresh_inputs(inputs))
+                except Exception:  # a change broke the forward: it fails
+                    check.no_output()
+                    return False
+                return check(output)
+
+            # With nothing changed the model is the one whose output the
+            # reference is (the traced pass ran it as it stands): another
+            # forward pass would give the same output.
+            changed = bool(applied) or unmerged_evidence is not None
+            passed = passes() if changed else check(reference)
+            if not passed and unmerged_evidence is not None:
+                # Merges and folds together fail: judge the merges alone
+                # (undoing those that fail), then the folds on what stands.
+                together = check.kept_output()  # None: the forward raised
+                undo_folds(applied)
+                undone = merges.verify(inputs, check)
+                if undone:
+                    with tree_unchanged():
+                        evidence = _evidence_after_merges(unmerged_evidence,
+                                                          merges)
+                        plan, num_norms, num_foldable = plan_and_count(
+                            model, evidence, plain_convs)
+                        if fold_not_run:
+                            _add_folds_not_run(model, plan,
+                                               (evidence, unmerged_evidence),
+                                               plain_convs)
+                    report.left = list(plan.skipped)
+                    report.num_norms, report.num_foldable = num_norms, \
+                        num_foldable
+                applied = apply(plan)
+                if not applied:
+                    passed = True  # the merges alone, just verified
+                elif undone or together is None:
+                    passed = passes()
+                else:
+                    # Every merge stands: the same folds again give the same
+                    # weights, and the output that failed together (judged
+                    # again, against what the merges' check may have added).
+                    passed = check(together)
+            elif unmerged_evidence is not None:
+                merges.record_check(check)
+            if not passed:
+                undo_folds(applied)
+                # The unfused model's own rounding may be what failed: measure
+                # it once in a wider dtype (see OutputCheck), unmerged where
+                # merges stand (every change judged from the model as given).
+                # If the fused output passes then, every fold stands (made
+                # again: the same weights); else keep the folds that stay
+                # acceptable.
+                if unmerged_evidence is not None:
+                    merges.measure_unmerged(check, inputs)
+                bad, dropped, unchecked = [], [], []
+                wide = check.passes_wider(model, inputs)
+                judged = None
+                if not wide and check.too_rough and unmerged_evidence is None:
+                    # Too rough in its dtype to judge folds by: judge them on
+                    # a wider twin, where exact ones change nothing.
+                    judged = _judge_on_twin(model, inputs, plan, check)
+                if wide:
+                    applied = apply(plan)
+                elif judged is not None:
+                    right, wrong, unreproduced, not_reached = judged
+                    report.twin = check.yardstick
+                    for fold in wrong:
+                        report.undone.append(
+                            Skip(fold.norm, 'undone: it changes the output of '
+                                 f'the {report.twin} twin by more than '
+                                 f'rtol={tolerance:g}'))
+                    for fold in unreproduced:
+                        report.undone.append(
+                            Skip(fold.norm, 'undone: the twin\'s output could '
+                                 'not be reproduced, with it or without'))
+                    _note_unchecked(report, not_reached, 'the twin')
+                    applied = apply(FusionPlan(), right)
+                    if not passes():
+                        # Exact folds, yet the model's dtype makes too much of
+                        # some (an overflow): bisect on the model itself.
+                        undo_folds(applied)
+                        applied, bad, dropped, unchecked = isolate_failures(
+                            right,
+                            lambda folds: apply(FusionPlan(), folds),
+                            undo_folds, passes, search_checks(len(right)))
+                else:  # all the folds together fail this check: bisect
                     applied, bad, dropped, unchecked = isolate_failures(
-                        right,
-                        lambda folds: apply_plan(model, FusionPlan(), folds),
-                        undo_folds, passes, search_checks(len(right)))
-            else:  # all the folds together fail this check: bisect
-                applied, bad, dropped, unchecked = isolate_failures(
-                    plan.folds,
-                    lambda folds: apply_plan(model, FusionPlan(), folds),
-                    undo_folds, passes, search_checks(len(plan.folds)))
-            for fold in bad:
-                report.undone.append(
-                    Skip(fold.norm, 'undone: verification found the output '
-                         f'{check.failure()} with it'))
-            for kept in dropped:
-                report.undone.append(
-                    Skip(kept.fold.norm, 'undone: the output could not be '
-                         'reproduced, fused or not'))
-            _note_unchecked(report, unchecked, 'the model')
-        report.verified = True
-        report.max_abs_error = check.abs_error
-        report.max_rel_error = check.rel_error
-        report.yardstick = check.yardstick
-        report.precise_rel_error = check.precise_error
-        report.unfused_precise_rel_error = check.own_error
-    report.folded = [a.fold for a in applied]
-    report.seconds = time.perf_counter() - start
-    return report
+                        plan.folds,
+                        lambda folds: apply(FusionPlan(), folds),
+                        undo_folds, passes, search_checks(len(plan.folds)))
+                for fold in bad:
+                    report.undone.append(
+                        Skip(fold.norm, 'undone: verification found the '
+                             f'output {check.failure()} with it'))
+                for kept in dropped:
+                    report.undone.append(
+                        Skip(kept.fold.norm, 'undone: the output could not be '
+                             'reproduced, fused or not'))
+                _note_unchecked(report, unchecked, 'the model')
+            report.verified = True
+            report.max_abs_error = check.abs_error
+            report.max_rel_error = check.rel_error
+            report.yardstick = check.yardstick
+            report.precise_rel_error = check.precise_error
+            report.unfused_precise_rel_error = check.own_error
+        report.folded = [a.fold for a in applied]
+        report.seconds = time.perf_counter() - start
+        return report
+    except BaseException:
+        undo_folds(made)
+        if merges is not None:
+            merges.undo_all()
+        raise
 
 
 def _judge_on_twin(

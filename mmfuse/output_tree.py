@@ -134,7 +134,17 @@ def flatten_output(output: Any, clone: bool = False) -> FlatOutput:
     def walk(item: Any) -> None:
         if isinstance(item, Tensor):
             leaf = item.detach()
-            leaves.append(leaf.clone() if clone else leaf)
+            if leaf.is_nested or leaf.layout not in (torch.strided,
+                                                     torch.sparse_coo):
+                raise UncomparableOutput(
+                    'the output holds a tensor of layout '
+                    f'{"nested" if leaf.is_nested else leaf.layout}, '
+                    'which is not compared')
+            if leaf.layout == torch.sparse_coo:
+                leaf = leaf.to_dense()  # (a new tensor: clone or not)
+            elif clone:
+                leaf = leaf.clone()
+            leaves.append(leaf)
             spec.append('tensor')
         elif isinstance(item, float):
             leaves.append(torch.tensor(item, dtype=torch.float64))
@@ -169,6 +179,10 @@ def flatten_output(output: Any, clone: bool = False) -> FlatOutput:
             items = list(items)
             spec.append((type(item).__name__, len(items)))
             for key, value in items:
+                if tensors_in(key):
+                    raise UncomparableOutput(
+                        f'the output holds a {type(item).__name__} keyed '
+                        'by tensors, which are not compared')
                 spec.append(('key', key if isinstance(key, Hashable)
                              else repr(key)))
                 walk(value)
@@ -187,6 +201,10 @@ def _hashable(value: Any, kind: type) -> Hashable:
     """
     if isinstance(value, list):
         return tuple(_hashable(item, kind) for item in value)
+    if tensors_in(value):
+        raise UncomparableOutput(
+            f'the output holds a {kind.__name__} holding tensors, which '
+            'are not compared')
     try:
         hash(value)
     except TypeError:

@@ -201,3 +201,78 @@ def test_merges_whose_output_cannot_be_read_are_undone_before_the_error():
     with pytest.raises(FusionError, match='cannot verify the merges'):
         mmfuse.reparameterize(model, (X, ))
     assert type(model.block).__name__ == 'RepVGGBlock'
+
+
+class _ScalesAnOverflowDown(nn.Module):
+    """A conv whose output overflows, then a norm that scales it down."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1)
+        self.bn = nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize('dtype, weight, scale', [
+    (torch.float32, 3e38, 1e-30), (torch.float16, 35000.0, 1e-2)])
+def test_an_output_that_is_not_finite_must_stay_so(dtype, weight, scale):
+    """The unfused output is inf where the conv overflows; folded, the norm
+    scales the weight down first and the output is finite there.  The
+    check compared only where the reference is finite: verified, 'rel
+    error 1e-7', with 6e8 where inf was."""
+    model = _ScalesAnOverflowDown().eval()
+    with torch.no_grad():
+        model.conv.weight.fill_(weight)
+        model.conv.bias.zero_()
+        model.bn.weight.copy_(torch.tensor([scale, -scale]))
+        model.bn.bias.zero_()
+    model = model.to(dtype)
+    x = torch.full((1, 1, 2, 2), 2.0, dtype=dtype)
+    x[0, 0, 1, 1] = 1e-3
+    reference = copy.deepcopy(model)
+    report = mmfuse.fuse_model(model, (x, ))
+    assert not report.folded and [s.name for s in report.undone] == ['bn']
+    with torch.no_grad():
+        assert torch.equal(reference(x), model(x))
+
+
+class _Returns(nn.Module):
+    """Returns ``bn(conv(x))`` through ``wrap``."""
+
+    def __init__(self, wrap):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.wrap = wrap
+
+    def forward(self, x):
+        return self.wrap(self.bn(self.conv(x)))
+
+
+def test_a_sparse_output_is_compared_dense():
+    """Its check raised (no isnan for sparse tensors) after the folds,
+    which stayed in the model."""
+    model = randomize_norm_stats(_Returns(lambda y: y.to_sparse()).eval())
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 6, 6)
+    report = mmfuse.fuse_model(model, (x, ))
+    assert [f.norm for f in report.folded] == ['bn']
+    with torch.no_grad():
+        assert output_error(reference(x).to_dense(),
+                            model(x).to_dense())[1] < 1e-5
+
+
+@pytest.mark.parametrize('wrap', [
+    lambda y: {y.sum(): y},
+    lambda y: np.array([y, None], dtype=object),
+], ids=['tensor key', 'object array'])
+def test_tensors_in_keys_or_object_arrays_are_refused_before_any_change(
+        wrap):
+    """Comparing the specs raised ('Boolean value of Tensor ... is
+    ambiguous') after the folds, which stayed in the model."""
+    model = randomize_norm_stats(_Returns(wrap).eval())
+    with pytest.raises(FusionError, match='cannot verify'):
+        mmfuse.fuse_model(model, (torch.randn(2, 3, 6, 6), ))
+    kept_at(model, ['bn'])

@@ -1198,3 +1198,37 @@ def test_a_value_already_not_finite_does_not_excuse_an_overflow(where):
         unfused, output = model(x), fused(x)
     assert torch.isfinite(model[:2](x)[:, 1:]).all()
     assert torch.equal(torch.isfinite(unfused), torch.isfinite(output))
+
+
+class _InterruptedOnItsSecondCall(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        _CALLS.append(1)
+        if len(_CALLS) == 2:
+            raise KeyboardInterrupt
+        return self.bn(self.conv(x))
+
+
+_CALLS = []
+
+
+def test_a_fusion_that_raises_after_its_changes_puts_them_back():
+    """Ctrl-C during the verification pass (or any error out of it) left
+    the folds in the model."""
+    _CALLS.clear()
+    model = randomize_norm_stats(_InterruptedOnItsSecondCall().eval())
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(KeyboardInterrupt):
+        mmfuse.fuse_model(model, (x, ))
+    assert isinstance(model.bn, nn.BatchNorm2d)
+    assert model.conv.bias is not None
+    _CALLS.clear()
+    with torch.no_grad():
+        assert torch.equal(reference.conv.weight, model.conv.weight)
+        assert torch.equal(reference.conv.bias, model.conv.bias)

@@ -566,6 +566,10 @@ class Merges:
         _redo(self.groups)
         return check
 
+    def undo_all(self) -> None:
+        """Put back every merged block (those undone already stay so)."""
+        _undo(self.groups)
+
     def standing(self) -> Tuple[List[nn.Module], List[nn.Module]]:
         """What the merges standing now changed: every module under a
         block they replaced, the block included (whether or not it lives
