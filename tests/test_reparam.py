@@ -2072,3 +2072,36 @@ def test_a_graph_rebuilt_from_a_checkpoint_reads_the_flags_it_was_fused_with():
         mmfuse.checkpoint.convert_to_fused_structure(
             nn.Sequential(_FlagInABuffer()).eval(),
             checkpoint['meta']['mmfuse'])
+
+
+
+class _PlainSum(nn.Module):
+
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        self.c3 = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels))
+        self.c1 = nn.Sequential(
+            nn.Conv2d(channels, channels, 1, bias=False),
+            nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        return self.c3(x) + self.c1(x)
+
+
+def test_reparameterize_puts_its_merges_back_when_verification_raises():
+    """Ctrl-C during the verification pass left the merged block in."""
+    model = randomize_norm_stats(nn.Sequential(_PlainSum()).eval())
+    calls = []
+
+    def interrupt_the_second(module, args, output):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    model.register_forward_hook(interrupt_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        reparameterize(model, (torch.randn(1, 4, 6, 6), ))
+    assert len(calls) == 2
+    assert isinstance(model[0], _PlainSum)

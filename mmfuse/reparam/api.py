@@ -527,7 +527,11 @@ def reparameterize(model: nn.Module,
     merges = merge_blocks(model, call_deploy_methods, use_registry)
     if verify and inputs is not None and merges.groups:
         tolerance = default_rtol(model) if rtol is None else rtol
-        merges.verify(inputs, merges.unmerged_check(inputs, tolerance))
+        try:
+            merges.verify(inputs, merges.unmerged_check(inputs, tolerance))
+        except BaseException:  # (Ctrl-C, a check that raised)
+            merges.undo_all()  # the model as it was given
+            raise
     return merges.records
 
 
