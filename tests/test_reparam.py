@@ -2074,7 +2074,6 @@ def test_a_graph_rebuilt_from_a_checkpoint_reads_the_flags_it_was_fused_with():
             checkpoint['meta']['mmfuse'])
 
 
-
 class _PlainSum(nn.Module):
 
     def __init__(self, channels: int = 4):
