@@ -680,10 +680,22 @@ def convert_to_fused_structure(model: nn.Module,
             for block in record.get('reparameterized', [])):
         # A merged block rebuilt as a graph is traced again: its forward
         # reads the values it held when fused (a flag kept in a buffer).
-        _load_what_fits(unwrap_model(model),
-                        get_state_dict(checkpoint_or_record))
+        # (Given only its meta, the structure is rebuilt from the fresh
+        # values: a graph they trace otherwise is refused.)
+        weights = _weights_if_any(checkpoint_or_record)
+        if weights is not None:
+            _load_what_fits(unwrap_model(model), weights)
     rebuild_fused_structure(model, record)
     return fused_record_of(model)
+
+
+def _weights_if_any(checkpoint: Dict) -> Optional[Dict]:
+    """The state dict of ``checkpoint``, or ``None`` where it holds none
+    (its ``meta`` alone)."""
+    try:
+        return get_state_dict(checkpoint)
+    except CheckpointError:
+        return None
 
 
 def _load_what_fits(model: nn.Module, state_dict: Dict) -> None:

@@ -73,11 +73,6 @@ def as_input_tuple(example_inputs: Any) -> Tuple:
     return (example_inputs, )
 
 
-#: Values that hold nothing a forward can change.
-_PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype,
-          torch.device)
-
-
 def _is_data_element(value: Any) -> bool:
     """Whether ``value`` is an MMEngine data element (``DetDataSample``,
     ``SegDataSample``, ...: what OpenMMLab models take beside images)."""
@@ -92,14 +87,12 @@ def fresh_inputs(inputs: Tuple) -> Tuple:
     """A copy of the positional arguments ``inputs`` for one forward pass:
     every tensor in them (in tuples, lists, dicts, named tuples, ordered
     dicts, as deep as they go) cloned, every numpy array copied, and every
-    MMEngine data element, dataclass or other object holding tensors
-    deep-copied (with the tensors it holds), each once however often it
-    comes; anything else is passed as it is.  A model that changes its
-    input in place (``x.sub_(mean)``, a data sample's metainfo or
-    instances) changes the copy: the caller's inputs stay as given, and
-    every pass starts from the same input."""
-    from .output_tree import tensors_in
-
+    MMEngine data element deep-copied (with the tensors it holds), each
+    once however often it comes; anything else (a dataclass, any other
+    object) is passed as it is.  A model that changes its input in place
+    (``x.sub_(mean)``, a data sample's metainfo or instances) changes the
+    copy: the caller's inputs stay as given, and every pass starts from
+    the same input."""
     # Copies by the id of what they copy: deepcopy's memo, so that a
     # tensor both given and held by a data element is copied once.
     copies: Dict[int, Any] = {}
@@ -111,11 +104,8 @@ def fresh_inputs(inputs: Tuple) -> Tuple:
         if isinstance(value, torch.Tensor):
             copied = copies[id(value)] = value.clone()
             return copied
-        if isinstance(value, np.ndarray) or _is_data_element(value) or (
-                not isinstance(value, _PLAIN + (nn.Module, ))
-                and tensors_in(value)):
+        if isinstance(value, np.ndarray) or _is_data_element(value):
             return copy.deepcopy(value, copies)
         return value
 
     return tree_map(fresh, inputs)
-

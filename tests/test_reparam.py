@@ -2104,3 +2104,66 @@ def test_reparameterize_puts_its_merges_back_when_verification_raises():
         reparameterize(model, (torch.randn(1, 4, 6, 6), ))
     assert len(calls) == 2
     assert isinstance(model[0], _PlainSum)
+
+
+def test_a_merge_walk_that_raises_puts_back_what_it_merged(monkeypatch):
+    """Ctrl-C (or an error out of a later block) in the walk left the
+    blocks merged before it in the model."""
+    from mmfuse.reparam import api as reparam_api
+    model = randomize_norm_stats(
+        nn.Sequential(_PlainSum(), _PlainSum()).eval())
+    replace = reparam_api._Walker.replace
+    calls = []
+
+    def interrupted_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return replace(self, *args, **kwargs)
+
+    monkeypatch.setattr(reparam_api._Walker, 'replace', interrupted_second)
+    with pytest.raises(KeyboardInterrupt):
+        reparameterize(model)
+    assert [type(m) for m in model] == [_PlainSum, _PlainSum]
+
+
+class _ReadsItsDtype(ResidualAfterSum):
+    """Its code after the sum names the dtype of a parameter."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.gamma = nn.Parameter(torch.ones(channels, 1, 1))
+
+    def forward(self, x):
+        y = self.a(x) + self.b(x) * 0.5
+        return F.relu(y).to(self.gamma.dtype) * self.gamma + x
+
+
+def test_a_graph_merge_rebuilds_from_its_meta_and_in_its_dtype():
+    """A fused checkpoint's meta alone rebuilds the structure (the values
+    the fresh model has are traced: it raised, wanting a state dict).  A
+    graph whose code names the dtype it was fused in rebuilds in a model
+    of that dtype, and is refused in another (its cast would differ)."""
+    from mmfuse.checkpoint import (convert_to_fused_structure,
+                                   load_fused_checkpoint,
+                                   make_fused_checkpoint)
+    model = randomize_norm_stats(
+        nn.Sequential(_ReadsItsDtype(6)).eval()).to(torch.bfloat16)
+    x = torch.randn(1, 6, 8, 8, dtype=torch.bfloat16)
+    report = mmfuse.fuse_model(model, (x, ))
+    assert [r['structure'] for r in _merged(report.reparameterized)] == [
+        'graph']
+    checkpoint = make_fused_checkpoint(model, report)
+    fresh = nn.Sequential(_ReadsItsDtype(6)).eval().to(torch.bfloat16)
+    convert_to_fused_structure(fresh, {'meta': checkpoint['meta']})
+    fresh.load_state_dict(checkpoint['state_dict'].tensors())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    fresh = nn.Sequential(_ReadsItsDtype(6)).eval().to(torch.bfloat16)
+    load_fused_checkpoint(fresh, checkpoint)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    with pytest.raises(mmfuse.checkpoint.CheckpointError,
+                       match='another graph'):
+        load_fused_checkpoint(nn.Sequential(_ReadsItsDtype(6)).eval(),
+                              checkpoint)

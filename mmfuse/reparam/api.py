@@ -757,7 +757,11 @@ def merge_blocks(model: nn.Module,
         reached = reached_inside(model)
     walker = _Walker(model, call_deploy_methods, use_registry,
                      generic_blocks, reached)
-    records = walker.run()
+    try:
+        records = walker.run()
+    except BaseException:  # (Ctrl-C, an error out of a later block)
+        _undo(walker.groups)
+        raise
     return Merges(model, records, walker.groups)
 
 
@@ -810,7 +814,9 @@ def _rebuild(block: nn.Module, record: Dict) -> nn.Module:
 
 def graph_code(module: nn.Module) -> str:
     """The Python code of a merged block's ``GraphModule``: what it runs
-    after the merged convs, which a rebuild must give again."""
+    after the merged convs, which a rebuild must give again (a dtype the
+    forward read from a tensor is a constant in it: a block fused in
+    bfloat16 rebuilds in a bfloat16 model)."""
     return module.code.strip()
 
 
