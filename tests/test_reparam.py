@@ -2019,11 +2019,9 @@ def test_a_merged_conv_takes_the_dtype_of_the_convs(name, make, how):
         assert torch.equal(fresh(x), fused)
 
 
-class _FlagInABuffer(nn.Module):
-    """A sum merged into a graph, and code after it that a flag kept in a
-    buffer turns on (set by training, not by the config)."""
+class _PlainSum(nn.Module):
 
-    def __init__(self, channels: int = 8):
+    def __init__(self, channels: int = 4):
         super().__init__()
         self.c3 = nn.Sequential(
             nn.Conv2d(channels, channels, 3, padding=1, bias=False),
@@ -2031,6 +2029,17 @@ class _FlagInABuffer(nn.Module):
         self.c1 = nn.Sequential(
             nn.Conv2d(channels, channels, 1, bias=False),
             nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        return self.c3(x) + self.c1(x)
+
+
+class _FlagInABuffer(_PlainSum):
+    """A sum merged into a graph, and code after it that a flag kept in a
+    buffer turns on (set by training, not by the config)."""
+
+    def __init__(self, channels: int = 8):
+        super().__init__(channels)
         self.gamma = nn.Parameter(torch.ones(channels, 1, 1))
         self.register_buffer('use_shortcut', torch.tensor(False))
 
@@ -2072,21 +2081,6 @@ def test_a_graph_rebuilt_from_a_checkpoint_reads_the_flags_it_was_fused_with():
         mmfuse.checkpoint.convert_to_fused_structure(
             nn.Sequential(_FlagInABuffer()).eval(),
             checkpoint['meta']['mmfuse'])
-
-
-class _PlainSum(nn.Module):
-
-    def __init__(self, channels: int = 4):
-        super().__init__()
-        self.c3 = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(channels))
-        self.c1 = nn.Sequential(
-            nn.Conv2d(channels, channels, 1, bias=False),
-            nn.BatchNorm2d(channels))
-
-    def forward(self, x):
-        return self.c3(x) + self.c1(x)
 
 
 def test_reparameterize_puts_its_merges_back_when_verification_raises():
