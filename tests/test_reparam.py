@@ -2161,3 +2161,39 @@ def test_a_graph_merge_rebuilds_from_its_meta_and_in_its_dtype():
                        match='another graph'):
         load_fused_checkpoint(nn.Sequential(_ReadsItsDtype(6)).eval(),
                               checkpoint)
+
+
+class _ReadsItsDevice(ResidualAfterSum):
+    """Its code after the sum names the device of a parameter."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.gamma = nn.Parameter(torch.ones(channels, 1, 1))
+
+    def forward(self, x):
+        y = self.a(x) + self.b(x) * 0.5
+        return F.relu(y).to(self.gamma.device) * self.gamma + x
+
+
+def test_a_graph_merge_rebuilds_on_another_device():
+    """The device a forward reads is a constant of the graph: a block fused
+    on the CPU would have been refused as another graph where a runner
+    moved the fresh model to a GPU before loading.  Devices are named
+    alike in the recorded code."""
+    from types import SimpleNamespace
+
+    from mmfuse.checkpoint import load_fused_checkpoint, make_fused_checkpoint
+    from mmfuse.reparam.api import graph_code
+    model = randomize_norm_stats(nn.Sequential(_ReadsItsDevice(6)).eval())
+    x = torch.randn(1, 6, 8, 8)
+    report = mmfuse.fuse_model(model, (x, ))
+    checkpoint = make_fused_checkpoint(model, report)
+    code = checkpoint['meta']['mmfuse']['reparameterized'][0]['code']
+    assert 'device(...)' in code and "type='cpu'" not in code
+    fresh = nn.Sequential(_ReadsItsDevice(6)).eval()
+    load_fused_checkpoint(fresh, checkpoint)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    assert graph_code(SimpleNamespace(
+        code="y.to(device(type='cuda', index=0))")) == graph_code(
+            SimpleNamespace(code="y.to(device(type='cpu'))"))

@@ -15,6 +15,7 @@ loads with no missing or unexpected keys.
 """
 import copy
 import inspect
+import re
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -816,8 +817,13 @@ def graph_code(module: nn.Module) -> str:
     """The Python code of a merged block's ``GraphModule``: what it runs
     after the merged convs, which a rebuild must give again (a dtype the
     forward read from a tensor is a constant in it: a block fused in
-    bfloat16 rebuilds in a bfloat16 model)."""
-    return module.code.strip()
+    bfloat16 rebuilds in a bfloat16 model).  A device read so is named
+    alike on every device: a block fused on the CPU rebuilds where a
+    runner has moved the model, with that device."""
+    return _DEVICE.sub('device(...)', module.code.strip())
+
+
+_DEVICE = re.compile(r"device\(type='[^']*'(?:, index=\d+)?\)")
 
 
 def _check_same_convs(record: Dict, rewrite: BlockRewrite) -> None:
