@@ -2163,12 +2163,8 @@ def test_a_graph_merge_rebuilds_from_its_meta_and_in_its_dtype():
                               checkpoint)
 
 
-class _ReadsItsDevice(ResidualAfterSum):
+class _ReadsItsDevice(_ReadsItsDtype):
     """Its code after the sum names the device of a parameter."""
-
-    def __init__(self, channels):
-        super().__init__(channels)
-        self.gamma = nn.Parameter(torch.ones(channels, 1, 1))
 
     def forward(self, x):
         y = self.a(x) + self.b(x) * 0.5
