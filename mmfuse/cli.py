@@ -367,9 +367,7 @@ def _pipeline_input(model: nn.Module, cfg: Any,
     if args.image is not None:
         # (The box a top-down pipeline crops is set once the image is
         # loaded: see strip_loading.)
-        results = image_annotations(0, 0, 0)
-        results['img_path'] = args.image
-        del results['bbox']
+        results = dict(image_annotations(0), img_path=args.image)
     transforms = strip_loading(pipeline,
                                keep_image_loading=args.image is not None)
     what = f'image {args.image}' if args.image else \

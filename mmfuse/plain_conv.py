@@ -16,7 +16,7 @@ change the input or the output, and layers with forward hooks other than
 spectral or weight norm's or a forward of the instance's own are refused.
 The layer itself is never changed.
 """
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,46 +34,51 @@ _CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _PLAIN = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-_CONV_ARGS = ('input', 'weight', 'bias', 'stride', 'padding', 'dilation',
-              'groups')
-_CONV_DEFAULTS = (None, None, None, 1, 0, 1, 1)
-_PAD_ARGS = ('input', 'pad', 'mode', 'value')
-_PAD_DEFAULTS = (None, None, 'constant', None)
+class _ConvCall(NamedTuple):
+    """One ``F.convNd`` call, its output and that output's version."""
+    input: Any
+    weight: Any
+    bias: Any = None
+    stride: Any = 1
+    padding: Any = 0
+    dilation: Any = 1
+    groups: Any = 1
+    output: Any = None
+    version: Optional[int] = None
 
 
-def _arguments(args: Tuple, kwargs: Dict, names: Tuple[str, ...],
-               defaults: Tuple) -> List[Any]:
-    """The values of a call's arguments, in the order of ``names``."""
-    values = list(args[:len(names)]) + list(defaults[len(args):])
-    return [kwargs.get(name, value) for name, value in zip(names, values)]
+class _PadCall(NamedTuple):
+    """One ``F.pad`` call."""
+    input: Any
+    pad: Any
+    mode: str = 'constant'
+    value: Any = None
 
 
 class _CaptureConvCalls(TorchFunctionMode):
-    """Records each ``F.convNd`` call as ``(input, weight, bias, stride,
-    padding, dilation, groups, output, the output's version)`` and each
-    tensor ``F.pad`` returned, with its ``(input, pad, mode, value)``."""
+    """Records each ``F.convNd`` call (a :class:`_ConvCall`) and each
+    tensor ``F.pad`` returned, with its call (a :class:`_PadCall`)."""
 
     def __init__(self):
         super().__init__()
-        self.calls: List[List[Any]] = []
-        self.padded: Dict[int, Tuple[Any, List[Any]]] = {}
+        self.calls: List[_ConvCall] = []
+        self.padded: Dict[int, Tuple[Any, _PadCall]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         if func in _CONV_FUNCS:
+            # (The fields are F.convNd's parameters in order, and F.pad's.)
             self.calls.append(
-                _arguments(args, kwargs, _CONV_ARGS, _CONV_DEFAULTS) +
-                [result, getattr(result, '_version', None)])
+                _ConvCall(*args, **kwargs, output=result,
+                          version=getattr(result, '_version', None)))
         elif func is F.pad:
-            self.padded[id(result)] = (result,
-                                       _arguments(args, kwargs, _PAD_ARGS,
-                                                  _PAD_DEFAULTS))
+            self.padded[id(result)] = (result, _PadCall(*args, **kwargs))
         return result
 
-    def pad_of(self, value: Any) -> Optional[List[Any]]:
-        """``(input, pad, mode, value)`` of the ``F.pad`` call that
-        returned ``value``, or ``None`` where none did."""
+    def pad_of(self, value: Any) -> Optional[_PadCall]:
+        """The ``F.pad`` call that returned ``value``, or ``None`` where
+        none did."""
         known = self.padded.get(id(value))
         return known[1] if known is not None and known[0] is value else None
 
@@ -88,7 +93,7 @@ def _as_tuple(value: Any, dims: int) -> Any:
     return tuple(value)
 
 
-def _runs_as_plain(module: _ConvNd, call: List[Any], probe: Tensor,
+def _runs_as_plain(module: _ConvNd, call: _ConvCall, probe: Tensor,
                    capture: _CaptureConvCalls) -> bool:
     """Whether the conv ``call`` is what a plain conv of ``module``'s
     geometry runs on ``probe``: the probe itself, or the probe padded by
@@ -97,21 +102,22 @@ def _runs_as_plain(module: _ConvNd, call: List[Any], probe: Tensor,
     computed from the input's size (TF-style "same") differs with the
     size, even where it comes out as the module's at the probe's."""
     dims = len(module.kernel_size)
-    given, padding = call[0], _as_tuple(module.padding, dims)
+    padding = _as_tuple(module.padding, dims)
     if module.padding_mode != 'zeros':
-        pad = capture.pad_of(given)
-        if pad is None or pad[0] is not probe or \
-                tuple(pad[1]) != tuple(
+        pad = capture.pad_of(call.input)
+        if pad is None or pad.input is not probe or \
+                tuple(pad.pad) != tuple(
                     module._reversed_padding_repeated_twice) or \
-                pad[2] != module.padding_mode or pad[3] not in (None, 0):
+                pad.mode != module.padding_mode or \
+                pad.value not in (None, 0):
             return False
         padding = (0, ) * dims
-    elif given is not probe:
+    elif call.input is not probe:
         return False
-    return (_as_tuple(call[3], dims) == tuple(module.stride)
-            and _as_tuple(call[4], dims) == padding
-            and _as_tuple(call[5], dims) == tuple(module.dilation)
-            and call[6] == module.groups)
+    return (_as_tuple(call.stride, dims) == tuple(module.stride)
+            and _as_tuple(call.padding, dims) == padding
+            and _as_tuple(call.dilation, dims) == tuple(module.dilation)
+            and call.groups == module.groups)
 
 
 #: Forward pre-hooks that only recompute the weight from parameters and
@@ -198,10 +204,11 @@ def _build(module: _ConvNd) -> Optional[nn.Module]:
         # either.
         if not _runs_as_plain(module, call, probe, capture):
             return None
-        if call[7] is not output or output._version != call[8] or \
-                not torch.equal(probe, copy):
+        if call.output is not output or output._version != call.version \
+                or not torch.equal(probe, copy):
             return None
-    (weight, bias), (weight2, bias2) = [call[1:3] for call in capture.calls]
+    (weight, bias), (weight2, bias2) = [(call.weight, call.bias)
+                                        for call in capture.calls]
     if not isinstance(weight, Tensor) or not torch.equal(weight, weight2):
         return None
     if (bias is None) != (bias2 is None) or \

@@ -53,14 +53,19 @@ def synthetic_results(index: int,
         img=image,
         img_shape=(height, width),
         ori_shape=(height, width),
-        **image_annotations(index, height, width, label))
+        bbox=_whole_image_box(height, width),
+        **image_annotations(index, label))
 
 
-def image_annotations(index: int, height: int, width: int,
-                      label: int = 0) -> Dict[str, Any]:
+def _whole_image_box(height: int, width: int) -> np.ndarray:
+    """An image's whole extent as the person box a top-down pose
+    estimator's pipeline crops."""
+    return np.array([[0, 0, width, height]], dtype=np.float32)
+
+
+def image_annotations(index: int, label: int = 0) -> Dict[str, Any]:
     """What a dataset hands each codebase's test pipeline besides the image
-    (its ids, an empty annotation, and for a top-down pose estimator,
-    which crops a person's box, the whole image as that box)."""
+    and its box: its ids and an empty annotation."""
     return dict(
         img_path=f'synthetic_{index}.png',
         img_id=index,
@@ -70,7 +75,6 @@ def image_annotations(index: int, height: int, width: int,
         seg_fields=[],
         reduce_zero_label=False,
         instances=[],
-        bbox=np.array([[0, 0, width, height]], dtype=np.float32),
         bbox_score=np.ones(1, dtype=np.float32),
     )
 
@@ -112,9 +116,7 @@ class WholeImageBox:
 
     def __call__(self, results: Dict) -> Dict:
         if 'bbox' not in results and 'img' in results:
-            height, width = results['img'].shape[:2]
-            results['bbox'] = np.array([[0, 0, width, height]],
-                                       dtype=np.float32)
+            results['bbox'] = _whole_image_box(*results['img'].shape[:2])
         return results
 
 

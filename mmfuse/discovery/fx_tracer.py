@@ -145,10 +145,10 @@ class ModuleForwardTracer(fx.Tracer):
         # not show), and that state.
         self.autocast_ops: List[str] = []
         self.autocast = _autocast_state()
-        # The root and its submodules' tensor attributes, ``(tensor,
-        # path)`` by ``id``, once a trace has looked for one.
-        self._submodule_attributes: Optional[Tuple[
-            nn.Module, Dict[int, Tuple[torch.Tensor, str]]]] = None
+        # The root's and its submodules' tensor attributes, ``(tensor,
+        # path)`` by ``id``, once this trace has looked for one.
+        self._submodule_attributes: Optional[Dict[int, Tuple[
+            torch.Tensor, str]]] = None
         # ``get_attr`` proxies of parameters and buffers, by path.
         self.tensor_proxies: Dict[str, fx.Proxy] = {}
         # How often each submodule (by ``id``) was fetched from its
@@ -292,17 +292,15 @@ class ModuleForwardTracer(fx.Tracer):
         of a conv's weight that a spectral or weight norm hook sets is a
         read of that conv's state.  The submodules' tensor attributes are
         read once per trace, at its first constant."""
-        found = self._submodule_attributes
-        if found is None or found[0] is not self.root:
-            paths = {}
+        if self._submodule_attributes is None:
+            self._submodule_attributes = {}
             for path, module in self.root.named_modules():
                 for key, value in module.__dict__.items():
                     if isinstance(value, torch.Tensor):
-                        paths.setdefault(
+                        self._submodule_attributes.setdefault(
                             id(value), (value,
                                         f'{path}.{key}' if path else key))
-            found = self._submodule_attributes = (self.root, paths)
-        known = found[1].get(id(tensor))
+        known = self._submodule_attributes.get(id(tensor))
         if known is not None and known[0] is tensor:
             self.tensor_attrs[tensor] = known[1]
 
