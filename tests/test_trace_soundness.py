@@ -909,3 +909,151 @@ def test_changes_after_the_conv_and_flags_named_like_modes_fold(
         identity_at(model, ['bn'])
     with torch.no_grad():
         assert output_error(reference, model(X))[1] < 1e-5
+
+
+# ------------------- structure-only review: reads a trace did not record
+
+
+class SumsConvParameters(ConvBN):
+    """Reads the conv's parameters through ``parameters()`` (0.88 before:
+    the products ran on the real tensors, a constant to the trace)."""
+
+    def forward(self, x):
+        total = sum(p.pow(2).sum() for p in self.conv.parameters())
+        return self.bn(self.conv(x)) + total
+
+
+class ReadsNormBuffer(ConvBN):
+    """Reads a norm buffer through ``buffers()`` (the fused model raised
+    StopIteration before)."""
+
+    def forward(self, x):
+        mean = next(self.bn.buffers()) * 1.0
+        return self.bn(self.conv(x)) + mean.view(1, -1, 1, 1)
+
+
+class ReadsStateDict(ConvBN):
+    """Reads the conv's bias through ``state_dict(keep_vars=True)``."""
+
+    def forward(self, x):
+        bias = self.state_dict(keep_vars=True)['conv.bias']
+        return self.bn(self.conv(x)) + bias.sum()
+
+
+class TestsNormType(ConvBN):
+    """Scales by the norm's type (1.0 before)."""
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y * 0.5 if isinstance(self.bn, nn.BatchNorm2d) else y
+
+
+class TestsConvBias(nn.Module):
+    """Shifts where the conv has no bias, which a fold gives it (0.23
+    before)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y + 1.0 if self.conv.bias is None else y
+
+
+class ReadsNormEps(ConvBN):
+    """Reads a plain attribute of the norm (the fused model raised
+    AttributeError before)."""
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.bn.eps
+
+
+class HooksItsSequential(nn.Module):
+    """Registers a hook on a Sequential's conv for one call (0.66 before:
+    the hook masked the folded norm's output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1),
+                                  nn.BatchNorm2d(4))
+        self.mask = nn.Parameter(torch.rand(1, 4, 1, 1))
+
+    def forward(self, x):
+        handle = self.body[0].register_forward_hook(
+            lambda module, args, out: out * self.mask)
+        y = self.body(x)
+        handle.remove()
+        return y
+
+
+class NormThenInPlace(nn.Module):
+    """A norm before a conv whose input is changed in place before the
+    conv runs (0.33 before: after a fold the conv read the changed
+    input)."""
+
+    def __init__(self, module_act: bool):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.act = nn.ReLU(inplace=True) if module_act else None
+
+    def forward(self, x):
+        x = x * 1.0
+        h = self.bn(x)
+        shortcut = x.relu_() if self.act is None else self.act(x)
+        return self.conv(h) + shortcut
+
+
+@pytest.mark.parametrize('model, kept', [
+    (SumsConvParameters(), ['bn']),
+    (ReadsNormBuffer(), ['bn']),
+    (ReadsStateDict(), ['bn']),
+    (TestsNormType(), ['bn']),
+    (TestsConvBias(), ['bn']),
+    (ReadsNormEps(), ['bn']),
+    (HooksItsSequential(), ['body.1']),
+    (NormThenInPlace(False), ['bn']),
+    (NormThenInPlace(True), ['bn']),
+])
+@pytest.mark.parametrize('traced', [False, True])
+def test_reads_and_changes_a_trace_must_see(model, kept, traced):
+    fused, _, rel = fuse_and_compare(copy.deepcopy(model), (X, ), traced)
+    assert rel < 1e-5
+    if not traced:
+        kept_at(fused, kept)
+
+
+class ReadsConvDtype(ConvBN):
+    """Reads only what a fold keeps: the conv weight's dtype."""
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).to(self.conv.weight.dtype)
+
+
+class NormBeforeConvWithShortcut(nn.Module):
+    """``x + conv(bn(x))``, with an in-place change of ``x`` before the
+    norm: neither keeps the fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = x * 1.0
+        x.mul_(2.0)
+        return x + self.conv(self.bn(x))
+
+
+@pytest.mark.parametrize('model, folded', [
+    (ReadsConvDtype(), ['bn']),
+    (NormBeforeConvWithShortcut(), ['bn']),
+    (nn.Sequential(SumsConvParameters(), nn.Conv2d(4, 4, 1),
+                   nn.BatchNorm2d(4)), ['2']),
+])
+def test_what_a_fold_keeps_still_folds(model, folded):
+    fused, _, rel = fuse_and_compare(model, (X, ), traced=False)
+    assert rel < 1e-5
+    identity_at(fused, folded)

@@ -155,6 +155,15 @@ class ModuleForwardTracer(fx.Tracer):
         # holder's ``_modules`` and called, in the trace.
         self.fetches: Counter = Counter()
         self.calls: Counter = Counter()
+        # How often the forward read each submodule's parameters or
+        # buffers by name (``get_attr`` nodes, read by the caller), and
+        # the submodules (ids) in which it asked for one that is None
+        # (``self.conv.bias is None``): a read no node records.
+        self.tensor_reads: Counter = Counter()
+        self.none_reads: Set[int] = set()
+        # Whether the model's code is running (not the tracer's own walks
+        # of the module, which neither count nor get traced values).
+        self.model_reads = True
         # Submodules (ids) the module's state also holds outside the
         # module tables (a plain list, a partial, a bound method).
         self.held_otherwise: Set[int] = set()
@@ -275,16 +284,22 @@ class ModuleForwardTracer(fx.Tracer):
             return tuple(self.create_arg(item) for item in a)
         if kind is dict and not a:
             return {}
-        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter):
-            shared = self.state_sharing(a)
-            if shared is not None:
-                raise fx.proxy.TraceError(
-                    f'the forward uses a tensor that shares memory with '
-                    f'{shared} (read past the trace: state_dict(), '
-                    'detach())')
-            if a not in self.tensor_attrs:
-                self._name_submodule_attribute(a)
-        return super().create_arg(a)
+        # (Walks the module's tables: as the tracer, not the model.)
+        was, self.model_reads = self.model_reads, False
+        try:
+            if isinstance(a, torch.Tensor) and \
+                    not isinstance(a, nn.Parameter):
+                shared = self.state_sharing(a)
+                if shared is not None:
+                    raise fx.proxy.TraceError(
+                        f'the forward uses a tensor that shares memory with '
+                        f'{shared} (read past the trace: state_dict(), '
+                        'detach())')
+                if a not in self.tensor_attrs:
+                    self._name_submodule_attribute(a)
+            return super().create_arg(a)
+        finally:
+            self.model_reads = was
 
     def _name_submodule_attribute(self, tensor: torch.Tensor) -> None:
         """Give ``tensor`` its path in the graph (a ``get_attr`` node, not
@@ -479,6 +494,9 @@ class ModuleForwardTracer(fx.Tracer):
         self.tensor_proxies.clear()
         self.fetches.clear()
         self.calls.clear()
+        self.tensor_reads.clear()
+        self.none_reads.clear()
+        self.model_reads = True
         problems: List[str] = []
         watching = False
         try:
@@ -519,7 +537,25 @@ class ModuleForwardTracer(fx.Tracer):
         self._raise_for_refusals()
         if problems:
             raise fx.proxy.TraceError(problems[0])
+        self.graph.read_modules = self._read_modules(root)
         return self.graph
+
+    def _read_modules(self, root: nn.Module) -> Tuple[str, ...]:
+        """The paths of the submodules the forward used otherwise than
+        by calling them or reading their tensors by name (a node each):
+        fetched more often than that (``isinstance(self.bn, ...)``,
+        ``self.bn.eps``, ``self.bn is not None``, a walk of the modules),
+        or asked for a tensor they do not have (``self.conv.bias is
+        None``).  Module containers, which are there to be walked, aside.
+        """
+        read = set(self.none_reads)
+        read.update(key for key, count in self.fetches.items()
+                    if count > self.calls[key] + self.tensor_reads[key])
+        if not read:
+            return ()
+        return tuple(path for path, module in walk_modules(root)
+                     if id(module) in read and path
+                     and type(module) not in _CONTAINERS)
 
     def _start_checks(self) -> None:
         """Forget what the last trace refused, and take the autocast state
@@ -601,49 +637,72 @@ _OPERATIONS = frozenset({'call_module', 'call_function', 'call_method'})
 
 class _TracedTensors(dict):
     """A module's ``_parameters`` or ``_buffers`` during a trace: an entry
-    read by name (``Module.__getattr__``) is the tracer's ``get_attr``
-    proxy of it."""
+    read by name (``Module.__getattr__``) or by iteration (``parameters()``,
+    ``buffers()``, ``state_dict()``) is the tracer's ``get_attr`` proxy of
+    it; a read of an entry that is ``None`` is noted (see
+    ``ModuleForwardTracer._read_modules``)."""
 
     def __init__(self, table: Dict[str, Any], prefix: str,
-                 tracer: ModuleForwardTracer):
+                 tracer: ModuleForwardTracer, owner: nn.Module):
         super().__init__(table)
         self.prefix = prefix
         self.tracer = tracer
+        self.owner = id(owner)
 
     def __getitem__(self, name: str) -> Any:
         value = dict.__getitem__(self, name)
+        tracer = self.tracer
+        if tracer.model_reads:
+            if value is None:
+                tracer.none_reads.add(self.owner)
+            else:
+                tracer.tensor_reads[self.owner] += 1
         if value is None:
             return None
-        return self.tracer.tensor_proxy(self.prefix + name)
+        return tracer.tensor_proxy(self.prefix + name)
 
     def get(self, name: str, default: Any = None) -> Any:
         return self[name] if name in self else default
 
+    def values(self):
+        if not self.tracer.model_reads:
+            return dict.values(self)
+        return [self[name] for name in self]
+
+    def items(self):
+        if not self.tracer.model_reads:
+            return dict.items(self)
+        return [(name, self[name]) for name in self]
+
 
 class _CountedModules(dict):
     """A module's ``_modules`` during a trace: counts each fetch of a
-    submodule (by name, or all of them by iteration)."""
+    submodule by the model's code (by name, or all of them by
+    iteration)."""
 
-    def __init__(self, table: Dict[str, Any], fetches: Counter):
+    def __init__(self, table: Dict[str, Any], tracer: ModuleForwardTracer):
         super().__init__(table)
-        self.fetches = fetches
+        self.tracer = tracer
 
     def __getitem__(self, name: str) -> Any:
         value = dict.__getitem__(self, name)
-        self.fetches[id(value)] += 1
+        if self.tracer.model_reads:
+            self.tracer.fetches[id(value)] += 1
         return value
 
     def get(self, name: str, default: Any = None) -> Any:
         return self[name] if name in self else default
 
     def values(self):
-        for value in dict.values(self):
-            self.fetches[id(value)] += 1
+        if self.tracer.model_reads:
+            for value in dict.values(self):
+                self.tracer.fetches[id(value)] += 1
         return dict.values(self)
 
     def items(self):
-        for value in dict.values(self):
-            self.fetches[id(value)] += 1
+        if self.tracer.model_reads:
+            for value in dict.values(self):
+                self.tracer.fetches[id(value)] += 1
         return dict.items(self)
 
 
@@ -756,11 +815,11 @@ def _traced_tensor_tables(root: nn.Module, tracer: ModuleForwardTracer
             table = state.get(name)
             if table:
                 swapped.append((state, name, table))
-                state[name] = _TracedTensors(table, prefix, tracer)
+                state[name] = _TracedTensors(table, prefix, tracer, module)
         table = state.get('_modules')
         if table:
             swapped.append((state, '_modules', table))
-            state['_modules'] = _CountedModules(table, tracer.fetches)
+            state['_modules'] = _CountedModules(table, tracer)
     return swapped
 
 

@@ -83,6 +83,68 @@ def _metadata_only(node: fx.Node) -> bool:
         for user in node.users)
 
 
+#: In-place operators a traced forward records as functions.
+_IN_PLACE_OPERATORS = frozenset({
+    operator.setitem, operator.delitem, operator.iadd, operator.isub,
+    operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.imatmul, operator.iand, operator.ior,
+    operator.ixor, operator.ilshift, operator.irshift
+})
+
+
+def _may_change_arguments(root: nn.Module, node: fx.Node) -> bool:
+    """Whether the operation of ``node`` may change one of its tensor
+    arguments in place: an in-place method or function (``relu_``,
+    ``x += y``, ``x[i] = v``), one given ``out=`` or ``inplace=True``, or
+    a call of a module that is not one of torch's own leaf modules with
+    ``inplace`` off (any other module may do anything with its input)."""
+    if node.op == 'call_module':
+        try:
+            called = find_submodule(root, node.target)
+        except AttributeError:
+            return True
+        if is_conv_layer(called) or is_norm_layer(called):
+            return False
+        return bool(called._modules) or getattr(called, 'inplace', False) \
+            is not False or not type(called).__module__.startswith(
+                'torch.nn.modules.')
+    if node.op not in ('call_method', 'call_function'):
+        return False
+    if 'out' in node.kwargs or node.kwargs.get('inplace', False):
+        return True
+    if node.target in _IN_PLACE_OPERATORS:
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(
+        node.target, '__name__', '')
+    return name.endswith('_') and not name.endswith('__')
+
+
+def _input_changed_before(root: nn.Module, norm: fx.Node,
+                          conv: fx.Node) -> Optional[str]:
+    """For a norm that runs right before a conv (``conv(norm(x))``):
+    an operation between the two calls that may change ``x``, or a value
+    made from it (a view), in place, which after a fold (the norm an
+    ``Identity``, its output ``x`` itself) the conv would see; its
+    description, or ``None``."""
+    source = norm.args[0]
+    if not isinstance(source, fx.Node):
+        return None
+    from_source = {source}
+    after_norm = False
+    node = source.next
+    while node is not conv and node.op != 'root':
+        if node is norm:
+            after_norm = True
+        elif not from_source.isdisjoint(node.all_input_nodes):
+            if after_norm and _may_change_arguments(root, node):
+                target = node.target
+                return target if isinstance(target, str) else getattr(
+                    target, '__name__', str(target))
+            from_source.add(node)
+        node = node.next
+    return None
+
+
 def _resolve(root: nn.Module, target: str) -> Tuple[nn.Module, str]:
     """``(holder, attr)`` of the submodule at ``target`` under ``root``."""
     parent, _, attr = target.rpartition('.')
@@ -1475,7 +1537,9 @@ class _StructuralCollector:
             self.used_inside(root, owner_path, metadata_only)
 
     def used_inside(self, root: nn.Module, path: str,
-                    metadata_only: bool = False) -> None:
+                    metadata_only: bool = False,
+                    why: str = 'its parameters are used outside a call of '
+                    'it') -> None:
         """The module at ``path`` below ``root`` (a conv or norm, or a
         module inside one: the parametrization that computes a conv's
         weight) was used outside a call of the layer: see
@@ -1490,7 +1554,7 @@ class _StructuralCollector:
         if metadata_only and not self.is_norm(layer):
             return  # a conv that takes a fold keeps its tensors' kind
         occ = self.call_occurrence(root, layer_path, layer)
-        occ.reason = 'its parameters are used outside a call of it'
+        occ.reason = why
 
     def layer_at_or_above(self, root: nn.Module, path: str
                           ) -> Optional[Tuple[str, nn.Module]]:
@@ -1558,6 +1622,11 @@ class _StructuralCollector:
                      f'{type(module).__name__}.forward ({detail})'))
                 return
         self.graphs[id(module)] = (module, graph)
+        for path in getattr(graph, 'read_modules', ()):
+            self.used_inside(
+                module, path,
+                why='read outside a call of it (its type, an attribute, '
+                'whether it has a bias): a fold would change what is read')
         occs: Dict[fx.Node, Occurrence] = {}
         for node in graph.nodes:
             if node.op == 'get_attr':
@@ -1604,7 +1673,14 @@ class _StructuralCollector:
             if len(users) == 1 and users[0] in occs and \
                     is_conv_layer(occs[users[0]].module) and \
                     users[0].args == (node, ) and not users[0].kwargs:
-                self.link(PRE, occ, [occs[users[0]]], 'fx')
+                changed = _input_changed_before(module, node, users[0])
+                if changed is None:
+                    self.link(PRE, occ, [occs[users[0]]], 'fx')
+                else:
+                    occ.reason = (
+                        f'its input may be changed in place ({changed}) '
+                        'before the conv reads its output: after a fold '
+                        'the conv would read the changed input')
             else:
                 occ.reason = self._describe(node.args[0])
 
