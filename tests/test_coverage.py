@@ -625,6 +625,50 @@ def test_convs_changing_values_in_place_are_not_made_plain(conv_class):
     kept_at(fused, ['1'])
 
 
+class _TracksInputScale(nn.Conv2d):
+    """Divides its input by the largest magnitude seen so far, a buffer it
+    updates in eval mode too: the probes raised it (from 1 to 3.7), and
+    the model computed something else afterwards."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer('seen', torch.ones(()))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.seen = torch.maximum(self.seen, x.detach().abs().amax())
+        return F.conv2d(x / self.seen, self.weight, self.bias, self.stride,
+                        self.padding, self.dilation, self.groups)
+
+
+class _CountsInPlace(nn.Conv2d):
+    """Counts its calls in a buffer it adds to in place."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer('count', torch.zeros(()))
+
+    def forward(self, x):
+        self.count += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize('conv_class', [_TracksInputScale, _CountsInPlace])
+def test_the_probes_leave_a_stateful_conv_as_it_was(conv_class):
+    from mmfuse.testing import randomize_norm_stats
+    model = randomize_norm_stats(
+        nn.Sequential(conv_class(3, 4, 3, padding=1),
+                      nn.BatchNorm2d(4)).eval())
+    before = copy.deepcopy(model.state_dict())
+    attributes = dict(model[0].__dict__)
+    fused = mmfuse.fuse_conv_bn(model)
+    kept_at(fused, ['1'])  # its state changes: not a fixed-weight conv
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert model[0].__dict__ == attributes
+
+
 class _ScriptedChild(nn.Module):
 
     def __init__(self):
