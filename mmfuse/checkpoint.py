@@ -363,28 +363,40 @@ def fused_meta(checkpoint: Any) -> Optional[Dict]:
     return record
 
 
+#: Python's scalar types, ``bool`` before ``int`` (its base).
+_PLAIN_SCALARS = (bool, int, float, str, bytes)
+
+
 def plain_value(value: Any, notes: Optional[List[str]] = None,
                 where: str = 'meta') -> Any:
     """``value`` with numpy types turned into plain Python ones.
 
     Dicts, lists, tuples, strings, numbers, None and tensors are kept; numpy
-    arrays become lists and numpy scalars Python numbers.  Anything else
-    becomes its ``str`` and ``where`` is appended to ``notes``.
+    arrays become lists and numpy scalars (``np.float64`` and ``np.str_``
+    too, subclasses of ``float`` and ``str``) Python ones, as do other
+    subclasses of Python's scalar types (an ``IntEnum``): a
+    ``weights_only`` load refuses any class it does not know.  Dict keys
+    that are none of these become their ``str``.  Anything else becomes
+    its ``str`` and ``where`` is appended to ``notes``.
     """
     import numpy as np
-    if value is None or isinstance(value, (bool, int, float, str, bytes,
-                                           torch.Tensor)):
+    if value is None or type(value) in _PLAIN_SCALARS or \
+            isinstance(value, torch.Tensor):
         return value
     if isinstance(value, np.generic):
-        return value.item()
+        return plain_value(value.item(), notes, where)
+    if isinstance(value, _PLAIN_SCALARS):  # a subclass: its plain value
+        return next(kind for kind in _PLAIN_SCALARS
+                    if isinstance(value, kind))(value)
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return plain_value(value.tolist(), notes, where)
     if isinstance(value, dict):
-        return {
-            (key if isinstance(key, (str, int, float, bool)) else str(key)):
-            plain_value(item, notes, f'{where}.{key}')
-            for key, item in value.items()
-        }
+        plain_items = {}
+        for key, item in value.items():
+            key = plain_value(key) if isinstance(
+                key, _PLAIN_SCALARS + (np.generic, )) else str(key)
+            plain_items[key] = plain_value(item, notes, f'{where}.{key}')
+        return plain_items
     if isinstance(value, (list, tuple)):
         items = [plain_value(item, notes, f'{where}[{index}]')
                  for index, item in enumerate(value)]
@@ -518,7 +530,7 @@ def atomic_save(obj: Any, path: str, check_weights_only: bool = True) -> None:
             except pickle.UnpicklingError as error:
                 raise CheckpointError(
                     'the checkpoint would not load with weights_only=True: '
-                    f'{_first_line(error)}') from None
+                    f'{_weights_only_detail(error)}') from None
         # mkstemp makes the file private (0600): give it the mode of the
         # file it replaces, or the one a new file gets here (the umask's).
         try:

@@ -138,6 +138,41 @@ def test_source_meta_is_made_plain(tmp_path):
         dataset_meta
 
 
+def test_numpy_scalars_that_subclass_python_ones_are_made_plain(tmp_path):
+    """``np.float64`` and ``np.str_`` are ``float`` and ``str`` too: they
+    were kept, and the tool refused to write the checkpoint (a
+    ``weights_only`` load rejects numpy's classes)."""
+    import enum
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    value = {np.str_('name'): np.str_('cat'), 'score': np.float64(0.5),
+             'level': Level.HIGH, 'flags': np.array([True, False]),
+             'objects': np.array([argparse.Namespace(x=1)], dtype=object)}
+    notes = []
+    plain = plain_value(value, notes)
+    assert plain == {'name': 'cat', 'score': 0.5, 'level': 3,
+                     'flags': [True, False], 'objects': ['Namespace(x=1)']}
+    assert [type(key) for key in plain] == [str] * 5
+    assert (type(plain['name']), type(plain['score']),
+            type(plain['level'])) == (str, float, int)
+    assert notes == ['meta.objects[0] (Namespace) stored as text']
+    path = str(tmp_path / 'plain.pth')
+    atomic_save({'meta': plain}, path)
+    assert torch.load(path, weights_only=True)['meta'] == plain
+
+
+def test_a_checkpoint_weights_only_refuses_names_the_class(tmp_path):
+    path = str(tmp_path / 'odd.pth')
+    with pytest.raises(CheckpointError) as raised:
+        atomic_save({'meta': {'odd': argparse.Namespace(x=1)}}, path)
+    message = str(raised.value)
+    assert 'Namespace' in message and '\n' not in message
+    assert '\x1b' not in message
+    assert not os.path.exists(path)
+
+
 def test_plain_value_keeps_plain_values():
     value = {'a': [1, 2.5, 'x', None, True], 'b': (1, ), 3: b'raw'}
     assert plain_value(value) == value
