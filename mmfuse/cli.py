@@ -286,6 +286,11 @@ def _build_model(args: argparse.Namespace) -> Tuple[nn.Module, Any]:
     if not isinstance(cfg.get('model'), dict):
         raise InputError(f'config {args.config} has no model')
     init_default_scope(cfg.get('default_scope', None) or 'mmengine')
+    # As MMEngine's Runner builds it: a top-level ``data_preprocessor``
+    # (mmpretrain's configs keep mean, std and num_classes there) is the
+    # model's unless the model names its own.
+    if cfg.get('data_preprocessor') is not None:
+        cfg.model.setdefault('data_preprocessor', cfg.data_preprocessor)
     try:
         model = MODELS.build(cfg.model)
     except Exception as error:  # builders raise anything a model raises

@@ -588,3 +588,43 @@ def test_a_float16_checkpoint_is_noted(tmp_path, checkpoint, capsys):
             if value.is_floating_point()} == {torch.float32}
     assert main([DEMO_CONFIG, checkpoint, str(tmp_path / 'out32.pth')]) == 0
     assert 'note: CHECKPOINT' not in capsys.readouterr().out
+
+
+def _mmpretrain_checkpoint(tmp_path, config: str) -> Tuple[str, str]:
+    """A shipped mmpretrain config (without its download key) and a
+    checkpoint of random weights and norm statistics for its model."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS
+    from real_models import config_root, strip_pretrained
+    from mmfuse.testing import randomize_norm_stats
+    cfg = Config.fromfile(os.path.join(config_root('mmpretrain'), config))
+    cfg.model = strip_pretrained(cfg.model.to_dict())
+    path = str(tmp_path / 'config.py')
+    cfg.dump(path)
+    init_default_scope('mmpretrain')
+    model = randomize_norm_stats(MODELS.build(cfg.model).eval(), seed=1)
+    checkpoint = str(tmp_path / 'model.pth')
+    torch.save({'state_dict': model.state_dict()}, checkpoint)
+    return path, checkpoint
+
+
+def test_the_top_level_data_preprocessor_is_the_models(tmp_path, capsys):
+    """mmpretrain keeps mean, std and num_classes in a top-level
+    ``data_preprocessor``, which MMEngine's Runner gives the model: the
+    tool built the model without it (fused on un-normalised input, and
+    LeViT's batch augments failed the test pipeline, exit 2)."""
+    from mmfuse.cli import _build_model
+    config, checkpoint = _mmpretrain_checkpoint(
+        tmp_path, os.path.join('levit', 'levit-128s_8xb256_in1k.py'))
+    model, _ = _build_model(argparse.Namespace(config=config,
+                                               cfg_options=None))
+    preprocessor = model.data_preprocessor
+    assert preprocessor.mean.flatten().tolist() == pytest.approx(
+        [123.675, 116.28, 103.53])
+    assert preprocessor.num_classes == 1000
+    out = str(tmp_path / 'out.pth')
+    assert main([config, checkpoint, out, '--quiet']) == 0, \
+        capsys.readouterr().err
+    report = torch.load(out, weights_only=True)['meta']['mmfuse']['report']
+    assert report['verified'] and report['num_folded'] > 30
