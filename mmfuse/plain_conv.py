@@ -12,11 +12,12 @@ convolution's output is the layer's and its input the probe (padded by
 stride, padding, dilation and groups: padding computed from the input's
 size (TF-style "same") is refused.  Layers that call the convolution more
 than once or with input-dependent weights (SAC, dynamic convs), that
-change the input or the output, or change their own parameters or
-buffers (state the probes' forwards put back), and layers with forward
-hooks other than spectral or weight norm's or a forward of the instance's
-own are refused.  The layer itself is never changed.
+change the input or the output, or change their own state (parameters,
+buffers, attributes), and layers with forward hooks other than spectral
+or weight norm's or a forward of the instance's own are refused.  The
+probes run on a copy of the layer: the layer itself is never changed.
 """
+import copy
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -179,64 +180,71 @@ def plain_conv_of(module: nn.Module,
     if isinstance(module, _ConvNd) and not module.transposed and \
             not module.training and not lazy and \
             len(module.kernel_size) in _PLAIN and not _hook_problem(module):
-        state = _LayerState(module)
         try:
-            plain = _build(module)
-        except Exception:  # a forward raises anything: not a plain conv
-            # (mmpretrain's SparseConv2d reads a mask set by its caller.)
-            plain = None
-        finally:
-            # A forward that changed a parameter or buffer keeps state:
-            # not a fixed-weight conv.  Whatever the probes changed is put
-            # back.
-            if state.put_back():
+            # The probes run on a copy: the layer's forward may change
+            # its own state.
+            probed = copy.deepcopy(module)
+            state = _state_of(probed)
+            plain = _build(probed)
+            # A forward that changed the layer's state keeps state: not
+            # a fixed-weight conv.
+            if plain is not None and _state_of(probed) != state:
                 plain = None
+        except Exception:  # a forward raises anything: not a plain conv
+            # (mmpretrain's SparseConv2d reads a mask set by its caller;
+            # a layer holding what cannot be copied cannot be probed.)
+            plain = None
     if cache is not None:
         cache[id(module)] = plain
     return plain
 
 
-class _LayerState:
-    """The state of a layer and of the modules below it (their
-    attributes, parameters and buffers), to put back after a probe."""
+class _Value:
+    """A value of a layer's state as it was, compared with ``==`` as
+    what a forward may have changed: a tensor by its values, a list, dict
+    or set by its items (a shallow copy), a number or string by value,
+    anything else by identity."""
 
-    def __init__(self, layer: nn.Module):
-        self.saved = []
-        for module in layer.modules():
-            tensors = {}
-            for table in ('_parameters', '_buffers'):
-                entries = module.__dict__.get(table) or {}
-                tensors[table] = [
-                    (name, value, None if value is None else
-                     (value._version, value.detach().clone()))
-                    for name, value in entries.items()
-                ]
-            self.saved.append((module, dict(module.__dict__), tensors))
+    __slots__ = ('value', )
 
-    def put_back(self) -> bool:
-        """Put the state back; whether a parameter or buffer had been
-        replaced, removed, added or changed in place."""
-        changed = False
-        for module, attributes, tensors in self.saved:
-            for table, entries in tensors.items():
-                now = module.__dict__.get(table)
-                if now is None:
-                    now = attributes.get(table)
-                if now is None:
-                    continue
-                if list(now) != [name for name, _, _ in entries] or any(
-                        now[name] is not value for name, value, _ in entries):
-                    changed = True
-                now.clear()
-                for name, value, kept in entries:
-                    now[name] = value
-                    if kept is not None and value._version != kept[0]:
-                        changed = True
-                        with torch.no_grad():
-                            value.copy_(kept[1])
-            module.__dict__.clear()
-            module.__dict__.update(attributes)
-        return changed
+    def __init__(self, value: Any):
+        if isinstance(value, Tensor):
+            value = (type(value), value.dtype, value.shape,
+                     value.detach().clone())
+        elif isinstance(value, (list, dict, set)):
+            value = (type(value), copy.copy(value))
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        mine, theirs = self.value, getattr(other, 'value', None)
+        if mine is theirs:
+            return True
+        if type(mine) is not type(theirs):
+            return False
+        if isinstance(mine, tuple) and len(mine) == 4 and \
+                isinstance(mine[3], Tensor):
+            return mine[:3] == theirs[:3] and torch.equal(mine[3], theirs[3])
+        if isinstance(mine, (int, float, complex, str, bytes, tuple)):
+            try:
+                return bool(mine == theirs)
+            except (ValueError, RuntimeError, TypeError):
+                return False
+        return False
+
+
+def _state_of(layer: nn.Module) -> List[Dict[str, _Value]]:
+    """The state of ``layer`` and of the modules below it: their
+    attributes, parameters and buffers (see :class:`_Value`)."""
+    state = []
+    for module in layer.modules():
+        entries = {name: _Value(value)
+                   for name, value in module.__dict__.items()
+                   if name not in ('_parameters', '_buffers', '_modules')}
+        for table in ('_parameters', '_buffers'):
+            for name, value in (module.__dict__.get(table) or {}).items():
+                entries[f'{table}.{name}'] = _Value(value)
+        state.append(entries)
+    return state
 
 
 def _build(module: _ConvNd) -> Optional[nn.Module]:

@@ -654,19 +654,68 @@ class _CountsInPlace(nn.Conv2d):
         return super().forward(x)
 
 
-@pytest.mark.parametrize('conv_class', [_TracksInputScale, _CountsInPlace])
+class _CountsThroughData(nn.Conv2d):
+    """Counts its calls through ``.data`` (no version change), scaling
+    its output by the count."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer('count', torch.ones(()))
+
+    def forward(self, x):
+        self.count.data.add_(1.0)
+        return super().forward(x) * self.count
+
+
+class _HalvesItsWeightData(nn.Conv2d):
+
+    def forward(self, x):
+        self.weight.data = self.weight.data * 0.5
+        return super().forward(x)
+
+
+class _ScalesByAPlainTensor(nn.Conv2d):
+    """A tensor attribute (not a buffer) changed in place."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = torch.ones(())
+
+    def forward(self, x):
+        self.scale.mul_(2.0)
+        return super().forward(x) * self.scale
+
+
+class _CountsInAList(nn.Conv2d):
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = [0]
+
+    def forward(self, x):
+        self.calls[0] += 1
+        return super().forward(x) * self.calls[0]
+
+
+@pytest.mark.parametrize('conv_class', [
+    _TracksInputScale, _CountsInPlace, _CountsThroughData,
+    _HalvesItsWeightData, _ScalesByAPlainTensor, _CountsInAList
+])
 def test_the_probes_leave_a_stateful_conv_as_it_was(conv_class):
     from mmfuse.testing import randomize_norm_stats
     model = randomize_norm_stats(
         nn.Sequential(conv_class(3, 4, 3, padding=1),
                       nn.BatchNorm2d(4)).eval())
-    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    reference = copy.deepcopy(model)
     attributes = dict(model[0].__dict__)
     fused = mmfuse.fuse_conv_bn(model)
     kept_at(fused, ['1'])  # its state changes: not a fixed-weight conv
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key]), key
-    assert model[0].__dict__ == attributes
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    assert model[0].__dict__.keys() == attributes.keys()
+    with torch.no_grad():
+        assert torch.equal(reference(x), model(x))
 
 
 class _ScriptedChild(nn.Module):

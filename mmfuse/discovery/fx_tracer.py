@@ -155,12 +155,15 @@ class ModuleForwardTracer(fx.Tracer):
         # holder's ``_modules`` and called, in the trace.
         self.fetches: Counter = Counter()
         self.calls: Counter = Counter()
-        # How often the forward read each submodule's parameters or
-        # buffers by name (``get_attr`` nodes, read by the caller), and
-        # the submodules (ids) in which it asked for one that is None
-        # (``self.conv.bias is None``): a read no node records.
-        self.tensor_reads: Counter = Counter()
-        self.none_reads: Set[int] = set()
+        # The convs and norms (ids) the forward used otherwise than by
+        # calling them or reading their tensors (see :class:`_LayerStandIn`),
+        # or asked for a tensor they do not have (``self.conv.bias is
+        # None``): reads no node records.
+        self.read_layers: Set[int] = set()
+        # The stand-ins handed out for the convs and norms, by ``id``, and
+        # the layer whose call a stand-in is making.
+        self.stand_ins: Dict[int, '_LayerStandIn'] = {}
+        self.calling: Optional[int] = None
         # Whether the model's code is running (not the tracer's own walks
         # of the module, which neither count nor get traced values).
         self.model_reads = True
@@ -494,8 +497,9 @@ class ModuleForwardTracer(fx.Tracer):
         self.tensor_proxies.clear()
         self.fetches.clear()
         self.calls.clear()
-        self.tensor_reads.clear()
-        self.none_reads.clear()
+        self.read_layers.clear()
+        self.stand_ins.clear()
+        self.calling = None
         self.model_reads = True
         problems: List[str] = []
         watching = False
@@ -541,21 +545,33 @@ class ModuleForwardTracer(fx.Tracer):
         return self.graph
 
     def _read_modules(self, root: nn.Module) -> Tuple[str, ...]:
-        """The paths of the submodules the forward used otherwise than
-        by calling them or reading their tensors by name (a node each):
-        fetched more often than that (``isinstance(self.bn, ...)``,
-        ``self.bn.eps``, ``self.bn is not None``, a walk of the modules),
-        or asked for a tensor they do not have (``self.conv.bias is
-        None``).  Module containers, which are there to be walked, aside.
-        """
-        read = set(self.none_reads)
-        read.update(key for key, count in self.fetches.items()
-                    if count > self.calls[key] + self.tensor_reads[key])
+        """The paths of the convs and norms the forward used otherwise
+        than by calling them, testing them by identity or reading their
+        tensors (a node each): ``isinstance(self.bn, ...)``,
+        ``self.bn.eps``, a hook registered on one, a walk of the modules
+        below (see :class:`_LayerStandIn`); or asked for a tensor they do
+        not have (``self.conv.bias is None``)."""
+        read = self.read_layers
         if not read:
             return ()
         return tuple(path for path, module in walk_modules(root)
-                     if id(module) in read and path
-                     and type(module) not in _CONTAINERS)
+                     if id(module) in read and path)
+
+    def stand_in(self, module: Any) -> Any:
+        """What the model's code gets for ``module``, fetched from a
+        module table: a conv's or norm's :class:`_LayerStandIn` (one per
+        layer and trace), anything else itself."""
+        if not self.model_reads or not isinstance(module, nn.Module):
+            return module
+        self.fetches[id(module)] += 1
+        known = self.stand_ins.get(id(module))
+        if known is not None:
+            return known
+        if not (is_conv_layer(module) or is_norm_layer(module)) or \
+                type(module).__call__ is not _CALL:
+            return module
+        made = self.stand_ins[id(module)] = _LayerStandIn(module, self)
+        return made
 
     def _start_checks(self) -> None:
         """Forget what the last trace refused, and take the autocast state
@@ -597,8 +613,11 @@ class ModuleForwardTracer(fx.Tracer):
         def call(*args, **kwargs):
             proxy = self.create_proxy('call_module', path, args, kwargs)
             self.calls[key] += 1
-            if self.calls[key] > self.fetches[key] or \
-                    key in self.held_otherwise:
+            # A conv or norm called through its stand-in was fetched;
+            # another module, fetched at least as often as called.
+            fetched = self.calling == key if key in self.stand_ins else \
+                self.calls[key] <= self.fetches[key]
+            if not fetched or key in self.held_otherwise:
                 proxy.node.meta['unfetched'] = True
             return proxy
 
@@ -637,10 +656,10 @@ _OPERATIONS = frozenset({'call_module', 'call_function', 'call_method'})
 
 class _TracedTensors(dict):
     """A module's ``_parameters`` or ``_buffers`` during a trace: an entry
-    read by name (``Module.__getattr__``) or by iteration (``parameters()``,
-    ``buffers()``, ``state_dict()``) is the tracer's ``get_attr`` proxy of
-    it; a read of an entry that is ``None`` is noted (see
-    ``ModuleForwardTracer._read_modules``)."""
+    the model's code reads, by name (``Module.__getattr__``), by iteration
+    (``parameters()``, ``buffers()``, ``state_dict()``) or by copying the
+    table, is the tracer's ``get_attr`` proxy of it; a read of an entry
+    that is ``None`` is noted (``ModuleForwardTracer.read_layers``)."""
 
     def __init__(self, table: Dict[str, Any], prefix: str,
                  tracer: ModuleForwardTracer, owner: nn.Module):
@@ -651,59 +670,123 @@ class _TracedTensors(dict):
 
     def __getitem__(self, name: str) -> Any:
         value = dict.__getitem__(self, name)
-        tracer = self.tracer
-        if tracer.model_reads:
-            if value is None:
-                tracer.none_reads.add(self.owner)
-            else:
-                tracer.tensor_reads[self.owner] += 1
         if value is None:
+            if self.tracer.model_reads:
+                self.tracer.read_layers.add(self.owner)
             return None
-        return tracer.tensor_proxy(self.prefix + name)
+        return self.tracer.tensor_proxy(self.prefix + name)
 
     def get(self, name: str, default: Any = None) -> Any:
         return self[name] if name in self else default
 
+    # (A table of its own ``__iter__``: ``dict(table)`` and ``{**table}``
+    # read it through ``keys`` and ``__getitem__``.)
+    def __iter__(self):
+        return iter(dict.keys(self))
+
     def values(self):
         if not self.tracer.model_reads:
             return dict.values(self)
-        return [self[name] for name in self]
+        return [self[name] for name in dict.keys(self)]
 
     def items(self):
         if not self.tracer.model_reads:
             return dict.items(self)
-        return [(name, self[name]) for name in self]
+        return [(name, self[name]) for name in dict.keys(self)]
+
+    def copy(self):
+        return {name: self[name] for name in dict.keys(self)}
 
 
 class _CountedModules(dict):
-    """A module's ``_modules`` during a trace: counts each fetch of a
-    submodule by the model's code (by name, or all of them by
-    iteration)."""
+    """A module's ``_modules`` during a trace: what the model's code
+    fetches of it (by name, by iteration, by copying the table) is
+    counted, and a conv or norm comes as its :class:`_LayerStandIn`."""
 
     def __init__(self, table: Dict[str, Any], tracer: ModuleForwardTracer):
         super().__init__(table)
         self.tracer = tracer
 
     def __getitem__(self, name: str) -> Any:
-        value = dict.__getitem__(self, name)
-        if self.tracer.model_reads:
-            self.tracer.fetches[id(value)] += 1
-        return value
+        return self.tracer.stand_in(dict.__getitem__(self, name))
 
     def get(self, name: str, default: Any = None) -> Any:
         return self[name] if name in self else default
 
+    def __iter__(self):
+        return iter(dict.keys(self))
+
     def values(self):
-        if self.tracer.model_reads:
-            for value in dict.values(self):
-                self.tracer.fetches[id(value)] += 1
-        return dict.values(self)
+        if not self.tracer.model_reads:
+            return dict.values(self)
+        return [self[name] for name in dict.keys(self)]
 
     def items(self):
-        if self.tracer.model_reads:
-            for value in dict.values(self):
-                self.tracer.fetches[id(value)] += 1
-        return dict.items(self)
+        if not self.tracer.model_reads:
+            return dict.items(self)
+        return [(name, self[name]) for name in dict.keys(self)]
+
+    def copy(self):
+        return {name: self[name] for name in dict.keys(self)}
+
+
+#: Attributes of a conv or linear layer that a fold keeps, and so does
+#: the plain conv that replaces one transforming its weight.
+_KEPT_LAYER_SETTINGS = frozenset({
+    'in_channels', 'out_channels', 'kernel_size', 'stride', 'padding',
+    'dilation', 'groups', 'padding_mode', 'transposed', 'output_padding',
+    'in_features', 'out_features'
+})
+
+
+class _LayerStandIn:
+    """A conv or norm below the traced module, as the model's code gets it
+    in a trace: calling it calls the layer (a ``call_module`` node), and
+    so does testing it by identity or truth (``if self.norm is not
+    None``), which a fold does not change (a folded norm is an
+    ``nn.Identity``); reading its parameters or buffers by name gives
+    their traced values (``get_attr`` nodes), and reading a conv's
+    geometry (``self.conv.out_channels``) its value.  Any other use
+    (``isinstance(self.bn, ...)``, ``self.bn.eps``, a hook registered
+    on it, a method called, an attribute set) is noted in the tracer's
+    ``read_layers``: a fold would change what it reads.
+    """
+
+    __slots__ = ('_mmfuse_layer', '_mmfuse_tracer')
+
+    def __init__(self, layer: nn.Module, tracer: ModuleForwardTracer):
+        object.__setattr__(self, '_mmfuse_layer', layer)
+        object.__setattr__(self, '_mmfuse_tracer', tracer)
+
+    def __call__(self, *args, **kwargs):
+        layer = object.__getattribute__(self, '_mmfuse_layer')
+        tracer = object.__getattribute__(self, '_mmfuse_tracer')
+        outer, tracer.calling = tracer.calling, id(layer)
+        try:
+            return layer(*args, **kwargs)
+        finally:
+            tracer.calling = outer
+
+    def __getattribute__(self, name: str) -> Any:
+        layer = object.__getattribute__(self, '_mmfuse_layer')
+        tracer = object.__getattribute__(self, '_mmfuse_tracer')
+        if tracer.model_reads and not (
+                name in layer._parameters or name in layer._buffers or
+                (name in _KEPT_LAYER_SETTINGS and is_conv_layer(layer))):
+            tracer.read_layers.add(id(layer))
+        return getattr(layer, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        layer = object.__getattribute__(self, '_mmfuse_layer')
+        object.__getattribute__(self, '_mmfuse_tracer').read_layers.add(
+            id(layer))
+        setattr(layer, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        layer = object.__getattribute__(self, '_mmfuse_layer')
+        object.__getattribute__(self, '_mmfuse_tracer').read_layers.add(
+            id(layer))
+        delattr(layer, name)
 
 
 #: Types of plain values, tested exactly before anything else.
@@ -1391,23 +1474,14 @@ class _TracedValue(fx.Proxy):
         self.tracer.refused_reads.append('its length')
         return super().__len__()
 
-    # ``x += y`` is in place on a tensor; a proxy without these methods
-    # would record ``x + y`` (as torch.fx does), hiding the change.
-    def __iadd__(self, other: Any) -> fx.Proxy:
-        return self.tracer.create_proxy('call_function', operator.iadd,
-                                        (self, other), {})
-
-    def __isub__(self, other: Any) -> fx.Proxy:
-        return self.tracer.create_proxy('call_function', operator.isub,
-                                        (self, other), {})
-
-    def __imul__(self, other: Any) -> fx.Proxy:
-        return self.tracer.create_proxy('call_function', operator.imul,
-                                        (self, other), {})
-
-    def __itruediv__(self, other: Any) -> fx.Proxy:
-        return self.tracer.create_proxy('call_function',
-                                        operator.itruediv, (self, other), {})
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _PROXY_FIELDS:
+            object.__setattr__(self, name, value)
+            return
+        # ``x.data = y`` changes the tensor in place; no node shows it.
+        self.tracer.refused_reads.append(f'setting its attribute {name!r}')
+        raise fx.proxy.TraceError(
+            f'the forward sets attribute {name!r} of a traced value')
 
     def __float__(self) -> float:
         return float(self._scalar('float'))
@@ -1425,6 +1499,34 @@ class _TracedValue(fx.Proxy):
             raise fx.proxy.TraceError(
                 f'a traced value is read as a Python number ({what})')
         return flag
+
+
+#: What a traced value holds of its own (``fx.Proxy``'s, and a symbolic
+#: list's).
+_PROXY_FIELDS = frozenset({'node', 'tracer', '_mmfuse_reads'})
+
+
+def _in_place_operator(function: Any):
+    """A method for an augmented assignment (``x += y``): it is in place
+    on a tensor, and a proxy without it would record ``x + y`` (as torch.fx
+    does), hiding the change."""
+
+    def in_place(self, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy('call_function', function,
+                                        (self, other), {})
+
+    in_place.__name__ = f'__{function.__name__}__'
+    return in_place
+
+
+for _function in (operator.iadd, operator.isub, operator.imul,
+                  operator.itruediv, operator.ifloordiv, operator.imod,
+                  operator.ipow, operator.imatmul, operator.iand,
+                  operator.ior, operator.ixor, operator.ilshift,
+                  operator.irshift):
+    setattr(_TracedValue, f'__{_function.__name__}__',
+            _in_place_operator(_function))
+del _function
 
 
 def _iterate(value: fx.Proxy, caller: Any) -> Iterator[fx.Proxy]:

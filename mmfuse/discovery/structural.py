@@ -121,26 +121,18 @@ def _may_change_arguments(root: nn.Module, node: fx.Node) -> bool:
 
 def _input_changed_before(root: nn.Module, norm: fx.Node,
                           conv: fx.Node) -> Optional[str]:
-    """For a norm that runs right before a conv (``conv(norm(x))``):
-    an operation between the two calls that may change ``x``, or a value
-    made from it (a view), in place, which after a fold (the norm an
-    ``Identity``, its output ``x`` itself) the conv would see; its
-    description, or ``None``."""
-    source = norm.args[0]
-    if not isinstance(source, fx.Node):
-        return None
-    from_source = {source}
-    after_norm = False
-    node = source.next
+    """For a norm that runs right before a conv (``conv(norm(x))``): an
+    operation between the two calls that may change a tensor in place,
+    which after a fold (the norm an ``Identity``, its output ``x`` itself)
+    the conv would see where it changes ``x``; its description, or
+    ``None``.  Any such operation counts, whatever it is given: ``x`` may
+    be a view of another tensor, or share its memory otherwise."""
+    node = norm.next
     while node is not conv and node.op != 'root':
-        if node is norm:
-            after_norm = True
-        elif not from_source.isdisjoint(node.all_input_nodes):
-            if after_norm and _may_change_arguments(root, node):
-                target = node.target
-                return target if isinstance(target, str) else getattr(
-                    target, '__name__', str(target))
-            from_source.add(node)
+        if _may_change_arguments(root, node):
+            target = node.target
+            return target if isinstance(target, str) else getattr(
+                target, '__name__', str(target))
         node = node.next
     return None
 
