@@ -255,8 +255,8 @@ def _build(module: _ConvNd) -> Optional[nn.Module]:
         outputs = [module(probe) for probe in probes]
     if len(capture.calls) != 2:
         return None
-    for probe, copy, output, call in zip(probes, kept, outputs,
-                                         capture.calls):
+    for probe, unchanged, output, call in zip(probes, kept, outputs,
+                                              capture.calls):
         # The conv's input is the probe (padded by F.pad for a padding
         # mode), unchanged, and its output is the module's, as the conv
         # gave it: nothing done before or after the convolution, in place
@@ -264,7 +264,7 @@ def _build(module: _ConvNd) -> Optional[nn.Module]:
         if not _runs_as_plain(module, call, probe, capture):
             return None
         if call.output is not output or output._version != call.version \
-                or not torch.equal(probe, copy):
+                or not torch.equal(probe, unchanged):
             return None
     (weight, bias), (weight2, bias2) = [(call.weight, call.bias)
                                         for call in capture.calls]
