@@ -654,18 +654,49 @@ _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 _OPERATIONS = frozenset({'call_module', 'call_function', 'call_method'})
 
 
-class _TracedTensors(dict):
+class _TraceTable(dict):
+    """A module's table (of parameters, buffers or submodules) during a
+    trace: the model's code reads its entries through ``__getitem__``,
+    also by iteration and by copying the table (a table of its own
+    ``__iter__``: ``dict(table)`` and ``{**table}`` go through ``keys``
+    and ``__getitem__``); the tracer's own walks (``model_reads`` off)
+    read them as they are."""
+
+    def __init__(self, table: Dict[str, Any], tracer: ModuleForwardTracer):
+        super().__init__(table)
+        self.tracer = tracer
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+    def __iter__(self):
+        return iter(dict.keys(self))
+
+    def values(self):
+        if not self.tracer.model_reads:
+            return dict.values(self)
+        return [self[name] for name in dict.keys(self)]
+
+    def items(self):
+        if not self.tracer.model_reads:
+            return dict.items(self)
+        return [(name, self[name]) for name in dict.keys(self)]
+
+    def copy(self):
+        return {name: self[name] for name in dict.keys(self)}
+
+
+class _TracedTensors(_TraceTable):
     """A module's ``_parameters`` or ``_buffers`` during a trace: an entry
-    the model's code reads, by name (``Module.__getattr__``), by iteration
-    (``parameters()``, ``buffers()``, ``state_dict()``) or by copying the
-    table, is the tracer's ``get_attr`` proxy of it; a read of an entry
-    that is ``None`` is noted (``ModuleForwardTracer.read_layers``)."""
+    the model's code reads (``Module.__getattr__``, ``parameters()``,
+    ``buffers()``, ``state_dict()``) is the tracer's ``get_attr`` proxy
+    of it; a read of an entry that is ``None`` is noted
+    (``ModuleForwardTracer.read_layers``)."""
 
     def __init__(self, table: Dict[str, Any], prefix: str,
                  tracer: ModuleForwardTracer, owner: nn.Module):
-        super().__init__(table)
+        super().__init__(table, tracer)
         self.prefix = prefix
-        self.tracer = tracer
         self.owner = id(owner)
 
     def __getitem__(self, name: str) -> Any:
@@ -676,58 +707,14 @@ class _TracedTensors(dict):
             return None
         return self.tracer.tensor_proxy(self.prefix + name)
 
-    def get(self, name: str, default: Any = None) -> Any:
-        return self[name] if name in self else default
 
-    # (A table of its own ``__iter__``: ``dict(table)`` and ``{**table}``
-    # read it through ``keys`` and ``__getitem__``.)
-    def __iter__(self):
-        return iter(dict.keys(self))
-
-    def values(self):
-        if not self.tracer.model_reads:
-            return dict.values(self)
-        return [self[name] for name in dict.keys(self)]
-
-    def items(self):
-        if not self.tracer.model_reads:
-            return dict.items(self)
-        return [(name, self[name]) for name in dict.keys(self)]
-
-    def copy(self):
-        return {name: self[name] for name in dict.keys(self)}
-
-
-class _CountedModules(dict):
+class _CountedModules(_TraceTable):
     """A module's ``_modules`` during a trace: what the model's code
-    fetches of it (by name, by iteration, by copying the table) is
-    counted, and a conv or norm comes as its :class:`_LayerStandIn`."""
-
-    def __init__(self, table: Dict[str, Any], tracer: ModuleForwardTracer):
-        super().__init__(table)
-        self.tracer = tracer
+    fetches of it is counted, and a conv or norm comes as its
+    :class:`_LayerStandIn`."""
 
     def __getitem__(self, name: str) -> Any:
         return self.tracer.stand_in(dict.__getitem__(self, name))
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self[name] if name in self else default
-
-    def __iter__(self):
-        return iter(dict.keys(self))
-
-    def values(self):
-        if not self.tracer.model_reads:
-            return dict.values(self)
-        return [self[name] for name in dict.keys(self)]
-
-    def items(self):
-        if not self.tracer.model_reads:
-            return dict.items(self)
-        return [(name, self[name]) for name in dict.keys(self)]
-
-    def copy(self):
-        return {name: self[name] for name in dict.keys(self)}
 
 
 #: Attributes of a conv or linear layer that a fold keeps, and so does
