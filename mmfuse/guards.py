@@ -4,12 +4,12 @@ Shared by the folding API and re-parameterization, so both refuse the same
 things with the same one-line errors.
 """
 import copy
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .module_walk import walk_modules
 
@@ -83,6 +83,52 @@ def _is_data_element(value: Any) -> bool:
     return isinstance(value, BaseDataElement)
 
 
+def _storage_key(tensor: torch.Tensor) -> Optional[Tuple]:
+    """Where ``tensor``'s memory lies, or ``None`` for a tensor without
+    plain storage (sparse, nested, meta)."""
+    if tensor.layout is not torch.strided or tensor.is_nested or \
+            tensor.is_meta:
+        return None
+    try:
+        pointer = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return (tensor.device, pointer) if pointer else None
+
+
+def _shared_storages(inputs: Tuple) -> Set[Tuple]:
+    """The storages (see :func:`_storage_key`) that more than one tensor
+    of ``inputs`` (in tuples, lists, dicts) lies in."""
+    seen: Dict[Tuple, int] = {}
+    shared = set()
+    for leaf in tree_flatten(inputs)[0]:
+        if isinstance(leaf, torch.Tensor):
+            key = _storage_key(leaf)
+            if key is None:
+                continue
+            first = seen.setdefault(key, id(leaf))
+            if first != id(leaf):
+                shared.add(key)
+    return shared
+
+
+def _view_copy(tensor: torch.Tensor, key: Tuple,
+               storages: Dict[Tuple, Any]) -> torch.Tensor:
+    """``tensor`` in a copy of its storage, made once for every tensor
+    that lies in it (``storages``): views of one another stay so."""
+    storage = storages.get(key)
+    if storage is None:
+        storage = storages[key] = tensor.untyped_storage().clone()
+    with torch.no_grad():
+        copied = torch.empty(0, dtype=tensor.dtype,
+                             device=tensor.device).set_(
+                                 storage, tensor.storage_offset(),
+                                 tensor.size(), tensor.stride())
+    if tensor.requires_grad:
+        copied.requires_grad_()
+    return copied
+
+
 def fresh_inputs(inputs: Tuple) -> Tuple:
     """A copy of the positional arguments ``inputs`` for one forward pass:
     every tensor in them (in tuples, lists, dicts, named tuples, ordered
@@ -92,17 +138,27 @@ def fresh_inputs(inputs: Tuple) -> Tuple:
     object) is passed as it is.  A model that changes its input in place
     (``x.sub_(mean)``, a data sample's metainfo or instances) changes the
     copy: the caller's inputs stay as given, and every pass starts from
-    the same input."""
+    the same input.  Tensors given that share memory share it in the
+    copy too (a copy of the memory they lie in, made once)."""
     # Copies by the id of what they copy: deepcopy's memo, so that a
     # tensor both given and held by a data element is copied once.
     copies: Dict[int, Any] = {}
+    # Tensors given that share memory (``(b, b[1:])``) share it in the
+    # copy too: a change of one through the other must show.
+    shared = _shared_storages(inputs)
+    storages: Dict[Tuple, Any] = {}
 
     def fresh(value: Any) -> Any:
         copied = copies.get(id(value))
         if copied is not None:
             return copied
         if isinstance(value, torch.Tensor):
-            copied = copies[id(value)] = value.clone()
+            key = _storage_key(value)
+            if key is not None and key in shared:
+                copied = _view_copy(value, key, storages)
+            else:
+                copied = value.clone()
+            copies[id(value)] = copied
             return copied
         if isinstance(value, np.ndarray) or _is_data_element(value):
             return copy.deepcopy(value, copies)

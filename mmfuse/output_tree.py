@@ -5,9 +5,10 @@ else as one opaque leaf: the tensors inside a dataclass, a dict subclass,
 a plain object or MMEngine's ``BaseDataElement`` (what mmdet, mmseg and
 mmpretrain return in ``predict`` mode) would be neither seen as used by
 the model's output nor compared.  Here such objects are walked too: the
-fields of a dataclass, the items of any mapping, the attributes
-(``__dict__``) of any other object; looking for tensors, also the items
-of a set or deque, a partial's arguments and an object's slots.
+fields of a dataclass, the items of any mapping, and the attributes
+(``__dict__`` and slots) of those and of any other object; looking for
+tensors, also the items of a set or deque, a partial's arguments and the
+slots of a value object.
 Modules, classes, functions and Python modules are not walked (a module
 passed along is a layer, not data).
 """
@@ -35,20 +36,53 @@ _NOT_DATA = (nn.Module, type, types.FunctionType, types.MethodType,
 
 def _items(item: Any) -> Optional[Iterable[Tuple[Hashable, Any]]]:
     """``(key, value)`` of what ``item`` holds, or ``None`` for a value
-    with nothing to walk (a constant, a tensor, something not data)."""
-    if isinstance(item, (list, tuple)):
-        return enumerate(item)
-    if isinstance(item, Mapping):
-        return item.items()
+    with nothing to walk (a constant, a tensor, something not data).
+
+    The items of a list, tuple or mapping, then the attributes of a
+    subclass of one (``('attribute', name)``); the fields of a
+    dataclass, then its other attributes; the attributes of any other
+    object that has a ``__dict__``.  Attributes are those of
+    ``__dict__``, then the slots set.
+    """
+    if isinstance(item, (list, tuple, Mapping)):
+        entries = list(item.items() if isinstance(item, Mapping) else
+                       enumerate(item))
+        if type(item) not in (list, tuple, dict):
+            entries.extend((('attribute', name), value)
+                           for name, value in _attributes(item) or ())
+        return entries
     if isinstance(item, _NOT_DATA) or isinstance(item, _CONSTANTS):
         return None
     if dataclasses.is_dataclass(item):
-        return ((f.name, getattr(item, f.name, None))
-                for f in dataclasses.fields(item))
+        names = [f.name for f in dataclasses.fields(item)]
+        entries = [(name, getattr(item, name, None)) for name in names]
+        entries.extend((name, value)
+                       for name, value in _attributes(item) or ()
+                       if name not in names)
+        return entries
+    if not isinstance(getattr(item, '__dict__', None), dict):
+        return None  # (slots alone: a value object, or not readable)
+    return _attributes(item)
+
+
+def _attributes(item: Any) -> Optional[List[Tuple[str, Any]]]:
+    """The attributes of ``item``: those of its ``__dict__``, then its
+    slots that are set; ``None`` where it has neither."""
     state = getattr(item, '__dict__', None)
-    if isinstance(state, dict):
-        return state.items()
-    return None
+    found = list(state.items()) if isinstance(state, dict) else None
+    for cls in type(item).__mro__:
+        slots = cls.__dict__.get('__slots__', ())
+        for name in (slots, ) if isinstance(slots, str) else slots:
+            if name in ('__dict__', '__weakref__') or \
+                    (found is not None and name in state):
+                continue
+            try:
+                value = getattr(item, name)
+            except AttributeError:
+                continue  # a slot not set
+            found = [] if found is None else found
+            found.append((name, value))
+    return found
 
 
 def tensors_in(tree: Any) -> List[Tensor]:

@@ -330,7 +330,7 @@ class OutputCheck:
         fold, and a copy that is NaN where the model is not would hide
         any error of the fold there."""
         try:
-            precise = flatten_output(precise)
+            precise = flatten_output(precise, clone=True)
         except UncomparableOutput:
             precise = None
         forward = None if precise is None else \
@@ -371,7 +371,10 @@ class OutputCheck:
         ``output``, flattened, as :attr:`last_output`: see
         :meth:`kept_output`)."""
         try:
-            output = flatten_output(output)
+            # A copy: the model may write into a tensor it returned (a
+            # buffer) when it runs again, before this output is judged
+            # again (:meth:`passes_wider`).
+            output = flatten_output(output, clone=True)
         except UncomparableOutput:
             output = None
         self.last_output = output
@@ -398,12 +401,10 @@ class OutputCheck:
             for error, wide, own in zip(errors, precise, self._own_errors))
 
     def kept_output(self) -> Optional[FlatOutput]:
-        """A copy of :attr:`last_output`, for judging it again after the
-        model runs once more (a model may write into the tensors it
-        returned); ``None`` after :meth:`no_output`."""
-        last = self.last_output
-        return None if last is None else FlatOutput(
-            [leaf.clone() for leaf in last.leaves], last.spec)
+        """:attr:`last_output` (a copy of the output checked last), for
+        judging it again after the model runs once more; ``None`` after
+        :meth:`no_output`."""
+        return self.last_output
 
     def no_output(self) -> None:
         """Record a changed model that gave no output (its forward
