@@ -83,23 +83,25 @@ def _is_data_element(value: Any) -> bool:
     return isinstance(value, BaseDataElement)
 
 
-def _storage_key(tensor: torch.Tensor) -> Optional[Tuple]:
-    """Where ``tensor``'s memory lies, or ``None`` for a tensor without
-    plain storage (sparse, nested, meta)."""
+def _storage_key(tensor: torch.Tensor) -> Optional[int]:
+    """Which storage ``tensor`` lies in (views of one tensor share it;
+    two tensors made over the same memory otherwise, ``from_numpy`` of
+    an array and of a slice of it, do not), or ``None`` for a tensor
+    without plain storage (sparse, nested, meta)."""
     if tensor.layout is not torch.strided or tensor.is_nested or \
             tensor.is_meta:
         return None
     try:
-        pointer = tensor.untyped_storage().data_ptr()
+        storage = tensor.untyped_storage()
     except (RuntimeError, NotImplementedError):
         return None
-    return (tensor.device, pointer) if pointer else None
+    return storage._cdata if storage.data_ptr() else None
 
 
-def _shared_storages(inputs: Tuple) -> Set[Tuple]:
+def _shared_storages(inputs: Tuple) -> Set[int]:
     """The storages (see :func:`_storage_key`) that more than one tensor
     of ``inputs`` (in tuples, lists, dicts) lies in."""
-    seen: Dict[Tuple, int] = {}
+    seen: Dict[int, int] = {}
     shared = set()
     for leaf in tree_flatten(inputs)[0]:
         if isinstance(leaf, torch.Tensor):
@@ -112,8 +114,8 @@ def _shared_storages(inputs: Tuple) -> Set[Tuple]:
     return shared
 
 
-def _view_copy(tensor: torch.Tensor, key: Tuple,
-               storages: Dict[Tuple, Any]) -> torch.Tensor:
+def _view_copy(tensor: torch.Tensor, key: int,
+               storages: Dict[int, Any]) -> torch.Tensor:
     """``tensor`` in a copy of its storage, made once for every tensor
     that lies in it (``storages``): views of one another stay so."""
     storage = storages.get(key)
@@ -146,7 +148,7 @@ def fresh_inputs(inputs: Tuple) -> Tuple:
     # Tensors given that share memory (``(b, b[1:])``) share it in the
     # copy too: a change of one through the other must show.
     shared = _shared_storages(inputs)
-    storages: Dict[Tuple, Any] = {}
+    storages: Dict[int, Any] = {}
 
     def fresh(value: Any) -> Any:
         copied = copies.get(id(value))

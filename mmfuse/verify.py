@@ -282,6 +282,9 @@ class OutputCheck:
         self.precise_error: Optional[float] = None
         #: The output checked last.
         self.last_output: Any = None
+        #: Whether the output checked last could not be compared at all
+        #: (another structure, shape or constant).
+        self.mismatch = False
         #: The dtype of ``precise`` (``'float32'``, ``'float64'``), or why
         #: none is used: set by :meth:`add_precise`.
         self.yardstick: Optional[str] = None
@@ -381,6 +384,7 @@ class OutputCheck:
         self.precise_error = None
         errors = None if output is None else \
             leaf_errors(self.reference, output)
+        self.mismatch = errors is None
         if errors is None:
             self.abs_error = self.rel_error = float('inf')
             return False
@@ -411,6 +415,7 @@ class OutputCheck:
         raised): infinitely wrong."""
         self.last_output = self.precise_error = None
         self.abs_error = self.rel_error = float('inf')
+        self.mismatch = False
 
     def passes_wider(self, model: nn.Module, inputs: Tuple) -> bool:
         """After a failed check, with ``model`` changed back to the
@@ -424,6 +429,10 @@ class OutputCheck:
     def failure(self, unchanged: str = 'unfused') -> str:
         """What an output that fails this check is, in words
         (``unchanged``: what the model was before the change)."""
+        if self.mismatch:
+            return (f'unlike the {unchanged} output in structure, a shape, '
+                    'a constant (an integer, a string), an integer tensor '
+                    'or a NaN, or unreadable')
         if self.precise is None:
             return f'off by more than rtol={self.tolerance:g}'
         if self.against_twin:

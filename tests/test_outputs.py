@@ -409,3 +409,45 @@ def test_example_inputs_that_share_memory_share_it_in_each_pass():
     base = X.clone()
     with torch.no_grad():
         assert torch.equal(model(base, base[1:]), reference)
+
+
+def test_inputs_over_one_array_that_are_no_views_are_copied_apart():
+    """Two tensors made over one numpy array (``from_numpy`` of a slice
+    and of the whole) lie at one address in two storages: they were
+    taken for views of one, and the larger got the smaller's copy,
+    grown with garbage (up to 4.6e37; the fold was then undone)."""
+    from mmfuse.guards import fresh_inputs
+    array = np.random.default_rng(0).standard_normal(
+        (2, 4, 8, 8)).astype(np.float32)
+    first, whole = torch.from_numpy(array[:1]), torch.from_numpy(array)
+    copies = fresh_inputs((first, whole))
+    assert torch.equal(copies[0], first) and torch.equal(copies[1], whole)
+    assert copies[1].data_ptr() != whole.data_ptr()
+
+
+class _Serial(dict):
+    """Outputs with a serial number that changes on every call."""
+
+
+class _ReturnsASerial(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = _Serial(feat=self.bn(self.conv(x)))
+        out.serial = self.calls
+        return out
+
+
+def test_an_output_unlike_the_reference_in_a_constant_says_so():
+    """Constants are compared exactly, so a changing serial undoes the
+    fold; the reason said 'off by more than rtol' before."""
+    model = randomize_norm_stats(_ReturnsASerial().eval(), seed=0)
+    report = mmfuse.fuse_model(model, (X, ))
+    assert [s.name for s in report.undone] == ['bn']
+    assert 'a constant' in report.undone[0].reason

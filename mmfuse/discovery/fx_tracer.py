@@ -423,7 +423,8 @@ class ModuleForwardTracer(fx.Tracer):
         caller = type_call_in(type(root))
         if caller is not None:
             raise fx.proxy.TraceError(
-                f'{caller} calls type(), which a traced value would answer '
+                f'{caller} calls type() or id(), which a traced value or '
+                'a stand-in for a layer would answer '
                 'differently from the value it stands for')
         if not _HAS_CALL_SLOT or isinstance(root, fx.GraphModule):
             return self._stock_trace(root, concrete_args)
@@ -551,7 +552,9 @@ class ModuleForwardTracer(fx.Tracer):
         ``self.bn.eps``, a hook registered on one, a walk of the modules
         below (see :class:`_LayerStandIn`); or asked for a tensor they do
         not have (``self.conv.bias is None``)."""
-        read = self.read_layers
+        # (A layer the module also holds outside its tables may be read
+        # through that reference, which the trace does not see.)
+        read = self.read_layers | self.held_otherwise
         if not read:
             return ()
         return tuple(path for path, module in walk_modules(root)
@@ -759,9 +762,46 @@ class _LayerStandIn:
         tracer = object.__getattribute__(self, '_mmfuse_tracer')
         if tracer.model_reads and not (
                 name in layer._parameters or name in layer._buffers or
-                (name in _KEPT_LAYER_SETTINGS and is_conv_layer(layer))):
+                (name in _KEPT_LAYER_SETTINGS and is_conv_layer(layer)) or
+                # torch's own test that a module is one (``add_module``
+                # of a ModuleList sliced, ``get_submodule``): the class
+                # is all it gets.
+                (name == '__class__' and _is_torch_code(
+                    sys._getframe(1).f_code.co_filename))):
             tracer.read_layers.add(id(layer))
         return getattr(layer, name)
+
+    def _mmfuse_read(self) -> nn.Module:
+        """The layer, noted as read (by an operation of its own type:
+        ``hash``, ``==``, ``str``)."""
+        layer = object.__getattribute__(self, '_mmfuse_layer')
+        object.__getattribute__(self, '_mmfuse_tracer').read_layers.add(
+            id(layer))
+        return layer
+
+    # What Python asks of the type, past ``__getattribute__``: each is a
+    # read (a set or dict of the real modules, a name printed).
+    def __hash__(self) -> int:
+        return hash(_LayerStandIn._mmfuse_read(self))
+
+    def __eq__(self, other: Any) -> bool:
+        layer = _LayerStandIn._mmfuse_read(self)
+        return other is self or other is layer
+
+    def __ne__(self, other: Any) -> bool:
+        return not _LayerStandIn.__eq__(self, other)
+
+    def __repr__(self) -> str:
+        return repr(_LayerStandIn._mmfuse_read(self))
+
+    def __str__(self) -> str:
+        return str(_LayerStandIn._mmfuse_read(self))
+
+    def __format__(self, spec: str) -> str:
+        return format(_LayerStandIn._mmfuse_read(self), spec)
+
+    def __dir__(self):
+        return dir(_LayerStandIn._mmfuse_read(self))
 
     def __setattr__(self, name: str, value: Any) -> None:
         layer = object.__getattribute__(self, '_mmfuse_layer')
@@ -1217,7 +1257,7 @@ def _contents(item: Any) -> List[Any]:
     or a plain object (its attributes) holds; ``[]`` for anything
     else."""
     if isinstance(item, dict):
-        return list(item.values())
+        return [*item.keys(), *item.values()]
     if isinstance(item, (list, tuple, set, frozenset)):
         return list(item)
     if isinstance(item, functools.partial):
@@ -1261,6 +1301,18 @@ _INSTALLED = tuple({
     for key in ('purelib', 'platlib')
 })
 _KINDS: Dict[str, str] = {}
+
+
+_IN_TORCH: Dict[str, bool] = {}
+
+
+def _is_torch_code(filename: str) -> bool:
+    """Whether ``filename`` is torch's own code."""
+    known = _IN_TORCH.get(filename)
+    if known is None:
+        known = _IN_TORCH[filename] = not filename.startswith('<') and \
+            os.path.abspath(filename).startswith(_TORCH_CODE)
+    return known
 
 
 def code_kind(filename: str) -> str:
@@ -1333,7 +1385,8 @@ def class_namespaces(cls: type) -> List[Dict[str, Any]]:
 
 
 def type_call_in(cls: type) -> Optional[str]:
-    """Where the forward of ``cls`` may call the builtin ``type``.
+    """Where the forward of ``cls`` may call the builtin ``type`` or
+    ``id`` (also as ``builtins.type``, or ``object.__class__``).
 
     Read: the forward's code and the code nested in it, and, through the
     names that code uses, the attributes of that name of ``cls`` and its
@@ -1375,11 +1428,21 @@ def type_call_in(cls: type) -> Optional[str]:
             # as a global (not ``self.type``, an attribute).
             typed = {
                 n
-                for n in names if _global_value(scope, n) is builtins.type
+                for n in names if any(
+                    _global_value(scope, n) is builtin
+                    for builtin in (builtins.type, builtins.id))
             }
             if typed and any(ins.opname in ('LOAD_GLOBAL', 'LOAD_NAME')
                              and ins.argval in typed
                              for ins in dis.get_instructions(code)):
+                found = function.__qualname__
+            # ``builtins.type(x)``, ``builtins.id(x)``, ``object.__class__
+            # (x)`` (which is ``type``): by the names the code uses.
+            if any(_global_value(scope, n) is builtins for n in names) and \
+                    ('type' in names or 'id' in names) or \
+                    '__class__' in names and \
+                    _global_value(scope, 'object') is object and \
+                    'object' in names:
                 found = function.__qualname__
             # Modules and classes named: ``helpers.f(x)``,
             # ``Base.forward(self, x)``.

@@ -92,6 +92,13 @@ _IN_PLACE_OPERATORS = frozenset({
 })
 
 
+#: The operators of ``x op= y`` (``__iadd__``: 'add').
+_BINARY_OPERATORS = frozenset({
+    'add', 'sub', 'mul', 'truediv', 'floordiv', 'mod', 'pow', 'matmul',
+    'and', 'or', 'xor', 'lshift', 'rshift'
+})
+
+
 def _may_change_arguments(root: nn.Module, node: fx.Node) -> bool:
     """Whether the operation of ``node`` may change one of its tensor
     arguments in place: an in-place method or function (``relu_``,
@@ -112,11 +119,25 @@ def _may_change_arguments(root: nn.Module, node: fx.Node) -> bool:
         return False
     if 'out' in node.kwargs or node.kwargs.get('inplace', False):
         return True
-    if node.target in _IN_PLACE_OPERATORS:
+    target = node.target
+    if target in _IN_PLACE_OPERATORS:
         return True
-    name = node.target if isinstance(node.target, str) else getattr(
-        node.target, '__name__', '')
-    return name.endswith('_') and not name.endswith('__')
+    schema = getattr(target, '_schema', None)  # a torch.ops overload
+    if schema is not None and getattr(schema, 'is_mutable', True):
+        return True
+    name = target if isinstance(target, str) else getattr(
+        target, '__name__', '')
+    name = name.split('.')[0]  # (``relu_.default``)
+    if name.startswith('__') and name.endswith('__'):
+        # ``x.__setitem__(i, v)``, ``x.__iadd__(y)``
+        return name in ('__setitem__', '__delitem__') or \
+            name.startswith('__i') and name[3:-2] in _BINARY_OPERATORS
+    return name.endswith('_') or not isinstance(target, str) and \
+        getattr(target, 'overloads', None) is not None and any(
+            getattr(getattr(target, overload, None), '_schema',
+                    None) is None or
+            getattr(target, overload)._schema.is_mutable
+            for overload in target.overloads())
 
 
 def _input_changed_before(root: nn.Module, norm: fx.Node,
