@@ -1257,7 +1257,11 @@ def _contents(item: Any) -> List[Any]:
     or a plain object (its attributes) holds; ``[]`` for anything
     else."""
     if isinstance(item, dict):
-        return [*item.keys(), *item.values()]
+        # Keys too (``{self.bn: 2.0}``), but weak references as keys (a
+        # ``WeakKeyDictionary``: a registry that looks modules up by
+        # identity, ``FLAGS[self]``, and holds none).
+        return [*(key for key in item.keys()
+                  if not isinstance(key, weakref.ref)), *item.values()]
     if isinstance(item, (list, tuple, set, frozenset)):
         return list(item)
     if isinstance(item, functools.partial):
@@ -1432,9 +1436,7 @@ def type_call_in(cls: type) -> Optional[str]:
                     _global_value(scope, n) is builtin
                     for builtin in (builtins.type, builtins.id))
             }
-            if typed and any(ins.opname in ('LOAD_GLOBAL', 'LOAD_NAME')
-                             and ins.argval in typed
-                             for ins in dis.get_instructions(code)):
+            if typed and _calls_type_or_id(code, typed, scope):
                 found = function.__qualname__
             # ``builtins.type(x)``, ``builtins.id(x)``, ``object.__class__
             # (x)`` (which is ``type``): by the names the code uses.
@@ -1460,6 +1462,30 @@ def type_call_in(cls: type) -> Optional[str]:
                         pending.extend(functions_in(value))
     _TYPE_CALLS[cls] = (forward, found)
     return found
+
+
+def _calls_type_or_id(code: types.CodeType, names: Set[str],
+                      scope: Dict[str, Any]) -> bool:
+    """Whether ``code`` loads one of ``names`` (globals that are the
+    builtin ``type`` or ``id``) as a global, but to call ``id`` on its
+    first argument (``id(self)``: the module, never a stand-in)."""
+    ops = [ins for ins in dis.get_instructions(code)
+           if ins.opname not in ('CACHE', 'NOP', 'PRECALL')]
+    first = code.co_varnames[0] if code.co_argcount else None
+    for index, ins in enumerate(ops):
+        if ins.opname not in ('LOAD_GLOBAL', 'LOAD_NAME') or \
+                ins.argval not in names:
+            continue
+        if _global_value(scope, ins.argval) is builtins.id and \
+                first is not None and ops[index + 1:index + 3] and \
+                ops[index + 1].opname == 'LOAD_FAST' and \
+                ops[index + 1].argval == first and \
+                len(ops) > index + 2 and \
+                ops[index + 2].opname in ('CALL', 'CALL_FUNCTION') and \
+                ops[index + 2].arg == 1:
+            continue  # ``id(self)``
+        return True
+    return False
 
 
 def _global_value(scope: Dict[str, Any], name: str) -> Any:
