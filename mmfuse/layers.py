@@ -202,7 +202,7 @@ def is_stock_sequential(module: nn.Module) -> bool:
         runs_class_forward(module)
 
 
-def _call_problem(module: nn.Module) -> Optional[str]:
+def call_problem(module: nn.Module) -> Optional[str]:
     """Why a call of this layer may do more than its class's ``forward``
     (hooks, its own ``forward``, a ``__call__`` of its own), or ``None``.
     """
@@ -247,7 +247,7 @@ def norm_fold_problem(module: nn.Module) -> Optional[str]:
     is_bn = isinstance(module, _BatchNorm) or _is_mmcv_sync_bn(type(module))
     if not is_bn and not _is_frozen_bn(module):
         return f'{name} is not a batch norm with stored statistics'
-    problem = _call_problem(module)
+    problem = call_problem(module)
     if problem:
         return problem
     forward = type(module).forward
@@ -386,7 +386,7 @@ def conv_fold_problem(module: nn.Module) -> Optional[str]:
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and \
             module.has_uninitialized_params():
         return f'{name} is a lazy module with uninitialized parameters'
-    problem = _call_problem(module)
+    problem = call_problem(module)
     if problem:
         return f'{name} {problem}'
     forward = type(module).forward

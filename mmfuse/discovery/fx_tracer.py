@@ -742,7 +742,9 @@ class _LayerStandIn:
     ``read_layers``: a fold would change what it reads.
     """
 
-    __slots__ = ('_mmfuse_layer', '_mmfuse_tracer')
+    # (Weakly referable, as a module is: a ``TypeError`` there would send
+    # the forward another way.)
+    __slots__ = ('_mmfuse_layer', '_mmfuse_tracer', '__weakref__')
 
     def __init__(self, layer: nn.Module, tracer: ModuleForwardTracer):
         object.__setattr__(self, '_mmfuse_layer', layer)
@@ -1410,6 +1412,12 @@ def type_call_in(cls: type) -> Optional[str]:
     if known is not None and known[0] is forward:
         return known[1]
     bases = class_namespaces(cls)
+    # The code of the class's plain methods (not static or class ones).
+    methods = {
+        value.__code__
+        for table in bases for value in table.values()
+        if isinstance(value, types.FunctionType)
+    }
     pending = functions_in(forward)
     found = None
     seen: Set[Any] = set()
@@ -1436,7 +1444,11 @@ def type_call_in(cls: type) -> Optional[str]:
                     _global_value(scope, n) is builtin
                     for builtin in (builtins.type, builtins.id))
             }
-            if typed and _calls_type_or_id(code, typed, scope):
+            # (``id(self)`` passes in a method's own code only: a helper's
+            # or a lambda's first argument may be a layer's stand-in.)
+            if typed and _calls_type_or_id(
+                    code, typed, scope,
+                    code is function.__code__ and code in methods):
                 found = function.__qualname__
             # ``builtins.type(x)``, ``builtins.id(x)``, ``object.__class__
             # (x)`` (which is ``type``): by the names the code uses.
@@ -1465,13 +1477,18 @@ def type_call_in(cls: type) -> Optional[str]:
 
 
 def _calls_type_or_id(code: types.CodeType, names: Set[str],
-                      scope: Dict[str, Any]) -> bool:
+                      scope: Dict[str, Any], method: bool) -> bool:
     """Whether ``code`` loads one of ``names`` (globals that are the
-    builtin ``type`` or ``id``) as a global, but to call ``id`` on its
-    first argument (``id(self)``: the module, never a stand-in)."""
+    builtin ``type`` or ``id``) as a global, but, in a ``method``'s code
+    that never rebinds its first argument, to call ``id`` on that
+    argument (``id(self)``: the module, never a stand-in)."""
     ops = [ins for ins in dis.get_instructions(code)
            if ins.opname not in ('CACHE', 'NOP', 'PRECALL')]
-    first = code.co_varnames[0] if code.co_argcount else None
+    first = code.co_varnames[0] if method and code.co_argcount else None
+    if first is not None and any(
+            ins.opname in ('STORE_FAST', 'DELETE_FAST')
+            and ins.argval == first for ins in ops):
+        first = None
     for index, ins in enumerate(ops):
         if ins.opname not in ('LOAD_GLOBAL', 'LOAD_NAME') or \
                 ins.argval not in names:

@@ -43,8 +43,8 @@ from typing import (Any, Collection, Dict, Iterator, List, NamedTuple,
 import torch
 from torch import fx, nn
 
-from ..layers import (is_conv_layer, is_mmcv_conv_module, is_norm_layer,
-                      is_stock_sequential, norm_fold_problem,
+from ..layers import (call_problem, is_conv_layer, is_mmcv_conv_module,
+                      is_norm_layer, is_stock_sequential, norm_fold_problem,
                       runs_class_forward)
 from ..module_walk import (SubtreeIndex, find_submodule, subtree_span,
                            unchanged_memo, walk_modules)
@@ -104,12 +104,15 @@ def _may_change_arguments(root: nn.Module, node: fx.Node) -> bool:
     arguments in place: an in-place method or function (``relu_``,
     ``x += y``, ``x[i] = v``), one given ``out=`` or ``inplace=True``, or
     a call of a module that is not one of torch's own leaf modules with
-    ``inplace`` off (any other module may do anything with its input)."""
+    ``inplace`` off, or of one with hooks or a forward of its own (any
+    other module may do anything with its input)."""
     if node.op == 'call_module':
         try:
             called = find_submodule(root, node.target)
         except AttributeError:
             return True
+        if call_problem(called) is not None:
+            return True  # a hook or a forward of its own: anything
         if is_conv_layer(called) or is_norm_layer(called):
             return False
         return bool(called._modules) or getattr(called, 'inplace', False) \
