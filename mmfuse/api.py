@@ -255,7 +255,7 @@ def fuse_model(model: nn.Module,
             if not passed and unmerged_evidence is not None:
                 # Merges and folds together fail: judge the merges alone
                 # (undoing those that fail), then the folds on what stands.
-                together = check.kept_output()  # None: the forward raised
+                together = check.last_output  # None: the forward raised
                 undo_folds(applied)
                 undone = merges.verify(inputs, check)
                 if undone:

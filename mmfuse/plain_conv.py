@@ -202,34 +202,38 @@ def plain_conv_of(module: nn.Module,
 class _Value:
     """A value of a layer's state as it was, compared with ``==`` as
     what a forward may have changed: a tensor by its values, a list, dict
-    or set by its items (a shallow copy), a number or string by value,
-    anything else by identity."""
+    or set by its items (a shallow copy), a number, string or tuple by
+    value, anything else by identity."""
 
-    __slots__ = ('value', )
+    __slots__ = ('kind', 'value')
 
     def __init__(self, value: Any):
         if isinstance(value, Tensor):
-            value = (type(value), value.dtype, value.shape,
-                     value.detach().clone())
+            self.kind = 'tensor'
+            value = value.detach().clone()
         elif isinstance(value, (list, dict, set)):
-            value = (type(value), copy.copy(value))
+            self.kind = 'items'
+            value = copy.copy(value)
+        elif isinstance(value, (int, float, complex, str, bytes, tuple)):
+            self.kind = 'value'
+        else:
+            self.kind = 'object'
         self.value = value
 
     def __eq__(self, other: object) -> bool:
-        mine, theirs = self.value, getattr(other, 'value', None)
-        if mine is theirs:
-            return True
-        if type(mine) is not type(theirs):
+        if not isinstance(other, _Value) or other.kind != self.kind or \
+                type(other.value) is not type(self.value):
             return False
-        if isinstance(mine, tuple) and len(mine) == 4 and \
-                isinstance(mine[3], Tensor):
-            return mine[:3] == theirs[:3] and torch.equal(mine[3], theirs[3])
-        if isinstance(mine, (int, float, complex, str, bytes, tuple)):
-            try:
-                return bool(mine == theirs)
-            except (ValueError, RuntimeError, TypeError):
-                return False
-        return False
+        mine, theirs = self.value, other.value
+        if self.kind == 'object' or mine is theirs:
+            return mine is theirs
+        if self.kind == 'tensor':
+            return mine.dtype == theirs.dtype and \
+                mine.shape == theirs.shape and torch.equal(mine, theirs)
+        try:
+            return bool(mine == theirs)
+        except (ValueError, RuntimeError, TypeError):
+            return False
 
 
 def _state_of(layer: nn.Module) -> List[Dict[str, _Value]]:

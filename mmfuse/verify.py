@@ -24,8 +24,7 @@ from torch.utils._pytree import tree_map
 
 from .guards import FusionError, fresh_inputs
 from .module_walk import walk_modules
-from .output_tree import (FlatOutput, UncomparableOutput, flatten_output,
-                          tensors_in)
+from .output_tree import UncomparableOutput, flatten_output, tensors_in
 
 __all__ = [
     'output_error', 'default_rtol', 'isolate_failures', 'Isolated',
@@ -371,8 +370,9 @@ class OutputCheck:
 
     def __call__(self, output: Any) -> bool:
         """Check ``output``; the errors measured stay on the object (and
-        ``output``, flattened, as :attr:`last_output`: see
-        :meth:`kept_output`)."""
+        a copy of ``output``, flattened, as :attr:`last_output`: judged
+        again after the model runs once more, it is the one checked;
+        ``None`` after :meth:`no_output`)."""
         try:
             # A copy: the model may write into a tensor it returned (a
             # buffer) when it runs again, before this output is judged
@@ -403,12 +403,6 @@ class OutputCheck:
             error[1] <= self.tolerance
             or wide[1] <= max(self.tolerance, self.margin * own)
             for error, wide, own in zip(errors, precise, self._own_errors))
-
-    def kept_output(self) -> Optional[FlatOutput]:
-        """:attr:`last_output` (a copy of the output checked last), for
-        judging it again after the model runs once more; ``None`` after
-        :meth:`no_output`."""
-        return self.last_output
 
     def no_output(self) -> None:
         """Record a changed model that gave no output (its forward

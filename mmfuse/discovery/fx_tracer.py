@@ -63,7 +63,6 @@ import sysconfig
 import threading
 import types
 import weakref
-from collections import Counter
 from typing import (Any, Collection, Dict, Iterator, List, Optional, Set,
                     Tuple)
 
@@ -151,10 +150,6 @@ class ModuleForwardTracer(fx.Tracer):
             torch.Tensor, str]]] = None
         # ``get_attr`` proxies of parameters and buffers, by path.
         self.tensor_proxies: Dict[str, fx.Proxy] = {}
-        # How often each submodule (by ``id``) was fetched from its
-        # holder's ``_modules`` and called, in the trace.
-        self.fetches: Counter = Counter()
-        self.calls: Counter = Counter()
         # The convs and norms (ids) the forward used otherwise than by
         # calling them or reading their tensors (see :class:`_LayerStandIn`),
         # or asked for a tensor they do not have (``self.conv.bias is
@@ -241,7 +236,7 @@ class ModuleForwardTracer(fx.Tracer):
         owner_path, _, name = node.target.rpartition('.')
         owner = self.root
         for part in owner_path.split('.') if owner_path else ():
-            # (Read past the trace's counting tables: not a fetch.)
+            # (Read past the trace's tables: not a read of the model's.)
             table = owner.__dict__.get('_modules') or {}
             owner = dict.get(table, part)
             if owner is None:
@@ -496,8 +491,6 @@ class ModuleForwardTracer(fx.Tracer):
         self.list_reads.clear()
         self._start_checks()
         self.tensor_proxies.clear()
-        self.fetches.clear()
-        self.calls.clear()
         self.read_layers.clear()
         self.stand_ins.clear()
         self.calling = None
@@ -566,7 +559,6 @@ class ModuleForwardTracer(fx.Tracer):
         layer and trace), anything else itself."""
         if not self.model_reads or not isinstance(module, nn.Module):
             return module
-        self.fetches[id(module)] += 1
         known = self.stand_ins.get(id(module))
         if known is not None:
             return known
@@ -606,21 +598,17 @@ class ModuleForwardTracer(fx.Tracer):
     def _intercept(self, module: nn.Module):
         # Every intercepted module is a leaf: one ``call_module`` node
         # (what ``Tracer.call_module`` makes of a leaf, without its scope
-        # bookkeeping).  A call of a module fetched from its holder fewer
-        # times than it is called was reached some other way (a plain
-        # list, a ``functools.partial`` made before): its node is marked
-        # ``unfetched``, a call a change at the module's path would miss.
+        # bookkeeping).  A call not made through the module's stand-in
+        # reached it some other way (a plain list, a ``functools.partial``
+        # made before): its node is marked ``unfetched``, a call a change
+        # at the module's path would miss.  (Only convs and norms have
+        # stand-ins, and only their calls' marks are read.)
         path = self.submodule_paths[module]
         key = id(module)
 
         def call(*args, **kwargs):
             proxy = self.create_proxy('call_module', path, args, kwargs)
-            self.calls[key] += 1
-            # A conv or norm called through its stand-in was fetched;
-            # another module, fetched at least as often as called.
-            fetched = self.calling == key if key in self.stand_ins else \
-                self.calls[key] <= self.fetches[key]
-            if not fetched or key in self.held_otherwise:
+            if self.calling != key or key in self.held_otherwise:
                 proxy.node.meta['unfetched'] = True
             return proxy
 
@@ -711,10 +699,9 @@ class _TracedTensors(_TraceTable):
         return self.tracer.tensor_proxy(self.prefix + name)
 
 
-class _CountedModules(_TraceTable):
-    """A module's ``_modules`` during a trace: what the model's code
-    fetches of it is counted, and a conv or norm comes as its
-    :class:`_LayerStandIn`."""
+class _ModuleTable(_TraceTable):
+    """A module's ``_modules`` during a trace: a conv or norm the model's
+    code fetches of it comes as its :class:`_LayerStandIn`."""
 
     def __getitem__(self, name: str) -> Any:
         return self.tracer.stand_in(dict.__getitem__(self, name))
@@ -915,7 +902,7 @@ def _traced_tensor_tables(root: nn.Module, tracer: ModuleForwardTracer
                           ) -> List[Tuple[Dict[str, Any], str, Dict]]:
     """Give every module under ``root`` (``root`` too) tables of
     parameters and buffers that hand out traced values, and of submodules
-    that count fetches; returns what to put back: ``(module.__dict__,
+    that hand out stand-ins; returns what to put back: ``(module.__dict__,
     name, table)``."""
     swapped = []
     for path, module in walk_modules(root):
@@ -931,7 +918,7 @@ def _traced_tensor_tables(root: nn.Module, tracer: ModuleForwardTracer
         table = state.get('_modules')
         if table:
             swapped.append((state, '_modules', table))
-            state['_modules'] = _CountedModules(table, tracer)
+            state['_modules'] = _ModuleTable(table, tracer)
     return swapped
 
 

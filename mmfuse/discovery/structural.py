@@ -135,12 +135,10 @@ def _may_change_arguments(root: nn.Module, node: fx.Node) -> bool:
         # ``x.__setitem__(i, v)``, ``x.__iadd__(y)``
         return name in ('__setitem__', '__delitem__') or \
             name.startswith('__i') and name[3:-2] in _BINARY_OPERATORS
+    # (A ``torch.ops`` packet, ``torch.ops.aten.add``, runs the overload
+    # its arguments pick, ``out=`` ones among them.)
     return name.endswith('_') or not isinstance(target, str) and \
-        getattr(target, 'overloads', None) is not None and any(
-            getattr(getattr(target, overload, None), '_schema',
-                    None) is None or
-            getattr(target, overload)._schema.is_mutable
-            for overload in target.overloads())
+        callable(getattr(target, 'overloads', None))
 
 
 def _input_changed_before(root: nn.Module, norm: fx.Node,
