@@ -24,7 +24,8 @@ from torch.utils._pytree import tree_map
 
 from .guards import FusionError, fresh_inputs
 from .module_walk import walk_modules
-from .output_tree import UncomparableOutput, flatten_output, tensors_in
+from .output_tree import (FlatOutput, UncomparableOutput, flatten_output,
+                          tensors_in)
 
 __all__ = [
     'output_error', 'default_rtol', 'isolate_failures', 'Isolated',
@@ -81,8 +82,17 @@ def _tensor_error(ref: Tensor, out: Tensor) -> Optional[Tuple[float, float]]:
     has a NaN ``ref`` has not."""
     if ref.numel() == 0:
         return 0.0, 0.0
-    ref64 = ref.detach().double()
-    out64 = out.detach().double()
+    ref, out = ref.detach(), out.detach()
+    if bool(torch.isfinite(ref).all()) and bool(torch.isfinite(out).all()):
+        # The common case, in one float64 tensor (the values of ``ref``
+        # and ``out`` convert exactly): no inf or NaN to match.
+        diff = ref.to(torch.float64, copy=True).sub_(out).abs_()
+        low, high = torch.aminmax(ref)
+        abs_err = float(diff.max())
+        scale = max(-float(low), float(high))
+        return abs_err, abs_err / scale if scale > 0 else abs_err
+    ref64 = ref.double()
+    out64 = out.double()
     if bool((torch.isnan(out64) & ~torch.isnan(ref64)).any()):
         return None
     finite = torch.isfinite(ref64)
@@ -370,17 +380,25 @@ class OutputCheck:
 
     def __call__(self, output: Any) -> bool:
         """Check ``output``; the errors measured stay on the object (and
-        a copy of ``output``, flattened, as :attr:`last_output`: judged
-        again after the model runs once more, it is the one checked;
-        ``None`` after :meth:`no_output`)."""
+        ``output``, flattened, as :attr:`last_output`: a copy where it
+        fails, so that, judged again after the model runs once more, it
+        is the one checked; ``None`` after :meth:`no_output`)."""
         try:
-            # A copy: the model may write into a tensor it returned (a
-            # buffer) when it runs again, before this output is judged
-            # again (:meth:`passes_wider`).
-            output = flatten_output(output, clone=True)
+            output = flatten_output(output)
         except UncomparableOutput:
             output = None
-        self.last_output = output
+        passed = self._judge(output)
+        # The output that failed is judged again after the model runs
+        # once more (:meth:`passes_wider`): a copy, as the model may write
+        # into a tensor it returned (a buffer).  One that passed is not
+        # judged again: not copied.
+        self.last_output = output if passed or output is None else \
+            FlatOutput([leaf.clone() for leaf in output.leaves], output.spec)
+        return passed
+
+    def _judge(self, output: Optional[FlatOutput]) -> bool:
+        """:meth:`__call__` of a flattened output (``None``: one that
+        cannot be read)."""
         self.precise_error = None
         errors = None if output is None else \
             leaf_errors(self.reference, output)

@@ -451,3 +451,43 @@ def test_an_output_unlike_the_reference_in_a_constant_says_so():
     report = mmfuse.fuse_model(model, (X, ))
     assert [s.name for s in report.undone] == ['bn']
     assert 'a constant' in report.undone[0].reason
+
+
+def _plain_error(reference, output):
+    """``(abs, rel)`` error as the float64 formula states it, over the
+    places where ``reference`` is finite."""
+    ref, out = reference.double(), output.double()
+    finite = torch.isfinite(ref)
+    diff = (ref - out).abs()[finite]
+    if not diff.numel():
+        return 0.0, 0.0
+    scale = float(ref[finite].abs().max())
+    return float(diff.max()), float(diff.max()) / scale
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16,
+                                   torch.bfloat16, torch.float64])
+@pytest.mark.parametrize('odd', [None, 'inf', 'nan', 'both', 'ref_only'])
+def test_output_error_is_the_float64_formula(dtype, odd):
+    """The error of a tensor, also where one holds infs or NaNs, is the
+    float64 formula's (the finite case takes a shorter way)."""
+    gen = torch.Generator().manual_seed(3)
+    reference = (torch.randn(64, generator=gen) * 50).to(dtype)
+    output = (reference.double() +
+              torch.randn(64, generator=gen, dtype=torch.float64) *
+              1e-2).to(dtype)
+    if odd in ('inf', 'both'):
+        reference[3] = output[3] = float('-inf')
+    if odd in ('nan', 'both'):
+        reference[5] = output[5] = float('nan')
+    if odd == 'ref_only':
+        reference[7] = float('inf')
+        assert output_error(reference, output) == (float('inf'),
+                                                   float('inf'))
+        return
+    expected = _plain_error(reference, output)
+    assert output_error(reference, output) == expected
+    assert expected[0] > 0
+    if odd is None:
+        output[9] = float('nan')
+        assert output_error(reference, output)[1] == float('inf')

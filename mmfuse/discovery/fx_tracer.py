@@ -806,7 +806,7 @@ class _LayerStandIn:
 
 
 #: Types of plain values, tested exactly before anything else.
-_PLAIN_TYPES = frozenset({type(None), str, bytes, int, float, complex, bool})
+PLAIN_TYPES = frozenset({type(None), str, bytes, int, float, complex, bool})
 #: Values whose attributes hold nothing of a model's: not looked into.
 _PLAIN_VALUES = (type(None), torch.Tensor, str, bytes, int, float, complex,
                  bool, type, types.ModuleType, torch.dtype, torch.device)
@@ -844,8 +844,8 @@ def is_plain(value: Any) -> bool:
     """Whether ``value`` holds nothing of a model's for certain: a number,
     a string, ``None``, a tuple of those (most of a module's settings)."""
     kind = type(value)
-    return kind in _PLAIN_TYPES or (kind is tuple and all(
-        type(item) in _PLAIN_TYPES for item in value))
+    return kind in PLAIN_TYPES or (kind is tuple and all(
+        type(item) in PLAIN_TYPES for item in value))
 
 
 def holds_only_settings(value: Any, also: Tuple[type, ...] = (),
@@ -855,7 +855,7 @@ def holds_only_settings(value: Any, also: Tuple[type, ...] = (),
     or a tuple, list or dict of those (a config dict), ``depth`` levels
     deep; ``False`` where that is not plain."""
     kind = type(value)
-    if kind in _PLAIN_TYPES or (also and isinstance(value, also)):
+    if kind in PLAIN_TYPES or (also and isinstance(value, also)):
         return True
     if depth <= 0:
         return False

@@ -33,7 +33,8 @@ from ..layers import is_conv_layer, is_norm_layer
 from ..module_walk import find_submodule, walk_modules
 from ..output_tree import tensors_in
 from ..plan import CONCAT, POST, PRE, SUM
-from .fx_tracer import MODULE_INTERNALS, holds_only_settings, is_plain
+from .fx_tracer import (MODULE_INTERNALS, PLAIN_TYPES, holds_only_settings,
+                        is_plain)
 from .occurrence import Evidence, Occurrence, Site
 
 __all__ = ['collect_traced_evidence', 'TracedForward']
@@ -356,6 +357,8 @@ class TracedForward:
         # such), and whether a conv lies on the way; see ``sum_blocks``.
         self.linear: Dict[Key, Tuple[Key, bool]] = {}
         self.sum_blocks: Set[int] = set()
+        # ``(may be linear, is a conv)`` of each leaf called, by ``id``.
+        self.linear_kinds: Dict[int, Tuple[bool, bool]] = {}
         self.output = None
 
     # -- bookkeeping -------------------------------------------------------
@@ -569,11 +572,14 @@ class TracedForward:
             if kwargs:
                 self.add_keyword_inputs(call, kwargs)
             call.outputs = self.keys(output)
-            if len(call.inputs) == 1 and len(call.outputs) == 1 and \
-                    _may_be_linear(module):
-                source, conv = self.source(call.inputs[0])
-                self.linear[call.outputs[0]] = (
-                    source, conv or is_conv_layer(module))
+            if len(call.inputs) == 1 and len(call.outputs) == 1:
+                kind = self.linear_kinds.get(id(module))
+                if kind is None:
+                    kind = self.linear_kinds[id(module)] = (
+                        _may_be_linear(module), is_conv_layer(module))
+                if kind[0]:
+                    source, conv = self.source(call.inputs[0])
+                    self.linear[call.outputs[0]] = (source, conv or kind[1])
             for key in call.outputs:
                 self.producer[key] = call
         finally:
@@ -641,23 +647,21 @@ class TracedForward:
         self.note_kept_in_state()
         return self.output
 
-    def layer_state(self) -> Dict[int, List[Tuple[str, int]]]:
-        """The parameters and buffers of every conv and norm, by name and
-        ``id``, by the layer's ``id``."""
-        return {
-            id(m): [(name, id(t)) for table in (m._parameters, m._buffers)
-                    for name, t in table.items()]
-            for m in self.layers
-        }
+    def layer_state(self) -> List[Tuple]:
+        """The parameters and buffers of every conv and norm, in the order
+        of ``layers``: their names and ``id`` s."""
+        return [(tuple(params), tuple(map(id, params.values())),
+                 tuple(buffers), tuple(map(id, buffers.values())))
+                for params, buffers in ((m._parameters, m._buffers)
+                                        for m in self.layers)]
 
-    def note_replaced(self, before: Dict[int, List[Tuple[str, int]]]
-                      ) -> None:
+    def note_replaced(self, before: List[Tuple]) -> None:
         """A layer whose parameters or buffers the forward set (``self.conv
         .weight = self.shared``): the next call would set them again over
         a fold's."""
         after = self.layer_state()
-        for layer in self.layers:
-            if before[id(layer)] != after[id(layer)]:
+        for layer, was, now in zip(self.layers, before, after):
+            if was != now:
                 self.nested_layers.setdefault(id(layer), (layer, None))
 
     def note_kept_in_state(self) -> None:
@@ -670,8 +674,16 @@ class TracedForward:
             for name, value in module.__dict__.items():
                 # (The module's own tables, then most settings: ints,
                 # flags, sizes.)
-                if name in MODULE_INTERNALS or is_plain(value) or \
-                        isinstance(value, nn.Module) or \
+                kind = type(value)
+                if kind in PLAIN_TYPES or name in MODULE_INTERNALS:
+                    continue
+                if kind is Tensor or kind is nn.Parameter:
+                    key = last.get(id(value))
+                    if key is not None:
+                        self.consumers[key].append(_KeptInState(
+                            f'{path}.{name}' if path else name))
+                    continue
+                if is_plain(value) or isinstance(value, nn.Module) or \
                         holds_only_settings(value, _SETTINGS):
                     continue
                 for tensor in _tensors_in(value):
