@@ -307,9 +307,11 @@ class ModuleForwardTracer(fx.Tracer):
         read once per trace, at its first constant."""
         if self._submodule_attributes is None:
             self._submodule_attributes = {}
-            for path, module in self.root.named_modules():
+            for path, module in walk_modules(self.root):
                 for key, value in module.__dict__.items():
-                    if isinstance(value, torch.Tensor):
+                    if type(value) not in PLAIN_TYPES and \
+                            key not in MODULE_INTERNALS and \
+                            isinstance(value, torch.Tensor):
                         self._submodule_attributes.setdefault(
                             id(value), (value,
                                         f'{path}.{key}' if path else key))
@@ -871,31 +873,34 @@ def holds_only_settings(value: Any, also: Tuple[type, ...] = (),
 def modules_held_in(value: Any, depth: int = 4) -> List[nn.Module]:
     """The modules ``value`` is or holds, ``depth`` levels deep at most
     (see :func:`_held_values`)."""
-    return [
-        item for item in _held_values(value, depth)
-        if isinstance(item, nn.Module)
-    ]
+    return _held_values(value, depth, nn.Module)
 
 
-def _held_values(value: Any, depth: int) -> Iterator[Any]:
-    """``value`` and what it holds, ``depth`` levels deep at most: in
-    containers, partials, bound methods (one of a module gives the
-    module), functions (their closures and defaults) and plain objects
-    (their attributes).  Modules, traced values and plain values are
-    given but not looked into."""
+def _held_values(value: Any, depth: int, kind: type) -> List[Any]:
+    """The instances of ``kind`` among ``value`` and what it holds,
+    ``depth`` levels deep at most: in containers, partials, bound methods
+    (one of a module gives the module), functions (their closures and
+    defaults) and plain objects (their attributes).  Modules, traced
+    values and plain values are given but not looked into."""
+    found = []
     pending = [(value, 0)]
     seen: Set[int] = set()
     while pending:
         item, level = pending.pop()
+        if type(item) in PLAIN_TYPES:  # (most settings: at once)
+            continue
         if isinstance(item, types.MethodType) and \
                 isinstance(item.__self__, nn.Module):
             item = item.__self__
-        yield item
+        if isinstance(item, kind):
+            found.append(item)
         if level >= depth or id(item) in seen or isinstance(
                 item, (nn.Module, fx.Proxy) + _PLAIN_VALUES):
             continue
         seen.add(id(item))
-        pending.extend((child, level + 1) for child in _contents(item))
+        level += 1
+        pending.extend([(child, level) for child in _contents(item)])
+    return found
 
 
 def _traced_tensor_tables(root: nn.Module, tracer: ModuleForwardTracer
@@ -1235,8 +1240,7 @@ def _stored_traced_value(saved: List[Tuple[nn.Module, Dict[str, Any]]],
 def _holds_traced_value(value: Any, depth: int = 8) -> bool:
     """Whether ``value``, or what it holds (see :func:`_held_values`), is
     a traced value."""
-    return any(
-        isinstance(item, fx.Proxy) for item in _held_values(value, depth))
+    return bool(_held_values(value, depth, fx.Proxy))
 
 
 def _contents(item: Any) -> List[Any]:
