@@ -1835,6 +1835,10 @@ class _StructuralCollector:
         return f'input comes from {target}, not a conv'
 
     def run(self) -> Evidence:
+        if unchanged_memo('subtree spans') is not None:
+            # One index of the whole model serves the spans of every module
+            # (one asked for first would index its own subtree alone).
+            subtree_span(self.model)
         # Tracing is the cost: first the modules that call a foldable norm,
         # then the others with layers of their own or code that may reach
         # below their children, where they hold a linked layer (their uses
