@@ -83,7 +83,8 @@ def _tensor_error(ref: Tensor, out: Tensor) -> Optional[Tuple[float, float]]:
     if ref.numel() == 0:
         return 0.0, 0.0
     ref, out = ref.detach(), out.detach()
-    if bool(torch.isfinite(ref).all()) and bool(torch.isfinite(out).all()):
+    if out.is_floating_point() and bool(torch.isfinite(ref).all()) and \
+            bool(torch.isfinite(out).all()):
         # The common case, in one float64 tensor (the values of ``ref``
         # and ``out`` convert exactly): no inf or NaN to match.
         diff = ref.to(torch.float64, copy=True).sub_(out).abs_()

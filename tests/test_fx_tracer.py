@@ -620,3 +620,30 @@ def test_a_forward_that_enters_autocast_is_not_traced(ambient, entered):
     # Entered as it already is, it changes nothing: traced.
     with torch.autocast('cpu', dtype=torch.bfloat16):
         trace_module_forward(_EntersAutocast(dtype=torch.bfloat16))
+
+
+class _AddsAHolder(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        if 'aux' not in self._modules:
+            holder = nn.Module()
+            holder.t = torch.ones(3, 1, 1)
+            self.aux = holder
+        return self.conv(x) * self.aux.t
+
+
+def test_a_tensor_of_a_module_the_forward_adds_is_read_by_its_path():
+    """The tensor attributes are looked up in the live tree, not in a
+    walk kept from before the trace."""
+    from mmfuse.discovery.fx_tracer import trace_module_forward
+    from mmfuse.module_walk import tree_unchanged, walk_modules
+    model = _AddsAHolder().eval()
+    with tree_unchanged():
+        walk_modules(model)
+        graph = trace_module_forward(model)
+    assert [str(n.target) for n in graph.nodes
+            if n.op == 'get_attr'] == ['aux.t']

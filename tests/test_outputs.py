@@ -491,3 +491,28 @@ def test_output_error_is_the_float64_formula(dtype, odd):
     if odd is None:
         output[9] = float('nan')
         assert output_error(reference, output)[1] == float('inf')
+
+
+class _TurnsBool(nn.Module):
+    """Float output on the traced pass, a bool one after."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.bn(self.conv(x))
+        return y if self.calls == 1 else y > 0
+
+
+def test_an_output_of_another_dtype_fails_the_check_without_error():
+    """A bool output against a float reference is measured as numbers
+    (the finite fast path took only floating point outputs)."""
+    model = randomize_norm_stats(_TurnsBool().eval(), seed=0)
+    report = mmfuse.fuse_model(model, (torch.randn(1, 3, 8, 8), ))
+    assert not report.folded
+    assert [s.name for s in report.undone] == ['bn']
+    assert isinstance(model.bn, nn.BatchNorm2d)

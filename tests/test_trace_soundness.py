@@ -1342,3 +1342,54 @@ def test_what_a_fold_keeps_still_folds(model, folded):
     fused, _, rel = fuse_and_compare(model, (X, ), traced=False)
     assert rel < 1e-5
     identity_at(fused, folded)
+
+
+class _MovesBiasToBuffers(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if 'bias' in self.conv._parameters:
+            self.conv._buffers['bias'] = self.conv._parameters.pop('bias')
+        return self.bn(self.conv(x))
+
+
+def test_a_tensor_moved_to_the_other_table_is_not_a_replacement():
+    """The layer state compared around the traced pass is names and ids,
+    parameters then buffers: the same tensor under the same name in the
+    other table is no new tensor set by the forward."""
+    model = randomize_norm_stats(_MovesBiasToBuffers().eval(), seed=0)
+    report = mmfuse.fuse_model(model, (torch.randn(1, 3, 8, 8), ))
+    assert [f.norm for f in report.folded] == ['bn']
+
+
+class _KeysRaise(dict):
+
+    def keys(self):
+        raise RuntimeError('not loaded')
+
+
+class _KeepsOutputBesideALazyDict(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+        self.state = [[[[[_KeysRaise()]]]], None]
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        self.state[1] = y
+        return y
+
+
+def test_the_search_for_a_kept_traced_value_stops_at_the_first():
+    """Nothing past the first traced value is read: the reason names the
+    traced value kept, not what a later object raised."""
+    model = nn.Sequential(_KeepsOutputBesideALazyDict(), nn.ReLU()).eval()
+    plan = mmfuse.discover_folds(model)
+    assert not plan.folds
+    assert 'keeps a traced value' in plan.skipped[0].reason

@@ -307,7 +307,9 @@ class ModuleForwardTracer(fx.Tracer):
         read once per trace, at its first constant."""
         if self._submodule_attributes is None:
             self._submodule_attributes = {}
-            for path, module in walk_modules(self.root):
+            # (The live tree, not a walk kept from before the trace: the
+            # forward may have added modules.)
+            for path, module in self.root.named_modules():
                 for key, value in module.__dict__.items():
                     if type(value) not in PLAIN_TYPES and \
                             key not in MODULE_INTERNALS and \
@@ -876,12 +878,14 @@ def modules_held_in(value: Any, depth: int = 4) -> List[nn.Module]:
     return _held_values(value, depth, nn.Module)
 
 
-def _held_values(value: Any, depth: int, kind: type) -> List[Any]:
+def _held_values(value: Any, depth: int, kind: type,
+                 first: bool = False) -> List[Any]:
     """The instances of ``kind`` among ``value`` and what it holds,
     ``depth`` levels deep at most: in containers, partials, bound methods
     (one of a module gives the module), functions (their closures and
     defaults) and plain objects (their attributes).  Modules, traced
-    values and plain values are given but not looked into."""
+    values and plain values are given but not looked into.  With
+    ``first``, the first found alone (nothing further is read)."""
     found = []
     pending = [(value, 0)]
     seen: Set[int] = set()
@@ -894,6 +898,8 @@ def _held_values(value: Any, depth: int, kind: type) -> List[Any]:
             item = item.__self__
         if isinstance(item, kind):
             found.append(item)
+            if first:
+                break
         if level >= depth or id(item) in seen or isinstance(
                 item, (nn.Module, fx.Proxy) + _PLAIN_VALUES):
             continue
@@ -1240,7 +1246,7 @@ def _stored_traced_value(saved: List[Tuple[nn.Module, Dict[str, Any]]],
 def _holds_traced_value(value: Any, depth: int = 8) -> bool:
     """Whether ``value``, or what it holds (see :func:`_held_values`), is
     a traced value."""
-    return bool(_held_values(value, depth, fx.Proxy))
+    return bool(_held_values(value, depth, fx.Proxy, first=True))
 
 
 def _contents(item: Any) -> List[Any]:

@@ -357,8 +357,6 @@ class TracedForward:
         # such), and whether a conv lies on the way; see ``sum_blocks``.
         self.linear: Dict[Key, Tuple[Key, bool]] = {}
         self.sum_blocks: Set[int] = set()
-        # ``(may be linear, is a conv)`` of each leaf called, by ``id``.
-        self.linear_kinds: Dict[int, Tuple[bool, bool]] = {}
         self.output = None
 
     # -- bookkeeping -------------------------------------------------------
@@ -572,14 +570,11 @@ class TracedForward:
             if kwargs:
                 self.add_keyword_inputs(call, kwargs)
             call.outputs = self.keys(output)
-            if len(call.inputs) == 1 and len(call.outputs) == 1:
-                kind = self.linear_kinds.get(id(module))
-                if kind is None:
-                    kind = self.linear_kinds[id(module)] = (
-                        _may_be_linear(module), is_conv_layer(module))
-                if kind[0]:
-                    source, conv = self.source(call.inputs[0])
-                    self.linear[call.outputs[0]] = (source, conv or kind[1])
+            if len(call.inputs) == 1 and len(call.outputs) == 1 and \
+                    _may_be_linear(module):
+                source, conv = self.source(call.inputs[0])
+                self.linear[call.outputs[0]] = (
+                    source, conv or is_conv_layer(module))
             for key in call.outputs:
                 self.producer[key] = call
         finally:
@@ -649,9 +644,11 @@ class TracedForward:
 
     def layer_state(self) -> List[Tuple]:
         """The parameters and buffers of every conv and norm, in the order
-        of ``layers``: their names and ``id`` s."""
-        return [(tuple(params), tuple(map(id, params.values())),
-                 tuple(buffers), tuple(map(id, buffers.values())))
+        of ``layers``: their names and ``id`` s, parameters first (a tensor
+        that moves to the other table under its name is the same)."""
+        return [(tuple(params) + tuple(buffers),
+                 tuple(map(id, params.values())) +
+                 tuple(map(id, buffers.values())))
                 for params, buffers in ((m._parameters, m._buffers)
                                         for m in self.layers)]
 
