@@ -1952,6 +1952,36 @@ def test_attributes_read_past_the_code_above_keep_the_block(make):
         assert output_error(reference, model(x))[1] < RTOL
 
 
+class _CallsTheBlock(nn.Module):
+    """Calls ``self.block`` and reads nothing of it (until its class
+    changes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = _ShuffleGroups()
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def test_a_class_changed_between_merges_has_its_code_read_again():
+    """A merge walk checks what the code above each block reads against
+    its class once: a forward changed after one walk is read in the
+    next, which keeps the block whose ``groups`` it now reads."""
+    from mmfuse.reparam.api import merge_blocks
+    model = randomize_norm_stats(_CallsTheBlock().eval(), seed=3)
+    assert [r['merged'] for r in merge_blocks(model).records] == [True]
+    forward = _CallsTheBlock.forward
+    _CallsTheBlock.forward = _ReadsGroups.forward
+    try:
+        model = randomize_norm_stats(_CallsTheBlock().eval(), seed=3)
+        records = merge_blocks(model).records
+    finally:
+        _CallsTheBlock.forward = forward
+    assert [r['merged'] for r in records] == [False]
+    assert 'groups' in records[0]['reason']
+
+
 # -------------------------------------------- dtypes and rebuilt structures
 
 

@@ -30,7 +30,7 @@ from ..guards import (FusionError, as_input_tuple, check_eval,
 from ..layers import (global_hook_problem, is_conv_layer,
                       norm_affine_params, norm_fold_problem,
                       runs_class_forward)
-from ..module_walk import walk_modules
+from ..module_walk import classes_unchanged, walk_modules
 from ..verify import (OutputCheck, default_rtol, isolate_failures,
                       output_check, search_checks)
 from .branches import build_conv, describe_term, merge_terms, norm_ops
@@ -239,7 +239,10 @@ class _Walker:
     def run(self) -> List[Dict]:
         if self.use_registry:
             self.read_registry_blocks()
-        self.visit_children(self.model, '')
+        # The walk replaces modules, no class: what the code of each class
+        # above a block reads is checked against the class once.
+        with classes_unchanged():
+            self.visit_children(self.model, '')
         if self.call_deploy_methods:
             self.deploy_methods(self.model, '')
         return self.records
