@@ -14,7 +14,8 @@ from torch import nn
 
 __all__ = [
     'walk_modules', 'tree_unchanged', 'unchanged_memo', 'classes_unchanged',
-    'class_memo', 'has_children', 'find_submodule', 'unique_modules', 'SubtreeIndex', 'subtree_span'
+    'class_memo', 'has_children', 'find_submodule', 'unique_modules',
+    'SubtreeIndex', 'subtree_span'
 ]
 
 _MEMO = threading.local()

@@ -22,8 +22,9 @@ from ..folding import (fold_affine_into_bias, in_float64_rows, norm_affines,
 from ..layers import (conv_fold_problem, norm_affine_params, norm_channels,
                       norm_fold_problem)
 from .merge import (BranchGeometry, ConvGeometry, MergeError,
-                    avg_pool_kernel, centre_slices, compose_affine,
-                    identity_kernel, merge_geometry)
+                    add_to_diagonal, avg_pool_kernel, centre_slices,
+                    compose_affine, identity_kernel, merge_geometry,
+                    pool_value)
 
 __all__ = ['Op', 'Term', 'conv_op', 'norm_op', 'pool_op', 'scale_op',
            'merge_terms', 'describe_term', 'build_conv', 'norm_ops']
@@ -264,15 +265,22 @@ def _norm_affines(
 class _Branch(NamedTuple):
     """One branch of a sum, ready to merge: its output is ``scale * conv(x,
     kernel * factors) + bias`` per output channel."""
-    #: The conv's weight as it is, or a float64 identity or pool kernel;
-    #: at its own size (centred in the merged kernel by the sum).
-    kernel: Tensor
+    #: The conv's weight as it is, at its own size (centred in the merged
+    #: kernel by the sum); ``None`` for an identity or a pool, whose
+    #: float64 kernel (:func:`~mmfuse.reparam.merge.identity_kernel`,
+    #: :func:`~mmfuse.reparam.merge.avg_pool_kernel`) the sum writes
+    #: where it is not zero.
+    kernel: Optional[Tensor]
     #: Constants the branch multiplies its input by, before the conv.
     factors: List[Union[float, Tensor]]
     #: Per-output-channel scale after the conv, float64.
     scale: Tensor
     #: The folded bias, float64.
     bias: Tensor
+    #: The window of an identity (``(1, 1)``) or pool.
+    window: Tuple[int, int] = (1, 1)
+    #: The value of an identity or pool kernel on its diagonal.
+    value: float = 1.0
 
 
 def _branch(term: Term, geometry: ConvGeometry, device: torch.device,
@@ -281,14 +289,13 @@ def _branch(term: Term, geometry: ConvGeometry, device: torch.device,
     map (``norms``: the ``norm_affine`` of each norm op, by ``id``)."""
     before, spatial, after = _split(term)
     channels = geometry.out_channels
+    kernel: Optional[Tensor] = None
     bias: Optional[Tensor] = None
-    if spatial is None:
-        kernel = identity_kernel(channels, geometry.groups, (1, 1), device)
-    elif spatial.kind == POOL:
+    window, value = (1, 1), 1.0
+    if spatial is not None and spatial.kind == POOL:
         window = _pair(spatial.module.kernel_size)
-        kernel = avg_pool_kernel(channels, geometry.groups, window, window,
-                                 device)
-    else:
+        value = pool_value(window)
+    elif spatial is not None:
         kernel = spatial.module.weight.detach()
         bias = spatial.module.bias
     factors = [
@@ -298,10 +305,47 @@ def _branch(term: Term, geometry: ConvGeometry, device: torch.device,
     scale, shift = _affine_after(after, channels, norms)
     scale, shift = scale.to(device), shift.to(device)
     return _Branch(kernel, factors, scale,
-                   fold_affine_into_bias(bias, scale, shift))
+                   fold_affine_into_bias(bias, scale, shift), window, value)
 
 
-def _merged_weight(branches: Sequence[_Branch], kernel_size: Tuple[int, int],
+def _diagonal_kernel(branch: _Branch, geometry: ConvGeometry) -> Tensor:
+    """The float64 kernel of an identity or pool branch, at its window."""
+    channels, groups = geometry.out_channels, geometry.groups
+    device = branch.scale.device
+    if branch.window == (1, 1) and branch.value == 1.0:
+        return identity_kernel(channels, groups, (1, 1), device)
+    return avg_pool_kernel(channels, groups, branch.window, branch.window,
+                           device)
+
+
+def _add_diagonal(rows: Tensor, branch: _Branch, start: int, stop: int,
+                  kernel_size: Tuple[int, int], per_group: int) -> bool:
+    """Add rows ``start:stop`` of an identity or pool branch's kernel,
+    times its scales and factors, to ``rows``, without making the kernel:
+    its zeros times them (``+0``, or ``-0`` on a row of negative scale:
+    a ``-0`` in ``rows`` becomes ``+0`` where the kernel's product would
+    make it so), then its diagonal, each the float64 value the kernel's
+    product gives, in the same order of additions.  ``False`` (nothing
+    added) where a scale or factor is infinite or NaN: the kernel's zeros
+    times it are NaN, which the kernel's product adds off its diagonal
+    only."""
+    scale = branch.scale[start:stop]
+    zeros = torch.mul(scale, 0.0)
+    diagonal = scale if branch.value == 1.0 and not branch.factors else \
+        torch.mul(scale, branch.value)
+    for factor in branch.factors:
+        zeros.mul_(factor)
+        diagonal.mul_(factor)
+    if zeros.isnan().any():
+        return False
+    rows_at, columns_at = centre_slices(branch.window, kernel_size)
+    window = rows[..., rows_at, columns_at]
+    window.add_(zeros.reshape(-1, 1, 1, 1))
+    add_to_diagonal(window, diagonal, start, per_group)
+    return True
+
+
+def _merged_weight(branches: Sequence[_Branch], geometry: ConvGeometry,
                    dtype: torch.dtype) -> Tensor:
     """The sum of the branches' kernels, each times its factors and
     scales, in float64, rounded once to ``dtype``.
@@ -311,29 +355,41 @@ def _merged_weight(branches: Sequence[_Branch], kernel_size: Tuple[int, int],
     branch's kernel when it has the merged size (from zeros otherwise),
     each branch added in order, its channels scaled by
     :func:`~mmfuse.folding.scale_output_channels` (the one copy of that
-    product): no float64 copy of a whole branch is made.
+    product): no float64 copy of a whole branch is made.  An identity or
+    pool branch added is written on its diagonal (:func:`_add_diagonal`).
 
     Args:
         branches: The branches, their kernels of one ``(out, in /
             groups)``.
-        kernel_size: The merged kernel's size.
+        geometry: The merged conv's geometry.
         dtype: The merged kernel's dtype.
 
     Returns:
-        The merged kernel, a new tensor on the kernels' device.
+        The merged kernel, a new tensor on the branches' device.
     """
-    heads = sorted({tuple(b.kernel.shape[:-2]) for b in branches})
+    kernel_size = tuple(geometry.kernel_size)
+    channels = geometry.out_channels
+    heads = sorted({
+        (channels, channels // geometry.groups) if b.kernel is None else
+        tuple(b.kernel.shape[:-2])
+        for b in branches
+    })
     if len(heads) != 1:
         raise MergeError(f'kernels of different channels: {heads}')
-    shape = heads[0] + tuple(kernel_size)
-    device = branches[0].kernel.device
+    shape = heads[0] + kernel_size
+    per_group = heads[0][1]
+    device = branches[0].scale.device
     first: Optional[_Branch] = branches[0]
-    if tuple(first.kernel.shape[-2:]) == tuple(kernel_size):
+    if first.kernel is None and first.window == kernel_size:
+        first = first._replace(kernel=_diagonal_kernel(first, geometry))
+    if first.kernel is not None and \
+            tuple(first.kernel.shape[-2:]) == kernel_size:
         start_from, added = first.kernel, branches[1:]
         weight = torch.empty(shape, dtype=dtype, device=device)
     else:  # the sum starts from zeros, written where it will be
         first, added = None, branches
         weight = start_from = torch.zeros(shape, dtype=dtype, device=device)
+    kernels: Dict[int, Tensor] = {}
 
     def merge_rows(rows: Tensor, start: int, stop: int) -> None:
         """``rows`` holds the float64 values of rows ``start:stop`` of
@@ -342,13 +398,21 @@ def _merged_weight(branches: Sequence[_Branch], kernel_size: Tuple[int, int],
             for factor in first.factors:
                 rows.mul_(factor)
             scale_output_channels(rows, first.scale[start:stop], out=rows)
-        for branch in added:
-            part = scale_output_channels(branch.kernel[start:stop],
+        for index, branch in enumerate(added):
+            kernel = branch.kernel
+            if kernel is None:
+                if _add_diagonal(rows, branch, start, stop, kernel_size,
+                                 per_group):
+                    continue
+                if index not in kernels:
+                    kernels[index] = _diagonal_kernel(branch, geometry)
+                kernel = kernels[index]
+            part = scale_output_channels(kernel[start:stop],
                                          branch.scale[start:stop])
             for factor in branch.factors:
                 part.mul_(factor)
             rows_at, columns_at = centre_slices(part.shape[-2:], kernel_size)
-            rows[..., rows_at, columns_at] += part
+            rows[..., rows_at, columns_at].add_(part)
 
     in_float64_rows(start_from, weight, [(0, len(weight))], merge_rows)
     return weight
@@ -415,8 +479,7 @@ def merge_terms(
     branches = [
         _branch(term, geometry, reference.device, norms) for term in terms
     ]
-    weight = _merged_weight(branches, geometry.kernel_size,
-                            reference.dtype)
+    weight = _merged_weight(branches, geometry, reference.dtype)
     bias = torch.zeros_like(branches[0].bias)
     for branch in branches:
         bias += branch.bias
