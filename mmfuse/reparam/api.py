@@ -195,7 +195,9 @@ class _Walker:
         """Why ``new`` may not replace ``old``: code above it may read an
         attribute of ``old`` that ``new`` would give otherwise (read
         from that code, with an example input too: a forward pass shows
-        calls, not attribute reads); ``None`` if none."""
+        calls, not attribute reads); ``None`` if none.  ``new`` is given
+        the attributes of ``old`` it carries first
+        (:func:`_carry_attributes`)."""
         _carry_attributes(old, new)
         changed = _attributes_changed(old, new)
         if not changed:
@@ -210,7 +212,9 @@ class _Walker:
 
     def replace(self, parent: nn.Module, attr: str, path: str,
                 old: nn.Module, new: nn.Module, record: Dict) -> None:
-        _carry_attributes(old, new)
+        """Put ``new`` in place of ``old``, which it replaces as a child
+        of ``parent``; it has the attributes of ``old`` it carries
+        (:func:`_carry_attributes`) already."""
         parent._modules[attr] = new
         group = _Group()
         for other in list(self.groups):
@@ -328,7 +332,7 @@ class _Walker:
             if read:
                 self.left(path, module, name, read)
                 return self.visit_children(module, path)
-            names = {id(m): n for n, m in module.named_modules() if n}
+            names = {id(m): n for n, m in walk_modules(module) if n}
             record = self.merged_record(path, module, name, layers, [{
                 'name': conv_name,
                 'geometry': geometry.to_dict(),
@@ -428,6 +432,7 @@ class _Walker:
                 self.deploy_methods(child, child_path)
                 continue
             changed.train(child.training)
+            _carry_attributes(child, changed)
             record = {
                 'module': child_path,
                 'type': class_path(type(child)),
