@@ -658,6 +658,34 @@ def test_identity_and_pool_branches_add_what_their_kernels_would(
     assert torch.equal(weight.view(torch.int32), expected.view(torch.int32))
 
 
+def test_convs_built_alike_are_plain_convs_of_their_own():
+    """A conv built for a geometry built before is a copy of the first
+    one's attributes: as the constructor makes it, sharing no container
+    (parameters, hooks) with another."""
+    from mmfuse.reparam.branches import build_conv
+    geometry = ConvGeometry(8, 16, (3, 3), (2, 2), (1, 1), (1, 1), 2,
+                            'reflect')
+    weight, bias = torch.randn(16, 4, 3, 3), torch.randn(16)
+    first, second = (build_conv(geometry, weight.clone(), bias.clone())
+                     for _ in range(2))
+    made = nn.Conv2d(8, 16, 3, 2, 1, groups=2, padding_mode='reflect')
+    made.weight, made.bias = nn.Parameter(weight), nn.Parameter(bias)
+    made.eval()
+    for conv in (first, second):
+        assert type(conv) is nn.Conv2d
+        assert list(conv.__dict__) == list(made.__dict__)
+        assert {k: v for k, v in vars(conv).items()
+                if k != '_parameters'} == \
+            {k: v for k, v in vars(made).items() if k != '_parameters'}
+        assert list(conv._parameters) == ['weight', 'bias']
+        assert torch.equal(conv.weight, weight)
+    first.register_forward_hook(lambda *args: None)
+    assert not second._forward_hooks
+    assert first.weight is not second.weight
+    x = torch.randn(1, 8, 9, 9)
+    assert torch.equal(second(x), made(x))
+
+
 def _conv_geometry(kernel, stride=1, padding=0, dilation=1, groups=1,
                    channels=8, mode='zeros'):
     return BranchGeometry('conv', (kernel, kernel), (stride, stride),

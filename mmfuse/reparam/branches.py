@@ -10,6 +10,8 @@ every layer with the same rules as the core folding
 ``nn.Conv2d`` with the math of :mod:`mmfuse.reparam.merge` and
 :mod:`mmfuse.folding`.
 """
+import copy
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import (Dict, List, NamedTuple, Optional, Sequence, Tuple,
                     Union)
@@ -495,6 +497,52 @@ class _ValuesGiven(nn.Conv2d):
         pass
 
 
+#: A plain ``nn.Conv2d`` of each geometry built for values given, on the
+#: meta device: a conv of that geometry built again is a copy of its
+#: attributes (the constructor's dozen ``Module.__setattr__`` calls cost
+#: more than the merge of a small block's values).
+_BUILT: Dict[ConvGeometry, nn.Conv2d] = {}
+
+#: Geometries kept in ``_BUILT``, at most.
+_MAX_BUILT = 256
+
+
+def _empty_conv(geometry: ConvGeometry) -> nn.Conv2d:
+    """A plain ``nn.Conv2d`` with ``geometry`` whose parameters are on the
+    meta device, to be given values: a copy of the one built first for
+    ``geometry``, its containers (parameters, hooks, ...) copied too;
+    built anew while global parameter registration hooks are set (they
+    see each conv's parameters registered, as they would be built)."""
+    built = _BUILT.get(geometry)
+    if built is None or getattr(nn.modules.module,
+                                '_global_parameter_registration_hooks',
+                                None):
+        built = _ValuesGiven(geometry.in_channels,
+                             geometry.out_channels,
+                             geometry.kernel_size,
+                             stride=geometry.stride,
+                             padding=geometry.padding,
+                             dilation=geometry.dilation,
+                             groups=geometry.groups,
+                             bias=True,
+                             padding_mode=geometry.padding_mode,
+                             device='meta')
+        built.__class__ = nn.Conv2d
+        if len(_BUILT) >= _MAX_BUILT:
+            _BUILT.clear()
+        _BUILT[geometry] = built
+    conv = nn.Conv2d.__new__(nn.Conv2d)
+    conv.__dict__.update(
+        (name, value.copy() if type(value) in _CONTAINERS else
+         copy.copy(value) if isinstance(value, (dict, list, set)) else value)
+        for name, value in built.__dict__.items())
+    return conv
+
+
+#: Containers whose ``copy`` method makes a shallow copy of their type.
+_CONTAINERS = frozenset({dict, OrderedDict, list, set})
+
+
 def build_conv(geometry: ConvGeometry,
                weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None,
@@ -508,25 +556,23 @@ def build_conv(geometry: ConvGeometry,
         bias: Its bias, taken as it is.
         like: Dtype and device for a conv without values.
     """
-    conv = (nn.Conv2d if weight is None else _ValuesGiven)(
-        geometry.in_channels,
-        geometry.out_channels,
-        geometry.kernel_size,
-        stride=geometry.stride,
-        padding=geometry.padding,
-        dilation=geometry.dilation,
-        groups=geometry.groups,
-        bias=True,
-        padding_mode=geometry.padding_mode,
-        # With values given, nothing to initialise: build it empty.
-        device='meta' if weight is not None else None)
     if weight is not None:
-        conv.__class__ = nn.Conv2d
+        conv = _empty_conv(geometry)
         # The values are fresh tensors made for this conv: no copy.
         conv.weight = nn.Parameter(weight.detach())
         conv.bias = nn.Parameter(bias.detach())
-    elif like is not None:
-        conv = conv.to(device=like.device, dtype=like.dtype)
+    else:
+        conv = nn.Conv2d(geometry.in_channels,
+                         geometry.out_channels,
+                         geometry.kernel_size,
+                         stride=geometry.stride,
+                         padding=geometry.padding,
+                         dilation=geometry.dilation,
+                         groups=geometry.groups,
+                         bias=True,
+                         padding_mode=geometry.padding_mode)
+        if like is not None:
+            conv = conv.to(device=like.device, dtype=like.dtype)
     conv.eval()
     return conv
 
