@@ -331,14 +331,15 @@ def _add_diagonal(rows: Tensor, branch: _Branch, start: int, stop: int,
     added) where a scale or factor is infinite or NaN: the kernel's zeros
     times it are NaN, which the kernel's product adds off its diagonal
     only."""
-    scale = branch.scale[start:stop]
+    scale = branch.scale if stop - start == len(branch.scale) else \
+        branch.scale[start:stop]
     zeros = torch.mul(scale, 0.0)
     diagonal = scale if branch.value == 1.0 and not branch.factors else \
         torch.mul(scale, branch.value)
     for factor in branch.factors:
         zeros.mul_(factor)
         diagonal.mul_(factor)
-    if zeros.isnan().any():
+    if zeros.any():  # (zeros of either sign are false, NaN is true)
         return False
     rows_at, columns_at = centre_slices(branch.window, kernel_size)
     window = rows[..., rows_at, columns_at]

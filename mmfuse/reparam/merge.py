@@ -262,6 +262,10 @@ def add_to_diagonal(window: Tensor, values: Tensor, first_row: int,
     if per_group == 1:  # depthwise: the first column
         window[:, 0].add_(values.reshape(-1, 1, 1))
         return
+    column = first_row % per_group
+    if column + rows <= per_group:  # within a group (every row, groups=1)
+        window.diagonal(column, 0, 1).add_(values)
+        return
     row = 0
     while row < rows:
         column = (first_row + row) % per_group
