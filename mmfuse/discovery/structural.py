@@ -1230,8 +1230,16 @@ def names_read_above(model: nn.Module, path: str) -> Optional[frozenset]:
     names: Set[str] = set()
     parts = path.split('.') if path else []
     holder = model
+    # (The same for every module of a class without a forward of its
+    # own: kept while no class changes.)
+    memo = class_memo('names read by')
     for part in parts:
-        read = _names_read_by(holder, part)
+        key = (type(holder), 'forward' in holder.__dict__, part)
+        read = _MISSING if memo is None else memo.get(key, _MISSING)
+        if read is _MISSING:
+            read = _names_read_by(holder, part)
+            if memo is not None:
+                memo[key] = read
         if read is None:
             return None
         names.update(read)
