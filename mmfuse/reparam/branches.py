@@ -82,6 +82,9 @@ def scale_op(value: Union[float, Tensor], label: str = '') -> Op:
 
 
 def _pair(value) -> Tuple[int, int]:
+    if type(value) is tuple and len(value) == 2 and \
+            type(value[0]) is int and type(value[1]) is int:
+        return value  # (a conv's sizes, mostly)
     if isinstance(value, int):
         return value, value
     values = tuple(int(v) for v in value)
@@ -256,7 +259,7 @@ def _norm_affines(
     affines = dict(
         zip(map(id, missing),
             norm_affines([norm_affine_params(op.module)
-                          for op in missing])))
+                          for op in missing]))) if missing else {}
     return {
         id(op): known[id(op.module)]
         if id(op.module) in known else affines[id(op)]
