@@ -307,6 +307,9 @@ class _Walker:
         remains under it."""
         if isinstance(module, nn.Conv2d):
             return True
+        if not module._modules and (not self.use_registry or _registry_entry(
+                module, self.entries) is None):
+            return False  # a layer without children nor a registry entry
         if not runs_class_forward(module):
             return self.visit_children(module, path)
         found = _registry_entry(module, self.entries) \
