@@ -323,6 +323,12 @@ def _diagonal_kernel(branch: _Branch, geometry: ConvGeometry) -> Tensor:
                            device)
 
 
+def _rows(tensor: Tensor, start: int, stop: int) -> Tensor:
+    """``tensor[start:stop]``, or ``tensor`` itself for all its rows."""
+    return tensor if start == 0 and stop == tensor.shape[0] else \
+        tensor[start:stop]
+
+
 def _add_diagonal(rows: Tensor, branch: _Branch, start: int, stop: int,
                   kernel_size: Tuple[int, int], per_group: int) -> bool:
     """Add rows ``start:stop`` of an identity or pool branch's kernel,
@@ -334,15 +340,14 @@ def _add_diagonal(rows: Tensor, branch: _Branch, start: int, stop: int,
     added) where a scale or factor is infinite or NaN: the kernel's zeros
     times it are NaN, which the kernel's product adds off its diagonal
     only."""
-    scale = branch.scale if stop - start == len(branch.scale) else \
-        branch.scale[start:stop]
+    scale = _rows(branch.scale, start, stop)
     zeros = torch.mul(scale, 0.0)
     diagonal = scale if branch.value == 1.0 and not branch.factors else \
         torch.mul(scale, branch.value)
     for factor in branch.factors:
         zeros.mul_(factor)
         diagonal.mul_(factor)
-    if zeros.any():  # (zeros of either sign are false, NaN is true)
+    if zeros.count_nonzero().item():  # (NaN is not zero)
         return False
     rows_at, columns_at = centre_slices(branch.window, kernel_size)
     window = rows[..., rows_at, columns_at]
@@ -403,7 +408,8 @@ def _merged_weight(branches: Sequence[_Branch], geometry: ConvGeometry,
         if first is not None:
             for factor in first.factors:
                 rows.mul_(factor)
-            scale_output_channels(rows, first.scale[start:stop], out=rows)
+            scale_output_channels(rows, _rows(first.scale, start, stop),
+                                  out=rows)
         for index, branch in enumerate(added):
             kernel = branch.kernel
             if kernel is None:
@@ -413,14 +419,14 @@ def _merged_weight(branches: Sequence[_Branch], geometry: ConvGeometry,
                 if index not in kernels:
                     kernels[index] = _diagonal_kernel(branch, geometry)
                 kernel = kernels[index]
-            part = scale_output_channels(kernel[start:stop],
-                                         branch.scale[start:stop])
+            part = scale_output_channels(_rows(kernel, start, stop),
+                                         _rows(branch.scale, start, stop))
             for factor in branch.factors:
                 part.mul_(factor)
             rows_at, columns_at = centre_slices(part.shape[-2:], kernel_size)
             rows[..., rows_at, columns_at].add_(part)
 
-    in_float64_rows(start_from, weight, [(0, len(weight))], merge_rows)
+    in_float64_rows(start_from, weight, [(0, shape[0])], merge_rows)
     return weight
 
 

@@ -258,7 +258,7 @@ def add_to_diagonal(window: Tensor, values: Tensor, first_row: int,
         first_row: The output channel of ``window[0]``.
         per_group: Input channels per group.
     """
-    rows = len(window)
+    rows = window.shape[0]
     if per_group == 1:  # depthwise: the first column
         window[:, 0].add_(values.reshape(-1, 1, 1))
         return
