@@ -222,9 +222,11 @@ def _row_factors(scale64: Tensor, weight: Tensor, transposed: bool,
             lambda start, stop: per_group[start // rows_per_group])
 
 
-def in_float64_rows(weight: Tensor, out: Tensor,
+def in_float64_rows(weight: Tensor,
+                    out: Tensor,
                     segments: Sequence[Tuple[int, int]],
-                    work: Callable[[Tensor, int, int], None]) -> None:
+                    work: Callable[[Tensor, int, int], None],
+                    block_scale: int = 1) -> None:
     """Run ``work`` on the float64 values of ``weight``, a block of rows
     at a time, and write the changed rows into ``out`` in its dtype.
 
@@ -247,6 +249,8 @@ def in_float64_rows(weight: Tensor, out: Tensor,
             two (see ``_row_factors``).
         work: ``work(rows, start, stop)`` changes ``rows``, the float64
             values of rows ``start:stop``, in place.
+        block_scale: Blocks of this many times the usual elements (for a
+            ``work`` whose cost per block outweighs a block's size).
     """
     if weight.dtype == out.dtype == torch.float64:
         if out.data_ptr() != weight.data_ptr():
@@ -263,7 +267,7 @@ def in_float64_rows(weight: Tensor, out: Tensor,
     rows = weight.shape[0]
     if not weight.numel():
         return
-    step = max(1, _BLOCK_ELEMENTS * rows // weight.numel())
+    step = max(1, _BLOCK_ELEMENTS * block_scale * rows // weight.numel())
     if out.dtype == torch.float64 and out.device.type == 'cpu' and \
             out.is_contiguous() and out.untyped_storage().data_ptr() != \
             weight.untyped_storage().data_ptr():

@@ -628,7 +628,7 @@ def test_identity_and_pool_branches_add_what_their_kernels_would(
     from mmfuse.reparam import pool_op, scale_op
     from mmfuse.reparam.branches import (_branch, _branch_geometry,
                                          _norm_affines)
-    monkeypatch.setattr(folding, '_BLOCK_ELEMENTS', 1 << 8)
+    monkeypatch.setattr(folding, '_BLOCK_ELEMENTS', 1 << 5)
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 8, 3, padding=1, groups=groups, bias=False)
     with torch.no_grad():
