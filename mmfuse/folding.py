@@ -222,9 +222,11 @@ def _row_factors(scale64: Tensor, weight: Tensor, transposed: bool,
             lambda start, stop: per_group[start // rows_per_group])
 
 
-def in_float64_rows(weight: Tensor, out: Tensor,
+def in_float64_rows(weight: Tensor,
+                    out: Tensor,
                     segments: Sequence[Tuple[int, int]],
-                    work: Callable[[Tensor, int, int], None]) -> None:
+                    work: Callable[[Tensor, int, int], None],
+                    block_scale: int = 1) -> None:
     """Run ``work`` on the float64 values of ``weight``, a block of rows
     at a time, and write the changed rows into ``out`` in its dtype.
 
@@ -233,9 +235,10 @@ def in_float64_rows(weight: Tensor, out: Tensor,
     which stays in cache: a mixed-dtype multiply takes about four times as
     long, and a float64 copy of the whole weight twice as long.  A float64
     ``out`` takes the work where it lies (after a copy of ``weight``
-    unless it is ``weight``); elsewhere the work is done on one float64
-    copy.  ``work`` may call this function again (a nested call works in
-    a buffer of its own).
+    unless it is ``weight``; on CPU, a contiguous one apart from
+    ``weight`` takes each block of rows so, in place of the buffer);
+    elsewhere the work is done on one float64 copy.  ``work`` may call
+    this function again (a nested call works in a buffer of its own).
 
     Args:
         weight: A tensor whose rows (dim 0) are worked on; not changed
@@ -246,6 +249,8 @@ def in_float64_rows(weight: Tensor, out: Tensor,
             two (see ``_row_factors``).
         work: ``work(rows, start, stop)`` changes ``rows``, the float64
             values of rows ``start:stop``, in place.
+        block_scale: Blocks of this many times the usual elements (for a
+            ``work`` whose cost per block outweighs a block's size).
     """
     if weight.dtype == out.dtype == torch.float64:
         if out.data_ptr() != weight.data_ptr():
@@ -262,7 +267,21 @@ def in_float64_rows(weight: Tensor, out: Tensor,
     rows = weight.shape[0]
     if not weight.numel():
         return
-    step = max(1, _BLOCK_ELEMENTS * rows // weight.numel())
+    step = max(1, _BLOCK_ELEMENTS * block_scale * rows // weight.numel())
+    if out.dtype == torch.float64 and out.device.type == 'cpu' and \
+            out.is_contiguous() and out.untyped_storage().data_ptr() != \
+            weight.untyped_storage().data_ptr():
+        # A float64 ``out`` laid out as the buffer is: each block is
+        # worked on where it is written, as it would be in the buffer.
+        for first, last in segments:
+            for start in range(first, last, step):
+                stop = min(start + step, last)
+                if stop - start == rows:  # one block: no slices
+                    part = out.copy_(weight)
+                else:
+                    part = out[start:stop].copy_(weight[start:stop])
+                work(part, start, stop)
+        return
     shape = tuple(weight.shape) if step >= rows else \
         (step, ) + tuple(weight.shape[1:])
     nested = getattr(_SCRATCH, 'in_use', False)

@@ -13,8 +13,9 @@ from typing import (Any, Dict, Hashable, Iterator, List, NamedTuple,
 from torch import nn
 
 __all__ = [
-    'walk_modules', 'tree_unchanged', 'unchanged_memo', 'has_children',
-    'find_submodule', 'unique_modules', 'SubtreeIndex', 'subtree_span'
+    'walk_modules', 'tree_unchanged', 'unchanged_memo', 'classes_unchanged',
+    'class_memo', 'has_children', 'find_submodule', 'unique_modules',
+    'SubtreeIndex', 'subtree_span'
 ]
 
 _MEMO = threading.local()
@@ -82,6 +83,35 @@ def unchanged_memo(kind: str) -> Optional[Dict[Hashable, Any]]:
     if walks is None:
         return None
     return walks.setdefault(('memo', kind), {})
+
+
+@contextmanager
+def classes_unchanged() -> Iterator[None]:
+    """Within, answers about classes that hold as long as no class changes
+    are kept (per thread, :func:`class_memo`): for code that changes
+    modules but no class, such as a merge walk, which replaces modules
+    (so :func:`tree_unchanged` does not apply) and reads the code of the
+    classes above each block it merges."""
+    previous = getattr(_MEMO, 'classes', None)
+    _MEMO.classes = {} if previous is None else previous
+    try:
+        yield
+    finally:
+        _MEMO.classes = previous
+
+
+def class_memo(kind: str) -> Optional[Dict[Hashable, Any]]:
+    """A dict for answers of ``kind`` about classes, kept for as long as
+    the outermost :func:`tree_unchanged` or :func:`classes_unchanged` of
+    this thread lasts (no class changes in either); ``None`` outside
+    both."""
+    memo = unchanged_memo(kind)
+    if memo is not None:
+        return memo
+    classes = getattr(_MEMO, 'classes', None)
+    if classes is None:
+        return None
+    return classes.setdefault(kind, {})
 
 
 def walk_modules(model: nn.Module,

@@ -594,6 +594,98 @@ def test_merged_kernel_is_the_float64_sum_block_by_block(monkeypatch,
     assert big.weight.dtype == torch.float32  # the layers are untouched
 
 
+@pytest.mark.parametrize('groups', [1, 2, 3, 12])
+@pytest.mark.parametrize('window', [(1, 1), (3, 3), (1, 3)])
+def test_diagonal_writes_are_the_kernels(groups, window):
+    """``add_to_diagonal`` writes what the identity and pool kernels hold,
+    for any rows of them (a block of rows may start inside a group)."""
+    from mmfuse.reparam.merge import add_to_diagonal, pool_value
+    kernel = identity_kernel(12, groups, (1, 1)) if window == (1, 1) \
+        else avg_pool_kernel(12, groups, window, window)
+    value = pool_value(window)
+    values = torch.arange(1, 13, dtype=torch.float64)
+    for first in range(12):
+        for stop in range(first + 1, 13):
+            got = torch.zeros(stop - first, 12 // groups, *window,
+                              dtype=torch.float64)
+            add_to_diagonal(got, values[first:stop] * value, first,
+                            12 // groups)
+            expected = kernel[first:stop] * values[first:stop].reshape(
+                -1, 1, 1, 1)
+            assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize('factor', [1.0, -1.0, float('inf'), float('nan')])
+@pytest.mark.parametrize('groups', [1, 4, 8])
+def test_identity_and_pool_branches_add_what_their_kernels_would(
+        monkeypatch, factor, groups):
+    """An identity or pool branch is written on its diagonal, not as a
+    kernel times its scales: the same float64 values, bit for bit, zeros
+    of both signs (``-0`` stays ``-0`` only under a negative scale's
+    ``-0``), and NaN off the diagonal where a scale is infinite, as the
+    kernel's product gives; block by block too."""
+    from mmfuse import folding
+    from mmfuse.reparam import pool_op, scale_op
+    from mmfuse.reparam.branches import (_branch, _branch_geometry,
+                                         _norm_affines)
+    monkeypatch.setattr(folding, '_BLOCK_ELEMENTS', 1 << 5)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=groups, bias=False)
+    with torch.no_grad():
+        conv.weight[::2] = 0.0
+    norms = [randomize_norm_stats(nn.BatchNorm2d(8)).eval()
+             for _ in range(3)]
+    with torch.no_grad():
+        norms[0].weight[::3] *= -1
+        norms[2].weight[1::2] *= -1
+    terms = [Term([conv_op(conv), norm_op(norms[0])]),
+             Term([pool_op(nn.AvgPool2d(3, 1, 1)), norm_op(norms[1]),
+                   scale_op(-0.5)]),
+             Term([norm_op(norms[2]), scale_op(factor)])]
+    _, weight, _ = merge_terms(terms)
+
+    geometry = merge_geometry([_branch_geometry(t) for t in terms])
+    affines = _norm_affines(terms)
+    branches = [_branch(t, geometry, torch.device('cpu'), affines)
+                for t in terms]
+    column = (-1, 1, 1, 1)
+    expected = conv.weight.double() * branches[0].scale.reshape(column)
+    expected += avg_pool_kernel(8, groups, (3, 3), (3, 3)) * \
+        branches[1].scale.reshape(column)
+    expected[..., 1:2, 1:2] += identity_kernel(8, groups, (1, 1)) * \
+        branches[2].scale.reshape(column)
+    expected = expected.float()
+    assert torch.equal(weight.view(torch.int32), expected.view(torch.int32))
+
+
+def test_convs_built_alike_are_plain_convs_of_their_own():
+    """A conv built for a geometry built before is a copy of the first
+    one's attributes: as the constructor makes it, sharing no container
+    (parameters, hooks) with another."""
+    from mmfuse.reparam.branches import build_conv
+    geometry = ConvGeometry(8, 16, (3, 3), (2, 2), (1, 1), (1, 1), 2,
+                            'reflect')
+    weight, bias = torch.randn(16, 4, 3, 3), torch.randn(16)
+    first, second = (build_conv(geometry, weight.clone(), bias.clone())
+                     for _ in range(2))
+    made = nn.Conv2d(8, 16, 3, 2, 1, groups=2, padding_mode='reflect')
+    made.weight, made.bias = nn.Parameter(weight), nn.Parameter(bias)
+    made.eval()
+    for conv in (first, second):
+        assert type(conv) is nn.Conv2d
+        assert list(conv.__dict__) == list(made.__dict__)
+        assert {k: v for k, v in vars(conv).items()
+                if k != '_parameters'} == \
+            {k: v for k, v in vars(made).items() if k != '_parameters'}
+        assert list(conv._parameters) == ['weight', 'bias']
+        assert torch.equal(conv.weight, weight)
+    first.register_forward_hook(lambda *args: None)
+    assert not second._forward_hooks
+    assert first.weight is not second.weight
+    x = torch.randn(1, 8, 9, 9)
+    assert torch.equal(second(x), made(x))
+
+
 def _conv_geometry(kernel, stride=1, padding=0, dilation=1, groups=1,
                    channels=8, mode='zeros'):
     return BranchGeometry('conv', (kernel, kernel), (stride, stride),
@@ -1950,6 +2042,36 @@ def test_attributes_read_past_the_code_above_keep_the_block(make):
     assert not any(r['merged'] for r in report.reparameterized)
     with torch.no_grad():
         assert output_error(reference, model(x))[1] < RTOL
+
+
+class _CallsTheBlock(nn.Module):
+    """Calls ``self.block`` and reads nothing of it (until its class
+    changes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = _ShuffleGroups()
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def test_a_class_changed_between_merges_has_its_code_read_again():
+    """A merge walk checks what the code above each block reads against
+    its class once: a forward changed after one walk is read in the
+    next, which keeps the block whose ``groups`` it now reads."""
+    from mmfuse.reparam.api import merge_blocks
+    model = randomize_norm_stats(_CallsTheBlock().eval(), seed=3)
+    assert [r['merged'] for r in merge_blocks(model).records] == [True]
+    forward = _CallsTheBlock.forward
+    _CallsTheBlock.forward = _ReadsGroups.forward
+    try:
+        model = randomize_norm_stats(_CallsTheBlock().eval(), seed=3)
+        records = merge_blocks(model).records
+    finally:
+        _CallsTheBlock.forward = forward
+    assert [r['merged'] for r in records] == [False]
+    assert 'groups' in records[0]['reason']
 
 
 # -------------------------------------------- dtypes and rebuilt structures

@@ -46,8 +46,8 @@ from torch import fx, nn
 from ..layers import (call_problem, is_conv_layer, is_mmcv_conv_module,
                       is_norm_layer, is_stock_sequential, norm_fold_problem,
                       runs_class_forward)
-from ..module_walk import (SubtreeIndex, find_submodule, subtree_span,
-                           unchanged_memo, walk_modules)
+from ..module_walk import (SubtreeIndex, class_memo, find_submodule,
+                           subtree_span, unchanged_memo, walk_modules)
 from ..plan import CONCAT, POST, PRE, SUM
 from .fx_tracer import (MODULE_INTERNALS, TENSOR_METADATA, class_namespaces,
                         code_kind, functions_in, holds_only_settings,
@@ -654,8 +654,8 @@ def _forward_code(
       the same of the attributes of anything else
       (``helper(self.body.block)``).
     """
-    # (Checked once while no module changes: classes do not either.)
-    checked = unchanged_memo('forward code')
+    # (Checked once while no class changes: see ``class_memo``.)
+    checked = class_memo('forward code')
     if checked is not None and (cls, entry) in checked:
         return _FORWARD_CODE[cls][entry][1]
     forward = inspect.getattr_static(cls, entry, None)
@@ -1230,8 +1230,16 @@ def names_read_above(model: nn.Module, path: str) -> Optional[frozenset]:
     names: Set[str] = set()
     parts = path.split('.') if path else []
     holder = model
+    # (The same for every module of a class without a forward of its
+    # own: kept while no class changes.)
+    memo = class_memo('names read by')
     for part in parts:
-        read = _names_read_by(holder, part)
+        key = (type(holder), 'forward' in holder.__dict__, part)
+        read = _MISSING if memo is None else memo.get(key, _MISSING)
+        if read is _MISSING:
+            read = _names_read_by(holder, part)
+            if memo is not None:
+                memo[key] = read
         if read is None:
             return None
         names.update(read)

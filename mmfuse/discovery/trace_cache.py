@@ -40,7 +40,7 @@ import torch
 from torch import fx, nn
 
 from ..layers import is_conv_layer, is_norm_layer
-from ..module_walk import walk_modules
+from ..module_walk import unique_modules, walk_modules
 from .fx_tracer import reads_shared_containers, trace_module_forward
 
 __all__ = ['ModuleShape', 'TraceCache']
@@ -194,8 +194,7 @@ class TraceCache:
         self.counts: Optional[Counter] = None
         self.compared: Dict[int, bool] = {}
         if model is not None:
-            self.counts = Counter(
-                type(module) for _, module in walk_modules(model))
+            self.counts = Counter(map(type, unique_modules(model)))
         self.traces: Dict[Hashable, List[Tuple[ModuleShape, Optional[
             fx.Graph], Optional[Exception]]]] = {}
 

@@ -30,7 +30,7 @@ from ..guards import (FusionError, as_input_tuple, check_eval,
 from ..layers import (global_hook_problem, is_conv_layer,
                       norm_affine_params, norm_fold_problem,
                       runs_class_forward)
-from ..module_walk import walk_modules
+from ..module_walk import class_memo, classes_unchanged, walk_modules
 from ..verify import (OutputCheck, default_rtol, isolate_failures,
                       output_check, search_checks)
 from .branches import build_conv, describe_term, merge_terms, norm_ops
@@ -88,11 +88,7 @@ def _carry_attributes(old: nn.Module, new: nn.Module) -> None:
     (``self.block(x) * self.block.out_channels`` raised once the block was
     a Sequential).  A ``GraphModule`` keeps them through ``deepcopy`` too
     (torch.fx's user-preserved attributes)."""
-    found = {
-        name: value
-        for namespace in reversed(class_namespaces(type(old)))
-        for name, value in namespace.items()
-    }
+    found = dict(_class_attributes(type(old))[0])
     found.update(old.__dict__)
     carried = {
         name: value
@@ -114,16 +110,8 @@ def _attributes_changed(old: nn.Module, new: nn.Module) -> Set[str]:
     does (``self.block.rbr_1x1.conv.weight`` read from above):
     it lacks them, or has them otherwise (a merged conv's ``groups`` for
     a block's channel-shuffle ``groups``).  Properties are not run."""
-    mine: Dict[str, Any] = {}
-    properties: Set[str] = set()
-    for namespace in reversed(class_namespaces(type(old))):
-        for name, value in namespace.items():
-            if name.startswith('_'):
-                continue
-            if isinstance(value, property):
-                properties.add(name)
-            elif is_plain(value):
-                mine[name] = value
+    _, plain, properties = _class_attributes(type(old))
+    mine = dict(plain)
     mine.update((name, value) for name, value in old.__dict__.items()
                 if not name.startswith('_'))
     for table in (old._parameters, old._buffers, old._modules):
@@ -140,6 +128,34 @@ def _attributes_changed(old: nn.Module, new: nn.Module) -> Set[str]:
 
 
 _NO_ATTRIBUTE = object()
+
+
+def _class_attributes(
+        cls: type) -> Tuple[Dict[str, Any], Dict[str, Any], Set[str]]:
+    """The public attributes of ``cls`` and its bases but torch's, as an
+    instance finds them; the plain values among those of each class (a
+    base's where a subclass's is not plain too); the names of their
+    properties.  Kept while no class changes (during a merge walk)."""
+    memo = class_memo('public class attributes')
+    known = None if memo is None else memo.get(cls)
+    if known is not None:
+        return known
+    found: Dict[str, Any] = {}
+    plain: Dict[str, Any] = {}
+    properties: Set[str] = set()
+    for namespace in reversed(class_namespaces(cls)):
+        for name, value in namespace.items():
+            if name.startswith('_'):
+                continue
+            found[name] = value
+            if isinstance(value, property):
+                properties.add(name)
+            elif is_plain(value):
+                plain[name] = value
+    known = found, plain, frozenset(properties)
+    if memo is not None:
+        memo[cls] = known
+    return known
 
 
 def _deploy_sequential(block: nn.Module, convs: Dict[str, nn.Conv2d],
@@ -195,7 +211,9 @@ class _Walker:
         """Why ``new`` may not replace ``old``: code above it may read an
         attribute of ``old`` that ``new`` would give otherwise (read
         from that code, with an example input too: a forward pass shows
-        calls, not attribute reads); ``None`` if none."""
+        calls, not attribute reads); ``None`` if none.  ``new`` is given
+        the attributes of ``old`` it carries first
+        (:func:`_carry_attributes`)."""
         _carry_attributes(old, new)
         changed = _attributes_changed(old, new)
         if not changed:
@@ -210,7 +228,9 @@ class _Walker:
 
     def replace(self, parent: nn.Module, attr: str, path: str,
                 old: nn.Module, new: nn.Module, record: Dict) -> None:
-        _carry_attributes(old, new)
+        """Put ``new`` in place of ``old``, which it replaces as a child
+        of ``parent``; it has the attributes of ``old`` it carries
+        (:func:`_carry_attributes`) already."""
         parent._modules[attr] = new
         group = _Group()
         for other in list(self.groups):
@@ -239,7 +259,10 @@ class _Walker:
     def run(self) -> List[Dict]:
         if self.use_registry:
             self.read_registry_blocks()
-        self.visit_children(self.model, '')
+        # The walk replaces modules, no class: what the code of each class
+        # above a block reads is checked against the class once.
+        with classes_unchanged():
+            self.visit_children(self.model, '')
         if self.call_deploy_methods:
             self.deploy_methods(self.model, '')
         return self.records
@@ -284,6 +307,9 @@ class _Walker:
         remains under it."""
         if isinstance(module, nn.Conv2d):
             return True
+        if not module._modules and (not self.use_registry or _registry_entry(
+                module, self.entries) is None):
+            return False  # a layer without children nor a registry entry
         if not runs_class_forward(module):
             return self.visit_children(module, path)
         found = _registry_entry(module, self.entries) \
@@ -325,7 +351,7 @@ class _Walker:
             if read:
                 self.left(path, module, name, read)
                 return self.visit_children(module, path)
-            names = {id(m): n for n, m in module.named_modules() if n}
+            names = {id(m): n for n, m in walk_modules(module) if n}
             record = self.merged_record(path, module, name, layers, [{
                 'name': conv_name,
                 'geometry': geometry.to_dict(),
@@ -425,6 +451,7 @@ class _Walker:
                 self.deploy_methods(child, child_path)
                 continue
             changed.train(child.training)
+            _carry_attributes(child, changed)
             record = {
                 'module': child_path,
                 'type': class_path(type(child)),

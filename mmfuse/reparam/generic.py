@@ -41,7 +41,7 @@ from ..discovery.trace_cache import TraceCache
 from ..layers import (fuses_conv_bn_on_the_fly, is_conv_layer,
                       is_mmcv_conv_module, is_norm_layer, is_stock_sequential,
                       norm_fold_problem, runs_class_forward)
-from ..module_walk import has_children
+from ..module_walk import has_children, walk_modules
 from .branches import (Op, Term, _conv_problem, _pool_problem, build_conv,
                        conv_op, describe_term, merge_terms, norm_op, pool_op,
                        scale_op)
@@ -443,7 +443,7 @@ class GenericMerger:
                           'show which read comes first']
         exprs = self._expressions(block, trace)
         absorbed = {p for e in exprs.values() for p in e.parts}
-        names = {id(m): n for n, m in block.named_modules() if n}
+        names = {id(m): n for n, m in walk_modules(block) if n}
         reasons: List[str] = []
         merged: List[Tuple[fx.Node, _Expr, ConvGeometry, Tensor, Tensor]] = []
 

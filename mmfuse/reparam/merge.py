@@ -24,7 +24,7 @@ from torch import Tensor
 __all__ = [
     'MergeError', 'ConvGeometry', 'BranchGeometry', 'merge_geometry',
     'centre_kernel', 'centre_slices', 'identity_kernel', 'avg_pool_kernel',
-    'compose_affine'
+    'pool_value', 'add_to_diagonal', 'compose_affine'
 ]
 
 Pair = Tuple[int, int]
@@ -234,9 +234,52 @@ def avg_pool_kernel(channels: int,
         pool_size: The pool's window.
         kernel_size: The conv's kernel size, at least ``pool_size``.
     """
-    value = 1.0 / (pool_size[0] * pool_size[1])
-    weight = _diagonal(channels, groups, pool_size, value, device)
+    weight = _diagonal(channels, groups, pool_size, pool_value(pool_size),
+                       device)
     return centre_kernel(weight, kernel_size)
+
+
+def pool_value(pool_size: Pair) -> float:
+    """The value on the diagonal of :func:`avg_pool_kernel`."""
+    return 1.0 / (pool_size[0] * pool_size[1])
+
+
+def add_to_diagonal(window: Tensor, values: Tensor, first_row: int,
+                    per_group: int) -> None:
+    """Add ``values[i]`` to ``window[i, (first_row + i) % per_group]``, in
+    place: where :func:`identity_kernel` and :func:`avg_pool_kernel` are
+    not zero, for rows ``first_row`` on of a kernel with ``per_group``
+    input channels per group.
+
+    Args:
+        window: ``(rows, per_group, kh, kw)``: the rows of a kernel, or the
+            part of them where the identity or pool lies (a view).
+        values: ``(rows,)``, added at every position of the window.
+        first_row: The output channel of ``window[0]``.
+        per_group: Input channels per group.
+    """
+    rows = window.shape[0]
+    if per_group == 1:  # depthwise: the first column
+        window[:, 0].add_(values.reshape(-1, 1, 1))
+        return
+    column = first_row % per_group
+    if column + rows <= per_group:  # within a group (every row, groups=1)
+        window.diagonal(column, 0, 1).add_(values)
+        return
+    row = 0
+    while row < rows:
+        column = (first_row + row) % per_group
+        if column == 0 and rows - row >= per_group:
+            # Whole groups: the diagonal of each ``(per_group,
+            # per_group)`` block.
+            stop = row + (rows - row) // per_group * per_group
+            blocks = window[row:stop].unflatten(0, (-1, per_group))
+            blocks.diagonal(dim1=1, dim2=2).add_(values[row:stop].reshape(
+                -1, 1, 1, per_group))
+        else:  # part of a group: a diagonal from ``column``
+            stop = row + min(per_group - column, rows - row)
+            window[row:stop].diagonal(column, 0, 1).add_(values[row:stop])
+        row = stop
 
 
 def compose_affine(first: Tuple[Tensor, Tensor],
