@@ -62,18 +62,26 @@ def find_submodule(root: nn.Module, path: str) -> nn.Module:
 
 
 @contextmanager
+def _memo_scope(name: str) -> Iterator[None]:
+    """Within, this thread's memo ``name`` is kept (the outermost scope
+    makes it, and drops it at its end)."""
+    previous = getattr(_MEMO, name, None)
+    setattr(_MEMO, name, {} if previous is None else previous)
+    try:
+        yield
+    finally:
+        setattr(_MEMO, name, previous)
+
+
+@contextmanager
 def tree_unchanged() -> Iterator[None]:
     """Within, each walk of one root is made once (per thread): for code
     that changes no module tree, such as discovery, which walks the model
     from several places.  Other answers about modules that hold as long
     as no module changes may be kept there too (:func:`unchanged_memo`).
     """
-    previous = getattr(_MEMO, 'walks', None)
-    _MEMO.walks = {} if previous is None else previous
-    try:
+    with _memo_scope('walks'):
         yield
-    finally:
-        _MEMO.walks = previous
 
 
 def unchanged_memo(kind: str) -> Optional[Dict[Hashable, Any]]:
@@ -92,12 +100,8 @@ def classes_unchanged() -> Iterator[None]:
     modules but no class, such as a merge walk, which replaces modules
     (so :func:`tree_unchanged` does not apply) and reads the code of the
     classes above each block it merges."""
-    previous = getattr(_MEMO, 'classes', None)
-    _MEMO.classes = {} if previous is None else previous
-    try:
+    with _memo_scope('classes'):
         yield
-    finally:
-        _MEMO.classes = previous
 
 
 def class_memo(kind: str) -> Optional[Dict[Hashable, Any]]:

@@ -511,6 +511,21 @@ class _ValuesGiven(nn.Conv2d):
         pass
 
 
+def _conv_of(cls: type, geometry: ConvGeometry, **kwargs) -> nn.Conv2d:
+    """A ``cls`` conv (``nn.Conv2d`` or a subclass) with ``geometry`` and
+    a bias, built by its constructor with ``kwargs``."""
+    return cls(geometry.in_channels,
+               geometry.out_channels,
+               geometry.kernel_size,
+               stride=geometry.stride,
+               padding=geometry.padding,
+               dilation=geometry.dilation,
+               groups=geometry.groups,
+               bias=True,
+               padding_mode=geometry.padding_mode,
+               **kwargs)
+
+
 #: A plain ``nn.Conv2d`` of each geometry built for values given, on the
 #: meta device: a conv of that geometry built again is a copy of its
 #: attributes (the constructor's dozen ``Module.__setattr__`` calls cost
@@ -531,16 +546,7 @@ def _empty_conv(geometry: ConvGeometry) -> nn.Conv2d:
     if built is None or getattr(nn.modules.module,
                                 '_global_parameter_registration_hooks',
                                 None):
-        built = _ValuesGiven(geometry.in_channels,
-                             geometry.out_channels,
-                             geometry.kernel_size,
-                             stride=geometry.stride,
-                             padding=geometry.padding,
-                             dilation=geometry.dilation,
-                             groups=geometry.groups,
-                             bias=True,
-                             padding_mode=geometry.padding_mode,
-                             device='meta')
+        built = _conv_of(_ValuesGiven, geometry, device='meta')
         built.__class__ = nn.Conv2d
         if len(_BUILT) >= _MAX_BUILT:
             _BUILT.clear()
@@ -576,15 +582,7 @@ def build_conv(geometry: ConvGeometry,
         conv.weight = nn.Parameter(weight.detach())
         conv.bias = nn.Parameter(bias.detach())
     else:
-        conv = nn.Conv2d(geometry.in_channels,
-                         geometry.out_channels,
-                         geometry.kernel_size,
-                         stride=geometry.stride,
-                         padding=geometry.padding,
-                         dilation=geometry.dilation,
-                         groups=geometry.groups,
-                         bias=True,
-                         padding_mode=geometry.padding_mode)
+        conv = _conv_of(nn.Conv2d, geometry)
         if like is not None:
             conv = conv.to(device=like.device, dtype=like.dtype)
     conv.eval()
