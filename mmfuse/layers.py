@@ -108,6 +108,18 @@ def _qualname(func: Callable) -> str:
     return name
 
 
+#: Forwards of mmcv's layers without children that compute no linear map
+#: of their input: ``x * sigmoid(x)``.
+_NONLINEAR_QUALNAMES = {'mmcv.cnn.bricks.swish.Swish.forward'}
+
+
+def is_nonlinear_layer(module: nn.Module) -> bool:
+    """Whether ``module`` runs the stock forward of one of mmcv's layers
+    known to compute no linear map of its input (``Swish``)."""
+    return _qualname(type(module).forward) in _NONLINEAR_QUALNAMES and \
+        runs_class_forward(module)
+
+
 def is_mmcv_conv_module(module: nn.Module) -> bool:
     """Whether ``module`` runs mmcv's stock ``ConvModule.forward`` (any
     subclass that keeps it): its data flow follows ``module.order``."""

@@ -1123,8 +1123,36 @@ class ScaledLeafBranch(nn.Module):
         return self.big(x) + self.scale(self.small(x))
 
 
+class _SwishResidual(nn.Module):
+    """``x + act(bn(conv(x)))``, the act one of mmcv's (YOLOX's
+    bottleneck)."""
+
+    def __init__(self, channels, act):
+        super().__init__()
+        self.conv = ConvBN(channels, channels, 3)
+        self.act = act
+
+    def forward(self, x):
+        return x + self.act(self.conv(x))
+
+
+def _swish(own_forward: bool = False) -> nn.Module:
+    """mmcv's ``Swish``, or a subclass with a forward of its own (a
+    linear one)."""
+    from mmcv.cnn.bricks.swish import Swish
+
+    class ScaledSwish(Swish):
+
+        def forward(self, x):
+            return x * 0.5
+
+    return ScaledSwish() if own_forward else Swish()
+
+
 @pytest.mark.parametrize('block, sums', [
     (lambda: MobileOneLike(6), True),
+    (lambda: _SwishResidual(6, _swish()), False),
+    (lambda: _SwishResidual(6, _swish(own_forward=True)), True),
     (lambda: DiverseBranch(6), True),
     (lambda: AffineMinusInput(6), True),
     (lambda: PaddleRepVggBlock(6, 6), True),
@@ -1132,13 +1160,15 @@ class ScaledLeafBranch(nn.Module):
     (lambda: ResidualAfterSum(6), True),
     (lambda: InvertedResidualLike(6), False),
     (lambda: nn.Sequential(ConvBN(6, 6, 3), nn.ReLU()), False),
-], ids=['mobileone_like', 'diverse_branch', 'affine_minus_input',
+], ids=['mobileone_like', 'swish_residual', 'own_forward_swish_residual',
+        'diverse_branch', 'affine_minus_input',
         'paddle_repvgg', 'scaled_leaf', 'residual_after_sum',
         'inverted_residual', 'plain_chain'])
 def test_the_traced_pass_finds_the_blocks_that_sum_branches(block, sums):
     """In-place sums from ``0``, differences, scalings by a parameter and
     through a module the merge traces all count; a residual around a
-    non-linear branch does not.  The whole model (the blocks above) is
+    non-linear branch does not (mmcv's ``Swish`` too, but a subclass with
+    a forward of its own is traced).  The whole model (the blocks above) is
     marked with the block."""
     from mmfuse.discovery.traced import TracedForward
     model = _prepare(nn.Sequential(ConvBN(6, 6, 1), block()))

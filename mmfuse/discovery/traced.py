@@ -29,7 +29,7 @@ from torch.nn.modules.module import (register_module_forward_hook,
 from torch.overrides import TorchFunctionMode
 
 from ..guards import fresh_inputs
-from ..layers import is_conv_layer, is_norm_layer
+from ..layers import is_conv_layer, is_nonlinear_layer, is_norm_layer
 from ..module_walk import find_submodule, walk_modules
 from ..output_tree import tensors_in
 from ..plan import CONCAT, POST, PRE, SUM
@@ -148,10 +148,12 @@ def _may_be_linear(module: nn.Module) -> bool:
     """Whether a leaf module may compute a linear map of its input, as
     the generic merge sees it: convs, norms, average pools, identities and
     dropouts of ``torch.nn``, and any module defined elsewhere (which the
-    merge traces)."""
+    merge traces) but mmcv's ``Swish`` (``x * sigmoid(x)``: YOLOX and
+    EfficientNet run hundreds, whose residual sums were traced for
+    nothing)."""
     return isinstance(module, _LINEAR_LEAVES) or is_conv_layer(module) or \
-        not type(module).__module__.startswith('torch.nn.') or \
-        is_norm_layer(module)
+        (not type(module).__module__.startswith('torch.nn.')
+         and not is_nonlinear_layer(module)) or is_norm_layer(module)
 
 
 def _func_name(func) -> str:
