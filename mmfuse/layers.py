@@ -116,6 +116,8 @@ _NONLINEAR_QUALNAMES = {'mmcv.cnn.bricks.swish.Swish.forward'}
 def is_nonlinear_layer(module: nn.Module) -> bool:
     """Whether ``module`` runs the stock forward of one of mmcv's layers
     known to compute no linear map of its input (``Swish``)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return False  # compiled: its class's forward is not Python's
     return _qualname(type(module).forward) in _NONLINEAR_QUALNAMES and \
         runs_class_forward(module)
 
