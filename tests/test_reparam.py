@@ -597,12 +597,19 @@ def test_merged_kernel_is_the_float64_sum_block_by_block(monkeypatch,
 @pytest.mark.parametrize('groups', [1, 2, 3, 12])
 @pytest.mark.parametrize('window', [(1, 1), (3, 3), (1, 3)])
 def test_diagonal_writes_are_the_kernels(groups, window):
-    """``add_to_diagonal`` writes what the identity and pool kernels hold,
-    for any rows of them (a block of rows may start inside a group)."""
+    """``add_to_diagonal`` writes where the identity and pool kernels
+    are not zero, ``[o, o % (channels / groups)]``, for any rows of them
+    (a block of rows may start inside a group); the kernels are made by
+    it."""
     from mmfuse.reparam.merge import add_to_diagonal, pool_value
-    kernel = identity_kernel(12, groups, (1, 1)) if window == (1, 1) \
-        else avg_pool_kernel(12, groups, window, window)
     value = pool_value(window)
+    kernel = torch.zeros(12, 12 // groups, *window, dtype=torch.float64)
+    for row in range(12):
+        kernel[row, row % (12 // groups)] = value
+    assert torch.equal(
+        kernel, identity_kernel(12, groups, (1, 1)) if window == (1, 1)
+        else avg_pool_kernel(12, groups, window, window))
+    kernel /= value
     values = torch.arange(1, 13, dtype=torch.float64)
     for first in range(12):
         for stop in range(first + 1, 13):
@@ -610,8 +617,8 @@ def test_diagonal_writes_are_the_kernels(groups, window):
                               dtype=torch.float64)
             add_to_diagonal(got, values[first:stop] * value, first,
                             12 // groups)
-            expected = kernel[first:stop] * values[first:stop].reshape(
-                -1, 1, 1, 1)
+            expected = kernel[first:stop] * (values[first:stop] *
+                                             value).reshape(-1, 1, 1, 1)
             assert torch.equal(got, expected)
 
 

@@ -202,12 +202,15 @@ def centre_kernel(weight: Tensor, kernel_size: Pair) -> Tensor:
 
 def _diagonal(channels: int, groups: int, window: Pair, value: float,
               device: Optional[torch.device]) -> Tensor:
-    """``value`` at ``[c, c % (channels / groups)]`` over a window."""
+    """``value`` at ``[c, c % (channels / groups)]`` over a window (where
+    :func:`add_to_diagonal` writes)."""
     per_group = channels // groups
     weight = torch.zeros(channels, per_group, *window, dtype=torch.float64,
                          device=device)
-    index = torch.arange(channels, device=device)
-    weight[index, index % per_group] = value
+    add_to_diagonal(
+        weight,
+        torch.full((channels, ), value, dtype=torch.float64, device=device),
+        0, per_group)
     return weight
 
 
