@@ -15,7 +15,7 @@ already is.
 """
 import copy
 import math
-from typing import (Any, Callable, Dict, List, NamedTuple, Optional,
+from typing import (Any, Callable, Dict, List, NamedTuple, Optional, Set,
                     Sequence, Tuple, TypeVar)
 
 import torch
@@ -307,6 +307,10 @@ class OutputCheck:
         self.margin = self.MARGIN
         #: Whether outputs are measured against a twin (:meth:`use_twin`).
         self.against_twin = False
+        #: The wider output refused for being too far from the unchanged
+        #: model's (:attr:`too_rough`), flattened: a :class:`WiderTwin` of
+        #: the model starts from it.
+        self.rough: Optional[FlatOutput] = None
         if precise is not None:
             name = _dtype_name(precise)
             self._set_precise(precise, name,
@@ -364,6 +368,7 @@ class OutputCheck:
             self.yardstick = name
         else:
             self.too_rough = math.isfinite(self.own_error)
+            self.rough = precise if self.too_rough else None
             self.yardstick = (f'none: the {name} copy is {self.own_error:.3g}'
                               ' away from the model\'s output')
 
@@ -374,6 +379,7 @@ class OutputCheck:
         check is left to judge only what the model's dtype makes of them
         (:attr:`TWIN_MARGIN` times its largest own rounding error)."""
         self.too_rough = False
+        self.rough = None
         self._set_precise(twin.unchanged, twin.dtype_name, math.inf)
         self._own_errors = [self.own_error] * len(self._own_errors)
         self.margin = self.TWIN_MARGIN
@@ -495,19 +501,31 @@ class WiderTwin:
     model's own module objects is missed), and the model's distance from
     the wider copy measured before was its own rounding.
 
+    The twin's unchanged output may be given: the model's output in the
+    wider dtype measured on another copy (the check's refused yardstick,
+    :attr:`OutputCheck.rough`, computed layer by layer).  Changes are
+    judged against that until they fail it; only then is the twin run
+    unchanged for its own (:meth:`measure`), as the two copies may
+    compute apart where code reads a layer's tensors outside its forward.
+    A change that stays within the tolerance of either is within it of
+    the unchanged model computed in the wider dtype.
+
     Args:
         model: The unchanged model (not changed here).
         inputs: Its example inputs.
         check: The check of the model's output; gives the reference and
             the tolerance.
         dtype: The wider dtype.
+        unchanged: The unchanged model's output in ``dtype``, flattened,
+            or ``None`` to measure the twin's own.
 
     Raises:
         TwinError: No twin can be made, with the reason.
     """
 
     def __init__(self, model: nn.Module, inputs: Tuple, check: OutputCheck,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype,
+                 unchanged: Optional[FlatOutput] = None):
         self.dtype_name = dtype_name(dtype)
         self.tolerance = check.tolerance
         try:
@@ -524,20 +542,35 @@ class WiderTwin:
 
         self.model = twin
         self.inputs = cast_inputs(inputs, dtype)
+        #: Whether :attr:`unchanged` was given, not measured on the twin.
+        self.borrowed = unchanged is not None
+        self.unchanged = unchanged
+        if unchanged is None:
+            self.measure()
+
+    def measure(self) -> None:
+        """Run the twin, which must stand unchanged, for its own
+        :attr:`unchanged` output."""
         try:
-            self.unchanged = self.run()
+            output = self.run()
         except Exception as error:  # the model's code, in another dtype
             raise TwinError(f'the {self.dtype_name} copy failed '
                             f'({error})') from None
-        narrow = {
-            dtype_name(leaf.dtype)
-            for leaf in tensors_in(self.unchanged) if leaf.is_floating_point()
-        } - {self.dtype_name}
+        narrow = self._narrow(output)
         if narrow:
             raise TwinError(f'the {self.dtype_name} copy gave '
                             f'{", ".join(sorted(narrow))} outputs')
         # Flattened once: every judgement compares against it.
-        self.unchanged = flatten_output(self.unchanged)
+        self.unchanged = flatten_output(output)
+        self.borrowed = False
+
+    def _narrow(self, output: Any) -> Set[str]:
+        """The dtypes of ``output``'s floating point tensors other than the
+        twin's."""
+        return {
+            dtype_name(leaf.dtype)
+            for leaf in tensors_in(output) if leaf.is_floating_point()
+        } - {self.dtype_name}
 
     def run(self) -> Any:
         """The twin's output as it stands."""
@@ -546,11 +579,14 @@ class WiderTwin:
 
     def holds(self) -> bool:
         """Whether the twin as it stands gives its unchanged output, each
-        tensor to within the tolerance (and runs at all)."""
+        tensor to within the tolerance (and runs at all; a given unchanged
+        output also needs an output all in the twin's dtype)."""
         try:
             output = self.run()
         except Exception:  # a change broke the forward: it fails
             return False
+        if self.borrowed and self._narrow(output):
+            return False  # measure() says why
         errors = leaf_errors(self.unchanged, output)
         return errors is not None and all(e[1] <= self.tolerance
                                           for e in errors)

@@ -1,5 +1,6 @@
 """Safety: training mode, wrappers, idempotence, undo, and what a fused
 model can still do (core issue, sections 5 and 6)."""
+import contextlib
 import copy
 import io
 import os
@@ -7,6 +8,7 @@ import socket
 import subprocess
 import sys
 import weakref
+from typing import Iterator, List
 
 import pytest
 import torch
@@ -460,13 +462,36 @@ def _rough_chain() -> nn.Module:
     return randomize_norm_stats(model.eval(), seed=0)
 
 
+@contextlib.contextmanager
+def float64_calls(cls: type) -> Iterator[List[nn.Module]]:
+    """Within, the modules of class ``cls`` called on a float64 tensor
+    are listed, once a call (a global forward pre-hook: copies too)."""
+    calls: List[nn.Module] = []
+
+    def note(module, args):
+        if type(module) is cls and args and \
+                isinstance(args[0], torch.Tensor) and \
+                args[0].dtype == torch.float64:
+            calls.append(module)
+
+    handle = nn.modules.module.register_module_forward_pre_hook(note)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
 def test_folds_of_a_model_too_rough_for_a_yardstick_are_judged_on_a_twin():
     """Too rough in float32 for the float64 yardstick, the model's folds
     are judged on a float64 twin, where exact folds change nothing: all
-    kept (the plain check would undo exact folds for rounding noise)."""
+    kept (the plain check would undo exact folds for rounding noise).
+    Two float64 passes: the yardstick's, and the fused twin's judged
+    against it (the twin is not run unchanged)."""
     model = _rough_chain()
     reference = copy.deepcopy(model)
-    report = mmfuse.fuse_model(model, (X_LARGE, ))
+    with float64_calls(nn.Sequential) as passes:
+        report = mmfuse.fuse_model(model, (X_LARGE, ))
+    assert len(passes) == 2
     assert report.unfused_precise_rel_error > 1e-3  # the premise
     assert report.twin == 'float64' and report.yardstick == 'float64'
     assert report.folded_names == ['1', '4', '7'] and not report.undone
@@ -500,6 +525,40 @@ def test_a_wrong_fold_in_a_noisy_model_is_found_and_only_it(
     assert [s.name for s in report.undone] == ['4']
     assert reason in report.undone[0].reason
     assert isinstance(model[4], nn.BatchNorm2d)
+
+
+class _DoubledInFloat64(nn.Module):
+    """A rough chain whose output is doubled where the parameter of a
+    layer it never calls is float64, read outside that layer's forward:
+    so in a twin (all of it cast), not in the yardstick's copy (each
+    layer cast only while it runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.chain = _rough_chain()
+        self.unused = nn.Linear(1, 1)
+
+    def forward(self, x):
+        output = self.chain(x)
+        if self.unused.weight.dtype == torch.float64:
+            return output * 2
+        return output
+
+
+def test_a_twin_that_computes_apart_from_the_yardstick_judges_on_its_own():
+    """The fused twin fails against the yardstick's float64 output it
+    starts from (twice it): the twin is run unchanged for its own output,
+    against which the exact folds hold, and all are kept."""
+    torch.manual_seed(0)
+    model = _DoubledInFloat64().eval()
+    with float64_calls(nn.Sequential) as passes:
+        report = mmfuse.fuse_model(model, (X_LARGE, ))
+    assert report.twin == 'float64'
+    assert report.folded_names == ['chain.1', 'chain.4', 'chain.7']
+    assert not report.undone
+    # The yardstick; the fused twin against it; the twin unchanged; the
+    # fused twin against that.
+    assert len(passes) == 4
 
 
 def test_no_twin_of_a_model_whose_copy_computes_otherwise():
