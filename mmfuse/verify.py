@@ -505,10 +505,10 @@ class WiderTwin:
     wider dtype measured on another copy (the check's refused yardstick,
     :attr:`OutputCheck.rough`, computed layer by layer).  Changes are
     judged against that until they fail it; only then is the twin run
-    unchanged for its own (:meth:`measure`), as the two copies may
-    compute apart where code reads a layer's tensors outside its forward.
-    A change that stays within the tolerance of either is within it of
-    the unchanged model computed in the wider dtype.
+    unchanged for its own (:meth:`measure`).  Both are the unchanged
+    model computed in the wider dtype, but for what code reads of a
+    layer's tensors outside that layer's forward: in the model's dtype on
+    the check's copy, so the two may compute apart there.
 
     Args:
         model: The unchanged model (not changed here).
