@@ -1,8 +1,9 @@
-"""Sweep conv/BN fusion over ~150 configs the OpenMMLab packages ship.
+"""Sweep conv/BN fusion over ~320 configs the OpenMMLab packages ship.
 
-Builds each model of :data:`CONFIGS` (mmdet, mmseg, mmpretrain, mmyolo and
-mmpose configs, read from ``<package>/.mim/configs``; the ones a first,
-throwaway sweep could build and run on CPU) as ``tests/real_models.py``
+Builds each model of :data:`CONFIGS` (150 mmdet, mmseg, mmpretrain, mmyolo
+and mmpose configs, read from ``<package>/.mim/configs``; the ones a
+first, throwaway sweep could build and run on CPU; ``--models extra``:
+the 169 of :data:`EXTRA_CONFIGS`, other families) as ``tests/real_models.py``
 builds its curated models: download keys stripped, seeded weights from the
 modules' own ``init_weights``, random batch norm statistics, a small
 seeded input, eval mode, float32.  Then three ways to fuse are run, each
@@ -51,7 +52,7 @@ JSON line per model is written as each finishes.
 Usage (CPU; a full sweep takes hours, each model runs alone under
 ``--timeout``)::
 
-    PYTHONPATH=. python benchmarks/sweep_configs.py [--models a,b]
+    PYTHONPATH=. python benchmarks/sweep_configs.py [--models a,b|extra]
         [--out results.jsonl] [--float64-recheck] [--timeout 300]
         [--threads 1]
 """
@@ -494,7 +495,489 @@ CONFIGS: List[SweepSpec] = [
          '_dsnt-8xb64-210e_coco-256x256.py', (256, 256), 'none'),
 ]
 
-_BY_NAME: Dict[str, SweepSpec] = {spec.name: spec for spec in CONFIGS}
+#: More configs, of families :data:`CONFIGS` lacks (``--models extra``):
+#: the ones of a second sweep, over configs of other backbones, necks,
+#: heads, decoders and self-supervised models, that build and run on
+#: CPU with this harness as it is (configs whose forward needs more than
+#: it gives, such as ground truth in the data samples, are left out).
+EXTRA_CONFIGS: List[SweepSpec] = [
+    # -- mmdet ----------------------------------------------------------------
+    _row('det_fsaf', 'mmdet', 'fsaf/fsaf_r50_fpn_1x_coco.py', (128, 128)),
+    _row('det_groie_frcnn', 'mmdet',
+         'groie/faste-rcnn_r50_fpn_groie_1x_coco.py', (128, 128), 'two_stage'),
+    _row('det_ms_rcnn', 'mmdet',
+         'ms_rcnn/ms-rcnn_r50_fpn_1x_coco.py', (128, 128), 'two_stage'),
+    _row('det_panoptic_fpn', 'mmdet',
+         'panoptic_fpn/panoptic-fpn_r50_fpn_1x_coco.py',
+         (128, 128), 'two_stage'),
+    _row('det_crowddet', 'mmdet',
+         'crowddet/crowddet-rcnn_r50_fpn_8xb2-30e_crowdhuman.py',
+         (128, 128), 'two_stage'),
+    _row('det_maskformer_r50', 'mmdet',
+         'maskformer/maskformer_r50_ms-16xb1-75e_coco.py', (64, 64), 'det'),
+    _row('det_rpn_c4', 'mmdet', 'rpn/rpn_r50-caffe-c4_1x_coco.py', (128, 128)),
+    _row('det_frcnn_c4', 'mmdet',
+         'faster_rcnn/faster-rcnn_r50-caffe_c4-1x_coco.py',
+         (128, 128), 'two_stage'),
+    _row('det_mrcnn_c4', 'mmdet',
+         'mask_rcnn/mask-rcnn_r50-caffe-c4_1x_coco.py',
+         (128, 128), 'two_stage'),
+    _row('det_frcnn_dc5', 'mmdet',
+         'faster_rcnn/faster-rcnn_r50-caffe-dc5_1x_coco.py',
+         (128, 128), 'two_stage'),
+    _row('det_attn1111', 'mmdet',
+         'empirical_attention/faster-rcnn_r50-attn1111_fpn_1x_coco.py',
+         (64, 64), 'two_stage'),
+    _row('det_pvtv2_b0_retina', 'mmdet',
+         'pvt/retinanet_pvtv2-b0_fpn_1x_coco.py', (128, 128)),
+    _row('det_conditional_detr', 'mmdet',
+         'conditional_detr/conditional-detr_r50_8xb2-50e_coco.py',
+         (64, 64), 'det'),
+    _row('det_yolox_nano', 'mmdet',
+         'yolox/yolox_nano_8xb8-300e_coco.py', (128, 128)),
+    _row('det_yolox_s', 'mmdet',
+         'yolox/yolox_s_8xb8-300e_coco.py', (128, 128)),
+    _row('det_solov2_light', 'mmdet',
+         'solov2/solov2-light_r18_fpn_ms-3x_coco.py', (128, 128), 'det'),
+    _row('det_gn_mrcnn', 'mmdet',
+         'gn/mask-rcnn_r50_fpn_gn-all_2x_coco.py', (128, 128), 'two_stage'),
+    _row('det_free_anchor', 'mmdet',
+         'free_anchor/freeanchor_r50_fpn_1x_coco.py', (128, 128)),
+    _row('det_reid_r50', 'mmdet',
+         'reid/reid_r50_8xb32-6e_mot17train80_test-mot17val20.py', (256, 128)),
+    _row('det_dino4', 'mmdet',
+         'dino/dino-4scale_r50_8xb2-12e_coco.py', (256, 256), 'det'),
+    _row('det_dab_detr', 'mmdet',
+         'dab_detr/dab-detr_r50_8xb2-50e_coco.py', (64, 64), 'det'),
+    _row('det_solo_r50', 'mmdet',
+         'solo/solo_r50_fpn_1x_coco.py', (128, 128), 'det'),
+    _row('det_fcos_dcn_tricks', 'mmdet',
+         'fcos/'
+         'fcos_r50-dcn-caffe_fpn_gn-head-center-normbbox-centeronreg-giou_1x'
+         '_coco.py',
+         (128, 128)),
+    _row('det_convnext_cmrcnn', 'mmdet',
+         'convnext/'
+         'cascade-mask-rcnn_convnext-t-p4-w7_fpn_4conv1fc-giou'
+         '_amp-ms-crop-3x_coco.py',
+         (128, 128), 'two_stage'),
+    _row('det_hrnet_fcos', 'mmdet',
+         'hrnet/fcos_hrnetv2p-w18-gn-head_4xb4-1x_coco.py', (128, 128)),
+    _row('det_ddq', 'mmdet',
+         'ddq/ddq-detr-4scale_r50_8xb2-12e_coco.py', (256, 256), 'det'),
+    _row('det_mdconv_group4', 'mmdet',
+         'dcnv2/faster-rcnn_r50-mdconv-group4-c3-c5_fpn_1x_coco.py',
+         (128, 128), 'two_stage'),
+    _row('det_retina_r18', 'mmdet',
+         'retinanet/retinanet_r18_fpn_1x_coco.py', (128, 128)),
+    _row('det_mrcnn_x101_32x8d', 'mmdet',
+         'mask_rcnn/mask-rcnn_x101-32x8d_fpn_ms-poly-3x_coco.py',
+         (128, 128), 'two_stage'),
+    _row('det_rtmdet_ins_s', 'mmdet',
+         'rtmdet/rtmdet-ins_s_8xb32-300e_coco.py', (64, 64)),
+    _row('det_rtmdet_l', 'mmdet',
+         'rtmdet/rtmdet_l_8xb32-300e_coco.py', (64, 64)),
+    _row('det_legacy_ssd300', 'mmdet',
+         'legacy_1.x/ssd300_coco_v1.py', (300, 300)),
+    _row('det_legacy_retina_caffe', 'mmdet',
+         'legacy_1.x/retinanet_r50-caffe_fpn_1x_coco_v1.py', (128, 128)),
+    _row('det_legacy_cmrcnn', 'mmdet',
+         'legacy_1.x/cascade-mask-rcnn_r50_fpn_1x_coco_v1.py',
+         (128, 128), 'two_stage'),
+    _row('det_widerface_ssd', 'mmdet',
+         'wider_face/ssd300_8xb32-24e_widerface.py', (300, 300)),
+    _row('det_ddod_512', 'mmdet', 'ddod/ddod_r50_fpn_1x_coco.py', (512, 512)),
+    _row('det_ghm_retina', 'mmdet',
+         'ghm/retinanet_r50_fpn_ghm-1x_coco.py', (128, 128)),
+    _row('det_rpn_r50_fpn', 'mmdet', 'rpn/rpn_r50_fpn_1x_coco.py', (128, 128)),
+    _row('det_dynamic_rcnn', 'mmdet',
+         'dynamic_rcnn/dynamic-rcnn_r50_fpn_1x_coco.py',
+         (128, 128), 'two_stage'),
+    _row('det_seesaw_mrcnn', 'mmdet',
+         'seesaw_loss/mask-rcnn_r50_fpn_seesaw-loss_random-ms-2x_lvis-v1.py',
+         (128, 128), 'two_stage'),
+    _row('det_reppoints_bbox_grid', 'mmdet',
+         'reppoints/reppoints-bbox_r50-center_fpn-gn_head-gn-grid_1x_coco.py',
+         (128, 128)),
+    _row('det_regnet_mrcnn', 'mmdet',
+         'regnet/mask-rcnn_regnetx-3.2GF_fpn_1x_coco.py',
+         (128, 128), 'two_stage'),
+    _row('det_ssd512', 'mmdet', 'ssd/ssd512_coco.py', (512, 512)),
+    # -- mmseg ----------------------------------------------------------------
+    _row('seg_vit_deit_s_upernet', 'mmseg',
+         'vit/vit_deit-s16_mln_upernet_8xb2-160k_ade20k-512x512.py',
+         (64, 64), overrides=(('backbone.img_size', (64, 64)),)),
+    _row('seg_convnext_t_upernet', 'mmseg',
+         'convnext/convnext-tiny_upernet_8xb2-amp-160k_ade20k-512x512.py',
+         (64, 64)),
+    _row('seg_swin_t_upernet', 'mmseg',
+         'swin/'
+         'swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k'
+         '_ade20k-512x512.py',
+         (64, 64)),
+    _row('seg_stdc2', 'mmseg',
+         'stdc/stdc2_4xb12-80k_cityscapes-512x1024.py', (64, 64)),
+    _row('seg_unet_deeplabv3', 'mmseg',
+         'unet/unet-s5-d16_deeplabv3_4xb4-40k_drive-64x64.py', (64, 64)),
+    _row('seg_ocrnet_r101', 'mmseg',
+         'ocrnet/ocrnet_r101-d8_4xb2-40k_cityscapes-512x1024.py', (64, 64)),
+    _row('seg_bisenetv1_r50', 'mmseg',
+         'bisenetv1/bisenetv1_r50-d32_4xb4-160k_cityscapes-1024x1024.py',
+         (64, 64)),
+    _row('seg_knet_upernet', 'mmseg',
+         'knet/knet-s3_r50-d8_upernet_8xb2-adamw-80k_ade20k-512x512.py',
+         (64, 64)),
+    _row('seg_knet_psp', 'mmseg',
+         'knet/knet-s3_r50-d8_pspnet_8xb2-adamw-80k_ade20k-512x512.py',
+         (64, 64)),
+    _row('seg_fastfcn_jpu_psp', 'mmseg',
+         'fastfcn/fastfcn_r50-d32_jpu_psp_4xb2-80k_cityscapes-512x1024.py',
+         (64, 64)),
+    _row('seg_twins_svt_uper', 'mmseg',
+         'twins/twins_svt-s_uperhead_8xb2-160k_ade20k-512x512.py', (64, 64)),
+    _row('seg_segmenter_vit_s_fcn', 'mmseg',
+         'segmenter/segmenter_vit-s_fcn_8xb1-160k_ade20k-512x512.py',
+         (64, 64), overrides=(('backbone.img_size', (64, 64)),)),
+    _row('seg_hr48_ocr', 'mmseg',
+         'ocrnet/ocrnet_hr48_4xb2-40k_cityscapes-512x1024.py', (64, 64)),
+    _row('seg_beit_upernet', 'mmseg',
+         'beit/beit-base_upernet_8xb2-160k_ade20k-640x640.py',
+         (64, 64), overrides=(('backbone.img_size', (64, 64)),)),
+    _row('seg_lraspp_mnv3', 'mmseg',
+         'mobilenet_v3/'
+         'mobilenet-v3-d8_lraspp_4xb4-320k_cityscapes-512x1024.py',
+         (512, 512)),
+    _row('seg_fcn_d6_r50', 'mmseg',
+         'fcn/fcn-d6_r50-d16_4xb2-40k_cityscapes-512x1024.py', (64, 64)),
+    _row('seg_setr_pup', 'mmseg',
+         'setr/setr_vit-l_pup_8xb2-160k_ade20k-512x512.py',
+         (64, 64), overrides=(('backbone.img_size', (64, 64)),)),
+    _row('seg_setr_mla', 'mmseg',
+         'setr/setr_vit-l_mla_8xb2-160k_ade20k-512x512.py',
+         (64, 64), overrides=(('backbone.img_size', (64, 64)),)),
+    _row('seg_mnv2_deeplabv3plus', 'mmseg',
+         'mobilenet_v2/'
+         'mobilenet-v2-d8_deeplabv3plus_4xb2-80k_cityscapes-512x1024.py',
+         (64, 64)),
+    _row('seg_mnv2_pspnet', 'mmseg',
+         'mobilenet_v2/mobilenet-v2-d8_pspnet_4xb2-80k_cityscapes-512x1024.py',
+         (64, 64)),
+    _row('seg_unet_pspnet', 'mmseg',
+         'unet/unet-s5-d16_pspnet_4xb4-40k_drive-64x64.py', (64, 64)),
+    _row('seg_icnet_r50', 'mmseg',
+         'icnet/icnet_r50-d8_4xb2-80k_cityscapes-832x832.py', (128, 128)),
+    _row('seg_lraspp_mnv3_s_512', 'mmseg',
+         'mobilenet_v3/'
+         'mobilenet-v3-d8-s_lraspp_4xb4-320k_cityscapes-512x1024.py',
+         (512, 512)),
+    _row('seg_dlv3p_mg124', 'mmseg',
+         'deeplabv3plus/'
+         'deeplabv3plus_r101-d16-mg124_4xb2-40k_cityscapes-512x1024.py',
+         (64, 64)),
+    _row('seg_pspnet_r50b', 'mmseg',
+         'pspnet/pspnet_r50b-d8_4xb2-80k_cityscapes-512x1024.py', (64, 64)),
+    _row('seg_resnest_dlv3p', 'mmseg',
+         'resnest/'
+         'resnest_s101-d8_deeplabv3plus_4xb2-80k_cityscapes-512x1024.py',
+         (64, 64)),
+    # -- mmpretrain -----------------------------------------------------------
+    _row('cls_arcface_r50', 'mmpretrain',
+         'arcface/resnet50-arcface_8xb32_inshop.py', (64, 64)),
+    _row('cls_csra_r101', 'mmpretrain',
+         'csra/resnet101-csra_1xb16_voc07-448px.py', (64, 64)),
+    _row('cls_effnet_em', 'mmpretrain',
+         'efficientnet/efficientnet-em_8xb32-01norm_in1k.py', (64, 64)),
+    _row('cls_effnet_es', 'mmpretrain',
+         'efficientnet/efficientnet-es_8xb32-01norm_in1k.py', (64, 64)),
+    _row('cls_effv2_s', 'mmpretrain',
+         'efficientnet_v2/efficientnetv2-s_8xb32_in1k-384px.py', (64, 64)),
+    _row('cls_mnv3_small050', 'mmpretrain',
+         'mobilenet_v3/mobilenet-v3-small-050_8xb128_in1k.py', (64, 64)),
+    _row('cls_simclr', 'mmpretrain',
+         'simclr/simclr_resnet50_8xb32-coslr-200e_in1k.py', (64, 64)),
+    _row('cls_simsiam', 'mmpretrain',
+         'simsiam/simsiam_resnet50_8xb32-coslr-100e_in1k.py', (64, 64)),
+    _row('cls_hornet_tiny_gf', 'mmpretrain',
+         'hornet/hornet-tiny-gf_8xb128_in1k.py', (224, 224)),
+    _row('cls_resnet34_gem', 'mmpretrain',
+         '_base_/models/resnet34_gem.py', (64, 64)),
+    _row('cls_res2net50_w48s2', 'mmpretrain',
+         '_base_/models/res2net50-w48-s2.py', (64, 64)),
+    _row('cls_mobilevit_s', 'mmpretrain',
+         'mobilevit/mobilevit-small_8xb128_in1k.py', (128, 128)),
+    _row('cls_repvgg_b3g4', 'mmpretrain',
+         'repvgg/repvgg-B3g4_8xb32_in1k.py', (64, 64)),
+    _row('cls_repvgg_b3_lbs', 'mmpretrain',
+         '_base_/models/repvgg-B3_lbs-mixup_in1k.py', (64, 64)),
+    _row('cls_mobileone_s2', 'mmpretrain',
+         'mobileone/mobileone-s2_8xb32_in1k.py', (64, 64)),
+    _row('cls_efficientformer_l3', 'mmpretrain',
+         'efficientformer/efficientformer-l3_8xb128_in1k.py', (224, 224)),
+    _row('cls_levit_256', 'mmpretrain',
+         'levit/levit-256_8xb256_in1k.py', (224, 224)),
+    _row('cls_twins_svt_s', 'mmpretrain',
+         'twins/twins-svt-small_8xb128_in1k.py', (64, 64)),
+    _row('cls_t2t_vit_14', 'mmpretrain',
+         't2t_vit/t2t-vit-t-14_8xb64_in1k.py', (224, 224)),
+    _row('cls_densecl', 'mmpretrain',
+         'densecl/densecl_resnet50_8xb32-coslr-200e_in1k.py', (64, 64)),
+    _row('cls_byol', 'mmpretrain',
+         'byol/byol_resnet50_16xb256-coslr-200e_in1k.py', (64, 64)),
+    _row('cls_edgenext_s', 'mmpretrain',
+         'edgenext/edgenext-small_8xb256_in1k.py', (128, 128)),
+    _row('cls_convmixer_1024', 'mmpretrain',
+         'convmixer/convmixer-1024-20_10xb64_in1k.py', (64, 64)),
+    _row('cls_mvit_tiny', 'mmpretrain',
+         'mvit/mvitv2-tiny_8xb256_in1k.py', (224, 224)),
+    _row('cls_vgg19bn', 'mmpretrain', '_base_/models/vgg19bn.py', (224, 224)),
+    _row('cls_repvgg_a0_deploy', 'mmpretrain',
+         'repvgg/repvgg-A0_deploy_in1k.py', (64, 64)),
+    _row('cls_mocov2', 'mmpretrain',
+         'mocov2/mocov2_resnet50_8xb32-coslr-200e_in1k.py', (64, 64)),
+    _row('cls_swav', 'mmpretrain',
+         'swav/swav_resnet50_8xb32-mcrop-coslr-200e_in1k-224px-96px.py',
+         (64, 64)),
+    _row('cls_resnet50_cifar', 'mmpretrain',
+         'resnet/resnet50_8xb16_cifar10.py', (32, 32)),
+    _row('cls_mobileone_s3', 'mmpretrain',
+         'mobileone/mobileone-s3_8xb32_in1k.py', (64, 64)),
+    _row('cls_effnet_b3', 'mmpretrain',
+         'efficientnet/efficientnet-b3_8xb32_in1k.py', (64, 64)),
+    _row('cls_repvgg_a2', 'mmpretrain',
+         'repvgg/repvgg-A2_8xb32_in1k.py', (64, 64)),
+    _row('cls_seresnext101', 'mmpretrain',
+         '_base_/models/seresnext101_32x4d.py', (64, 64)),
+    _row('cls_tinyvit_11m', 'mmpretrain',
+         'tinyvit/tinyvit-11m_8xb256_in1k.py', (224, 224)),
+    _row('cls_pvig_small', 'mmpretrain',
+         'vig/pvig-small_8xb128_in1k.py', (224, 224)),
+    _row('cls_conformer_s_p32', 'mmpretrain',
+         'conformer/conformer-small-p32_8xb128_in1k.py', (224, 224)),
+    _row('cls_barlowtwins', 'mmpretrain',
+         'barlowtwins/barlowtwins_resnet50_8xb256-coslr-300e_in1k.py',
+         (64, 64)),
+    _row('cls_effv2_b3', 'mmpretrain',
+         'efficientnet_v2/efficientnetv2-b3_8xb32_in1k.py', (64, 64)),
+    _row('cls_mnv3_cifar', 'mmpretrain',
+         'mobilenet_v3/mobilenet-v3-small_8xb16_cifar10.py', (32, 32)),
+    _row('cls_res2net101', 'mmpretrain',
+         'res2net/res2net101-w26-s4_8xb32_in1k.py', (64, 64)),
+    _row('cls_vgg13bn', 'mmpretrain', '_base_/models/vgg13bn.py', (224, 224)),
+    # -- mmyolo ---------------------------------------------------------------
+    _row('yolo_v5_ins_s', 'mmyolo',
+         'yolov5/ins_seg/'
+         'yolov5_ins_s-v61_syncbn_fast_8xb16-300e_coco_instance.py',
+         (128, 128)),
+    _row('yolo_v5u_s', 'mmyolo',
+         'yolov5/yolov5u/yolov5u_s_syncbn_fast_8xb16-300e_coco.py',
+         (128, 128)),
+    _row('yolo_v6_v3_m', 'mmyolo',
+         'yolov6/yolov6_v3_m_syncbn_fast_8xb32-300e_coco.py', (128, 128)),
+    _row('yolo_v6_t', 'mmyolo',
+         'yolov6/yolov6_t_syncbn_fast_8xb32-300e_coco.py', (128, 128)),
+    _row('yolo_v7_e_p6', 'mmyolo',
+         'yolov7/yolov7_e-p6_syncbn_fast_8x16b-300e_coco.py', (128, 128)),
+    _row('yolo_v7_e2e_p6', 'mmyolo',
+         'yolov7/yolov7_e2e-p6_syncbn_fast_8x16b-300e_coco.py', (128, 128)),
+    _row('yolo_yolox_pose_tiny', 'mmyolo',
+         'yolox/pose/yolox-pose_tiny_8xb32-300e-rtmdet-hyp_coco.py',
+         (128, 128)),
+    _row('yolo_yolox_nano_rtmhyp', 'mmyolo',
+         'yolox/yolox_nano_fast_8xb32-300e-rtmdet-hyp_coco.py', (128, 128)),
+    _row('yolo_ppyoloe_l', 'mmyolo',
+         'ppyoloe/ppyoloe_l_fast_8xb20-300e_coco.py', (128, 128)),
+    _row('yolo_v6_v3_l', 'mmyolo',
+         'yolov6/yolov6_v3_l_syncbn_fast_8xb32-300e_coco.py', (128, 128)),
+    _row('yolo_v6_v3_n', 'mmyolo',
+         'yolov6/yolov6_v3_n_syncbn_fast_8xb32-300e_coco.py', (128, 128)),
+    _row('yolo_v7_d_p6', 'mmyolo',
+         'yolov7/yolov7_d-p6_syncbn_fast_8x16b-300e_coco.py', (128, 128)),
+    _row('yolo_rtmdet_l', 'mmyolo',
+         'rtmdet/rtmdet_l_syncbn_fast_8xb32-300e_coco.py', (128, 128)),
+    _row('yolo_v5_n_p6', 'mmyolo',
+         'yolov5/yolov5_n-p6-v62_syncbn_fast_8xb16-300e_coco.py', (128, 128)),
+    _row('yolo_v5_s_deploy', 'mmyolo',
+         'deploy/model/yolov5_s-static.py', (128, 128)),
+    _row('yolo_v8_s_maskref', 'mmyolo',
+         'yolov8/yolov8_s_mask-refine_syncbn_fast_8xb16-500e_coco.py',
+         (128, 128)),
+    _row('yolo_ppyoloe_plus_l', 'mmyolo',
+         'ppyoloe/ppyoloe_plus_l_fast_8xb8-80e_coco.py', (128, 128)),
+    _row('yolo_yolox_m', 'mmyolo',
+         'yolox/yolox_m_fast_8xb8-300e_coco.py', (128, 128)),
+    # -- mmpose ---------------------------------------------------------------
+    _row('pose_hrformer_s', 'mmpose',
+         'body_2d_keypoint/topdown_heatmap/coco/'
+         'td-hm_hrformer-small_8xb32-210e_coco-256x192.py',
+         (128, 96), 'none'),
+    _row('pose_vitpose_s', 'mmpose',
+         'body_2d_keypoint/topdown_heatmap/coco/'
+         'td-hm_ViTPose-small_8xb64-210e_coco-256x192.py',
+         (128, 96), 'none', overrides=(('backbone.img_size', (128, 96)),)),
+    _row('pose_vitpose_s_simple', 'mmpose',
+         'body_2d_keypoint/topdown_heatmap/coco/'
+         'td-hm_ViTPose-small-simple_8xb64-210e_coco-256x192.py',
+         (128, 96), 'none', overrides=(('backbone.img_size', (128, 96)),)),
+    _row('pose_vis_res50', 'mmpose',
+         'body_2d_keypoint/topdown_heatmap/coco/'
+         'td-hm-vis_res50_8xb64-210e_coco-aic-256x192-merge.py',
+         (128, 96), 'none'),
+    _row('pose_udp_regress', 'mmpose',
+         'body_2d_keypoint/topdown_heatmap/coco/'
+         'td-hm_hrnet-w32_udp-regress-8xb64-210e_coco-256x192.py',
+         (128, 96), 'none'),
+    _row('pose_treg_res50', 'mmpose',
+         'body_2d_keypoint/topdown_regression/coco/'
+         'td-reg_res50_8xb64-210e_coco-256x192.py',
+         (128, 96), 'none'),
+    _row('pose_imagelift_tcn', 'mmpose',
+         'body_3d_keypoint/image_pose_lift/h36m/'
+         'image-pose-lift_tcn_8xb64-200e_h36m.py',
+         (34, 1), 'none', sequence=True),
+    _row('pose_videolift_semi', 'mmpose',
+         'body_3d_keypoint/video_pose_lift/h36m/'
+         'video-pose-lift_tcn-27frm-semi-supv_8xb64-200e_h36m.py',
+         (34, 27), 'none', sequence=True),
+    _row('pose_videolift_243', 'mmpose',
+         'body_3d_keypoint/video_pose_lift/h36m/'
+         'video-pose-lift_tcn-243frm-supv_8xb128-160e_h36m.py',
+         (34, 243), 'none', sequence=True),
+    _row('pose_internet', 'mmpose',
+         'hand_3d_keypoint/internet/interhand3d/'
+         'internet_res50_4xb16-20e_interhand3d-256x256.py',
+         (128, 128), 'none'),
+    _row('pose_4xmspn50', 'mmpose',
+         'body_2d_keypoint/topdown_heatmap/coco/'
+         'td-hm_4xmspn50_8xb32-210e_coco-256x192.py',
+         (128, 96), 'none'),
+    _row('pose_pvtv2_b2', 'mmpose',
+         'body_2d_keypoint/topdown_heatmap/coco/'
+         'td-hm_pvtv2-b2_8xb64-210e_coco-256x192.py',
+         (128, 96), 'none'),
+    _row('pose_rtmpose_wb_m', 'mmpose',
+         'wholebody_2d_keypoint/rtmpose/coco-wholebody/'
+         'rtmpose-m_8xb64-270e_coco-wholebody-256x192.py',
+         (256, 192), 'none'),
+    _row('pose_cspnext_mpii', 'mmpose',
+         'body_2d_keypoint/topdown_heatmap/mpii/'
+         'cspnext-m_udp_8xb64-210e_mpii-256x256.py',
+         (128, 128), 'none'),
+    _row('pose_motionbert', 'mmpose',
+         'body_3d_keypoint/motionbert/h36m/'
+         'motionbert_dstformer-243frm_8xb32-240e_h36m.py',
+         (17, 3), 'none'),
+    _row('pose_simcc_res50', 'mmpose',
+         'body_2d_keypoint/simcc/coco/simcc_res50_8xb64-210e_coco-256x192.py',
+         (256, 192), 'none'),
+    _row('pose_simcc_vipnas', 'mmpose',
+         'body_2d_keypoint/simcc/coco/'
+         'simcc_vipnas-mbv3_8xb64-210e_coco-256x192.py',
+         (256, 192), 'none'),
+    _row('pose_scnet101', 'mmpose',
+         'body_2d_keypoint/topdown_heatmap/coco/'
+         'td-hm_scnet101_8xb32-210e_coco-256x192.py',
+         (256, 192), 'none'),
+    _row('pose_swin_t', 'mmpose',
+         'body_2d_keypoint/topdown_heatmap/coco/'
+         'td-hm_swin-t-p4-w7_8xb32-210e_coco-256x192.py',
+         (128, 96), 'none'),
+    _row('pose_rtmpose_s_halpe', 'mmpose',
+         'body_2d_keypoint/rtmpose/body8/'
+         'rtmpose-s_8xb1024-700e_body8-halpe26-256x192.py',
+         (256, 192), 'none'),
+    _row('pose_ipr_res50', 'mmpose',
+         'body_2d_keypoint/integral_regression/coco/'
+         'ipr_res50_8xb64-210e_coco-256x256.py',
+         (256, 256), 'none'),
+    _row('pose_face_rtmpose_t', 'mmpose',
+         'face_2d_keypoint/rtmpose/face6/'
+         'rtmpose-t_8xb256-120e_face6-256x256.py',
+         (256, 256), 'none'),
+    _row('pose_hand_rtmpose_m', 'mmpose',
+         'hand_2d_keypoint/rtmpose/hand5/'
+         'rtmpose-m_8xb256-210e_hand5-256x256.py',
+         (256, 256), 'none'),
+    _row('pose_rtmo_t', 'mmpose',
+         'body_2d_keypoint/rtmo/body7/rtmo-t_8xb32-600e_body7-416x416.py',
+         (128, 128), 'none'),
+    _row('pose_ipr_debias', 'mmpose',
+         'body_2d_keypoint/integral_regression/coco/'
+         'ipr_res50_debias-8xb64-210e_coco-256x256.py',
+         (256, 256), 'none'),
+    _row('pose_hrformer_b', 'mmpose',
+         'body_2d_keypoint/topdown_heatmap/coco/'
+         'td-hm_hrformer-base_8xb32-210e_coco-256x192.py',
+         (128, 96), 'none'),
+    _row('pose_wb_vipnas_res50', 'mmpose',
+         'wholebody_2d_keypoint/topdown_heatmap/coco-wholebody/'
+         'td-hm_vipnas-res50_8xb64-210e_coco-wholebody-256x192.py',
+         (128, 96), 'none'),
+    _row('pose_wb_cspnext_l', 'mmpose',
+         'wholebody_2d_keypoint/topdown_heatmap/coco-wholebody/'
+         'cspnext-l_udp_8xb64-210e_coco-wholebody-256x192.py',
+         (128, 96), 'none'),
+    _row('pose_ak_hrnet', 'mmpose',
+         'animal_2d_keypoint/topdown_heatmap/ak/'
+         'td-hm_hrnet-w32_8xb32-300e_animalkingdom_P1-256x256.py',
+         (128, 128), 'none'),
+    _row('pose_fashion_res50', 'mmpose',
+         'fashion_2d_keypoint/topdown_heatmap/deepfashion2/'
+         'td-hm_res50_1xb64-210e_deepfasion2-skirt-256x192.py',
+         (128, 96), 'none'),
+    _row('pose_dekr_w48', 'mmpose',
+         'body_2d_keypoint/dekr/coco/'
+         'dekr_hrnet-w48_8xb10-140e_coco-640x640.py',
+         (64, 64), 'none'),
+    _row('pose_cid_w48', 'mmpose',
+         'body_2d_keypoint/cid/coco/cid_hrnet-w48_8xb20-140e_coco-512x512.py',
+         (64, 64), 'none'),
+    _row('pose_rtmo_l', 'mmpose',
+         'body_2d_keypoint/rtmo/body7/rtmo-l_16xb16-600e_body7-640x640.py',
+         (128, 128), 'none'),
+    _row('pose_yoloxpose_tiny', 'mmpose',
+         'body_2d_keypoint/yoloxpose/coco/'
+         'yoloxpose_tiny_4xb64-300e_coco-416.py',
+         (128, 128), 'none'),
+    _row('pose_videolift_1frm', 'mmpose',
+         'body_3d_keypoint/video_pose_lift/h36m/'
+         'video-pose-lift_tcn-1frm-supv-cpn-ft_8xb128-160e_h36m.py',
+         (34, 1), 'none', sequence=True),
+    _row('pose_rtmw_m', 'mmpose',
+         'wholebody_2d_keypoint/rtmpose/cocktail14/'
+         'rtmw-m_8xb1024-270e_cocktail14-256x192.py',
+         (256, 192), 'none'),
+    _row('pose_rtmw_l', 'mmpose',
+         'wholebody_2d_keypoint/rtmpose/cocktail14/'
+         'rtmw-l_8xb1024-270e_cocktail14-256x192.py',
+         (256, 192), 'none'),
+    _row('pose_resnetv1d50', 'mmpose',
+         'body_2d_keypoint/topdown_heatmap/coco/'
+         'td-hm_resnetv1d50_8xb64-210e_coco-256x192.py',
+         (128, 96), 'none'),
+    _row('pose_seresnet50', 'mmpose',
+         'body_2d_keypoint/topdown_heatmap/coco/'
+         'td-hm_seresnet50_8xb64-210e_coco-256x192.py',
+         (128, 96), 'none'),
+    _row('pose_resnext50', 'mmpose',
+         'body_2d_keypoint/topdown_heatmap/coco/'
+         'td-hm_resnext50_8xb64-210e_coco-256x192.py',
+         (128, 96), 'none'),
+    _row('pose_simcc_res50_384', 'mmpose',
+         'body_2d_keypoint/simcc/coco/simcc_res50_8xb32-140e_coco-384x288.py',
+         (384, 288), 'none'),
+]
+
+#: The groups ``--models`` takes by name.
+GROUPS: Dict[str, List[SweepSpec]] = {
+    'all': CONFIGS,
+    'extra': EXTRA_CONFIGS,
+    'every': CONFIGS + EXTRA_CONFIGS,
+}
+
+_BY_NAME: Dict[str, SweepSpec] = {
+    spec.name: spec
+    for spec in CONFIGS + EXTRA_CONFIGS
+}
 
 
 class Timeout(BaseException):
@@ -1068,7 +1551,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument(
         '--models',
         default='all',
-        help='comma-separated names from CONFIGS, or "all"')
+        help='comma-separated names from CONFIGS and EXTRA_CONFIGS, or '
+        '"all" (CONFIGS), "extra" (EXTRA_CONFIGS) or "every" (both)')
     parser.add_argument(
         '--out', help='write one JSON line per model here, as it goes')
     parser.add_argument(
@@ -1086,7 +1570,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         '--threads', type=int, default=1, help='torch.set_num_threads')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = [spec.name for spec in CONFIGS] if args.models == 'all' else \
+    names = [spec.name for spec in GROUPS[args.models]] \
+        if args.models in GROUPS else \
         [n.strip() for n in args.models.split(',') if n.strip()]
     unknown = [name for name in names if name not in _BY_NAME]
     if unknown:
