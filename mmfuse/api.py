@@ -294,7 +294,8 @@ def fuse_model(model: nn.Module,
                 if unmerged_evidence is not None:
                     merges.measure_unmerged(check, inputs)
                 bad, dropped, unchecked = [], [], []
-                wide = check.passes_wider(model, inputs)
+                wide = check.passes_wider(
+                    model, inputs, keep_rough=unmerged_evidence is None)
                 judged = None
                 if not wide and check.too_rough and unmerged_evidence is None:
                     # Too rough in its dtype to judge folds by: judge them on
@@ -382,15 +383,17 @@ def _judge_on_twin(
     try:
         # It starts from the wider output the check measured (and refused
         # as a yardstick): one wider pass fewer where every fold holds.
-        twin = WiderTwin(model, inputs, check, dtype, unchanged=check.rough)
+        unchanged, check.rough = check.rough, None
+        twin = WiderTwin(model, inputs, check, dtype, unchanged=unchanged)
         tried = apply_plan(twin.model, plan)
         holds = twin.holds()
         if not holds and twin.borrowed:
-            # Measure the twin's own unchanged output before a search.
+            # The twin's own unchanged output, against which the fused
+            # output is judged again before a search.
             undo_folds(tried)
+            tried = []
             twin.measure()
-            tried = apply_plan(twin.model, plan)
-            holds = twin.holds()
+            holds = twin.held_own()
     except (TwinError, AttributeError, RuntimeError, ValueError,
             FusionError) as error:
         check.yardstick += f'; no twin: {error}'

@@ -308,24 +308,29 @@ class OutputCheck:
         #: Whether outputs are measured against a twin (:meth:`use_twin`).
         self.against_twin = False
         #: The wider output refused for being too far from the unchanged
-        #: model's (:attr:`too_rough`), flattened: a :class:`WiderTwin` of
-        #: the model starts from it.
+        #: model's (:attr:`too_rough`), flattened, where asked for
+        #: (:meth:`add_precise`): a :class:`WiderTwin` of the model starts
+        #: from it.
         self.rough: Optional[FlatOutput] = None
+        self._keep_rough = False
         if precise is not None:
             name = _dtype_name(precise)
             self._set_precise(precise, name,
                               self.OWN_LIMITS.get(name, math.inf))
 
-    def add_precise(self, model: nn.Module, inputs: Tuple) -> None:
+    def add_precise(self, model: nn.Module, inputs: Tuple,
+                    keep_rough: bool = False) -> None:
         """Measure ``model``, which must be the unchanged model, in the
         wider dtype of :func:`precise_dtype`, once.
 
         A model that has no wider dtype, fails to run in it, or whose copy
         lands too far from its own output keeps the plain tolerance; the
-        reason is left in :attr:`yardstick`.
+        reason is left in :attr:`yardstick`.  With ``keep_rough``, an
+        output refused for being too far is kept as :attr:`rough`.
         """
         if self.yardstick is not None:
             return
+        self._keep_rough = keep_rough
         dtype = precise_dtype(model)
         if dtype is None:
             self.yardstick = 'none: no float32 or narrower parameters'
@@ -368,7 +373,8 @@ class OutputCheck:
             self.yardstick = name
         else:
             self.too_rough = math.isfinite(self.own_error)
-            self.rough = precise if self.too_rough else None
+            self.rough = precise if self.too_rough and \
+                self._keep_rough else None
             self.yardstick = (f'none: the {name} copy is {self.own_error:.3g}'
                               ' away from the model\'s output')
 
@@ -436,12 +442,13 @@ class OutputCheck:
         self.abs_error = self.rel_error = float('inf')
         self.mismatch = False
 
-    def passes_wider(self, model: nn.Module, inputs: Tuple) -> bool:
+    def passes_wider(self, model: nn.Module, inputs: Tuple,
+                     keep_rough: bool = False) -> bool:
         """After a failed check, with ``model`` changed back to the
-        unchanged model: measure it in a wider dtype (:meth:`add_precise`)
-        and judge the output that failed once more; whether it passes
-        now (never after :meth:`no_output`)."""
-        self.add_precise(model, inputs)
+        unchanged model: measure it in a wider dtype (:meth:`add_precise`,
+        with ``keep_rough``) and judge the output that failed once more;
+        whether it passes now (never after :meth:`no_output`)."""
+        self.add_precise(model, inputs, keep_rough)
         return self.precise is not None and \
             self.last_output is not None and self(self.last_output)
 
@@ -505,7 +512,8 @@ class WiderTwin:
     wider dtype measured on another copy (the check's refused yardstick,
     :attr:`OutputCheck.rough`, computed layer by layer).  Changes are
     judged against that until they fail it; only then is the twin run
-    unchanged for its own (:meth:`measure`).  Both are the unchanged
+    unchanged for its own (:meth:`measure`), against which the output
+    that failed is judged again (:meth:`held_own`).  Both are the unchanged
     model computed in the wider dtype, but for what code reads of a
     layer's tensors outside that layer's forward: in the model's dtype on
     the check's copy, so the two may compute apart there.
@@ -545,6 +553,9 @@ class WiderTwin:
         #: Whether :attr:`unchanged` was given, not measured on the twin.
         self.borrowed = unchanged is not None
         self.unchanged = unchanged
+        #: The output :meth:`holds` judged last against a given unchanged
+        #: output, flattened.
+        self.judged: Optional[FlatOutput] = None
         if unchanged is None:
             self.measure()
 
@@ -580,13 +591,31 @@ class WiderTwin:
     def holds(self) -> bool:
         """Whether the twin as it stands gives its unchanged output, each
         tensor to within the tolerance (and runs at all; a given unchanged
-        output also needs an output all in the twin's dtype)."""
+        output also needs an output all in the twin's dtype).  Against a
+        given unchanged output, the output judged is kept (a copy) for
+        :meth:`held_own` to judge again."""
+        self.judged = None
         try:
             output = self.run()
         except Exception:  # a change broke the forward: it fails
             return False
-        if self.borrowed and self._narrow(output):
-            return False  # measure() says why
+        if self.borrowed:
+            if self._narrow(output):
+                return False  # measure() says why
+            try:
+                # (A copy: the model may write into tensors it returned.)
+                output = self.judged = flatten_output(output, clone=True)
+            except UncomparableOutput:
+                return False
+        return self._within(output)
+
+    def held_own(self) -> bool:
+        """After :meth:`measure`: whether the output :meth:`holds` judged
+        last against the given unchanged output is within the tolerance
+        of the twin's own (``False`` where there was none to judge)."""
+        return self.judged is not None and self._within(self.judged)
+
+    def _within(self, output: Any) -> bool:
         errors = leaf_errors(self.unchanged, output)
         return errors is not None and all(e[1] <= self.tolerance
                                           for e in errors)

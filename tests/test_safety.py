@@ -527,6 +527,20 @@ def test_a_wrong_fold_in_a_noisy_model_is_found_and_only_it(
     assert isinstance(model[4], nn.BatchNorm2d)
 
 
+@pytest.mark.parametrize('keep', [False, True])
+def test_a_refused_wider_output_is_kept_only_where_asked(keep):
+    """The float64 output refused as a yardstick (too far from the
+    model's) is kept for a twin to start from only where one may be made:
+    else it would be held, unused, through a search on the model."""
+    from mmfuse.verify import OutputCheck
+    model = _rough_chain()
+    with torch.no_grad():
+        check = OutputCheck(model(X_LARGE), 1e-4)
+    check.add_precise(model, (X_LARGE, ), keep_rough=keep)
+    assert check.too_rough and check.precise is None  # the premise
+    assert (check.rough is not None) == keep
+
+
 class _DoubledInFloat64(nn.Module):
     """A rough chain whose output is doubled where the parameter of a
     layer it never calls is float64, read outside that layer's forward:
@@ -548,7 +562,8 @@ class _DoubledInFloat64(nn.Module):
 def test_a_twin_that_computes_apart_from_the_yardstick_judges_on_its_own():
     """The fused twin fails against the yardstick's float64 output it
     starts from (twice it): the twin is run unchanged for its own output,
-    against which the exact folds hold, and all are kept."""
+    against which the same fused output is judged again (not run again):
+    the exact folds hold, and all are kept."""
     torch.manual_seed(0)
     model = _DoubledInFloat64().eval()
     with float64_calls(nn.Sequential) as passes:
@@ -556,9 +571,8 @@ def test_a_twin_that_computes_apart_from_the_yardstick_judges_on_its_own():
     assert report.twin == 'float64'
     assert report.folded_names == ['chain.1', 'chain.4', 'chain.7']
     assert not report.undone
-    # The yardstick; the fused twin against it; the twin unchanged; the
-    # fused twin against that.
-    assert len(passes) == 4
+    # The yardstick; the fused twin against it; the twin unchanged.
+    assert len(passes) == 3
 
 
 def test_no_twin_of_a_model_whose_copy_computes_otherwise():
