@@ -575,6 +575,53 @@ def test_a_twin_that_computes_apart_from_the_yardstick_judges_on_its_own():
     assert len(passes) == 3
 
 
+class _Float32Output(nn.Module):
+    """A rough chain whose output is cast to float32 (``.float()``, as
+    mmdet's FCOS head casts its box regression): so in a float64 twin
+    too."""
+
+    def __init__(self):
+        super().__init__()
+        self.chain = _rough_chain()
+
+    def forward(self, x):
+        return self.chain(x).float()
+
+
+def test_a_twin_with_float32_outputs_judges_them_as_they_are():
+    """The float64 twin of a model that casts its output to float32 gives
+    float32 outputs, rounded once at the end: exact folds stay within
+    rtol there, and all are kept (no twin was made of it before: the
+    plain check undid exact folds for rounding noise)."""
+    torch.manual_seed(0)
+    model = _Float32Output().eval()
+    report = mmfuse.fuse_model(model, (X_LARGE, ))
+    assert report.twin == 'float64'
+    assert report.folded_names == ['chain.1', 'chain.4', 'chain.7']
+    assert not report.undone
+
+
+def test_a_wrong_fold_fails_a_twin_with_float32_outputs():
+    """A wrong fold moves the float32 outputs of the twin by more than
+    rtol too; as a twin that computes some outputs narrow cannot tell a
+    fold's error from its rounding there, the folds are judged on the
+    model, where the wrong one is undone."""
+    torch.manual_seed(0)
+    model = _Float32Output().eval()
+    model.chain[3].doubled = True
+    with changed_where_marked('doubled', lambda output: output * 2):
+        with torch.no_grad():
+            reference = model(X_LARGE)
+        report = mmfuse.fuse_model(model, (X_LARGE, ))
+        with torch.no_grad():
+            assert output_error(reference, model(X_LARGE))[1] < 1e-2
+    assert report.twin is None
+    assert 'gave float32 outputs, on which the folds fail' in \
+        report.yardstick
+    assert 'chain.4' in [s.name for s in report.undone]
+    assert isinstance(model.chain[4], nn.BatchNorm2d)
+
+
 def test_no_twin_of_a_model_whose_copy_computes_otherwise():
     """A hook keyed to the model's own module does not reach a copy: the
     copy, run in float32, does not give the model's output, so no twin
