@@ -501,6 +501,21 @@ def test_folds_of_a_model_too_rough_for_a_yardstick_are_judged_on_a_twin():
         assert output_error(reference(X_LARGE), model(X_LARGE))[1] < 1e-2
 
 
+def _fused_with_a_doubled_conv(model: nn.Module,
+                               conv: nn.Module) -> 'mmfuse.FusionReport':
+    """``fuse_model`` on ``model`` (on ``X_LARGE``) where ``conv``'s output
+    is doubled (a copy's too), unseen by discovery, so that its fold is
+    wrong; the fused output is checked to stay near the unfused one."""
+    conv.doubled = True
+    with changed_where_marked('doubled', lambda output: output * 2):
+        with torch.no_grad():
+            reference = model(X_LARGE)
+        report = mmfuse.fuse_model(model, (X_LARGE, ))
+        with torch.no_grad():
+            assert output_error(reference, model(X_LARGE))[1] < 1e-2
+    return report
+
+
 @pytest.mark.parametrize('make, judge, reason', [
     (lambda: _coarse_chain(), 'yardstick', 'float64 output'),
     (lambda: _rough_chain(), 'twin', 'float64 twin by more than rtol'),
@@ -512,13 +527,7 @@ def test_a_wrong_fold_in_a_noisy_model_is_found_and_only_it(
     copy too) is undone, and only it: against the float64 yardstick, or,
     in a model too rough for one, on the float64 twin."""
     model = make()
-    model[3].doubled = True
-    with changed_where_marked('doubled', lambda output: output * 2):
-        with torch.no_grad():
-            reference = model(X_LARGE)
-        report = mmfuse.fuse_model(model, (X_LARGE, ))
-        with torch.no_grad():
-            assert output_error(reference, model(X_LARGE))[1] < 1e-2
+    report = _fused_with_a_doubled_conv(model, model[3])
     assert report.yardstick == 'float64'
     assert (report.twin == 'float64') == (judge == 'twin')
     assert report.folded_names == ['1', '7']
@@ -608,13 +617,7 @@ def test_a_wrong_fold_fails_a_twin_with_float32_outputs():
     model, where the wrong one is undone."""
     torch.manual_seed(0)
     model = _Float32Output().eval()
-    model.chain[3].doubled = True
-    with changed_where_marked('doubled', lambda output: output * 2):
-        with torch.no_grad():
-            reference = model(X_LARGE)
-        report = mmfuse.fuse_model(model, (X_LARGE, ))
-        with torch.no_grad():
-            assert output_error(reference, model(X_LARGE))[1] < 1e-2
+    report = _fused_with_a_doubled_conv(model, model.chain[3])
     assert report.twin is None
     assert 'gave float32 outputs, on which the folds fail' in \
         report.yardstick
