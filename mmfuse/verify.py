@@ -518,13 +518,6 @@ class WiderTwin:
     layer's tensors outside that layer's forward: in the model's dtype on
     the check's copy, so the two may compute apart there.
 
-    A model that casts some outputs to a narrower dtype (``.float()`` on
-    a box regression) gives them so in the twin too (:attr:`narrow`):
-    they are judged as they are, with the same tolerance, so that a
-    wrong change shows there as it would in the model.  Where changes
-    fail on such a twin, it cannot tell their error from the rounding of
-    what it computes narrow (see ``mmfuse.api._judge_on_twin``).
-
     Args:
         model: The unchanged model (not changed here).
         inputs: Its example inputs.
@@ -542,6 +535,7 @@ class WiderTwin:
                  dtype: torch.dtype,
                  unchanged: Optional[FlatOutput] = None):
         self.dtype_name = dtype_name(dtype)
+        self._eps = torch.finfo(dtype).eps
         self.tolerance = check.tolerance
         try:
             twin = copy.deepcopy(model)
@@ -563,9 +557,6 @@ class WiderTwin:
         #: The output :meth:`holds` judged last against a given unchanged
         #: output, flattened.
         self.judged: Optional[FlatOutput] = None
-        #: The dtypes of floating point outputs other than the twin's,
-        #: seen so far.
-        self.narrow: Set[str] = set()
         if unchanged is None:
             self.measure()
 
@@ -577,18 +568,25 @@ class WiderTwin:
         except Exception as error:  # the model's code, in another dtype
             raise TwinError(f'the {self.dtype_name} copy failed '
                             f'({error})') from None
-        self.narrow |= self._narrow(output)
         # Flattened once: every judgement compares against it.
-        self.unchanged = flatten_output(output)
+        output = flatten_output(output)
+        narrow = self._narrow(output)
+        if narrow:
+            raise TwinError(f'the {self.dtype_name} copy gave '
+                            f'{", ".join(sorted(narrow))} outputs')
+        self.unchanged = output
         self.borrowed = False
 
-    def _narrow(self, output: Any) -> Set[str]:
-        """The dtypes of ``output``'s floating point tensors other than the
-        twin's."""
+    def _narrow(self, output: FlatOutput) -> Set[str]:
+        """The dtypes of ``output``'s floating point leaves (tensors, numpy
+        arrays) narrower than the twin's: where the twin rounds as much as
+        the model, or more, a fold's error may hide (a wider one, such as
+        a float ``item()``, rounds no more than the twin)."""
         return {
             dtype_name(leaf.dtype)
-            for leaf in tensors_in(output) if leaf.is_floating_point()
-        } - {self.dtype_name}
+            for leaf in output.leaves if leaf.is_floating_point()
+            and torch.finfo(leaf.dtype).eps > self._eps
+        }
 
     def run(self) -> Any:
         """The twin's output as it stands."""
@@ -597,21 +595,23 @@ class WiderTwin:
 
     def holds(self) -> bool:
         """Whether the twin as it stands gives its unchanged output, each
-        tensor to within the tolerance (and runs at all).  Against a given
-        unchanged output, the output judged is kept (a copy) for
-        :meth:`held_own` to judge again."""
+        tensor to within the tolerance (and runs at all; a given unchanged
+        output also needs an output with nothing narrower than the twin's
+        dtype).  Against a given unchanged output, the output judged is
+        kept (a copy) for :meth:`held_own` to judge again."""
         self.judged = None
         try:
             output = self.run()
         except Exception:  # a change broke the forward: it fails
             return False
-        self.narrow |= self._narrow(output)
         if self.borrowed:
             try:
                 # (A copy: the model may write into tensors it returned.)
                 output = self.judged = flatten_output(output, clone=True)
             except UncomparableOutput:
                 return False
+            if self._narrow(output):
+                return False  # measure() says why
         return self._within(output)
 
     def held_own(self) -> bool:

@@ -450,14 +450,16 @@ def test_a_copy_that_computes_otherwise_is_no_yardstick():
     assert 'wider yardstick none' in report.summary()
 
 
-def _rough_chain() -> nn.Module:
+def _rough_chain(offset: float = 1e5) -> nn.Module:
     """As :func:`_coarse_chain`, with a grid four times coarser: its float32
-    output is further from float64 than any yardstick may be (1e-3)."""
+    output is further from float64 than any yardstick may be (1e-3).  (A
+    bfloat16 one is, with ``offset`` 256, beyond what a float32 yardstick
+    may be.)"""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16),
-        CoarseRounding(1e5), nn.Conv2d(16, 16, 3, padding=1),
-        nn.BatchNorm2d(16), CoarseRounding(1e5),
+        CoarseRounding(offset), nn.Conv2d(16, 16, 3, padding=1),
+        nn.BatchNorm2d(16), CoarseRounding(offset),
         nn.Conv2d(16, 8, 3, padding=1), nn.BatchNorm2d(8))
     return randomize_norm_stats(model.eval(), seed=0)
 
@@ -584,45 +586,69 @@ def test_a_twin_that_computes_apart_from_the_yardstick_judges_on_its_own():
     assert len(passes) == 3
 
 
-class _Float32Output(nn.Module):
-    """A rough chain whose output is cast to float32 (``.float()``, as
-    mmdet's FCOS head casts its box regression): so in a float64 twin
-    too."""
+class _NarrowOutput(nn.Module):
+    """A rough chain whose output is cast to a narrower dtype at the end
+    (``.float()``, as mmdet's FCOS head casts its box regression), as a
+    tensor or a numpy array: so in a float64 twin too."""
+
+    def __init__(self, cast):
+        super().__init__()
+        self.chain = _rough_chain()
+        self.cast = cast
+
+    def forward(self, x):
+        return self.cast(self.chain(x))
+
+
+_X_SMALL = torch.randn(1, 3, 1, 1, generator=torch.Generator().manual_seed(4))
+
+
+@pytest.mark.parametrize('cast, name, x', [
+    (lambda y: y.float(), 'float32', X_LARGE),
+    (lambda y: y.to(torch.bfloat16), 'bfloat16', _X_SMALL),
+    (lambda y: y.half().numpy(), 'float16', X_LARGE),
+], ids=['float32', 'bfloat16', 'numpy-float16'])
+def test_no_twin_of_a_model_with_narrower_outputs(cast, name, x):
+    """A twin whose outputs are rounded to a dtype narrower than its own
+    (bfloat16: 4e-3) could hide a fold's error under that rounding (a
+    wrong fold that scales a norm's output by 1 + 1e-3, ten times rtol,
+    was kept so): no twin is made of it, a numpy array's dtype counted
+    too, and the plain check judges; the wrong fold is undone."""
+    model = _NarrowOutput(cast).eval()
+    model.chain[7].scaled = True
+    with changed_where_marked('scaled', lambda output: output * 1.001):
+        report = mmfuse.fuse_model(model, (x, ))
+    assert report.twin is None
+    assert f'no twin: the float64 copy gave {name} outputs' in \
+        report.yardstick
+    assert 'chain.7' in [s.name for s in report.undone]
+
+
+class _Float64Output(nn.Module):
+    """A bfloat16 rough chain that returns its output in float64: wider
+    than its float32 twin."""
 
     def __init__(self):
         super().__init__()
-        self.chain = _rough_chain()
+        self.chain = _rough_chain(offset=256.0)
 
     def forward(self, x):
-        return self.chain(x).float()
+        return self.chain(x).double()
 
 
-def test_a_twin_with_float32_outputs_judges_them_as_they_are():
-    """The float64 twin of a model that casts its output to float32 gives
-    float32 outputs, rounded once at the end: exact folds stay within
-    rtol there, and all are kept (no twin was made of it before: the
-    plain check undid exact folds for rounding noise)."""
-    torch.manual_seed(0)
-    model = _Float32Output().eval()
-    report = mmfuse.fuse_model(model, (X_LARGE, ))
-    assert report.twin == 'float64'
-    assert report.folded_names == ['chain.1', 'chain.4', 'chain.7']
-    assert not report.undone
-
-
-def test_a_wrong_fold_fails_a_twin_with_float32_outputs():
-    """A wrong fold moves the float32 outputs of the twin by more than
-    rtol too; as a twin that computes some outputs narrow cannot tell a
-    fold's error from its rounding there, the folds are judged on the
-    model, where the wrong one is undone."""
-    torch.manual_seed(0)
-    model = _Float32Output().eval()
-    report = _fused_with_a_doubled_conv(model, model.chain[3])
-    assert report.twin is None
-    assert 'gave float32 outputs, on which the folds fail' in \
-        report.yardstick
-    assert 'chain.4' in [s.name for s in report.undone]
-    assert isinstance(model.chain[4], nn.BatchNorm2d)
+def test_a_twin_with_wider_outputs_judges_the_folds():
+    """A float64 output rounds no more than a float32 twin: the twin of a
+    bfloat16 model that returns float64 is made, and finds the wrong fold
+    (a conv whose output is doubled) by bisection there, undoing only
+    it."""
+    model = _Float64Output().to(torch.bfloat16).eval()
+    x = X_LARGE.to(torch.bfloat16)
+    model.chain[3].doubled = True
+    with changed_where_marked('doubled', lambda output: output * 2):
+        report = mmfuse.fuse_model(model, (x, ))
+    assert report.twin == 'float32'
+    assert [s.name for s in report.undone] == ['chain.4']
+    assert report.folded_names == ['chain.1', 'chain.7']
 
 
 def test_no_twin_of_a_model_whose_copy_computes_otherwise():
