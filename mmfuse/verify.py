@@ -312,7 +312,6 @@ class OutputCheck:
         #: (:meth:`add_precise`): a :class:`WiderTwin` of the model starts
         #: from it.
         self.rough: Optional[FlatOutput] = None
-        self._keep_rough = False
         if precise is not None:
             name = _dtype_name(precise)
             self._set_precise(precise, name,
@@ -330,7 +329,6 @@ class OutputCheck:
         """
         if self.yardstick is not None:
             return
-        self._keep_rough = keep_rough
         dtype = precise_dtype(model)
         if dtype is None:
             self.yardstick = 'none: no float32 or narrower parameters'
@@ -342,15 +340,17 @@ class OutputCheck:
             self.yardstick = (f'none: the {name} copy of the model failed '
                               f'({type(error).__name__}: {error})')
             return
-        self._set_precise(precise, name, self.OWN_LIMITS[name])
+        self._set_precise(precise, name, self.OWN_LIMITS[name], keep_rough)
 
-    def _set_precise(self, precise: Any, name: str, limit: float) -> None:
+    def _set_precise(self, precise: Any, name: str, limit: float,
+                     keep_rough: bool = False) -> None:
         """Use ``precise`` where each tensor of the unchanged output is at
         most ``limit`` from it, measured both ways, so that a place where
         either is not finite and the other is counts as infinitely far: an
         unchanged output that overflows in its dtype says nothing about a
         fold, and a copy that is NaN where the model is not would hide
-        any error of the fold there."""
+        any error of the fold there.  With ``keep_rough``, one refused for
+        being too far (finite) is kept as :attr:`rough`."""
         try:
             precise = flatten_output(precise, clone=True)
         except UncomparableOutput:
@@ -373,8 +373,7 @@ class OutputCheck:
             self.yardstick = name
         else:
             self.too_rough = math.isfinite(self.own_error)
-            self.rough = precise if self.too_rough and \
-                self._keep_rough else None
+            self.rough = precise if self.too_rough and keep_rough else None
             self.yardstick = (f'none: the {name} copy is {self.own_error:.3g}'
                               ' away from the model\'s output')
 
@@ -525,7 +524,8 @@ class WiderTwin:
             the tolerance.
         dtype: The wider dtype.
         unchanged: The unchanged model's output in ``dtype``, flattened,
-            or ``None`` to measure the twin's own.
+            or ``None`` to measure the twin's own (also measured where
+            ``unchanged`` has outputs narrower than ``dtype``).
 
     Raises:
         TwinError: No twin can be made, with the reason.
@@ -551,6 +551,8 @@ class WiderTwin:
 
         self.model = twin
         self.inputs = cast_inputs(inputs, dtype)
+        if unchanged is not None and self._narrow(unchanged):
+            unchanged = None  # rounded more than the twin: measure its own
         #: Whether :attr:`unchanged` was given, not measured on the twin.
         self.borrowed = unchanged is not None
         self.unchanged = unchanged

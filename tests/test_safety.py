@@ -651,6 +651,36 @@ def test_a_twin_with_wider_outputs_judges_the_folds():
     assert report.folded_names == ['chain.1', 'chain.7']
 
 
+class _CastToUnusedWeight(nn.Module):
+    """A rough chain whose output is cast to the dtype of a layer it never
+    calls, read outside that layer's forward: float32 in the yardstick's
+    copy (each layer cast only while it runs), float64 in a twin."""
+
+    def __init__(self):
+        super().__init__()
+        self.chain = _rough_chain()
+        self.unused = nn.Linear(1, 1)
+
+    def forward(self, x):
+        return self.chain(x).to(self.unused.weight.dtype)
+
+
+def test_a_twin_does_not_start_from_a_narrower_yardstick_output():
+    """The yardstick's output is float32 where the twin's is float64: the
+    twin does not judge against it (its rounding could hide a fold's
+    error) but runs unchanged for its own, against which the exact folds
+    hold: three float64 passes, all folds kept."""
+    torch.manual_seed(0)
+    model = _CastToUnusedWeight().eval()
+    with float64_calls(nn.Sequential) as passes:
+        report = mmfuse.fuse_model(model, (X_LARGE, ))
+    assert report.twin == 'float64'
+    assert report.folded_names == ['chain.1', 'chain.4', 'chain.7']
+    assert not report.undone
+    # The yardstick; the twin unchanged; the fused twin.
+    assert len(passes) == 3
+
+
 def test_no_twin_of_a_model_whose_copy_computes_otherwise():
     """A hook keyed to the model's own module does not reach a copy: the
     copy, run in float32, does not give the model's output, so no twin
